@@ -1,0 +1,56 @@
+"""Robust intensity range and normalisation, shared by the reader, training and inference.
+
+MRI intensities have no fixed scale, so models see intensities mapped by robust percentiles of
+the brain (non-zero) voxels. The percentiles are estimated from a strided sample of the array,
+never from the whole array, so this works on lazy volumes of any size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Default lower/upper percentiles of the non-zero voxels that map to 0 and 1.
+DEFAULT_PERCENTILES = (0.5, 99.5)
+
+
+def strided_sample(array, max_voxels: int = 2_000_000) -> np.ndarray:
+    """Return a regular strided subsample of ``array`` with at most about ``max_voxels`` voxels.
+
+    Works for numpy and dask arrays (and zarr arrays); for dask only the sampled voxels are read.
+    """
+    n = int(np.prod(array.shape))
+    step = max(1, math.ceil((n / max_voxels) ** (1.0 / array.ndim)))
+    sample = array[tuple(slice(None, None, step) for _ in range(array.ndim))]
+    if hasattr(sample, "compute"):
+        sample = sample.compute()
+    return np.asarray(sample)
+
+
+def robust_range(
+    array, percentiles: tuple[float, float] = DEFAULT_PERCENTILES, max_voxels: int = 2_000_000
+) -> tuple[float, float]:
+    """Robust (low, high) intensity of the non-zero voxels, from a strided sample.
+
+    Falls back to all sampled voxels when fewer than 1% are non-zero. Raises ``ValueError``
+    with a clear message for arrays with NaN/inf or no finite spread.
+    """
+    sample = strided_sample(array, max_voxels).astype(np.float64, copy=False)
+    if not np.all(np.isfinite(sample)):
+        raise ValueError(
+            "the volume contains NaN or infinite voxels; replace them (for example with 0) "
+            "before segmenting, e.g. numpy.nan_to_num(volume)"
+        )
+    nonzero = sample[sample != 0]
+    values = nonzero if nonzero.size >= 0.01 * sample.size and nonzero.size > 0 else sample.ravel()
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def normalize(block: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map intensities so that ``low`` -> 0 and ``high`` -> 1 (float32, not clipped above)."""
+    out = (np.asarray(block, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return out
