@@ -1,0 +1,125 @@
+"""Segmentation models: a registry that builds every architecture from a JSON-able config.
+
+Every model takes ``image`` ``(B, 1, D, H, W)`` float32 (normalised with
+:mod:`napari_pvs.intensity`) and ``modality`` (a string or one string per batch item) and
+returns one logit channel ``(B, 1, D, H, W)``. Models split into ``features`` (deterministic,
+expensive) and ``head`` (cheap, holds the Monte Carlo dropout) so uncertainty sampling reruns
+only the head. See ``docs/architecture.md``.
+
+Torch is imported only when a model is built, so ``import napari_pvs.models.frangi`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+#: name -> (module, factory function, one-line description)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "cross_modal": (
+        "napari_pvs.models.cross_modal",
+        "build_cross_modal",
+        "cross-modal graph model: text-guided 3D encoder-decoder + graph + attention fusion",
+    ),
+    "unet": ("napari_pvs.models.baselines", "build_unet", "compact residual 3D UNet (MONAI)"),
+    "mednext_l_k5": (
+        "napari_pvs.models.baselines",
+        "build_mednext_l_k5",
+        "MedNeXt-L, kernel 5 (MONAI), about 63 M parameters; for GPUs",
+    ),
+    "mednext_s": ("napari_pvs.models.baselines", "build_mednext_s", "MedNeXt-S (MONAI), for CPU"),
+    "mednext_b": ("napari_pvs.models.baselines", "build_mednext_b", "MedNeXt-B (MONAI)"),
+    "mednext_m": ("napari_pvs.models.baselines", "build_mednext_m", "MedNeXt-M (MONAI)"),
+}
+
+#: Modalities every model understands; anything else is treated as "unknown".
+MODALITIES = ("T1", "T2", "unknown")
+
+
+def list_models() -> dict[str, str]:
+    """Registered model names with a one-line description each."""
+    return {name: entry[2] for name, entry in _REGISTRY.items()}
+
+
+def build_model(name: str, **config: Any):
+    """Build the model registered as ``name`` from keyword ``config`` (untrained weights).
+
+    ``model.config`` holds the full JSON-able config, so ``build_model(model.name,
+    **model.config)`` rebuilds the same architecture.
+    """
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(
+            f"unknown model {name!r}; choose one of: {known} "
+            "(or load a trained checkpoint with napari_pvs.models.checkpoint.load_model)"
+        )
+    module_name, factory_name, _ = _REGISTRY[name]
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    try:
+        return factory(**config)
+    except TypeError as exc:
+        raise ValueError(f"invalid config for model {name!r}: {exc}") from exc
+
+
+def canonical_modality(modality: str | None) -> str:
+    """Map user spellings ('t2', 'T2w', 'T2-weighted', None) to 'T1', 'T2' or 'unknown'."""
+    if modality is None:
+        return "unknown"
+    text = str(modality).strip().upper()
+    if text.startswith("T1"):
+        return "T1"
+    if text.startswith("T2"):
+        return "T2"
+    return "unknown"
+
+
+def modality_list(modality: str | list[str] | tuple[str, ...] | None, batch: int) -> list[str]:
+    """One canonical modality per batch item; a single string applies to the whole batch."""
+    if modality is None or isinstance(modality, str):
+        return [canonical_modality(modality)] * batch
+    items = [canonical_modality(m) for m in modality]
+    if len(items) != batch:
+        raise ValueError(
+            f"got {len(items)} modalities for a batch of {batch}; pass one string for the "
+            "whole batch or one per batch item"
+        )
+    return items
+
+
+def resolve_device(device: str | None = "auto"):
+    """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' into a usable ``torch.device``.
+
+    'auto' picks CUDA when available, else CPU. Asking for an absent accelerator falls back to
+    CPU with a one-line message on stderr instead of failing deep inside torch.
+    """
+    import torch
+
+    requested = "auto" if device is None else str(device).strip().lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(
+                f"napari-pvs: device {device!r} requested but no CUDA GPU is available "
+                "(or this torch build has no CUDA); falling back to CPU",
+                file=sys.stderr,
+            )
+            return torch.device("cpu")
+        index = int(requested.split(":", 1)[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); use 'cuda:0' or 'auto'"
+            )
+        return torch.device(f"cuda:{index}")
+    if requested == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            message = "napari-pvs: MPS requested but not available; falling back to CPU"
+            print(message, file=sys.stderr)
+            return torch.device("cpu")
+        return torch.device("mps")
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
