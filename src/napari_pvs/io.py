@@ -248,10 +248,10 @@ def _open_nifti_array(path: Path):
     header = image.header
     shape = tuple(int(s) for s in image.shape)
     on_disk = header.get_data_dtype()
-    slope, inter = header.get_slope_inter()
-    scaled = not (slope in (None, 1.0) and inter in (None, 0.0)) and not (
-        slope is not None and np.isnan(slope)
-    )
+    # nibabel moves scl_slope/scl_inter from the header to the proxy when loading
+    slope = float(getattr(image.dataobj, "slope", 1.0))
+    inter = float(getattr(image.dataobj, "inter", 0.0))
+    scaled = (slope, inter) != (1.0, 0.0)
     compressed = path.name.lower().endswith(".gz")
     if compressed:
         proxy = image.dataobj
@@ -263,6 +263,8 @@ def _open_nifti_array(path: Path):
         array = da.from_array(
             proxy, chunks=tuple(chunks), asarray=True, meta=np.empty((0,) * len(shape), out_dtype)
         )
+        if scaled:
+            array = array.astype(np.float32)
     else:
         offset = int(image.dataobj.offset)
         expected = offset + int(np.prod(shape)) * on_disk.itemsize
@@ -273,10 +275,8 @@ def _open_nifti_array(path: Path):
             )
         memmap = np.memmap(path, dtype=on_disk, mode="r", offset=offset, shape=shape, order="F")
         array = da.from_array(memmap, chunks=_default_chunks(shape, on_disk.itemsize))
-        if scaled:
-            slope_v = 1.0 if slope is None else float(slope)
-            inter_v = 0.0 if inter is None else float(inter)
-            array = (array * np.float32(slope_v) + np.float32(inter_v)).astype(np.float32)
+        if scaled:  # apply the header's intensity scaling lazily, per chunk, in float32
+            array = (array * np.float32(slope) + np.float32(inter)).astype(np.float32)
     return image, array
 
 
