@@ -261,7 +261,7 @@ def _mni_anatomy(shape, spacing) -> _Anatomy:
     regions[brain & ~csf & (gm >= wm)] = GREY_MATTER
     regions[brain & ~csf & (wm > gm)] = WHITE_MATTER
     deep_box = (np.abs(mx) < 36) & (my > -12) & (my < 26) & (mz > -12) & (mz < 22)
-    basal = deep_box & (np.abs(mx) > 8) & brain & ~csf & (gm > 0.3)
+    basal = deep_box & (np.abs(mx) > 8) & (regions == GREY_MATTER)
     regions[basal] = BASAL_GANGLIA
     ventricles = csf & (np.abs(mx) < 28) & (my > -45) & (my < 32) & (mz > -6) & (mz < 34)
     return _Anatomy(regions=regions, ventricles=ventricles)
