@@ -1,0 +1,668 @@
+"""Chunked sliding-window prediction over lazy volumes, streaming into a resumable zarr group.
+
+Why it is built this way:
+
+* **One global window grid** (the same one MONAI's ``sliding_window_inference`` uses: window
+  starts every ``window * (1 - overlap)`` voxels, the last one flush with the far edge), so the
+  result is seamless and equals a whole-volume sliding window with Gaussian blending.
+* **Tile order, bounded memory.** Output chunks are a multiple of the window stride. Windows are
+  run grouped by the output chunk their start falls in, chunk groups in z-y-x order; a chunk is
+  complete as soon as its own group has run, so it is blended, written and freed at once. Partial
+  sums live only in small *cells* (the pieces between window and chunk borders) along the
+  frontier, so no window is ever computed twice and memory is set by the window, the batch and
+  a band ``window - stride`` voxels thick, never by a whole copy of the volume.
+* **Resumable.** Each written chunk is marked in the ``_chunks_done`` array; a rerun with the
+  same settings skips finished chunks and recomputes only windows that still feed unfinished
+  ones, in the same batches, so the output is identical. A store written with other settings
+  is refused with a message that says what differs.
+* **Uncertainty.** With MC dropout, test-time flips or an ensemble, each window yields
+  probability samples (see :mod:`napari_pvs.uncertainty`); their running means are blended like
+  the probability and turned into entropy, mutual information and variance per chunk.
+
+Inputs are normalised with :mod:`napari_pvs.intensity` (range estimated once per volume). Volumes
+smaller than a window are zero-padded symmetrically (as MONAI does) and windows are padded to the
+model's ``size_divisor``; outputs always have exactly the input's shape and voxel order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
+from napari_pvs.uncertainty import (
+    UNCERTAINTY_NAMES,
+    MomentAccumulator,
+    predictive_samples,
+    sample_count,
+    uncertainty_from_moments,
+)
+
+#: Key of our metadata in zarr attributes (shared with :mod:`napari_pvs.io`).
+ATTRS_KEY = "napari_pvs"
+#: Version of the prediction store layout; bump when the layout changes.
+STORE_FORMAT = 1
+DONE_ARRAY = "_chunks_done"
+DEFAULT_WINDOW = 64
+DEFAULT_OVERLAP = 0.25
+#: Output chunks aim for about this many voxels per axis (rounded to a multiple of the stride).
+TARGET_CHUNK = 64
+
+
+def _triple(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
+    out = (int(value),) * 3 if np.isscalar(value) else tuple(int(v) for v in value)
+    if len(out) != 3 or any(v < 1 for v in out):
+        raise ValueError(f"{what} must be a positive int or 3 positive ints, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def window_starts(size: int, window: int, overlap: float) -> tuple[list[int], int]:
+    """Window starts along one axis and the symmetric zero-padding before the volume.
+
+    Same rule as MONAI's ``dense_patch_slices``: stride ``int(window * (1 - overlap))``, the last
+    window moved back to end at the (padded) edge. Starts are in volume coordinates (negative
+    when the volume is smaller than the window and padded).
+    """
+    extent = max(size, window)
+    pad_before = (extent - size) // 2
+    stride = window if window == extent else max(1, int(window * (1 - overlap)))
+    starts = []
+    index = 0
+    while True:
+        start = index * stride
+        if start + window >= extent:
+            starts.append(extent - window - pad_before)
+            break
+        starts.append(start - pad_before)
+        index += 1
+    return starts, pad_before
+
+
+def default_chunks(window: Sequence[int], overlap: float) -> tuple[int, int, int]:
+    """Output chunk per axis: a multiple of the window stride near :data:`TARGET_CHUNK`."""
+    out = []
+    for w in window:
+        stride = max(1, int(w * (1 - overlap)))
+        out.append(stride * max(1, round(TARGET_CHUNK / stride)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass
+class _Axis:
+    """Window starts, chunking and cell boundaries along one axis."""
+
+    size: int
+    window: int
+    starts: list[int]
+    chunk: int
+    bounds: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        cuts = {0, self.size}
+        cuts.update(min(max(s, 0), self.size) for s in self.starts)
+        cuts.update(min(max(s + self.window, 0), self.size) for s in self.starts)
+        cuts.update(range(0, self.size, self.chunk))
+        self.bounds = sorted(cuts)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.size / self.chunk)
+
+    def group(self, window_index: int) -> int:
+        return max(0, self.starts[window_index]) // self.chunk
+
+    def window_segments(self, window_index: int) -> range:
+        start = self.starts[window_index]
+        lo = min(max(start, 0), self.size)
+        hi = min(max(start + self.window, 0), self.size)
+        return range(bisect.bisect_left(self.bounds, lo), bisect.bisect_left(self.bounds, hi))
+
+    def chunk_segments(self, chunk_index: int) -> range:
+        lo = chunk_index * self.chunk
+        hi = min(lo + self.chunk, self.size)
+        return range(bisect.bisect_left(self.bounds, lo), bisect.bisect_left(self.bounds, hi))
+
+    def segment_chunk(self, segment: int) -> int:
+        return self.bounds[segment] // self.chunk
+
+    def covering_windows(self, chunk_index: int) -> range:
+        """Window indices that overlap this chunk (contiguous, as starts increase)."""
+        lo = chunk_index * self.chunk
+        hi = min(lo + self.chunk, self.size)
+        first = next(i for i, s in enumerate(self.starts) if s + self.window > lo)
+        last = max(i for i, s in enumerate(self.starts) if s < hi)
+        return range(first, last + 1)
+
+
+class WindowPlan:
+    """The global window grid in tile order, and which chunk completes after which window."""
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        window: Sequence[int],
+        overlap: float,
+        chunks: Sequence[int],
+    ) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.window = tuple(int(w) for w in window)
+        self.chunks = tuple(int(c) for c in chunks)
+        self.axes = []
+        self.pad_before = []
+        for size, w, c in zip(self.shape, self.window, self.chunks, strict=True):
+            starts, pad = window_starts(size, w, overlap)
+            self.axes.append(_Axis(size, w, starts, c))
+            self.pad_before.append(pad)
+        ranges = [range(len(ax.starts)) for ax in self.axes]
+        self.order: list[tuple[int, int, int]] = sorted(
+            itertools.product(*ranges),
+            key=lambda idx: (*(ax.group(i) for ax, i in zip(self.axes, idx, strict=True)), *idx),
+        )
+        self.rank = {idx: r for r, idx in enumerate(self.order)}
+        self.chunk_grid = tuple(ax.n_chunks for ax in self.axes)
+        # A chunk's covering windows form a product of index ranges; in tile order the last of
+        # them is the one with the largest index on every axis.
+        self.finish_rank: dict[tuple[int, int, int], int] = {}
+        for chunk in itertools.product(*(range(n) for n in self.chunk_grid)):
+            last = tuple(ax.covering_windows(c)[-1] for ax, c in zip(self.axes, chunk, strict=True))
+            self.finish_rank[chunk] = self.rank[last]
+
+    def covering_windows(self, chunk: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        return list(
+            itertools.product(
+                *(ax.covering_windows(c) for ax, c in zip(self.axes, chunk, strict=True))
+            )
+        )
+
+    def window_box(self, idx: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+        """Window start (volume coordinates, may be negative) and stop per axis."""
+        starts = [ax.starts[i] for ax, i in zip(self.axes, idx, strict=True)]
+        return starts, [s + w for s, w in zip(starts, self.window, strict=True)]
+
+    def chunk_slices(self, chunk: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        return tuple(
+            slice(c * ax.chunk, min((c + 1) * ax.chunk, ax.size))
+            for ax, c in zip(self.axes, chunk, strict=True)
+        )  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class _Source:
+    """What the inferer needs from a volume: the lazy array and its geometry."""
+
+    data: Any
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    modality: str
+    axes: tuple[str, str, str]
+    source: str | None
+
+
+def _as_source(volume) -> _Source:
+    # numpy arrays have a .data buffer too, so only unwrap Volume-like objects
+    data = volume if getattr(volume, "ndim", None) is not None else getattr(volume, "data", None)
+    if getattr(data, "ndim", None) != 3:
+        raise ValueError(
+            f"expected a 3D volume, got shape {tuple(getattr(data, 'shape', ()))}; "
+            "open files with napari_pvs.io.open_volume or pass a 3D array"
+        )
+    spacing = tuple(float(s) for s in getattr(volume, "spacing", (1.0, 1.0, 1.0)))
+    affine = np.asarray(getattr(volume, "affine", np.diag([*spacing, 1.0])), dtype=np.float64)
+    return _Source(
+        data=data,
+        spacing=spacing,  # type: ignore[arg-type]
+        affine=affine,
+        modality=str(getattr(volume, "modality", "unknown") or "unknown"),
+        axes=tuple(getattr(volume, "axes", ("z", "y", "x"))),  # type: ignore[arg-type]
+        source=getattr(volume, "source", None),
+    )
+
+
+def _read(data, slices: tuple[slice, ...]) -> np.ndarray:
+    """Read a box of a numpy/zarr/dask array (dask computed synchronously: no thread storm)."""
+    block = data[slices]
+    if hasattr(block, "compute"):
+        block = block.compute(scheduler="synchronous")
+    return np.asarray(block)
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class PredictionSummary:
+    """What a :meth:`Predictor.predict` call did."""
+
+    out: str
+    shape: tuple[int, int, int]
+    windows_total: int
+    windows_run: int
+    chunks_total: int
+    chunks_skipped: int
+    seconds: float
+    arrays: tuple[str, ...]
+
+
+class Predictor:
+    """Sliding-window prediction of one or more models over lazy volumes, chunk by chunk.
+
+    ``model`` is a model following the contract in ``docs/architecture.md`` or a list of them
+    (an ensemble). ``mc_samples`` > 0 draws that many MC-dropout samples per window from the
+    head (features computed once), ``tta`` adds the 8 axis mirrorings. With more than one
+    sample in total, ``entropy``, ``mutual_information`` and ``variance`` are written too.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.nn.Module],
+        window: int | Sequence[int] = DEFAULT_WINDOW,
+        overlap: float = DEFAULT_OVERLAP,
+        batch: int = 4,
+        device: str | torch.device = "auto",
+        blending: str = "gaussian",
+        sigma_scale: float = 0.125,
+        mc_samples: int = 0,
+        tta: bool = False,
+        amp: bool = True,
+        channels_last: bool | None = None,
+        chunks: int | Sequence[int] | None = None,
+        threshold: float = 0.5,
+        modality: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        from napari_pvs.models import resolve_device
+
+        models = list(model) if isinstance(model, list | tuple) else [model]
+        if not models:
+            raise ValueError("no model given; pass a model or a list of models (an ensemble)")
+        for m in models:
+            for attr in ("features", "head"):
+                if not callable(getattr(m, attr, None)):
+                    raise ValueError(
+                        f"model {type(m).__name__} has no {attr}() method; models must follow "
+                        "the features/head contract in docs/architecture.md"
+                    )
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if mc_samples < 0:
+            raise ValueError(f"mc_samples must be 0 (off) or a positive count, got {mc_samples}")
+        if blending not in ("gaussian", "constant"):
+            raise ValueError(f"blending must be 'gaussian' or 'constant', got {blending!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.window = _triple(window, "window")
+        self.overlap = float(overlap)
+        self.batch = int(batch)
+        self.blending = blending
+        self.sigma_scale = float(sigma_scale)
+        self.mc_samples = int(mc_samples)
+        self.tta = bool(tta)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        # channels-last pays on GPUs (tensor cores); on CPU it measured no faster.
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.chunks = (
+            default_chunks(self.window, self.overlap)
+            if chunks is None
+            else _triple(chunks, "chunks")
+        )
+        self.threshold = float(threshold)
+        self.modality = modality
+        self.seed = int(seed)
+        self.models = []
+        for m in models:
+            m = m.to(self.device).eval()
+            if self.channels_last:
+                m = m.to(memory_format=torch.channels_last_3d)
+            self.models.append(m)
+        self.size_divisor = max(int(getattr(m, "size_divisor", 1) or 1) for m in self.models)
+        self.n_samples = sample_count(len(self.models), self.mc_samples, self.tta)
+        self._importance = self._importance_map()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _importance_map(self) -> np.ndarray:
+        from monai.data.utils import compute_importance_map
+
+        weights = compute_importance_map(
+            self.window, mode=self.blending, sigma_scale=self.sigma_scale, device="cpu"
+        )
+        return weights.numpy().astype(np.float32)
+
+    @property
+    def output_arrays(self) -> tuple[str, ...]:
+        extra = UNCERTAINTY_NAMES if self.n_samples > 1 else ()
+        return ("probability", "segmentation", *extra)
+
+    def _signature(self, shape, modality: str, intensity: tuple[float, float]) -> dict:
+        return {
+            "format": STORE_FORMAT,
+            "shape": list(shape),
+            "window": list(self.window),
+            "overlap": self.overlap,
+            "chunks": list(self.chunks),
+            "batch": self.batch,
+            "blending": self.blending,
+            "sigma_scale": self.sigma_scale,
+            "mc_samples": self.mc_samples,
+            "tta": self.tta,
+            "seed": self.seed,
+            "threshold": self.threshold,
+            "modality": modality,
+            "intensity_range": [round(intensity[0], 6), round(intensity[1], 6)],
+            "models": [
+                {
+                    "name": getattr(m, "name", type(m).__name__),
+                    "config": getattr(m, "config", {}),
+                    "weights": _weights_digest(m),
+                }
+                for m in self.models
+            ],
+        }
+
+    def _open_store(
+        self, out: Path, signature: dict, plan: WindowPlan, src: _Source, overwrite: bool
+    ) -> tuple[zarr.Group, np.ndarray]:
+        """Create the output group, or reopen a compatible one; return it and the done grid."""
+        wanted = json.loads(json.dumps(signature))
+        if out.exists() and not overwrite:
+            try:
+                group = zarr.open_group(str(out), mode="r+")
+            except Exception as exc:
+                raise ValueError(
+                    f"{out} exists but is not a zarr group ({exc}); choose another output "
+                    "path or delete it"
+                ) from exc
+            found = dict(group.attrs).get(ATTRS_KEY, {}).get("run")
+            if found is None:
+                raise ValueError(
+                    f"{out} exists and is not a napari-pvs prediction store; choose another "
+                    "output path or delete it"
+                )
+            if found != wanted:
+                differ = sorted(
+                    k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
+                )
+                details = "; ".join(f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
+                raise ValueError(
+                    f"{out} holds an unfinished or finished prediction from a different run "
+                    f"({details}); rerun with the same settings to resume, pass overwrite=True "
+                    "(CLI: --overwrite), or choose another output path"
+                )
+            done = np.asarray(group[DONE_ARRAY][...]).astype(bool)
+            return group, done
+        group = zarr.open_group(str(out), mode="w")
+        geometry = {
+            "spacing": list(src.spacing),
+            "affine": src.affine.tolist(),
+            "axes": list(src.axes),
+            "modality": signature["modality"],
+            "source": src.source,
+        }
+        group.attrs[ATTRS_KEY] = {**geometry, "run": wanted, "complete": False}
+        for name in self.output_arrays:
+            dtype = "uint8" if name == "segmentation" else "float16"
+            array = group.create_array(
+                name, shape=plan.shape, chunks=plan.chunks, dtype=dtype, fill_value=0
+            )
+            array.attrs[ATTRS_KEY] = geometry
+        group.create_array(
+            DONE_ARRAY,
+            shape=plan.chunk_grid,
+            chunks=(1, 1, 1),
+            dtype="uint8",
+            fill_value=0,
+            compressors=None,
+        )
+        return group, np.zeros(plan.chunk_grid, dtype=bool)
+
+    def _read_windows(
+        self,
+        data,
+        plan: WindowPlan,
+        windows: list[tuple[int, int, int]],
+        intensity: tuple[float, float],
+    ) -> np.ndarray:
+        """Normalised, zero-padded input windows ``(B, 1, *window)`` for one batch."""
+        boxes = [plan.window_box(idx) for idx in windows]
+        clipped = [
+            [(max(s, 0), min(e, size)) for s, e, size in zip(*box, plan.shape, strict=True)]
+            for box in boxes
+        ]
+        lo = [min(c[a][0] for c in clipped) for a in range(3)]
+        hi = [max(c[a][1] for c in clipped) for a in range(3)]
+        union = math.prod(h - low for low, h in zip(lo, hi, strict=True))
+        single = sum(math.prod(e - s for s, e in c) for c in clipped)
+        shared = (
+            _read(data, tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)))
+            if union <= 2 * single
+            else None
+        )
+        out = np.zeros((len(windows), 1, *self.window), dtype=np.float32)
+        for k, ((starts, _), box) in enumerate(zip(boxes, clipped, strict=True)):
+            if shared is not None:
+                sl = tuple(slice(a - o, b - o) for (a, b), o in zip(box, lo, strict=True))
+                block = shared[sl]
+            else:
+                block = _read(data, tuple(slice(a, b) for a, b in box))
+            dst = tuple(slice(a - s, b - s) for (a, b), s in zip(box, starts, strict=True))
+            out[(k, 0, *dst)] = normalize(block, *intensity)
+        return out
+
+    @torch.inference_mode()
+    def _run_batch(self, image: np.ndarray, modality: str, batch_index: int) -> np.ndarray:
+        """Moments ``(B, 1 or 3, *window)`` of the probability samples for one batch."""
+        x = torch.from_numpy(image)
+        div = self.size_divisor
+        pad = [(-s) % div for s in self.window]
+        if any(pad):
+            x = torch.nn.functional.pad(x, [v for p in reversed(pad) for v in (0, p)])
+        x = x.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + batch_index)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                acc = MomentAccumulator()
+                for probability in predictive_samples(
+                    self.models, x, modality, self.mc_samples, self.tta
+                ):
+                    acc.add(probability)
+            moments = acc.moments() if self.n_samples > 1 else acc.moments()[:, :1]
+        crop = (slice(None), slice(None), *(slice(0, w) for w in self.window))
+        return moments[crop].float().cpu().numpy()
+
+    def _finish_chunk(
+        self,
+        chunk: tuple[int, int, int],
+        plan: WindowPlan,
+        cells: dict,
+        group: zarr.Group,
+        n_stats: int,
+    ) -> None:
+        """Blend a completed chunk from its cells, write every output array, mark it done."""
+        slices = plan.chunk_slices(chunk)
+        acc = np.empty((n_stats, *(s.stop - s.start for s in slices)), dtype=np.float32)
+        segs = [ax.chunk_segments(c) for ax, c in zip(plan.axes, chunk, strict=True)]
+        for key in itertools.product(*segs):
+            cell = cells.pop(key)
+            local = tuple(
+                slice(ax.bounds[k] - sl.start, ax.bounds[k + 1] - sl.start)
+                for ax, k, sl in zip(plan.axes, key, slices, strict=True)
+            )
+            acc[(slice(None), *local)] = cell
+        values = acc[1:] / acc[0]
+        probability = values[0]
+        group["probability"][slices] = probability.astype(np.float16)
+        group["segmentation"][slices] = (probability >= self.threshold).astype(np.uint8)
+        if n_stats > 2:
+            measures = uncertainty_from_moments(values[0], values[1], values[2])
+            for name in UNCERTAINTY_NAMES:
+                group[name][slices] = measures[name].astype(np.float16)
+        group[DONE_ARRAY][tuple(slice(c, c + 1) for c in chunk)] = np.ones((1, 1, 1), np.uint8)
+
+    # -- the public call ------------------------------------------------------------------------
+    def predict(
+        self,
+        volume,
+        out: str | Path,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        overwrite: bool = False,
+    ) -> PredictionSummary:
+        """Predict ``volume`` into the zarr group ``out`` (resuming a compatible partial run).
+
+        ``volume`` is an :class:`napari_pvs.io.Volume` or a 3D array (numpy, dask, zarr).
+        Raises :class:`napari_pvs.progress.Cancelled` within one batch of ``cancel`` being set;
+        finished chunks are kept and a rerun resumes from them.
+        """
+        started = time.perf_counter()
+        progress = progress or no_progress
+        src = _as_source(volume)
+        out = Path(out)
+        modality = self.modality or src.modality
+        plan = WindowPlan(src.data.shape, self.window, self.overlap, self.chunks)
+        intensity = robust_range(src.data)
+        signature = self._signature(plan.shape, modality, intensity)
+        group, done = self._open_store(out, signature, plan, src, overwrite)
+        n_stats = 4 if self.n_samples > 1 else 2
+        chunks_total = len(plan.finish_rank)
+        skipped = int(done.sum())
+
+        needed = set()
+        for chunk in plan.finish_rank:
+            if not done[chunk]:
+                needed.update(plan.covering_windows(chunk))
+        batches = [plan.order[i : i + self.batch] for i in range(0, len(plan.order), self.batch)]
+        todo = [(j, b) for j, b in enumerate(batches) if any(w in needed for w in b)]
+        pending = sorted(
+            (rank, chunk) for chunk, rank in plan.finish_rank.items() if not done[chunk]
+        )
+        cells: dict[tuple[int, int, int], np.ndarray] = {}
+        total = sum(len(b) for _, b in todo)
+        run = 0
+        progress(0, total, "predicting")
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            future = (
+                reader.submit(self._read_windows, src.data, plan, todo[0][1], intensity)
+                if todo
+                else None
+            )
+            for position, (batch_index, windows) in enumerate(todo):
+                check_cancelled(cancel)
+                image = future.result()
+                if position + 1 < len(todo):
+                    future = reader.submit(
+                        self._read_windows, src.data, plan, todo[position + 1][1], intensity
+                    )
+                moments = self._run_batch(image, modality, batch_index)
+                for k, idx in enumerate(windows):
+                    self._accumulate(plan, idx, moments[k], cells, done)
+                run += len(windows)
+                last_rank = plan.rank[windows[-1]]
+                while pending and pending[0][0] <= last_rank:
+                    _, chunk = pending.pop(0)
+                    self._finish_chunk(chunk, plan, cells, group, n_stats)
+                progress(run, total, "predicting")
+        if pending:
+            raise RuntimeError(f"internal error: {len(pending)} chunks were never completed")
+        attrs = dict(group.attrs[ATTRS_KEY])
+        attrs["complete"] = True
+        group.attrs[ATTRS_KEY] = attrs
+        return PredictionSummary(
+            out=str(out),
+            shape=plan.shape,
+            windows_total=len(plan.order),
+            windows_run=run,
+            chunks_total=chunks_total,
+            chunks_skipped=skipped,
+            seconds=time.perf_counter() - started,
+            arrays=self.output_arrays,
+        )
+
+    def _accumulate(
+        self,
+        plan: WindowPlan,
+        idx: tuple[int, int, int],
+        moments: np.ndarray,
+        cells: dict,
+        done: np.ndarray,
+    ) -> None:
+        """Add one window's weighted moments to the cells of chunks not yet written."""
+        starts, _ = plan.window_box(idx)
+        weighted = np.empty((moments.shape[0] + 1, *self.window), dtype=np.float32)
+        weighted[0] = self._importance
+        np.multiply(moments, self._importance, out=weighted[1:])
+        segs = [ax.window_segments(i) for ax, i in zip(plan.axes, idx, strict=True)]
+        for key in itertools.product(*segs):
+            chunk = tuple(ax.segment_chunk(k) for ax, k in zip(plan.axes, key, strict=True))
+            if done[chunk]:
+                continue
+            local = (
+                slice(None),
+                *(
+                    slice(ax.bounds[k] - s, ax.bounds[k + 1] - s)
+                    for ax, k, s in zip(plan.axes, key, starts, strict=True)
+                ),
+            )
+            cell = cells.get(key)
+            if cell is None:
+                cells[key] = weighted[local].copy()
+            else:
+                cell += weighted[local]
+
+
+def predict(
+    model: torch.nn.Module | Sequence[torch.nn.Module],
+    volume,
+    out: str | Path,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> PredictionSummary:
+    """One-call form of ``Predictor(model, **options).predict(volume, out, ...)``."""
+    return Predictor(model, **options).predict(
+        volume, out, progress=progress, cancel=cancel, overwrite=overwrite
+    )
+
+
+def open_prediction(path: str | Path) -> zarr.Group:
+    """Open a prediction store read-only, with a clear error when it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no prediction store at {path}; run 'napari-pvs predict' first")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise ValueError(f"{path} is not a zarr group of predictions ({exc})") from exc
+    if "probability" not in group:
+        raise ValueError(
+            f"{path} holds no 'probability' array; point to the output of 'napari-pvs predict'"
+        )
+    return group

@@ -1,0 +1,150 @@
+"""Predictive uncertainty from Monte Carlo dropout, test-time flips and checkpoint ensembles.
+
+Every source produces probability *samples* for the same window. Instead of keeping the
+samples, :class:`MomentAccumulator` keeps three running means (of ``p``, of the per-sample
+entropy ``H(p)`` and of ``p**2``), which is all the measures need and all that must be blended
+across overlapping windows:
+
+* predictive entropy ``H(mean p)`` (total uncertainty),
+* mutual information (BALD) ``H(mean p) - mean H(p)`` (the model's disagreement with itself),
+* variance ``mean p**2 - (mean p)**2``.
+
+Entropies are in bits, so a voxel at p = 0.5 has entropy 1.
+
+Monte Carlo dropout is cheap here because models split into a deterministic ``features``
+(run once per window) and a stochastic ``head`` (rerun per sample); :func:`naive_mc_samples`
+reruns the whole network per sample (as MONAI Label does) and exists to check that both give
+the same distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+#: Names of the uncertainty arrays the inferer writes, in this order.
+UNCERTAINTY_NAMES = ("entropy", "mutual_information", "variance")
+
+_EPS = 1e-7
+
+
+def binary_entropy(p):
+    """Entropy in bits of a Bernoulli(p) voxel; works on numpy arrays and torch tensors."""
+    if isinstance(p, torch.Tensor):
+        q = p.clamp(_EPS, 1 - _EPS)
+        return -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
+    q = np.clip(np.asarray(p, dtype=np.float32), _EPS, 1 - _EPS)
+    return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+
+
+def uncertainty_from_moments(
+    mean: np.ndarray, mean_entropy: np.ndarray, mean_square: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Entropy, mutual information and variance from the three sample means (float32).
+
+    Tiny negative values from rounding are clipped to 0 (both are non-negative by Jensen).
+    """
+    entropy = binary_entropy(mean)
+    mutual_information = np.maximum(entropy - mean_entropy, 0.0)
+    variance = np.maximum(mean_square - mean * mean, 0.0)
+    return {
+        "entropy": entropy.astype(np.float32, copy=False),
+        "mutual_information": mutual_information.astype(np.float32, copy=False),
+        "variance": variance.astype(np.float32, copy=False),
+    }
+
+
+class MomentAccumulator:
+    """Running means of ``p``, ``H(p)`` and ``p**2`` over probability samples of one batch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: list[torch.Tensor] | None = None
+
+    def add(self, probability: torch.Tensor) -> None:
+        """Add one probability sample ``(B, 1, D, H, W)`` (float32)."""
+        p = probability.float()
+        terms = [p, binary_entropy(p), p * p]
+        if self._sums is None:
+            self._sums = terms
+        else:
+            for total, term in zip(self._sums, terms, strict=True):
+                total.add_(term)
+        self.count += 1
+
+    def moments(self) -> torch.Tensor:
+        """``(B, 3, D, H, W)``: mean p, mean entropy, mean p**2."""
+        if self._sums is None:
+            raise ValueError("no samples were added; add at least one probability sample")
+        return torch.cat(self._sums, dim=1) / self.count
+
+
+# --------------------------------------------------------------------------------------------
+# sample sources
+
+
+def flip_sets(tta: bool) -> list[tuple[int, ...]]:
+    """Spatial flips used for test-time augmentation: all 8 mirrorings (as nnU-Net), or none."""
+    if not tta:
+        return [()]
+    axes = (2, 3, 4)
+    return [combo for r in range(4) for combo in itertools.combinations(axes, r)]
+
+
+def mc_samples(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    modality: str | list[str] | None,
+    samples: int,
+) -> Iterator[torch.Tensor]:
+    """Yield ``samples`` MC-dropout probability samples sharing one ``features`` pass.
+
+    ``samples == 0`` yields the single deterministic prediction (dropout off).
+    """
+    features = model.features(image, modality)
+    if samples <= 0:
+        yield torch.sigmoid(model.head(features).float())
+        return
+    for _ in range(samples):
+        yield torch.sigmoid(model.head(features, sample=True).float())
+
+
+def naive_mc_samples(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    modality: str | list[str] | None,
+    samples: int,
+) -> Iterator[torch.Tensor]:
+    """Yield MC-dropout samples the expensive way: the full network once per sample.
+
+    Reference for tests and benchmarks; :func:`mc_samples` gives the same distribution.
+    """
+    for _ in range(max(1, samples)):
+        features = model.features(image, modality)
+        yield torch.sigmoid(model.head(features, sample=samples > 0).float())
+
+
+def predictive_samples(
+    models: Sequence[torch.nn.Module],
+    image: torch.Tensor,
+    modality: str | list[str] | None,
+    mc: int = 0,
+    tta: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield probability samples from every ensemble member x flip x MC draw, in input space.
+
+    Flipped inputs are predicted and flipped back, so every sample aligns with ``image``.
+    """
+    for model in models:
+        for flip in flip_sets(tta):
+            flipped = torch.flip(image, flip) if flip else image
+            for probability in mc_samples(model, flipped, modality, mc):
+                yield torch.flip(probability, flip) if flip else probability
+
+
+def sample_count(n_models: int, mc: int, tta: bool) -> int:
+    """How many probability samples :func:`predictive_samples` yields per window."""
+    return n_models * len(flip_sets(tta)) * max(1, mc)
