@@ -330,7 +330,8 @@ def _open_zarr_dir(path: Path) -> Volume:
     node = _open_zarr(path)
     attrs = dict(node.attrs)
     ours = _ours(attrs)
-    modality = ours.get("modality") or modality_from_name(path)
+    stored = ours.get("modality")
+    modality = stored if stored not in (None, "unknown") else modality_from_name(path)
     if isinstance(node, zarr.Array):
         return _plain_array_volume(node, path, modality, ours)
     ome = _ome_attrs(attrs)
@@ -844,6 +845,9 @@ def write_labels(
     origin = tuple(float(v) for v in image.affine[:3, 3])
     levels = len(image.levels)
     label = _as_dask(labels, chunk_tuple)
+    if name in image.label_names and isinstance(labels, da.Array):
+        # the lazy labels may be reading the very arrays about to be replaced: load them first
+        label = label.persist()
     total = sum(_n_chunks(s, chunk_tuple) for s in pyramid_shapes(label.shape, levels))
     _write_label_group(
         root,

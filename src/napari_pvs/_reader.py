@@ -1,0 +1,115 @@
+"""npe2 reader: zarr / OME-Zarr directories and NIfTI files as lazy napari layers.
+
+A thin adapter over :func:`napari_pvs.io.open_volume`: the image becomes a (multiscale) dask
+image layer with the physical spacing as ``scale``, contrast limits from a strided sample of
+the coarsest level (never a full level), axis names and the volume's geometry in
+``metadata``; OME-Zarr label images become labels layers on the same grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_pvs import io
+from napari_pvs.intensity import robust_range
+
+LayerData = tuple[Any, dict, str]
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return a reader for supported paths, ``None`` otherwise (so other readers can try)."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if not paths or not all(io.is_supported_path(p) for p in paths):
+        return None
+    return read_paths
+
+
+def read_paths(path: str | list[str]) -> list[LayerData]:
+    """Open every path as layers (image first, then its labels)."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        volume = io.open_volume(p)
+        layers.extend(volume_layer_data(volume))
+    return layers
+
+
+def volume_metadata(volume: io.Volume) -> dict:
+    """What later steps (saving labels, prediction) need to know about the layer's volume."""
+    return {
+        "napari_pvs": True,
+        "source": volume.source,
+        "affine": np.asarray(volume.affine),
+        "spacing": tuple(volume.spacing),
+        "axes": tuple(volume.axes),
+        "modality": volume.modality,
+        "levels": [tuple(int(s) for s in lv.shape) for lv in volume.levels],
+    }
+
+
+def layer_geometry(volume: io.Volume) -> dict:
+    """``scale`` (mm), ``translate`` and axis names shared by the image and its labels.
+
+    Only a diagonal affine's origin becomes ``translate``; an oblique NIfTI affine is shown on
+    its voxel grid at its physical spacing (the full affine stays in ``metadata``).
+    """
+    affine = np.asarray(volume.affine)
+    diagonal = np.allclose(affine[:3, :3], np.diag(volume.spacing))
+    translate = tuple(float(t) for t in affine[:3, 3]) if diagonal else (0.0, 0.0, 0.0)
+    return {
+        "scale": tuple(volume.spacing),
+        "translate": translate,
+        "axis_labels": tuple(volume.axes),
+        "units": ("mm", "mm", "mm"),
+    }
+
+
+def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerData]:
+    """Layer data for a volume: one image (multiscale when it has levels) plus its labels."""
+    name = name or _display_name(volume.source)
+    geometry = layer_geometry(volume)
+    multiscale = len(volume.levels) > 1
+    low, high = robust_range(volume.levels[-1])
+    image = (
+        volume.levels if multiscale else volume.data,
+        {
+            "name": name,
+            "multiscale": multiscale,
+            "contrast_limits": (low, high),
+            "metadata": volume_metadata(volume),
+            "colormap": "gray",
+            **geometry,
+        },
+        "image",
+    )
+    layers: list[LayerData] = [image]
+    for label_name in volume.label_names:
+        labels = io.open_labels(volume.source, label_name)
+        layers.append(
+            (
+                labels.levels if len(labels.levels) > 1 else labels.data,
+                {
+                    "name": f"{name} {label_name}",
+                    "multiscale": len(labels.levels) > 1,
+                    "metadata": {**volume_metadata(volume), "label_name": label_name},
+                    "opacity": 0.6,
+                    **geometry,
+                },
+                "labels",
+            )
+        )
+    return layers
+
+
+def _display_name(source: str | None) -> str:
+    if not source:
+        return "volume"
+    name = Path(source.rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -1,0 +1,401 @@
+"""The volume panel: open a volume, see its geometry, set its modality, convert NIfTI to
+OME-Zarr in the background, and save a labels layer. Qt only; all work is done by the core
+(:mod:`napari_pvs.io`) and the reader/writer adapters.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari.layers import Image, Labels, Layer
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pvs import io
+from napari_pvs._reader import volume_layer_data
+from napari_pvs._writer import save_labels
+from napari_pvs.progress import Cancelled
+
+if TYPE_CHECKING:
+    import napari
+
+MODALITY_CHOICES = ("T1", "T2", "unknown")
+
+
+class _WorkerSignals(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued connections)."""
+
+    progress = Signal(int, int, str)
+    finished = Signal(str)
+    failed = Signal(str)
+    cancelled = Signal()
+
+
+class VolumePanel(QWidget):
+    """Dock widget for opening, inspecting, converting volumes and saving labels."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._cancel: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._progress_bar: napari_progress | None = None
+        self._signals = _WorkerSignals()
+        self._signals.progress.connect(self._on_progress)
+        self._signals.finished.connect(self._on_convert_finished)
+        self._signals.failed.connect(self._on_convert_failed)
+        self._signals.cancelled.connect(self._on_convert_cancelled)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._build_open_box())
+        layout.addWidget(self._build_info_box())
+        layout.addWidget(self._build_convert_box())
+        layout.addWidget(self._build_save_box())
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layer_choices)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
+        self._refresh_layer_choices()
+
+    # ---------------------------------------------------------------- building
+    def _build_open_box(self) -> QGroupBox:
+        box = QGroupBox("Open volume")
+        form = QFormLayout(box)
+        self.path_edit = QLineEdit()
+        self.path_edit.setPlaceholderText("a .zarr folder or a .nii / .nii.gz file")
+        self.file_button = QPushButton("File…")
+        self.file_button.setToolTip("Choose a NIfTI file")
+        self.file_button.clicked.connect(self._browse_file)
+        self.folder_button = QPushButton("Folder…")
+        self.folder_button.setToolTip("Choose a zarr / OME-Zarr folder")
+        self.folder_button.clicked.connect(self._browse_folder)
+        row = QHBoxLayout()
+        row.addWidget(self.path_edit, 1)
+        row.addWidget(self.file_button)
+        row.addWidget(self.folder_button)
+        form.addRow("Path", row)
+        self.open_button = QPushButton("Open")
+        self.open_button.clicked.connect(self.open_path)
+        form.addRow(self.open_button)
+        return box
+
+    def _build_info_box(self) -> QGroupBox:
+        box = QGroupBox("Volume")
+        form = QFormLayout(box)
+        self.volume_combo = QComboBox()
+        self.volume_combo.currentTextChanged.connect(self._show_volume_info)
+        form.addRow("Layer", self.volume_combo)
+        self.info_label = QLabel("no volume")
+        self.info_label.setWordWrap(True)
+        form.addRow(self.info_label)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(MODALITY_CHOICES)
+        self.modality_combo.setToolTip("The contrast the models are told the volume has")
+        self.modality_combo.currentTextChanged.connect(self._set_modality)
+        form.addRow("Modality", self.modality_combo)
+        return box
+
+    def _build_convert_box(self) -> QGroupBox:
+        box = QGroupBox("Convert NIfTI to OME-Zarr")
+        form = QFormLayout(box)
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("output .zarr (default: next to the NIfTI)")
+        form.addRow("Output", self.output_edit)
+        self.levels_spin = QSpinBox()
+        self.levels_spin.setRange(1, 8)
+        self.levels_spin.setValue(3)
+        form.addRow("Levels", self.levels_spin)
+        self.chunks_spin = QSpinBox()
+        self.chunks_spin.setRange(8, 512)
+        self.chunks_spin.setValue(io.DEFAULT_CHUNK)
+        form.addRow("Chunk size", self.chunks_spin)
+        self.open_converted_check = QCheckBox("Open the result")
+        self.open_converted_check.setChecked(True)
+        form.addRow(self.open_converted_check)
+        row = QHBoxLayout()
+        self.convert_button = QPushButton("Convert")
+        self.convert_button.clicked.connect(self.start_convert)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_convert)
+        row.addWidget(self.convert_button)
+        row.addWidget(self.cancel_button)
+        form.addRow(row)
+        return box
+
+    def _build_save_box(self) -> QGroupBox:
+        box = QGroupBox("Save labels")
+        form = QFormLayout(box)
+        self.labels_combo = QComboBox()
+        form.addRow("Labels layer", self.labels_combo)
+        self.label_name_edit = QLineEdit("pvs")
+        self.label_name_edit.setToolTip("Name under labels/ in the OME-Zarr")
+        form.addRow("Name", self.label_name_edit)
+        self.save_zarr_button = QPushButton("Save into the volume's OME-Zarr")
+        self.save_zarr_button.clicked.connect(self.save_labels_to_volume)
+        form.addRow(self.save_zarr_button)
+        self.save_file_button = QPushButton("Save as file…")
+        self.save_file_button.setToolTip("NIfTI (.nii/.nii.gz) with the volume's affine, or .zarr")
+        self.save_file_button.clicked.connect(self.save_labels_as_file)
+        form.addRow(self.save_file_button)
+        return box
+
+    # ---------------------------------------------------------------- helpers
+    def _report(self, message: str, error: bool = False) -> None:
+        self.status_label.setText(message)
+        (show_error if error else show_info)(message)
+
+    def _image_layers(self) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_layers(self) -> list[Labels]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        for combo, layers in (
+            (self.volume_combo, self._image_layers()),
+            (self.labels_combo, self._labels_layers()),
+        ):
+            current = combo.currentText()
+            names = [layer.name for layer in layers]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self._show_volume_info()
+
+    def _on_active_layer(self, event=None) -> None:
+        layer = self.viewer.layers.selection.active
+        if isinstance(layer, Image):
+            self.volume_combo.setCurrentText(layer.name)
+        elif isinstance(layer, Labels):
+            self.labels_combo.setCurrentText(layer.name)
+
+    def _layer_named(self, name: str):
+        return next((layer for layer in self.viewer.layers if layer.name == name), None)
+
+    def current_volume_layer(self) -> Image | None:
+        return self._layer_named(self.volume_combo.currentText())
+
+    def current_labels_layer(self) -> Labels | None:
+        return self._layer_named(self.labels_combo.currentText())
+
+    def _show_volume_info(self, *args) -> None:
+        layer = self.current_volume_layer()
+        if layer is None:
+            self.info_label.setText("no volume")
+            return
+        meta = layer.metadata
+        shape = tuple(int(s) for s in (layer.data[0] if layer.multiscale else layer.data).shape)
+        spacing = meta.get("spacing", tuple(float(s) for s in layer.scale))
+        levels = meta.get("levels", [shape])
+        lines = [
+            f"shape {' x '.join(map(str, shape))} ({', '.join(meta.get('axes', ('z', 'y', 'x')))})",
+            f"spacing {' x '.join(f'{s:.3g}' for s in spacing)} mm",
+            f"levels {len(levels)}: " + ", ".join("x".join(map(str, lv)) for lv in levels),
+            f"dtype {(layer.data[0] if layer.multiscale else layer.data).dtype}",
+            f"source {meta.get('source') or '(in memory)'}",
+        ]
+        self.info_label.setText("\n".join(lines))
+        modality = meta.get("modality", "unknown")
+        self.modality_combo.blockSignals(True)
+        self.modality_combo.setCurrentText(modality if modality in MODALITY_CHOICES else "unknown")
+        self.modality_combo.blockSignals(False)
+
+    def _set_modality(self, modality: str) -> None:
+        layer = self.current_volume_layer()
+        if layer is not None:
+            layer.metadata["modality"] = io.normalize_modality(modality)
+            self.status_label.setText(f"{layer.name}: modality set to {modality}")
+
+    # ---------------------------------------------------------------- open
+    def _browse_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open NIfTI", self.path_edit.text(), "NIfTI (*.nii *.nii.gz)"
+        )
+        if path:
+            self.path_edit.setText(path)
+
+    def _browse_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open zarr folder", self.path_edit.text())
+        if path:
+            self.path_edit.setText(path)
+
+    def open_path(self) -> list:
+        """Open the path in the field as layers; returns the new layers."""
+        path = self.path_edit.text().strip()
+        if not path:
+            self._report("enter or choose a path first", error=True)
+            return []
+        try:
+            volume = io.open_volume(path)
+            layer_data = volume_layer_data(volume)
+        except (ValueError, FileNotFoundError) as exc:
+            self._report(str(exc), error=True)
+            return []
+        layers = [self.viewer.add_layer(Layer.create(*data)) for data in layer_data]
+        self.volume_combo.setCurrentText(layers[0].name)
+        self._report(f"opened {path}")
+        return layers
+
+    # ---------------------------------------------------------------- convert
+    def _convert_paths(self) -> tuple[Path, Path]:
+        src = Path(self.path_edit.text().strip())
+        if not src.name.lower().endswith(io.NIFTI_SUFFIXES):
+            raise ValueError("put a .nii or .nii.gz file in the Path field to convert it")
+        if not src.is_file():
+            raise FileNotFoundError(f"no such file: {src}")
+        out = self.output_edit.text().strip()
+        if out:
+            return src, Path(out)
+        stem = src.name[: -len(".nii.gz")] if src.name.lower().endswith(".gz") else src.stem
+        return src, src.with_name(stem + ".ome.zarr")
+
+    def start_convert(self) -> None:
+        """Convert the NIfTI in the Path field in a background thread, with progress."""
+        if self._thread is not None and self._thread.is_alive():
+            self._report("a conversion is already running", error=True)
+            return
+        try:
+            src, dst = self._convert_paths()
+            if dst.exists():
+                raise FileExistsError(f"{dst} already exists; choose another output")
+        except (ValueError, FileNotFoundError) as exc:
+            self._report(str(exc), error=True)
+            return
+        self._cancel = threading.Event()
+        self._progress_bar = napari_progress(total=0, desc=f"Converting {src.name}")
+        self.convert_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status_label.setText(f"converting {src.name} -> {dst.name}…")
+        levels, chunks, cancel = self.levels_spin.value(), self.chunks_spin.value(), self._cancel
+        signals = self._signals
+
+        def work() -> None:
+            try:
+                io.convert_to_ome_zarr(
+                    src, dst, levels=levels, chunks=chunks,
+                    progress=signals.progress.emit, cancel=cancel,
+                )  # fmt: skip
+            except Cancelled:
+                signals.cancelled.emit()
+            except Exception as exc:  # reported in the GUI, never lost in the thread
+                signals.failed.emit(f"conversion failed: {exc}")
+            else:
+                signals.finished.emit(str(dst))
+
+        self._thread = threading.Thread(target=work, name="napari-pvs-convert", daemon=True)
+        self._thread.start()
+
+    def cancel_convert(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+            self.cancel_button.setEnabled(False)
+            self.status_label.setText("cancelling…")
+
+    def is_converting(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        if self._progress_bar is None:
+            return
+        if self._progress_bar.total != total:
+            self._progress_bar.total = total
+        self._progress_bar.n = done
+        self._progress_bar.set_description(message)
+        self._progress_bar.refresh()
+
+    def _end_convert(self) -> None:
+        if self._progress_bar is not None:
+            self._progress_bar.close()
+            self._progress_bar = None
+        self.convert_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _on_convert_finished(self, dst: str) -> None:
+        self._end_convert()
+        self._report(f"converted to {dst}")
+        if self.open_converted_check.isChecked():
+            self.path_edit.setText(dst)
+            self.open_path()
+
+    def _on_convert_failed(self, message: str) -> None:
+        self._end_convert()
+        self._report(message, error=True)
+
+    def _on_convert_cancelled(self) -> None:
+        self._end_convert()
+        self._report("conversion cancelled; the partial output was removed")
+
+    # ---------------------------------------------------------------- save labels
+    def _labels_meta(self, labels: Labels, name: str) -> dict:
+        volume = self.current_volume_layer()
+        metadata = dict(labels.metadata)
+        if "affine" not in metadata and volume is not None and "affine" in volume.metadata:
+            metadata["affine"] = volume.metadata["affine"]
+        return {
+            "name": name,
+            "metadata": metadata,
+            "scale": tuple(labels.scale),
+            "translate": tuple(labels.translate),
+        }
+
+    def save_labels_to_volume(self) -> str | None:
+        """Write the chosen labels layer as labels/<name> into the volume's OME-Zarr."""
+        labels, volume = self.current_labels_layer(), self.current_volume_layer()
+        source = volume.metadata.get("source") if volume is not None else None
+        if labels is None:
+            self._report("no labels layer to save", error=True)
+            return None
+        if not source or not Path(source).is_dir():
+            self._report(
+                "the volume has no OME-Zarr on disk; convert or save it as OME-Zarr first, "
+                "or use 'Save as file…'",
+                error=True,
+            )
+            return None
+        return self._save(labels, source)
+
+    def save_labels_as_file(self) -> str | None:
+        """Ask for a .nii/.nii.gz/.zarr path and write the chosen labels layer there."""
+        labels = self.current_labels_layer()
+        if labels is None:
+            self._report("no labels layer to save", error=True)
+            return None
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save labels", "", "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)"
+        )
+        return self._save(labels, path) if path else None
+
+    def _save(self, labels: Labels, path: str) -> str | None:
+        name = self.label_name_edit.text().strip() or labels.name
+        try:
+            written = save_labels(path, labels.data, self._labels_meta(labels, name))
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            self._report(str(exc), error=True)
+            return None
+        self._report(f"saved {labels.name} to {written}")
+        return written
