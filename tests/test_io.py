@@ -330,3 +330,26 @@ def test_save_ome_zarr_streams_without_computing_the_whole_array(tmp_path):
     io.save_ome_zarr(tmp_path / "s.zarr", source, levels=1, chunks=16)
     assert len(calls) == 64  # each chunk computed exactly once
     assert io.open_volume(tmp_path / "s.zarr").data.sum().compute() == 64**3
+
+
+def test_cli_convert(tmp_path, capsys):
+    import json
+
+    from napari_pvs.cli import main
+
+    data = np.random.default_rng(4).random((12, 14, 10)).astype(np.float32)
+    src = _nifti(tmp_path / "sub_T2w.nii.gz", data, OBLIQUE_AFFINE)
+    out = tmp_path / "out.zarr"
+    assert main(["convert", str(src), str(out), "--levels", "2", "--chunks", "8"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shape"] == [12, 14, 10] and summary["modality"] == "T2"
+    assert summary["levels"] == [[12, 14, 10], [6, 7, 5]]
+    np.testing.assert_array_equal(io.open_volume(out).data.compute(), data)
+    assert main(["convert", str(src), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(src), str(out), "--overwrite", "--levels", "1"]) == 0
+    assert len(io.open_volume(out).levels) == 1
+    assert main(["convert", str(tmp_path / "nope.nii"), str(tmp_path / "o.zarr")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["convert", str(out), str(tmp_path / "o.zarr")]) == 2
+    assert "reads .nii or .nii.gz" in capsys.readouterr().err

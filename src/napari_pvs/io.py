@@ -707,6 +707,8 @@ def save_ome_zarr(
             )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
+    if path.exists() and not (_is_zarr_dir(path) or (path.is_dir() and not any(path.iterdir()))):
+        raise FileExistsError(f"{path} exists and is not a zarr store; refusing to replace it")
     if affine is not None:
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
@@ -924,6 +926,8 @@ def convert_to_ome_zarr(
         raise ValueError("the output path must differ from the input path")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another path or overwrite it")
+    if dst.exists() and not _is_zarr_dir(dst):
+        raise FileExistsError(f"{dst} exists and is not a zarr store; refusing to replace it")
     try:
         return save_ome_zarr(
             dst,
