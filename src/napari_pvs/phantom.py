@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from napari_pvs.io import normalize_modality
+
 #: Region map labels (see docs/architecture.md).
 REGION_NAMES: dict[int, str] = {1: "white_matter", 2: "basal_ganglia", 3: "grey_matter", 4: "csf"}
 #: Confounder map labels: structures that look like PVS but must not be labelled as PVS.
@@ -96,11 +98,11 @@ def _check_spacing(spacing) -> tuple[float, float, float]:
     return out  # type: ignore[return-value]
 
 
-def normalize_modality(modality: str) -> str:
-    """Map user spellings (``t2``, ``T2w``, ``t1w``) to ``"T1"``/``"T2"``; reject anything else."""
-    key = str(modality).strip().upper().removesuffix("W")
+def _phantom_modality(modality: str) -> str:
+    """``"T1"`` or ``"T2"`` (any spelling :func:`napari_pvs.io.normalize_modality` accepts)."""
+    key = normalize_modality(modality)
     if key not in ("T1", "T2"):
-        raise ValueError(f"modality must be 'T1' or 'T2' (T1w/T2w also accepted), got {modality!r}")
+        raise ValueError(f"a phantom needs modality 'T1' or 'T2', got {modality!r}")
     return key
 
 
@@ -463,7 +465,7 @@ def make_phantom(
     """
     shape = _check_shape(shape)
     spacing = _check_spacing(spacing)
-    modality = normalize_modality(modality)
+    modality = _phantom_modality(modality)
     if not 0.0 <= float(severity) <= 1.0:
         raise ValueError(f"severity must be between 0 and 1, got {severity!r}")
     if anatomy not in ("procedural", "mni"):
