@@ -1,0 +1,464 @@
+"""Training and fine-tuning on labelled 3D patches or whole labelled volumes.
+
+Labels are uint8: 1 = PVS, 0 = not PVS, 255 = unlabelled. The loss (BCE + soft Dice) is
+computed only over labelled voxels, so a volume of which the annotator corrected a few patches
+trains correctly: that is what active learning produces. Patches are read from lazy arrays
+(numpy, dask or zarr) one at a time; memory does not grow with the volume.
+
+Determinism: every epoch's sampling and augmentation derive from ``(seed, epoch)``, so a run
+resumed from its last checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.models import canonical_modality, resolve_device
+from napari_pvs.models.checkpoint import (
+    load_weights_into,
+    optimizer_tensors,
+    read_checkpoint,
+    save_checkpoint,
+)
+from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
+
+#: Label value meaning "not annotated": ignored by the loss and by validation.
+UNLABELLED = 255
+
+
+@dataclass
+class TrainingVolume:
+    """One labelled image: a whole volume or a patch (arrays may be lazy)."""
+
+    image: Any
+    labels: Any
+    modality: str = "unknown"
+    name: str = ""
+    intensity_range: tuple[float, float] | None = None  # robust (low, high); computed if None
+
+    def __post_init__(self) -> None:
+        if tuple(self.image.shape) != tuple(self.labels.shape):
+            raise ValueError(
+                f"image {tuple(self.image.shape)} and labels {tuple(self.labels.shape)} of "
+                f"{self.name or 'a training volume'} differ in shape; they must match voxel "
+                "for voxel"
+            )
+        if len(self.image.shape) != 3:
+            raise ValueError(f"training images must be 3D, got shape {tuple(self.image.shape)}")
+        self.modality = canonical_modality(self.modality)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (stored in the checkpoint)."""
+
+    epochs: int = 20
+    steps_per_epoch: int = 50
+    batch_size: int = 2
+    patch: tuple[int, int, int] = (64, 64, 64)
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    foreground_fraction: float = 0.6  # share of patches centred on a PVS voxel
+    validation_fraction: float = 0.2  # share of volumes held out (fixed by seed)
+    validation_patches: int = 8
+    patience: int = 6  # epochs without validation improvement before stopping
+    seed: int = 0
+    augment: bool = True
+    amp: bool = True  # mixed precision, CUDA only
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
+        if len(self.patch) != 3 or min(self.patch) < 8:
+            raise ValueError(f"patch must be three sizes >= 8 voxels, got {self.patch}")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError("epochs, steps_per_epoch and batch_size must be at least 1")
+
+
+@dataclass
+class TrainResult:
+    best_dice: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+class _Indexed:
+    """A training volume with its intensity range and where its (labelled) voxels are."""
+
+    def __init__(self, volume: TrainingVolume, max_points: int = 200_000) -> None:
+        self.volume = volume
+        self.shape = tuple(int(s) for s in volume.image.shape)
+        self.range = volume.intensity_range or robust_range(volume.image)
+        foreground, labelled = [], []
+        slab = 32
+        rng = np.random.default_rng(0)
+        for z0 in range(0, self.shape[0], slab):
+            block = np.asarray(volume.labels[z0 : z0 + slab])
+            fg = np.argwhere(block == 1)
+            lab = np.argwhere(block != UNLABELLED)
+            if len(lab) > 4096:
+                lab = lab[rng.choice(len(lab), 4096, replace=False)]
+            fg[:, 0] += z0
+            lab[:, 0] += z0
+            foreground.append(fg)
+            labelled.append(lab)
+        self.foreground = _limit(np.concatenate(foreground), max_points, rng)
+        self.labelled = _limit(np.concatenate(labelled), max_points, rng)
+        if len(self.labelled) == 0:
+            raise ValueError(
+                f"{volume.name or 'a training volume'} has no labelled voxels (all are "
+                f"{UNLABELLED} = unlabelled); label at least one patch or drop it"
+            )
+
+    def patch(self, centre: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image (normalised) and labels around ``centre``; padded where it leaves the volume."""
+        starts = [int(c) - s // 2 for c, s in zip(centre, size, strict=True)]
+        src, dst = [], []
+        for start, s, dim in zip(starts, size, self.shape, strict=True):
+            lo, hi = max(start, 0), min(start + s, dim)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        image = np.zeros(size, np.float32)
+        labels = np.full(size, UNLABELLED, np.uint8)
+        image[tuple(dst)] = normalize(np.asarray(self.volume.image[tuple(src)]), *self.range)
+        labels[tuple(dst)] = np.asarray(self.volume.labels[tuple(src)])
+        return image, labels
+
+    def centre(self, rng: np.random.Generator, foreground: bool) -> np.ndarray:
+        points = self.foreground if foreground and len(self.foreground) else self.labelled
+        return points[rng.integers(len(points))]
+
+
+def _limit(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return points if len(points) <= n else points[rng.choice(len(points), n, replace=False)]
+
+
+def split_volumes(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Fixed (train, validation) indices; with one item, it serves both (stated in history)."""
+    if n == 1 or fraction <= 0:
+        return list(range(n)), list(range(n))
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment(
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """PVS-suited augmentation of one normalised patch (labels keep 0/1/255 exactly)."""
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image, labels = np.flip(image, axis), np.flip(labels, axis)
+    if rng.random() < 0.3:  # small rotation: PVS orientation varies with anatomy
+        axes = [(0, 1), (0, 2), (1, 2)][rng.integers(3)]
+        angle = rng.uniform(-12, 12)
+        image = ndimage.rotate(image, angle, axes, reshape=False, order=1, mode="nearest")
+        labels = ndimage.rotate(
+            labels, angle, axes, reshape=False, order=0, mode="constant", cval=UNLABELLED
+        )
+    if rng.random() < 0.2:  # resolution jitter: thick slices blur thin PVS
+        axis = rng.integers(3)
+        factor = rng.uniform(1.3, 2.2)
+        zoom = [1.0, 1.0, 1.0]
+        zoom[axis] = 1.0 / factor
+        small = ndimage.zoom(image, zoom, order=1)
+        image = ndimage.zoom(small, np.array(image.shape) / np.array(small.shape), order=1)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if rng.random() < 0.3:  # smooth multiplicative bias field
+        grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in image.shape], indexing="ij")
+        field_ = sum(rng.normal(0, 0.15) * g for g in grids)
+        field_ = field_ + sum(rng.normal(0, 0.1) * g * g for g in grids)
+        image = image * np.exp(field_).astype(np.float32)
+    if rng.random() < 0.3:  # gamma on the positive part
+        gamma = rng.uniform(0.7, 1.5)
+        image = np.sign(image) * np.abs(image) ** gamma
+    if rng.random() < 0.5:  # global scale and shift
+        image = image * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08)
+    if rng.random() < 0.3:
+        image = image + rng.normal(0, rng.uniform(0.01, 0.06), image.shape)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and metric
+
+
+def masked_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over labelled voxels; coarse deep-supervision logits are upsampled.
+
+    ``labels`` is ``(B, 1, D, H, W)`` with 0/1 and :data:`UNLABELLED`. Levels are weighted
+    1, 1/2, 1/4... (normalised). Returns zero (with a graph) when nothing is labelled.
+    """
+    mask = (labels != UNLABELLED).float()
+    target = (labels == 1).float()
+    weights = [0.5**i for i in range(len(outputs))]
+    total = 0.0
+    for weight, logits in zip(weights, outputs, strict=True):
+        if logits.shape[2:] != labels.shape[2:]:
+            logits = F.interpolate(logits, size=labels.shape[2:], mode="trilinear")
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce = (bce * mask).sum() / mask.sum().clamp(min=1.0)
+        prob = torch.sigmoid(logits) * mask
+        inter = (prob * target).sum()
+        dice = 1 - (2 * inter + 1.0) / (prob.sum() + (target * mask).sum() + 1.0)
+        total = total + weight * (bce + dice)
+    return total / sum(weights)
+
+
+def labelled_dice(prob: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
+    """Voxel Dice at ``threshold`` over labelled voxels (1.0 when both are empty)."""
+    mask = labels != UNLABELLED
+    pred = (prob >= threshold) & mask
+    truth = (labels == 1) & mask
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2 * (pred & truth).sum() / denom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state <-> flat tensors (safetensors holds tensors only)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{index}.{key}"] = torch.as_tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def last_checkpoint_path(out: str | Path) -> Path:
+    """The resumable 'last epoch' checkpoint written next to ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".last" + out.suffix)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _batch(
+    items: list[_Indexed], rng: np.random.Generator, config: TrainConfig, train: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels, modalities = [], [], []
+    for _ in range(config.batch_size):
+        item = items[rng.integers(len(items))]
+        centre = item.centre(rng, foreground=rng.random() < config.foreground_fraction)
+        centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
+        image, label = item.patch(centre, config.patch)
+        if train and config.augment:
+            image, label = augment(image, label, rng)
+        images.append(image)
+        labels.append(label)
+        modalities.append(item.volume.modality)
+    return np.stack(images)[:, None], np.stack(labels)[:, None], modalities
+
+
+def _validation_set(items: list[_Indexed], config: TrainConfig):
+    rng = np.random.default_rng([config.seed, 999_999])
+    batches = []
+    for i in range(config.validation_patches):
+        item = items[i % len(items)]
+        centre = item.centre(rng, foreground=i % 2 == 0)
+        image, label = item.patch(centre, config.patch)
+        batches.append((image[None, None], label, item.volume.modality))
+    return batches
+
+
+def evaluate_patches(model, batches, device: torch.device) -> float:
+    """Dice over all validation patches pooled (labelled voxels only)."""
+    model.eval()
+    inter = total = 0.0
+    with torch.no_grad():
+        for image, label, modality in batches:
+            prob = torch.sigmoid(model(torch.from_numpy(image).to(device), modality))
+            pred = prob[0, 0].float().cpu().numpy() >= 0.5
+            mask = label != UNLABELLED
+            truth = (label == 1) & mask
+            pred &= mask
+            inter += float((pred & truth).sum())
+            total += float(pred.sum() + truth.sum())
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def fit(
+    model,
+    volumes: Sequence[TrainingVolume],
+    config: TrainConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: bool = True,
+    validation: Sequence[TrainingVolume] | None = None,
+    training_info: dict[str, Any] | None = None,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``volumes``; keep the best (validation Dice) weights in ``out``.
+
+    Validation uses ``validation`` if given, else a seed-fixed share of ``volumes`` (the same
+    split every run, so rounds stay comparable). Each epoch also writes a resumable
+    ``<out>.last.safetensors`` (weights + optimizer); with ``resume`` a run continues from it.
+    Stops early after ``config.patience`` epochs without improvement; raises
+    :class:`~napari_pvs.progress.Cancelled` when cancelled (saved checkpoints stay).
+    """
+    config = config or TrainConfig()
+    if not volumes:
+        raise ValueError("no training volumes given; pass at least one labelled image")
+    device = resolve_device(config.device)
+    indexed = [_Indexed(v) for v in volumes]
+    if validation:
+        train_items, val_items = indexed, [_Indexed(v) for v in validation]
+        split_note = "given"
+    else:
+        train_ids, val_ids = split_volumes(len(indexed), config.validation_fraction, config.seed)
+        train_items = [indexed[i] for i in train_ids]
+        val_items = [indexed[i] for i in val_ids]
+        split_note = "same as training (one volume)" if train_ids == val_ids else "seeded split"
+    val_batches = _validation_set(val_items, config)
+
+    model.to(device)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        model.to(memory_format=torch.channels_last_3d)
+    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = bool(config.amp and use_cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    total_steps = config.epochs * config.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+    info = {"config": _jsonable(asdict(config)), "split": split_note, **(training_info or {})}
+    history: list[dict[str, float]] = []
+    best_dice, best_epoch, start_epoch = -1.0, -1, 0
+    out_path = Path(out) if out is not None else None
+    last_path = last_checkpoint_path(out_path) if out_path is not None else None
+    if resume and last_path is not None and last_path.is_file():
+        meta = load_weights_into(model, last_path)
+        state = meta["training"]["resume"]
+        _restore_optimizer(optimizer, optimizer_tensors(last_path), state["param_groups"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        best_dice, best_epoch = state["best_dice"], state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        if out_path.is_file():
+            read_checkpoint(out_path)  # the best checkpoint must still be intact
+
+    stopped_early = False
+    best_state: dict[str, torch.Tensor] | None = None
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs):
+        if epoch - best_epoch > config.patience and best_epoch >= 0:
+            stopped_early = True
+            break
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        model.train()
+        started, losses = time.perf_counter(), []
+        for step in range(config.steps_per_epoch):
+            check_cancelled(cancel)
+            images, labels, modalities = _batch(train_items, rng, config, train=True)
+            image_t = torch.from_numpy(images).to(device)
+            label_t = torch.from_numpy(labels).to(device)
+            if use_cuda:
+                image_t = image_t.to(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                outputs = model.training_outputs(image_t, modalities)
+            loss = masked_loss(outputs, label_t)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            done = epoch * config.steps_per_epoch + step + 1
+            progress(done, total_steps, f"epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.3f}")
+        val_dice = evaluate_patches(model, val_batches, device)
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_dice": val_dice,
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        improved = val_dice > best_dice
+        if improved:
+            best_dice, best_epoch = val_dice, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out_path is not None:
+            metrics = {"val_dice": best_dice, "best_epoch": best_epoch}
+            if improved:
+                save_checkpoint(model, out_path, metrics=metrics, training={**info, "epoch": epoch})
+            flat, groups = _flatten_optimizer(optimizer)
+            resume_state = {
+                "epoch": epoch,
+                "best_dice": best_dice,
+                "best_epoch": best_epoch,
+                "history": history,
+                "param_groups": groups,
+                "scheduler": scheduler.state_dict(),
+            }
+            save_checkpoint(
+                model,
+                last_path,
+                metrics=metrics,
+                training={**info, "resume": resume_state},
+                optimizer_state=flat,
+            )
+    # Leave the model holding its best weights.
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif out_path is not None and out_path.is_file():
+        load_weights_into(model, out_path)
+    model.eval()
+    return TrainResult(
+        best_dice=best_dice,
+        best_epoch=best_epoch,
+        epochs_run=epoch + 1,
+        stopped_early=stopped_early,
+        history=history,
+        checkpoint=out_path,
+    )
+
+
+def _jsonable(value):
+    """A JSON round trip of ``value`` (tuples become lists, numpy scalars numbers)."""
+    def fallback(item):
+        return item.tolist() if hasattr(item, "tolist") else str(item)
+
+    return json.loads(json.dumps(value, default=fallback))
