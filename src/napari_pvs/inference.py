@@ -409,7 +409,7 @@ class Predictor:
                 )
                 details = "; ".join(f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
                 raise ValueError(
-                    f"{out} holds an unfinished or finished prediction from a different run "
+                    f"{out} holds a prediction from a different run "
                     f"({details}); rerun with the same settings to resume, pass overwrite=True "
                     "(CLI: --overwrite), or choose another output path"
                 )

@@ -67,7 +67,7 @@ class MomentAccumulator:
     def add(self, probability: torch.Tensor) -> None:
         """Add one probability sample ``(B, 1, D, H, W)`` (float32)."""
         p = probability.float()
-        terms = [p, binary_entropy(p), p * p]
+        terms = [p.clone(), binary_entropy(p), p * p]  # clone: never add into the caller's tensor
         if self._sums is None:
             self._sums = terms
         else:

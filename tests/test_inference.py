@@ -1,0 +1,251 @@
+"""Chunked prediction: equal to a whole-volume sliding window, resumable, cancellable."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from monai.inferers import sliding_window_inference
+
+from napari_pvs.inference import DONE_ARRAY, Predictor, WindowPlan, window_starts
+from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.models import build_model
+from napari_pvs.progress import Cancelled
+
+
+def tiny_unet(seed: int = 0, dropout: float = 0.2):
+    torch.manual_seed(seed)
+    return build_model(
+        "unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=dropout
+    ).eval()
+
+
+def noisy_volume(shape, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    vol[:, :3] = 0  # some background, like a brain volume
+    return vol
+
+
+def monai_reference(model, volume: np.ndarray, window: int, overlap: float) -> np.ndarray:
+    """Whole-volume sliding window (MONAI) on the same normalised input, probabilities blended."""
+    lo, hi = robust_range(volume)
+    x = torch.from_numpy(normalize(volume, lo, hi))[None, None]
+    with torch.inference_mode():
+        out = sliding_window_inference(
+            x,
+            (window,) * 3,
+            2,
+            lambda t: torch.sigmoid(model(t)),
+            overlap=overlap,
+            mode="gaussian",
+        )
+    return out[0, 0].numpy()
+
+
+def read(group: zarr.Group, name: str) -> np.ndarray:
+    return np.asarray(group[name][...])
+
+
+def test_window_starts_match_monai_rule():
+    assert window_starts(256, 64, 0.25) == ([0, 48, 96, 144, 192], 0)
+    assert window_starts(200, 64, 0.25) == ([0, 48, 96, 136], 0)
+    # smaller than the window: one window, padded symmetrically
+    assert window_starts(10, 16, 0.25) == ([-3], 3)
+
+
+def test_every_chunk_completes_after_its_last_window():
+    plan = WindowPlan((70, 50, 41), (16, 16, 16), 0.25, (12, 24, 12))
+    for chunk, rank in plan.finish_rank.items():
+        assert max(plan.rank[w] for w in plan.covering_windows(chunk)) == rank
+
+
+def test_chunked_equals_whole_volume_sliding_window(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((41, 35, 50))
+    affine = np.diag([0.5, 0.6, 0.7, 1.0])
+    affine[:3, 3] = [10, 20, 30]
+
+    class Vol:
+        data = volume
+        spacing = (0.5, 0.6, 0.7)
+        modality = "T2"
+        axes = ("z", "y", "x")
+        source = None
+
+    Vol.affine = affine
+    predictor = Predictor(model, window=16, overlap=0.25, batch=3, chunks=12, device="cpu")
+    summary = predictor.predict(Vol(), tmp_path / "pred.zarr")
+    assert summary.chunks_total == 4 * 3 * 5  # chunk borders run through the volume
+    group = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")
+    probability = read(group, "probability").astype(np.float32)
+    assert probability.shape == volume.shape
+    assert set(group.array_keys()) == {"probability", "segmentation", DONE_ARRAY}
+    reference = monai_reference(model, volume, 16, 0.25)
+    np.testing.assert_allclose(probability, reference, atol=2e-3)
+    clear = np.abs(reference - 0.5) > 2e-3  # float16 storage may round across 0.5
+    segmentation = read(group, "segmentation")
+    np.testing.assert_array_equal(segmentation[clear], (reference >= 0.5)[clear])
+    assert 0 < segmentation.mean() < 1
+    meta = group.attrs["napari_pvs"]
+    assert meta["spacing"] == [0.5, 0.6, 0.7]
+    np.testing.assert_allclose(meta["affine"], affine)
+    assert meta["complete"] is True
+    assert group["probability"].attrs["napari_pvs"]["spacing"] == [0.5, 0.6, 0.7]
+
+
+def test_volume_smaller_than_window_is_padded(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((10, 40, 7))
+    Predictor(model, window=16, batch=2, device="cpu").predict(volume, tmp_path / "p.zarr")
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    probability = read(group, "probability").astype(np.float32)
+    assert probability.shape == (10, 40, 7)
+    np.testing.assert_allclose(probability, monai_reference(model, volume, 16, 0.25), atol=2e-3)
+
+
+def test_window_not_divisible_by_size_divisor(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("unet", channels=[4, 8, 16], num_res_units=1, feature_channels=4).eval()
+    assert model.size_divisor == 4
+    volume = noisy_volume((30, 25, 22))
+    Predictor(model, window=18, batch=2, device="cpu").predict(volume, tmp_path / "p.zarr")
+    probability = read(zarr.open_group(str(tmp_path / "p.zarr"), mode="r"), "probability")
+    assert probability.shape == volume.shape
+    assert np.isfinite(probability).all() and 0 < probability.mean() < 1
+
+
+def test_uncertainty_arrays_with_mc(tmp_path):
+    model = tiny_unet(dropout=0.5)
+    volume = noisy_volume((30, 28, 26))
+    Predictor(model, window=16, batch=4, device="cpu", mc_samples=4).predict(
+        volume, tmp_path / "p.zarr"
+    )
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    p = read(group, "probability").astype(np.float32)
+    entropy = read(group, "entropy").astype(np.float32)
+    mi = read(group, "mutual_information").astype(np.float32)
+    variance = read(group, "variance").astype(np.float32)
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    np.testing.assert_allclose(entropy, -(q * np.log2(q) + (1 - q) * np.log2(1 - q)), atol=5e-3)
+    assert (mi >= 0).all() and (mi <= entropy + 1e-3).all() and mi.max() > 0
+    assert (variance >= 0).all() and (variance <= p * (1 - p) + 1e-3).all()
+
+
+def test_resume_after_interruption_gives_identical_output(tmp_path):
+    model = tiny_unet(dropout=0.5)
+    volume = noisy_volume((64, 24, 20))  # long in z: early rows finish and are skipped
+    options = dict(window=16, overlap=0.25, batch=2, chunks=12, device="cpu", mc_samples=3)
+
+    Predictor(model, **options).predict(volume, tmp_path / "full.zarr")
+
+    cancel = threading.Event()
+    calls = []
+
+    def stop_midway(done, total, message):
+        calls.append(done)
+        if done >= 0.7 * total:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        Predictor(model, **options).predict(
+            volume, tmp_path / "resumed.zarr", progress=stop_midway, cancel=cancel
+        )
+    partial = zarr.open_group(str(tmp_path / "resumed.zarr"), mode="r")
+    finished = read(partial, DONE_ARRAY).sum()
+    assert 0 < finished < partial[DONE_ARRAY].size
+    assert partial.attrs["napari_pvs"]["complete"] is False
+
+    summary = Predictor(model, **options).predict(volume, tmp_path / "resumed.zarr")
+    assert summary.chunks_skipped == finished
+    assert summary.windows_run < summary.windows_total
+    full = zarr.open_group(str(tmp_path / "full.zarr"), mode="r")
+    resumed = zarr.open_group(str(tmp_path / "resumed.zarr"), mode="r")
+    for name in ("probability", "segmentation", "entropy", "mutual_information", "variance"):
+        np.testing.assert_array_equal(read(resumed, name), read(full, name), err_msg=name)
+    assert resumed.attrs["napari_pvs"]["complete"] is True
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts how many batches reach ``features``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.name, self.config, self.size_divisor = inner.name, inner.config, inner.size_divisor
+        self.calls = 0
+
+    def features(self, image, modality=None):
+        self.calls += 1
+        return self.inner.features(image, modality)
+
+    def head(self, features, sample=False):
+        return self.inner.head(features, sample=sample)
+
+
+def test_cancel_stops_within_one_batch(tmp_path):
+    model = CountingModel(tiny_unet())
+    cancel = threading.Event()
+    seen = []
+
+    def cancel_after_first_batch(done, total, message):
+        seen.append(done)
+        if done > 0:
+            cancel.set()
+
+    predictor = Predictor(model, window=16, batch=2, device="cpu")
+    with pytest.raises(Cancelled):
+        predictor.predict(
+            noisy_volume((40, 40, 40)), tmp_path / "p.zarr", cancel_after_first_batch, cancel
+        )
+    assert model.calls == 1
+    assert seen == [0, 2]
+
+
+def test_incompatible_store_is_refused_with_the_difference(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((20, 20, 20))
+    Predictor(model, window=16, device="cpu").predict(volume, tmp_path / "p.zarr")
+    with pytest.raises(ValueError, match=r"different run .*window: \[16, 16, 16\] -> \[12"):
+        Predictor(model, window=12, device="cpu").predict(volume, tmp_path / "p.zarr")
+    # overwrite=True starts afresh
+    summary = Predictor(model, window=12, device="cpu").predict(
+        volume, tmp_path / "p.zarr", overwrite=True
+    )
+    assert summary.chunks_skipped == 0
+    # a finished store reruns nothing
+    again = Predictor(model, window=12, device="cpu").predict(volume, tmp_path / "p.zarr")
+    assert again.windows_run == 0 and again.chunks_skipped == again.chunks_total
+
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w").create_array("x", shape=(2,), dtype="uint8")
+    with pytest.raises(ValueError, match="not a napari-pvs prediction store"):
+        Predictor(model, window=16, device="cpu").predict(volume, other)
+
+
+def test_bad_arguments_have_clear_messages():
+    model = tiny_unet()
+    with pytest.raises(ValueError, match="overlap"):
+        Predictor(model, overlap=1.0)
+    with pytest.raises(ValueError, match="features/head contract"):
+        Predictor(torch.nn.Conv3d(1, 1, 1))
+    with pytest.raises(ValueError, match="3D volume"):
+        Predictor(model, window=16, device="cpu").predict(np.zeros((4, 4)), "unused.zarr")
+
+
+def test_predicts_a_lazy_volume_from_io(tmp_path):
+    from napari_pvs.io import open_volume, save_ome_zarr
+
+    volume = noisy_volume((24, 30, 20))
+    save_ome_zarr(tmp_path / "img.ome.zarr", volume, spacing=(1.0, 0.8, 0.8), levels=1, chunks=16)
+    lazy = open_volume(tmp_path / "img.ome.zarr")
+    model = tiny_unet()
+    Predictor(model, window=16, device="cpu").predict(lazy, tmp_path / "p.zarr")
+    probability = open_volume(tmp_path / "p.zarr" / "probability")
+    assert probability.shape == volume.shape
+    assert probability.spacing == (1.0, 0.8, 0.8)
+    reference = monai_reference(model, volume, 16, 0.25)
+    np.testing.assert_allclose(probability.data.compute().astype(np.float32), reference, atol=2e-3)

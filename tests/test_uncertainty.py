@@ -1,0 +1,142 @@
+"""Uncertainty measures and samplers: reference values, shared-feature MC == naive MC."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from napari_pvs.models import build_model
+from napari_pvs.uncertainty import (
+    MomentAccumulator,
+    binary_entropy,
+    flip_sets,
+    mc_samples,
+    naive_mc_samples,
+    predictive_samples,
+    sample_count,
+    uncertainty_from_moments,
+)
+
+
+def tiny_unet(seed: int = 0, dropout: float = 0.5):
+    torch.manual_seed(seed)
+    return build_model(
+        "unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=dropout
+    ).eval()
+
+
+def test_measures_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    samples = rng.uniform(0, 1, (6, 1, 1, 3, 4, 5)).astype(np.float32)
+    acc = MomentAccumulator()
+    for s in samples:
+        acc.add(torch.from_numpy(s))
+    moments = acc.moments().numpy()[0]
+    measures = uncertainty_from_moments(*moments)
+
+    def h(p):
+        return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+    mean = samples.mean(0)[0, 0]
+    np.testing.assert_allclose(measures["entropy"], h(mean), rtol=1e-4)
+    expected_mi = h(mean) - h(samples[:, 0, 0]).mean(0)
+    np.testing.assert_allclose(measures["mutual_information"], expected_mi, atol=1e-5)
+    np.testing.assert_allclose(measures["variance"], samples.var(0)[0, 0], atol=1e-6)
+    assert binary_entropy(np.float32(0.5)) == np.float32(1.0)
+
+
+def test_agreeing_samples_have_no_mutual_information():
+    p = torch.full((1, 1, 2, 2, 2), 0.3)
+    acc = MomentAccumulator()
+    for _ in range(4):
+        acc.add(p)
+    measures = uncertainty_from_moments(*acc.moments().numpy()[0])
+    np.testing.assert_allclose(measures["mutual_information"], 0, atol=1e-6)
+    np.testing.assert_allclose(measures["variance"], 0, atol=1e-6)
+    np.testing.assert_allclose(measures["entropy"], binary_entropy(np.float32(0.3)), rtol=1e-5)
+
+
+def test_shared_feature_mc_equals_naive_mc_on_a_seeded_case():
+    model = tiny_unet()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.manual_seed(123)
+        shared = torch.stack(list(mc_samples(model, image, "T2", 24)))
+        torch.manual_seed(123)
+        naive = torch.stack(list(naive_mc_samples(model, image, "T2", 24)))
+        deterministic = torch.sigmoid(model(image, "T2"))
+    # features use no randomness, so the same seed gives the same dropout masks...
+    torch.testing.assert_close(shared, naive, atol=1e-5, rtol=1e-5)
+    # ...and the samples really are random draws around the deterministic prediction
+    assert shared.std(0).mean() > 1e-3
+    # same distribution over seeds: per-voxel means of independent runs agree statistically
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        other = torch.stack(list(naive_mc_samples(model, image, "T2", 24)))
+    spread = shared.std(0) / np.sqrt(24)
+    assert ((shared.mean(0) - other.mean(0)).abs() <= 5 * spread + 1e-4).float().mean() > 0.99
+    assert (shared.mean(0) - deterministic).abs().mean() < 0.05
+
+
+def test_shared_mc_runs_the_expensive_part_once():
+    model = tiny_unet()
+    calls = {"features": 0}
+    original = model.features
+
+    def counted(image, modality=None):
+        calls["features"] += 1
+        return original(image, modality)
+
+    model.features = counted
+    with torch.inference_mode():
+        list(mc_samples(model, torch.randn(1, 1, 16, 16, 16), "T1", 8))
+        assert calls["features"] == 1
+        list(naive_mc_samples(model, torch.randn(1, 1, 16, 16, 16), "T1", 8))
+        assert calls["features"] == 9
+
+
+class Pointwise(torch.nn.Module):
+    """A voxel-wise model: any flip of the input flips the output the same way."""
+
+    name, config, size_divisor = "pointwise", {}, 1
+
+    def features(self, image, modality=None):
+        return torch.cat([image, image**2], dim=1)
+
+    def head(self, features, sample=False):
+        return features[:, :1] * 2 - features[:, 1:]
+
+
+class Shifted(torch.nn.Module):
+    """A model whose output depends on position: flipping changes what it predicts."""
+
+    name, config, size_divisor = "shifted", {}, 1
+
+    def features(self, image, modality=None):
+        return torch.roll(image, 1, dims=2)
+
+    def head(self, features, sample=False):
+        return features
+
+
+def test_tta_flips_are_undone_before_combining():
+    assert len(flip_sets(True)) == 8 and flip_sets(False) == [()]
+    image = torch.randn(1, 1, 6, 5, 4)
+    samples = list(predictive_samples([Pointwise()], image, None, mc=0, tta=True))
+    assert len(samples) == sample_count(1, 0, True) == 8
+    for s in samples:
+        torch.testing.assert_close(s, samples[0])
+    # a position-dependent model disagrees with itself under flips: TTA sees it
+    shifted = torch.stack(list(predictive_samples([Shifted()], image, None, mc=0, tta=True)))
+    assert shifted.std(0).max() > 0.05
+
+
+def test_ensemble_yields_one_sample_per_member_and_draw():
+    models = [tiny_unet(0), tiny_unet(1)]
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        samples = list(predictive_samples(models, image, "T2", mc=3, tta=False))
+        assert len(samples) == sample_count(2, 3, False) == 6
+        torch.testing.assert_close(
+            next(iter(predictive_samples(models[1:], image, "T2"))), torch.sigmoid(models[1](image))
+        )
