@@ -245,3 +245,28 @@ def test_cli_gui_opens_viewer_with_panel_volume_and_sample(ome_zarr, monkeypatch
     finally:
         viewer.close()
     assert main(["gui", str(ome_zarr.parent / "missing.zarr")]) == 2
+
+
+def test_reader_contrast_of_large_single_level_reads_few_chunks(tmp_path, monkeypatch):
+    """Chunks outside the sample are corrupted on disk: reading any of them would fail."""
+    import zarr
+
+    from napari_pvs import _reader
+
+    monkeypatch.setattr(_reader, "STRIDED_SAMPLE_MAX_VOXELS", 1000)
+    data = np.full((40, 40, 40), 7, np.uint16)
+    data[::2] = 300
+    path = tmp_path / "big.zarr"
+    zarr.create_array(str(path), data=data, chunks=(8, 8, 8), zarr_format=2)
+    sampled = {(i, j, k) for i in (0, 2, 4) for j in (0, 2, 4) for k in (0, 2, 4)}
+    corrupted = 0
+    for chunk_file in path.glob("*.*.*"):
+        key = tuple(int(p) for p in chunk_file.name.split("."))
+        if key not in sampled:
+            chunk_file.write_bytes(b"corrupt")
+            corrupted += 1
+    assert corrupted == 125 - 27
+    (image,) = napari_get_reader(str(path))(str(path))
+    assert image[1]["contrast_limits"] == pytest.approx((7.0, 300.0))
+    with pytest.raises(Exception):  # noqa: B017 - proves the corrupted chunks would be noticed
+        io.open_volume(path).data.compute()

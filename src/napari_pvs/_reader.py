@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 
 from napari_pvs import io
@@ -68,12 +69,32 @@ def layer_geometry(volume: io.Volume) -> dict:
     }
 
 
+#: A coarsest level up to this size is sampled with a regular stride; a bigger one (a large
+#: single-resolution file) by a few whole chunks, so that the sample never touches every chunk.
+STRIDED_SAMPLE_MAX_VOXELS = 16_777_216
+SAMPLE_CHUNKS_PER_AXIS = 3
+
+
+def contrast_limits(volume: io.Volume) -> tuple[float, float]:
+    """Robust display range from the coarsest level, never reading a whole large level."""
+    level = volume.levels[-1]
+    if level.size <= STRIDED_SAMPLE_MAX_VOXELS:
+        return robust_range(level)
+    picks = [
+        np.unique(np.linspace(0, n - 1, min(n, SAMPLE_CHUNKS_PER_AXIS)).round().astype(int))
+        for n in level.numblocks
+    ]
+    blocks = [level.blocks[i, j, k] for i in picks[0] for j in picks[1] for k in picks[2]]
+    sample = np.concatenate([np.ravel(block) for block in dask.compute(*blocks)])
+    return robust_range(sample)
+
+
 def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerData]:
     """Layer data for a volume: one image (multiscale when it has levels) plus its labels."""
     name = name or _display_name(volume.source)
     geometry = layer_geometry(volume)
     multiscale = len(volume.levels) > 1
-    low, high = robust_range(volume.levels[-1])
+    low, high = contrast_limits(volume)
     image = (
         volume.levels if multiscale else volume.data,
         {
