@@ -1,0 +1,311 @@
+"""Rank 3D patches for annotation from a prediction store's uncertainty maps.
+
+Patches are scored by block reduction, streamed slab by slab from zarr (memory is one slab of
+``stride`` voxels, never the volume). Strategies:
+
+* ``entropy``: mean predictive entropy of the patch (from ``entropy``, or from
+  ``probability`` for a deterministic prediction);
+* ``bald``: mean mutual information (needs MC dropout, TTA or an ensemble at predict time);
+* ``stratified``: class-stratified predictive entropy: patches with and without predicted PVS
+  are ranked by entropy separately and picked alternately, so both kinds appear;
+* ``fg-random``: random among patches with predicted PVS (the strong 3D baseline of nnActive);
+* ``random``: random among all patches.
+
+Chosen patches never overlap and keep their centres at least ``min_distance`` voxels apart
+(greedy non-maximum suppression), so the queue does not crowd one spot. Already-labelled
+patches are excluded: ``exclude`` is a label array or store of the volume's shape in which
+``unlabelled_value`` (default 255) marks voxels nobody has labelled and any other value
+(0 = background, 1 = PVS, ...) marks a labelled voxel; a patch with any labelled voxel is
+skipped. For stores where 0 means "not annotated", pass ``unlabelled_value=0``.
+``exclude_boxes`` skips patches overlapping given boxes (e.g. patches already in the queue).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_pvs.inference import ATTRS_KEY, open_prediction
+from napari_pvs.uncertainty import binary_entropy
+
+STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
+DEFAULT_PATCH = 32
+#: Default minimum centre distance between chosen patches, in patch sizes.
+DEFAULT_MIN_DISTANCE = 1.5
+
+
+@dataclass
+class RankedPatch:
+    """One row of the ranking table (voxel coordinates in the volume's own axis order)."""
+
+    rank: int
+    score: float
+    bbox_start: list[int]
+    bbox_stop: list[int]
+    centre: list[float]
+    centre_mm: list[float]
+    predicted_pvs: int
+    predicted_pvs_voxels: int
+    strategy: str
+
+
+def _slab_block_sums(array, stride: int, transform=None) -> np.ndarray:
+    """Sums over ``stride``-sized blocks, read one z-slab at a time (lazy over zarr)."""
+    shape = tuple(int(s) for s in array.shape)
+    grid = [math.ceil(s / stride) for s in shape]
+    out = np.empty(grid, dtype=np.float64)
+    starts_y = np.arange(0, shape[1], stride)
+    starts_x = np.arange(0, shape[2], stride)
+    for i in range(grid[0]):
+        slab = np.asarray(array[i * stride : min((i + 1) * stride, shape[0])])
+        slab = transform(slab) if transform is not None else slab
+        summed = slab.sum(axis=0, dtype=np.float64)
+        summed = np.add.reduceat(summed, starts_y, axis=0)
+        out[i] = np.add.reduceat(summed, starts_x, axis=1)
+    return out
+
+
+def _patch_sums(blocks: np.ndarray, per_patch: int, n_patches: Sequence[int]) -> np.ndarray:
+    """Sum ``per_patch`` consecutive blocks along every axis (clipped at the far edge)."""
+    out = blocks
+    for axis, n in enumerate(n_patches):
+        csum = np.concatenate(
+            [np.zeros_like(out.take([0], axis=axis)), np.cumsum(out, axis=axis)], axis=axis
+        )
+        lo = np.arange(n)
+        hi = np.minimum(lo + per_patch, out.shape[axis])
+        out = csum.take(hi, axis=axis) - csum.take(lo, axis=axis)
+    return out
+
+
+class PatchGrid:
+    """Candidate patches: starts every ``stride`` voxels, the last one reaching the far edge."""
+
+    def __init__(self, shape: Sequence[int], patch: int, stride: int) -> None:
+        if patch < 1 or stride < 1:
+            raise ValueError(f"patch and stride must be positive, got {patch} and {stride}")
+        if patch % stride:
+            raise ValueError(
+                f"patch ({patch}) must be a multiple of stride ({stride}), e.g. stride={patch}"
+            )
+        self.shape = tuple(int(s) for s in shape)
+        self.patch = patch
+        self.stride = stride
+        self.per_patch = patch // stride
+        self.n = [max(1, math.ceil(max(s - patch, 0) / stride) + 1) for s in self.shape]
+
+    def reduce(self, array, transform=None) -> np.ndarray:
+        """Per-patch sums of ``array`` (or of ``transform(slab)``)."""
+        blocks = _slab_block_sums(array, self.stride, transform)
+        return _patch_sums(blocks, self.per_patch, self.n)
+
+    def voxels(self) -> np.ndarray:
+        sizes = [
+            np.minimum(np.arange(n) * self.stride + self.patch, s) - np.arange(n) * self.stride
+            for n, s in zip(self.n, self.shape, strict=True)
+        ]
+        return sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
+
+    def box(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        start = np.asarray(index) * self.stride
+        stop = np.minimum(start + self.patch, self.shape)
+        return start, stop
+
+
+def _overlaps(start, stop, box_start, box_stop) -> bool:
+    return bool(np.all(start < box_stop) and np.all(box_start < stop))
+
+
+def _select(
+    order: Sequence[tuple[int, int, int]] | Sequence[Sequence[tuple[int, int, int]]],
+    grid: PatchGrid,
+    n: int,
+    min_distance: float,
+    interleave: bool = False,
+) -> list[tuple[int, int, int]]:
+    """Greedy non-maximum suppression over candidates in priority order.
+
+    With ``interleave`` ``order`` is a list of per-stratum orders taken from alternately.
+    """
+    streams = [list(o) for o in order] if interleave else [list(order)]
+    positions = [0] * len(streams)
+    chosen: list[tuple[int, int, int]] = []
+    boxes: list[tuple[np.ndarray, np.ndarray]] = []
+    centres: list[np.ndarray] = []
+    turn = 0
+    while len(chosen) < n and any(p < len(s) for p, s in zip(positions, streams, strict=True)):
+        stream = turn % len(streams)
+        turn += 1
+        while positions[stream] < len(streams[stream]):
+            index = streams[stream][positions[stream]]
+            positions[stream] += 1
+            start, stop = grid.box(index)
+            centre = (start + stop) / 2
+            if any(_overlaps(start, stop, a, b) for a, b in boxes):
+                continue
+            if centres and np.min(np.linalg.norm(np.asarray(centres) - centre, axis=1)) < (
+                min_distance
+            ):
+                continue
+            chosen.append(tuple(int(i) for i in index))
+            boxes.append((start, stop))
+            centres.append(centre)
+            break
+    return chosen
+
+
+def rank_patches(
+    prediction,
+    n: int = 20,
+    patch: int = DEFAULT_PATCH,
+    stride: int | None = None,
+    strategy: str = "entropy",
+    exclude=None,
+    unlabelled_value: int = 255,
+    exclude_boxes: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
+    min_distance: float | None = None,
+    seed: int = 0,
+) -> list[RankedPatch]:
+    """Rank patches of a prediction store (path or zarr group) for annotation.
+
+    Returns at most ``n`` rows, fewer when exclusion and spacing leave fewer candidates.
+    ``min_distance`` defaults to 1.5 x ``patch`` (no face or edge neighbours).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    group = open_prediction(prediction) if isinstance(prediction, str | Path) else prediction
+    probability = group["probability"]
+    shape = tuple(int(s) for s in probability.shape)
+    grid = PatchGrid(shape, int(patch), int(stride or patch))
+    min_distance = DEFAULT_MIN_DISTANCE * patch if min_distance is None else float(min_distance)
+    voxels = grid.voxels()
+
+    foreground = grid.reduce(group["segmentation"])
+    eligible = np.ones(grid.n, dtype=bool)
+    if exclude is not None:
+        labels = _open_labels(exclude)
+        if tuple(labels.shape) != shape:
+            raise ValueError(
+                f"exclusion labels have shape {tuple(labels.shape)} but the prediction has "
+                f"{shape}; pass the label store of the same volume"
+            )
+        labelled = grid.reduce(labels, lambda slab: slab != unlabelled_value)
+        eligible &= labelled == 0
+    for box_start, box_stop in exclude_boxes:
+        for index in zip(*np.nonzero(eligible), strict=True):
+            start, stop = grid.box(index)
+            if _overlaps(start, stop, np.asarray(box_start), np.asarray(box_stop)):
+                eligible[index] = False
+
+    rng = np.random.default_rng(seed)
+    if strategy in ("entropy", "stratified"):
+        if "entropy" in group:
+            scores = grid.reduce(group["entropy"], lambda s: s.astype(np.float32)) / voxels
+        else:
+            scores = grid.reduce(probability, binary_entropy) / voxels
+    elif strategy == "bald":
+        if "mutual_information" not in group:
+            raise ValueError(
+                "this prediction has no mutual_information (it was made with a single "
+                "deterministic pass); rerun 'napari-pvs predict' with --mc 8 or --tta, or use "
+                "--strategy entropy"
+            )
+        scores = grid.reduce(group["mutual_information"], lambda s: s.astype(np.float32)) / voxels
+    else:
+        scores = rng.random(grid.n)
+        if strategy == "fg-random":
+            eligible &= foreground > 0
+            if not eligible.any():
+                raise ValueError(
+                    "no eligible patch contains predicted PVS, so fg-random has nothing to draw "
+                    "from; use --strategy entropy or random"
+                )
+
+    def by_score(mask: np.ndarray) -> list[tuple[int, ...]]:
+        idx = np.argwhere(mask)
+        order = np.argsort(-scores[mask], kind="stable")
+        return [tuple(int(v) for v in idx[i]) for i in order]
+
+    if strategy == "stratified":
+        strata = [by_score(eligible & (foreground > 0)), by_score(eligible & (foreground == 0))]
+        chosen = _select(strata, grid, n, min_distance, interleave=True)
+    else:
+        chosen = _select(by_score(eligible), grid, n, min_distance)
+
+    affine = np.asarray(
+        dict(group.attrs).get(ATTRS_KEY, {}).get("affine", np.eye(4)), dtype=np.float64
+    )
+    return [
+        _row(rank, index, grid, scores, group["segmentation"], affine, strategy)
+        for rank, index in enumerate(chosen, start=1)
+    ]
+
+
+def _row(rank, index, grid, scores, segmentation, affine, strategy) -> RankedPatch:
+    from napari_pvs.metrics import label_clusters
+
+    start, stop = grid.box(index)
+    mask = np.asarray(segmentation[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))])
+    _, count = label_clusters(mask > 0)
+    centre = (start + stop - 1) / 2
+    centre_mm = affine[:3, :3] @ centre + affine[:3, 3]
+    return RankedPatch(
+        rank=rank,
+        score=round(float(scores[index]), 6),
+        bbox_start=[int(v) for v in start],
+        bbox_stop=[int(v) for v in stop],
+        centre=[float(v) for v in centre],
+        centre_mm=[round(float(v), 3) for v in centre_mm],
+        predicted_pvs=int(count),
+        predicted_pvs_voxels=int(mask.astype(bool).sum()),
+        strategy=strategy,
+    )
+
+
+def _open_labels(exclude):
+    """A label array from a path (zarr array, OME-Zarr labels, NIfTI) or an array-like."""
+    if isinstance(exclude, str | Path):
+        from napari_pvs.io import open_volume
+
+        return open_volume(exclude, check_finite=False).data
+    return exclude
+
+
+def save_ranking(table: Sequence[RankedPatch], prediction: str | Path) -> tuple[Path, Path]:
+    """Write the table as CSV and JSON beside the prediction store; return both paths.
+
+    Voxel columns follow the array's axis order (``_0`` is the first axis); ``x_mm``, ``y_mm``,
+    ``z_mm`` are world (scanner) coordinates of the centre through the store's affine. Files
+    are ``<store>.ranking-<strategy>.csv`` / ``.json`` (``<store>`` without ``.zarr``).
+    """
+    prediction = Path(prediction)
+    stem = (
+        prediction.name[: -len(".zarr")] if prediction.name.endswith(".zarr") else prediction.name
+    )
+    strategy = table[0].strategy if table else "empty"
+    base = f"{stem}.ranking-{strategy}"
+    rows = [asdict(row) for row in table]
+    json_path = prediction.parent / f"{base}.json"
+    json_path.write_text(json.dumps({"prediction": str(prediction), "patches": rows}, indent=1))
+    csv_path = prediction.parent / f"{base}.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["rank", "score", "start_0", "start_1", "start_2", "stop_0", "stop_1", "stop_2",
+             "centre_0", "centre_1", "centre_2", "x_mm", "y_mm", "z_mm", "predicted_pvs",
+             "predicted_pvs_voxels", "strategy"]
+        )  # fmt: skip
+        for r in table:
+            writer.writerow(
+                [r.rank, r.score, *r.bbox_start, *r.bbox_stop, *r.centre, *r.centre_mm,
+                 r.predicted_pvs, r.predicted_pvs_voxels, r.strategy]
+            )  # fmt: skip
+    return csv_path, json_path

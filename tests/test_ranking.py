@@ -1,0 +1,148 @@
+"""Patch ranking: block scores, non-maximum suppression, exclusion, strategies."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_pvs.ranking import PatchGrid, rank_patches, save_ranking
+
+SHAPE = (64, 64, 96)
+
+
+def make_store(path, with_samples: bool = True):
+    """A prediction store with designed maps.
+
+    Entropy is highest in a blob around (24, 24, 24) among predicted PVS; mutual information
+    is highest around (40, 40, 72), where nothing is predicted.
+    """
+    z, y, x = np.indices(SHAPE, dtype=np.float32)
+    hot = np.exp(-((z - 24) ** 2 + (y - 24) ** 2 + (x - 24) ** 2) / 400)
+    cold = np.exp(-((z - 40) ** 2 + (y - 40) ** 2 + (x - 72) ** 2) / 400)
+    probability = np.where(hot > 0.05, 0.4, 0.02).astype(np.float16)
+    segmentation = np.zeros(SHAPE, np.uint8)
+    segmentation[8:40, 8:40, 8:40] = np.indices((32, 32, 32)).sum(0) % 7 == 0
+    segmentation[40:44, 8:12, 60:64] = 1  # a second, isolated predicted PVS
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["napari_pvs"] = {"affine": np.diag([2.0, 1.0, 1.0, 1.0]).tolist()}
+    group.create_array("probability", data=probability, chunks=(48, 48, 48))
+    group.create_array("segmentation", data=segmentation, chunks=(48, 48, 48))
+    if with_samples:
+        group.create_array("entropy", data=(0.1 + hot).astype(np.float16), chunks=(48,) * 3)
+        mi = (0.01 + 0.5 * cold).astype(np.float16)
+        group.create_array("mutual_information", data=mi, chunks=(48,) * 3)
+    return path
+
+
+def boxes(table):
+    return [(np.array(r.bbox_start), np.array(r.bbox_stop)) for r in table]
+
+
+def test_block_scores_match_a_direct_computation():
+    data = np.random.default_rng(0).random((37, 30, 45)).astype(np.float32)
+    grid = PatchGrid(data.shape, patch=16, stride=8)
+    sums = grid.reduce(data)
+    assert sums.shape == tuple(grid.n) == (4, 3, 5)
+    for index in [(0, 0, 0), (1, 2, 3), (3, 2, 4)]:
+        start, stop = grid.box(index)
+        expected = data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))].sum()
+        assert sums[index] == pytest.approx(expected, rel=1e-5)
+    assert grid.voxels()[3, 2, 4] == 13 * 14 * 13  # clipped at the far edges
+    with pytest.raises(ValueError, match="multiple of stride"):
+        PatchGrid(data.shape, patch=16, stride=5)
+
+
+def test_nms_leaves_no_overlaps_and_spreads_out(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    table = rank_patches(store, n=10, patch=16, stride=4, strategy="entropy")
+    assert len(table) == 10 and [r.rank for r in table] == list(range(1, 11))
+    assert table[0].score == max(r.score for r in table)
+    found = boxes(table)
+    for i, (a0, a1) in enumerate(found):
+        for b0, b1 in found[i + 1 :]:
+            assert not (np.all(a0 < b1) and np.all(b0 < a1)), "chosen patches overlap"
+            assert np.linalg.norm((a0 + a1) / 2 - (b0 + b1) / 2) >= 1.5 * 16
+    # the best patch sits on the entropy hot spot
+    assert np.linalg.norm(np.array(table[0].centre) - 24) < 6
+
+
+def test_labelled_patches_are_excluded(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    best = rank_patches(store, n=1, patch=16, strategy="entropy")[0]
+    labels = np.full(SHAPE, 255, np.uint8)
+    region = tuple(slice(a, b) for a, b in zip(best.bbox_start, best.bbox_stop, strict=True))
+    labels[region] = 0  # annotated as background: labelled all the same
+    labels[region][0, 0, 0] = 1
+    table = rank_patches(store, n=30, patch=16, strategy="entropy", exclude=labels)
+    assert best.bbox_start not in [r.bbox_start for r in table]
+    # a store in which 0 means "not annotated"
+    marks = np.zeros(SHAPE, np.uint8)
+    marks[40, 40, 40] = 1
+    table = rank_patches(
+        store, n=50, patch=16, strategy="random", exclude=marks, unlabelled_value=0
+    )
+    for r in table:
+        assert not all(a <= 40 < b for a, b in zip(r.bbox_start, r.bbox_stop, strict=True))
+    # boxes already queued are skipped too
+    table = rank_patches(store, n=5, patch=16, exclude_boxes=[(best.bbox_start, best.bbox_stop)])
+    assert best.bbox_start not in [r.bbox_start for r in table]
+    with pytest.raises(ValueError, match="same volume"):
+        rank_patches(store, exclude=np.zeros((4, 4, 4), np.uint8))
+
+
+def test_strategies_differ_as_specified(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    entropy = rank_patches(store, n=6, patch=16, strategy="entropy")
+    bald = rank_patches(store, n=6, patch=16, strategy="bald")
+    assert np.linalg.norm(np.array(entropy[0].centre) - [24, 24, 24]) < 3
+    assert np.linalg.norm(np.array(bald[0].centre) - [40, 40, 72]) < 3
+
+    stratified = rank_patches(store, n=6, patch=16, strategy="stratified")
+    kinds = [r.predicted_pvs_voxels > 0 for r in stratified]
+    assert kinds[:4] == [True, False, True, False]  # alternating strata
+    assert any(r.predicted_pvs == 0 for r in stratified)
+
+    fg = rank_patches(store, n=6, patch=16, strategy="fg-random", seed=1)
+    assert fg and all(r.predicted_pvs > 0 for r in fg)
+    rand = rank_patches(store, n=12, patch=16, strategy="random", seed=1)
+    assert any(r.predicted_pvs == 0 for r in rand)
+    again = rank_patches(store, n=12, patch=16, strategy="random", seed=1)
+    assert [r.bbox_start for r in again] == [r.bbox_start for r in rand]
+    other = rank_patches(store, n=12, patch=16, strategy="random", seed=2)
+    assert [r.bbox_start for r in other] != [r.bbox_start for r in rand]
+
+
+def test_predicted_pvs_counts_and_world_centres(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    table = rank_patches(store, n=96, patch=16, strategy="random", min_distance=0)
+    assert len(table) == 4 * 4 * 6
+    row = next(r for r in table if r.bbox_start == [32, 0, 48])
+    assert row.predicted_pvs == 1 and row.predicted_pvs_voxels == 4 * 4 * 4
+    assert row.centre_mm == [2 * row.centre[0], row.centre[1], row.centre[2]]
+
+
+def test_deterministic_prediction_ranks_by_entropy_but_not_bald(tmp_path):
+    store = make_store(tmp_path / "p.zarr", with_samples=False)
+    table = rank_patches(store, n=3, patch=16, strategy="entropy")
+    assert table[0].score == pytest.approx(-(0.4 * np.log2(0.4) + 0.6 * np.log2(0.6)), abs=0.05)
+    with pytest.raises(ValueError, match="--mc 8"):
+        rank_patches(store, strategy="bald")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        rank_patches(store, strategy="margin")
+
+
+def test_save_ranking_writes_csv_and_json_beside_the_store(tmp_path):
+    store = make_store(tmp_path / "case.zarr")
+    table = rank_patches(store, n=4, patch=16, strategy="bald")
+    csv_path, json_path = save_ranking(table, store)
+    assert csv_path == tmp_path / "case.ranking-bald.csv"
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
+    assert int(rows[0]["start_0"]) == table[0].bbox_start[0]
+    saved = json.loads(json_path.read_text())
+    assert saved["patches"][0]["bbox_stop"] == table[0].bbox_stop
