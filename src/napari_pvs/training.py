@@ -78,6 +78,7 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True  # mixed precision, CUDA only
     device: str = "auto"
+    max_minutes: float | None = None  # wall-clock budget: stop after the epoch that exceeds it
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # type: ignore[assignment]
@@ -382,8 +383,13 @@ def fit(
     stopped_early = False
     best_state: dict[str, torch.Tensor] | None = None
     epoch = start_epoch - 1
+    run_started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         if epoch - best_epoch > config.patience and best_epoch >= 0:
+            stopped_early = True
+            break
+        elapsed = time.perf_counter() - run_started
+        if config.max_minutes is not None and elapsed > 60 * config.max_minutes:
             stopped_early = True
             break
         rng = np.random.default_rng([config.seed, epoch])
