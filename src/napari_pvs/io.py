@@ -32,6 +32,8 @@ MODALITIES = ("T1", "T2", "unknown")
 ATTRS_KEY = "napari_pvs"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_CHUNK = 64
+#: Roughly how many bytes a writer keeps in flight per batch of chunks (bounds its memory).
+WRITE_BATCH_BYTES = 64 << 20
 #: Voxels read at open time to look for NaN/inf in float volumes (from the coarsest level).
 FINITE_SAMPLE_VOXELS = 262_144
 
@@ -633,7 +635,13 @@ def _write_multiscale(
             if group.metadata.zarr_format == 2
             else {"name": "default", "separator": "/"},
         )
-        _store_chunked(level, target, progress, cancel, counter, total, f"{message} level {i}")
+        # bytes in flight per output chunk: the chunk itself, or for a downsampled level the
+        # 2x2x2 input chunks plus their float32 copy (about 3 x 8 chunk sizes)
+        in_flight = int(np.prod(target.chunks)) * level.dtype.itemsize * (1 if i == 0 else 24)
+        batch = int(min(32, max(2, WRITE_BATCH_BYTES // in_flight)))
+        _store_chunked(
+            level, target, progress, cancel, counter, total, f"{message} level {i}", batch
+        )
     return shapes
 
 
