@@ -50,6 +50,8 @@ _PVS_COUNT_RANGE = (20, 300)
 _REFERENCE_BRAIN_MM3 = 1.2e6
 #: Fraction of PVS placed in the basal ganglia (the rest go to the centrum semiovale).
 _BASAL_GANGLIA_SHARE = 0.35
+#: Tissue texture: correlation length (mm) and relative amplitude (standard deviation).
+_TEXTURE_MM, _TEXTURE_AMPLITUDE = 1.5, 0.04
 #: Finest sub-voxel sampling distance (mm) for partial-volume rendering.
 _SUBSAMPLE_MM = 0.35
 
@@ -628,6 +630,14 @@ def make_phantom(
     image = lut[regions]
     image = ndimage.gaussian_filter(image, sigma=[0.5 / max(sp, 0.5) for sp in spacing])
     inside = regions > 0
+    # Tissue texture: smooth +-few-percent fluctuations, so that tissue is not perfectly flat
+    # and bright/dark specks of noise-sized structure compete with small PVS as in real scans.
+    texture = ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), sigma=[_TEXTURE_MM / sp for sp in spacing]
+    )
+    texture *= np.float32(_TEXTURE_AMPLITUDE / max(float(texture.std()), 1e-6))
+    image *= 1.0 + texture * (regions != CSF)
+    del texture
     for label, value in (
         (LACUNE, csf_ratio),
         (WMH, _WMH_RATIO[modality]),
