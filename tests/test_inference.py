@@ -249,3 +249,72 @@ def test_predicts_a_lazy_volume_from_io(tmp_path):
     assert probability.spacing == (1.0, 0.8, 0.8)
     reference = monai_reference(model, volume, 16, 0.25)
     np.testing.assert_allclose(probability.data.compute().astype(np.float32), reference, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI: napari-pvs predict / rank
+
+
+@pytest.fixture()
+def cli_case(tmp_path):
+    from napari_pvs.io import save_nifti
+    from napari_pvs.models.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tiny_unet(dropout=0.5), tmp_path / "tiny.safetensors")
+    affine = np.array([[0, 0, 1.2, -30], [0, 0.9, 0, -40], [1.1, 0, 0, -50], [0, 0, 0, 1]])
+    image = save_nifti(tmp_path / "sub-01_T2w.nii.gz", noisy_volume((22, 26, 20)), affine)
+    return tmp_path, str(checkpoint), str(image), affine
+
+
+def test_cli_predict_then_rank(cli_case, capsys):
+    from napari_pvs.cli import main
+
+    tmp_path, checkpoint, image, _ = cli_case
+    out = tmp_path / "pred.zarr"
+    common = ["--model", checkpoint, "--device", "cpu", "--window", "16", "--batch", "2"]
+    assert main(["predict", image, "--out", str(out), "--mc", "2", *common]) == 0
+    group = zarr.open_group(str(out), mode="r")
+    assert group["mutual_information"].shape == (22, 26, 20)
+    assert group.attrs["napari_pvs"]["modality"] == "T2"
+    capsys.readouterr()
+    assert main(["rank", str(out), "--n", "3", "--patch", "8", "--strategy", "bald"]) == 0
+    printed = capsys.readouterr().out
+    assert "pred.ranking-bald.csv" in printed
+    assert (tmp_path / "pred.ranking-bald.json").exists()
+
+
+def test_cli_predict_to_nifti_keeps_the_affine(cli_case):
+    import nibabel as nib
+
+    from napari_pvs.cli import main
+
+    tmp_path, checkpoint, image, affine = cli_case
+    out = tmp_path / "seg.nii.gz"
+    args = ["predict", image, "--out", str(out), "--model", checkpoint, "--window", "16"]
+    assert main([*args, "--device", "cpu"]) == 0
+    written = nib.load(str(out))
+    np.testing.assert_allclose(written.affine, affine)
+    seg = np.asarray(written.dataobj)
+    stored = zarr.open_group(str(tmp_path / "seg.zarr"), mode="r")["segmentation"][...]
+    np.testing.assert_array_equal(seg, stored)
+
+
+def test_cli_predict_bad_input_messages(cli_case, capsys, monkeypatch):
+    from napari_pvs import cohort
+    from napari_pvs.cli import main
+
+    monkeypatch.setattr(cohort, "CONNECT_TIMEOUT", 2.0)
+
+    tmp_path, checkpoint, image, _ = cli_case
+    out = str(tmp_path / "p.zarr")
+    assert main(["predict", image, "--out", out, "--model", str(tmp_path / "nope.st")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    code = main(
+        ["predict", image, "--out", out, "--model", checkpoint, "--scheduler",
+         "tcp://127.0.0.1:9", "--window", "16"]
+    )  # fmt: skip
+    assert code == 2 and "could not reach the dask scheduler" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        args = ["predict", image, "--out", out, "--model", checkpoint, "--window", "16"]
+        assert main([*args, "--device", "cuda"]) == 0
+        assert "falling back to CPU" in capsys.readouterr().err

@@ -122,11 +122,12 @@ def connect(
     scheduler: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
-    timeout: float = CONNECT_TIMEOUT,
+    timeout: float | None = None,
 ):
     """A ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster."""
     from distributed import Client, LocalCluster
 
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     if scheduler:
         try:
             return Client(scheduler, timeout=timeout)
@@ -163,9 +164,10 @@ def predict_cohort(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     overwrite: bool = False,
-    timeout: float = CONNECT_TIMEOUT,
+    timeout: float | None = None,
+    outs: Sequence[str | Path] | None = None,
 ) -> list[CohortResult]:
-    """Predict every input into ``out_dir/<name>.zarr`` as tasks on a dask cluster.
+    """Predict every input into ``out_dir/<name>.zarr`` (or ``outs``) as dask tasks.
 
     Returns one :class:`CohortResult` per input, in input order; a volume that fails with a
     user-fixable error gets ``error`` set while the others still finish. Cancelling stops
@@ -179,7 +181,9 @@ def predict_cohort(
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"input volume(s) not found: {', '.join(missing)}")
-    names = [output_name(p) for p in inputs]
+    names = [output_name(p) for p in inputs] if outs is None else [Path(o).name for o in outs]
+    if len(names) != len(inputs):
+        raise ValueError(f"got {len(inputs)} inputs but {len(names)} outputs")
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise ValueError(
@@ -188,7 +192,8 @@ def predict_cohort(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    outs = [out_dir / n for n in names]
+    outs = [out_dir / n for n in names] if outs is None else [Path(o) for o in outs]
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     client = connect(scheduler, n_workers, threads_per_worker, timeout)
     try:
         futures = [
