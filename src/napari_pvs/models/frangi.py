@@ -34,8 +34,9 @@ from napari_pvs.phantom import BASAL_GANGLIA, WHITE_MATTER
 
 #: Default scales in mm, spanning PVS radii of roughly 0.4-2 mm.
 DEFAULT_SIGMAS_MM: tuple[float, ...] = (0.5, 0.8, 1.2)
-#: Default vesselness threshold (tune it per protocol with :func:`tune_threshold`).
-DEFAULT_THRESHOLD = 0.05
+#: Default vesselness threshold: tuned on 1 mm phantoms (0.27 T1w, 0.41 T2w, see
+#: benchmarks/bench_frangi.py); it drops at coarser voxels, so tune it with :func:`tune_threshold`.
+DEFAULT_THRESHOLD = 0.3
 #: Frangi sensitivities: plate-vs-line (alpha), blob-vs-line (beta), structure (gamma).
 ALPHA, BETA, GAMMA = 0.5, 0.5, 0.05
 #: Gaussian widths below this many voxels alias badly, so per-axis sigmas are clamped to it.
