@@ -69,10 +69,17 @@ def layer_geometry(volume: io.Volume) -> dict:
     }
 
 
-#: A coarsest level up to this size is sampled with a regular stride; a bigger one (a large
-#: single-resolution file) by a few whole chunks, so that the sample never touches every chunk.
-STRIDED_SAMPLE_MAX_VOXELS = 16_777_216
+#: A coarsest level up to this size (8 MB of float32) is sampled with a regular stride; a bigger
+#: one by a few whole chunks spread over the volume, never all of them, so that opening never
+#: reads a full level of a large volume.
+STRIDED_SAMPLE_MAX_VOXELS = 2_097_152
 SAMPLE_CHUNKS_PER_AXIS = 3
+
+
+def _sample_block_indices(n_blocks: int) -> list[int]:
+    """Up to 3 block indices spread over an axis, fewer than all when there are 2 or more."""
+    k = min(SAMPLE_CHUNKS_PER_AXIS, max(1, n_blocks - 1))
+    return sorted({int((j + 0.5) * n_blocks / k) for j in range(k)})
 
 
 def contrast_limits(volume: io.Volume) -> tuple[float, float]:
@@ -80,10 +87,7 @@ def contrast_limits(volume: io.Volume) -> tuple[float, float]:
     level = volume.levels[-1]
     if level.size <= STRIDED_SAMPLE_MAX_VOXELS:
         return robust_range(level)
-    picks = [
-        np.unique(np.linspace(0, n - 1, min(n, SAMPLE_CHUNKS_PER_AXIS)).round().astype(int))
-        for n in level.numblocks
-    ]
+    picks = [_sample_block_indices(n) for n in level.numblocks]
     blocks = [level.blocks[i, j, k] for i in picks[0] for j in picks[1] for k in picks[2]]
     sample = np.concatenate([np.ravel(block) for block in dask.compute(*blocks)])
     return robust_range(sample)
