@@ -188,8 +188,14 @@ def evaluate(pred, gt, regions=None, spacing=(1.0, 1.0, 1.0)) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """A readable text table of :func:`evaluate`'s result (overall first, then each region)."""
-    rows = [("overall", result), *result.get("regions", {}).items()]
+    """A readable text table of :func:`evaluate`'s result: overall, then each region that has
+    predicted or true PVS (the JSON keeps every region)."""
+    regions = {
+        name: r
+        for name, r in result.get("regions", {}).items()
+        if r["count"]["pred"] or r["count"]["gt"]  # regions with nothing in them are noise
+    }
+    rows = [("overall", result), *regions.items()]
     header = (
         f"{'scope':<16}{'dice':>7}{'prec':>7}{'recall':>7}{'F1':>7}"
         f"{'n_pred':>8}{'n_gt':>7}{'vol_pred':>11}{'vol_gt':>11}"
