@@ -488,12 +488,14 @@ class Predictor:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1_000_003 + batch_index)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                acc = MomentAccumulator()
-                for probability in predictive_samples(
-                    self.models, x, modality, self.mc_samples, self.tta
-                ):
-                    acc.add(probability)
-            moments = acc.moments() if self.n_samples > 1 else acc.moments()[:, :1]
+                samples = predictive_samples(self.models, x, modality, self.mc_samples, self.tta)
+                if self.n_samples == 1:
+                    moments = next(samples)  # one deterministic pass: the probability itself
+                else:
+                    acc = MomentAccumulator()
+                    for probability in samples:
+                        acc.add(probability)
+                    moments = acc.moments()
         crop = (slice(None), slice(None), *(slice(0, w) for w in self.window))
         return moments[crop].float().cpu().numpy()
 
