@@ -87,3 +87,14 @@ def test_clear_errors(phantom_zarr, tmp_path, capsys):
     assert main(["phantom", str(tmp_path / "b.zarr"), "--spacing", "1", "2"]) == 2
     assert main(["frangi", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "o.zarr")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_mni_without_nilearn_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from napari_pvs import phantom as phantom_module
+
+    phantom_module._load_mni.cache_clear()
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    assert main(["phantom", str(tmp_path / "m.zarr"), "--anatomy", "mni"]) == 2
+    assert "napari-pvs[mni]" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -214,3 +215,12 @@ def test_mni_anatomy():
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_phantom(**{"shape": (32, 32, 32), **kwargs})
+
+
+def test_mni_without_nilearn_names_the_extra(monkeypatch):
+    from napari_pvs import phantom as phantom_module
+
+    phantom_module._load_mni.cache_clear()
+    monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn now fails
+    with pytest.raises(ImportError, match=r"pip install 'napari-pvs\[mni\]'"):
+        make_phantom((32, 32, 32), anatomy="mni")

@@ -202,7 +202,7 @@ def _procedural_anatomy(shape, spacing, rng: np.random.Generator) -> _Anatomy:
     return _Anatomy(regions=regions, ventricles=ventricles)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_mni(resolution: int) -> dict[str, np.ndarray]:
     """MNI152 templates from nilearn's package data, as (z, y, x) arrays plus the index origin."""
     try:
