@@ -407,6 +407,15 @@ class _Placer:
             return False
         return allowed is None or bool(np.all(allowed[box][touched]))
 
+    def place(self, box, frac, line_idx, allowed: np.ndarray | None) -> np.ndarray | None:
+        """Claim the object's voxels if it fits; return its solid mask (fraction >= 0.5 plus
+        centreline voxels) within ``box``, or None when it overlaps or leaves ``allowed``."""
+        touched = self.footprint(box, frac, line_idx)
+        if not self.fits(box, touched, allowed):
+            return None
+        self.occupy(box, touched)
+        return (frac >= 0.5) | self.footprint(box, np.zeros_like(frac), line_idx)
+
     def occupy(self, box, touched) -> None:
         # Grow the box by one voxel so the gap also holds across its border.
         big = tuple(
@@ -444,6 +453,199 @@ def _radial_direction(depth: np.ndarray, point_mm: np.ndarray, spacing) -> np.nd
 def _pvs_count(severity: float, brain_mm3: float) -> int:
     per_brain = _PVS_COUNT_RANGE[0] + severity * (_PVS_COUNT_RANGE[1] - _PVS_COUNT_RANGE[0])
     return max(1, round(per_brain * brain_mm3 / _REFERENCE_BRAIN_MM3))
+
+
+@dataclass
+class _Confounders:
+    labels: np.ndarray  # uint8 CONFOUNDER_NAMES where solid
+    owner: np.ndarray  # uint8 label of the confounder holding each partial-volume voxel
+    fraction: np.ndarray  # float32 partial volume
+    counts: dict[str, int]
+
+
+def _place_confounders(
+    placer: _Placer, anat: _Anatomy, severity: float, brain_scale: float, rng, enabled: bool
+) -> _Confounders:
+    """Lacunes, white-matter hyperintensities and vessels, each kept apart from the others."""
+    shape, spacing, regions = placer.shape, placer.spacing, anat.regions
+    out = _Confounders(
+        labels=np.zeros(shape, np.uint8),
+        owner=np.zeros(shape, np.uint8),
+        fraction=np.zeros(shape, np.float32),
+        counts={name: 0 for name in CONFOUNDER_NAMES.values()},
+    )
+    deep_tissue = (regions == WHITE_MATTER) | (regions == BASAL_GANGLIA)
+    deep_flat = np.flatnonzero(deep_tissue)
+    if not enabled or not len(deep_flat):
+        return out
+    size = min(1.0, max(brain_scale, 0.3))  # confounders shrink with small brains
+    no_line = np.zeros((0, 3), int)
+
+    def add(label: int, box, frac, line_idx, allowed) -> bool:
+        solid = placer.place(box, frac, line_idx, allowed)
+        if solid is None:
+            return False
+        out.labels[box][solid] = label
+        out.owner[box][frac > 0] = label
+        out.fraction[box] = np.maximum(out.fraction[box], frac)
+        out.counts[CONFOUNDER_NAMES[label]] += 1
+        return True
+
+    # Lacunes: round CSF-filled cavities, 3-15 mm, in deep white matter or basal ganglia.
+    for _ in range(int(rng.poisson((0.3 + 2.0 * severity) * brain_scale**3 + 0.2))):
+        for _attempt in range(20):
+            c = _random_voxel_mm(deep_flat, shape, spacing, rng)
+            rad = 0.5 * rng.uniform(3.0, 15.0) * size
+            res = _render(c - rad, c + rad, spacing, shape, _spheres_inside(c[None], [rad]))
+            if res and add(LACUNE, *res, no_line, deep_tissue):
+                break
+    # White-matter hyperintensities: irregular blobs hugging the ventricles.
+    near_vent = ndimage.binary_dilation(anat.ventricles, iterations=max(1, int(4 / min(spacing))))
+    wmh_flat = np.flatnonzero(near_vent & (regions == WHITE_MATTER))
+    for _ in range(int(rng.poisson(1.0 + 4.0 * severity)) if len(wmh_flat) else 0):
+        for _attempt in range(20):
+            c = _random_voxel_mm(wmh_flat, shape, spacing, rng)
+            k = int(rng.integers(2, 5))
+            centres = c + rng.normal(scale=3.0 * size, size=(k, 3))
+            radii = rng.uniform(2.0, 6.0, k) * size
+            lo = (centres - radii[:, None]).min(axis=0)
+            hi = (centres + radii[:, None]).max(axis=0)
+            res = _render(lo, hi, spacing, shape, _spheres_inside(centres, radii))
+            if res is None:
+                continue
+            box, frac = res
+            frac = frac * (regions[box] == WHITE_MATTER)  # WMH live in white matter
+            if frac.max() > 0 and add(WMH, box, frac, no_line, None):
+                break
+    # Vessels: long, thin-to-medium, dark flow voids crossing the deep brain in any direction.
+    for _ in range(int(rng.integers(3, 8))):
+        for _attempt in range(20):
+            c = _random_voxel_mm(deep_flat, shape, spacing, rng)
+            length = rng.uniform(20.0, 50.0) * size
+            pts = _polyline(c, rng.normal(size=3), length, rng.uniform(0.0, 0.15), rng)
+            rad = 0.5 * rng.uniform(0.8, 2.0)
+            res = _render_tube_checked(placer, pts, rad, regions)
+            if res is None:
+                continue
+            box, frac = res
+            line = _centreline_voxels(pts, spacing, shape)
+            line = line[regions[tuple(line.T)] > 0]
+            if add(VESSEL, box, frac * (regions[box] > 0), line, None):
+                break
+    return out
+
+
+@dataclass
+class _PVS:
+    mask: np.ndarray  # uint8 0/1 ground truth
+    instances: np.ndarray  # uint16 labels
+    fraction: np.ndarray  # float32 partial volume
+    table: list[dict]
+
+
+def _place_pvs(placer: _Placer, anat: _Anatomy, target: int, rng) -> _PVS:
+    """Radial tubes in the centrum semiovale, near-vertical ones in the basal ganglia."""
+    shape, spacing, regions = placer.shape, placer.spacing, anat.regions
+    out = _PVS(
+        mask=np.zeros(shape, np.uint8),
+        instances=np.zeros(shape, np.uint16),
+        fraction=np.zeros(shape, np.float32),
+        table=[],
+    )
+    if target == 0:
+        return out
+    depth = ndimage.distance_transform_edt(regions > 0, sampling=spacing).astype(np.float32)
+    allowed = (regions == WHITE_MATTER) | (regions == BASAL_GANGLIA)
+    # Centrum semiovale: white matter above the middle of the lateral ventricles.
+    ventricle_z = np.nonzero(anat.ventricles.any(axis=(1, 2)))[0]
+    cso = regions == WHITE_MATTER
+    cso[: int(ventricle_z.mean()) if len(ventricle_z) else shape[0] // 2] = False
+    cso_flat = np.flatnonzero(cso if cso.any() else regions == WHITE_MATTER)
+    bg_flat = np.flatnonzero(regions == BASAL_GANGLIA)
+    for attempt in range(30 * target):
+        if len(out.table) >= target:
+            break
+        in_bg = len(bg_flat) > 0 and (rng.random() < _BASAL_GANGLIA_SHARE or not len(cso_flat))
+        pool = bg_flat if in_bg else cso_flat
+        if not len(pool):
+            break
+        diameter = float(np.clip(rng.lognormal(np.log(1.4), 0.33), 0.6, 4.0))
+        length = float(np.clip(rng.lognormal(np.log(6.0 if in_bg else 9.0), 0.45), 2.0, 20.0))
+        if attempt > 10 * target:  # crowded volume: try shorter tubes
+            length = max(2.0, length / 2)
+        centre = _random_voxel_mm(pool, shape, spacing, rng)
+        if in_bg:
+            direction = _jitter(np.array([1.0, 0.0, 0.0]), 12.0, rng)
+        else:
+            direction = _jitter(_radial_direction(depth, centre, spacing), 8.0, rng)
+        pts = _polyline(centre, direction, length, rng.uniform(0.0, 0.08), rng)
+        res = placer.render_tube(pts, diameter / 2)
+        if res is None:
+            continue
+        box, frac = res
+        solid = placer.place(box, frac, _centreline_voxels(pts, spacing, shape), allowed)
+        if solid is None:
+            continue
+        label = len(out.table) + 1
+        out.mask[box][solid] = 1
+        out.instances[box][solid] = label
+        out.fraction[box] = np.maximum(out.fraction[box], frac)
+        out.table.append(
+            {
+                "label": label,
+                "region": "basal_ganglia" if in_bg else "white_matter",
+                "diameter_mm": round(diameter, 3),
+                "length_mm": round(length, 3),
+                "centre_mm": [round(float(v), 2) for v in centre],
+                "direction": [round(float(v), 4) for v in direction],
+            }
+        )
+    return out
+
+
+def _compose_image(
+    regions: np.ndarray,
+    modality: str,
+    conf: _Confounders,
+    pvs_fraction: np.ndarray,
+    spacing,
+    rng,
+    bias_field: bool,
+    snr: float,
+) -> tuple[np.ndarray, float]:
+    """MR-like intensities: tissue contrast with partial volume and texture, confounders and PVS
+    mixed in by their partial volume, then bias field and Rician noise. Returns (image, CSF/WM)."""
+    shape = regions.shape
+    csf_ratio = float(rng.uniform(*_CSF_RATIO_RANGE[modality]))
+    lut = np.zeros(5, dtype=np.float32)
+    for label, value in _TISSUE_CONTRAST[modality].items():
+        lut[label] = value
+    lut[CSF] = csf_ratio
+    # Blurring the tissue map gives partial volume at tissue borders.
+    image = ndimage.gaussian_filter(lut[regions], sigma=[0.5 / max(sp, 0.5) for sp in spacing])
+    # Tissue texture: smooth +-few-percent fluctuations, so that tissue is not perfectly flat
+    # and noise-sized specks compete with small PVS as in real scans.
+    texture = ndimage.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), sigma=[_TEXTURE_MM / sp for sp in spacing]
+    )
+    texture *= np.float32(_TEXTURE_AMPLITUDE / max(float(texture.std()), 1e-6))
+    image *= 1.0 + texture * (regions != CSF)
+    del texture
+    conf_value = np.zeros(len(CONFOUNDER_NAMES) + 1, dtype=np.float32)
+    conf_value[LACUNE] = csf_ratio
+    conf_value[WMH] = _WMH_RATIO[modality]
+    conf_value[VESSEL] = _VESSEL_RATIO[modality]
+    image += conf.fraction * (conf_value[conf.owner] - image)
+    image += pvs_fraction * (np.float32(csf_ratio) - image)
+    image *= (regions > 0) | (image > 0.05)
+    if bias_field:
+        image *= _bias_field(shape, spacing, rng)
+    if math.isfinite(snr):
+        sigma = np.float32(1.0 / snr)
+        noise_re = rng.standard_normal(shape, dtype=np.float32) * sigma
+        noise_im = rng.standard_normal(shape, dtype=np.float32) * sigma
+        image = np.sqrt((image + noise_re) ** 2 + noise_im**2)
+    return image.astype(np.float32, copy=False), csf_ratio
 
 
 def make_phantom(
@@ -485,178 +687,21 @@ def make_phantom(
         else _mni_anatomy(shape, spacing)
     )
     regions = anat.regions
-    voxel_mm3 = float(np.prod(spacing))
-    parenchyma = (regions == WHITE_MATTER) | (regions == BASAL_GANGLIA) | (regions == GREY_MATTER)
-    brain_mm3 = float(parenchyma.sum()) * voxel_mm3
-    depth = ndimage.distance_transform_edt(regions > 0, sampling=spacing).astype(np.float32)
+    parenchyma = np.isin(regions, (WHITE_MATTER, BASAL_GANGLIA, GREY_MATTER))
+    brain_mm3 = float(parenchyma.sum()) * float(np.prod(spacing))
+    del parenchyma
+    brain_scale = (brain_mm3 / _REFERENCE_BRAIN_MM3) ** (1 / 3)
 
     placer = _Placer(shape, spacing)
-    conf = np.zeros(shape, dtype=np.uint8)
-    conf_frac: dict[int, np.ndarray] = {k: np.zeros(shape, np.float32) for k in CONFOUNDER_NAMES}
-    counts = {"lacune": 0, "wmh": 0, "vessel": 0}
-    deep_tissue = (regions == WHITE_MATTER) | (regions == BASAL_GANGLIA)
-    wm_flat = np.flatnonzero(regions == WHITE_MATTER)
-    deep_flat = np.flatnonzero(deep_tissue)
-    brain_scale = (brain_mm3 / _REFERENCE_BRAIN_MM3) ** (1 / 3) if brain_mm3 > 0 else 0.0
-
-    def add_confounder(label: int, box, frac, line_idx, allowed) -> bool:
-        touched = placer.footprint(box, frac, line_idx)
-        if not placer.fits(box, touched, allowed):
-            return False
-        solid = (frac >= 0.5) | placer.footprint(box, np.zeros_like(frac), line_idx)
-        view = conf[box]
-        view[solid] = label
-        conf_frac[label][box] = np.maximum(conf_frac[label][box], frac)
-        placer.occupy(box, touched)
-        return True
-
-    if confounders and len(deep_flat):
-        # Lacunes: round CSF-filled cavities, 3-15 mm, in deep white matter or basal ganglia.
-        for _ in range(int(rng.poisson((0.3 + 2.0 * severity) * brain_scale**3 + 0.2))):
-            for _attempt in range(20):
-                c = _random_voxel_mm(deep_flat, shape, spacing, rng)
-                rad = 0.5 * rng.uniform(3.0, 15.0) * min(1.0, max(brain_scale, 0.3))
-                res = _render(c - rad, c + rad, spacing, shape, _spheres_inside(c[None], [rad]))
-                if res and add_confounder(LACUNE, *res, np.zeros((0, 3), int), deep_tissue):
-                    counts["lacune"] += 1
-                    break
-        # White-matter hyperintensities: irregular blobs hugging the ventricles.
-        near_vent = ndimage.binary_dilation(
-            anat.ventricles, iterations=max(1, int(4 / min(spacing)))
-        )
-        wmh_flat = np.flatnonzero(near_vent & (regions == WHITE_MATTER))
-        if len(wmh_flat):
-            for _ in range(int(rng.poisson(1.0 + 4.0 * severity))):
-                for _attempt in range(20):
-                    c = _random_voxel_mm(wmh_flat, shape, spacing, rng)
-                    k = int(rng.integers(2, 5))
-                    centres = c + rng.normal(scale=3.0 * max(brain_scale, 0.3), size=(k, 3))
-                    radii = rng.uniform(2.0, 6.0, k) * max(brain_scale, 0.3)
-                    lo = (centres - radii[:, None]).min(axis=0)
-                    hi = (centres + radii[:, None]).max(axis=0)
-                    res = _render(lo, hi, spacing, shape, _spheres_inside(centres, radii))
-                    if res is None:
-                        continue
-                    box, frac = res
-                    frac = frac * (regions[box] == WHITE_MATTER)  # WMH live in white matter
-                    if frac.max() > 0 and add_confounder(
-                        WMH, box, frac, np.zeros((0, 3), int), None
-                    ):
-                        counts["wmh"] += 1
-                        break
-        # Vessels: long, thin-to-medium, dark flow voids crossing the deep brain in any direction.
-        for _ in range(int(rng.integers(3, 8))):
-            for _attempt in range(20):
-                c = _random_voxel_mm(deep_flat, shape, spacing, rng)
-                length = rng.uniform(20.0, 50.0) * min(1.0, max(brain_scale, 0.3))
-                pts = _polyline(c, rng.normal(size=3), length, rng.uniform(0.0, 0.15), rng)
-                rad = 0.5 * rng.uniform(0.8, 2.0)
-                res = _render_tube_checked(placer, pts, rad, regions)
-                if res is None:
-                    continue
-                box, frac = res
-                line = _centreline_voxels(pts, spacing, shape)
-                line = line[regions[tuple(line.T)] > 0]
-                frac = frac * (regions[box] > 0)
-                if add_confounder(VESSEL, box, frac, line, None):
-                    counts["vessel"] += 1
-                    break
-
-    # PVS: radial tubes in the centrum semiovale, near-vertical ones in the basal ganglia.
+    conf = _place_confounders(placer, anat, float(severity), brain_scale, rng, confounders)
     target = _pvs_count(float(severity), brain_mm3) if n_pvs is None else int(n_pvs)
-    if brain_mm3 == 0:
-        target = 0
-    ventricle_top = np.nonzero(anat.ventricles.any(axis=(1, 2)))[0]
-    cso_z0 = int(ventricle_top.mean()) if len(ventricle_top) else shape[0] // 2
-    cso = regions == WHITE_MATTER
-    cso[:cso_z0] = False
-    cso_flat = np.flatnonzero(cso) if cso.any() else wm_flat
-    bg_flat = np.flatnonzero(regions == BASAL_GANGLIA)
-    allowed = deep_tissue
-    pvs_fraction = np.zeros(shape, dtype=np.float32)
-    pvs = np.zeros(shape, dtype=np.uint8)
-    instances = np.zeros(shape, dtype=np.uint16)
-    table: list[dict] = []
-    max_len = 20.0
-    for attempt in range(30 * target):
-        if len(table) >= target:
-            break
-        in_bg = len(bg_flat) > 0 and (rng.random() < _BASAL_GANGLIA_SHARE or not len(cso_flat))
-        pool = bg_flat if in_bg else cso_flat
-        if not len(pool):
-            break
-        diameter = float(np.clip(rng.lognormal(np.log(1.4), 0.33), 0.6, 4.0))
-        length = float(np.clip(rng.lognormal(np.log(6.0 if in_bg else 9.0), 0.45), 2.0, max_len))
-        if attempt > 10 * target:  # crowded volume: try shorter tubes
-            length = max(2.0, length / 2)
-        centre = _random_voxel_mm(pool, shape, spacing, rng)
-        if in_bg:
-            direction = _jitter(np.array([1.0, 0.0, 0.0]), 12.0, rng)
-        else:
-            direction = _jitter(_radial_direction(depth, centre, spacing), 8.0, rng)
-        pts = _polyline(centre, direction, length, rng.uniform(0.0, 0.08), rng)
-        res = placer.render_tube(pts, diameter / 2)
-        if res is None:
-            continue
-        box, frac = res
-        line = _centreline_voxels(pts, spacing, shape)
-        touched = placer.footprint(box, frac, line)
-        if not placer.fits(box, touched, allowed):
-            continue
-        label = len(table) + 1
-        solid = (frac >= 0.5) | placer.footprint(box, np.zeros_like(frac), line)
-        pvs[box][solid] = 1
-        instances[box][solid] = label
-        pvs_fraction[box] = np.maximum(pvs_fraction[box], frac)
-        placer.occupy(box, touched)
-        table.append(
-            {
-                "label": label,
-                "region": "basal_ganglia" if in_bg else "white_matter",
-                "diameter_mm": round(diameter, 3),
-                "length_mm": round(length, 3),
-                "centre_mm": [round(float(v), 2) for v in centre],
-                "direction": [round(float(v), 4) for v in direction],
-            }
-        )
-    del depth
-
-    # Intensities: tissue contrast, blurred for partial volume at tissue borders.
-    csf_ratio = float(rng.uniform(*_CSF_RATIO_RANGE[modality]))
-    lut = np.zeros(5, dtype=np.float32)
-    for label, value in _TISSUE_CONTRAST[modality].items():
-        lut[label] = value
-    lut[CSF] = csf_ratio
-    image = lut[regions]
-    image = ndimage.gaussian_filter(image, sigma=[0.5 / max(sp, 0.5) for sp in spacing])
-    inside = regions > 0
-    # Tissue texture: smooth +-few-percent fluctuations, so that tissue is not perfectly flat
-    # and bright/dark specks of noise-sized structure compete with small PVS as in real scans.
-    texture = ndimage.gaussian_filter(
-        rng.standard_normal(shape, dtype=np.float32), sigma=[_TEXTURE_MM / sp for sp in spacing]
+    pvs = _place_pvs(placer, anat, target if brain_mm3 > 0 else 0, rng)
+    del placer
+    image, csf_ratio = _compose_image(
+        regions, modality, conf, pvs.fraction, spacing, rng, bias_field, snr_value
     )
-    texture *= np.float32(_TEXTURE_AMPLITUDE / max(float(texture.std()), 1e-6))
-    image *= 1.0 + texture * (regions != CSF)
-    del texture
-    for label, value in (
-        (LACUNE, csf_ratio),
-        (WMH, _WMH_RATIO[modality]),
-        (VESSEL, _VESSEL_RATIO[modality]),
-    ):
-        f = conf_frac[label]
-        image += f * (np.float32(value) - image)
-    image += pvs_fraction * (np.float32(csf_ratio) - image)
-    image *= inside | (image > 0.05)
-    if bias_field:
-        image *= _bias_field(shape, spacing, rng)
-    if math.isfinite(snr_value):
-        sigma = np.float32(1.0 / snr_value)
-        noise_re = rng.standard_normal(shape, dtype=np.float32) * sigma
-        noise_im = rng.standard_normal(shape, dtype=np.float32) * sigma
-        image = np.sqrt((image + noise_re) ** 2 + noise_im**2)
-    image = image.astype(np.float32, copy=False)
 
-    n_bg = sum(1 for row in table if row["region"] == "basal_ganglia")
+    n_bg = sum(1 for row in pvs.table if row["region"] == "basal_ganglia")
     meta = {
         "seed": int(seed),
         "severity": float(severity),
@@ -668,22 +713,22 @@ def make_phantom(
             **{REGION_NAMES[k]: v for k, v in _TISSUE_CONTRAST[modality].items()},
         },
         "counts": {
-            "pvs": len(table),
+            "pvs": len(pvs.table),
             "pvs_requested": target,
-            "pvs_white_matter": len(table) - n_bg,
+            "pvs_white_matter": len(pvs.table) - n_bg,
             "pvs_basal_ganglia": n_bg,
-            **counts,
+            **conf.counts,
         },
         "brain_volume_mm3": brain_mm3,
-        "pvs_table": table,
+        "pvs_table": pvs.table,
     }
     return Phantom(
         image=image,
-        pvs=pvs,
-        pvs_instances=instances,
-        pvs_fraction=pvs_fraction,
+        pvs=pvs.mask,
+        pvs_instances=pvs.instances,
+        pvs_fraction=pvs.fraction,
         regions=regions,
-        confounders=conf,
+        confounders=conf.labels,
         spacing=spacing,
         modality=modality,
         meta=meta,
