@@ -264,8 +264,12 @@ def _mni_anatomy(shape, spacing) -> _Anatomy:
     regions[brain] = CSF
     regions[brain & ~csf & (gm >= wm)] = GREY_MATTER
     regions[brain & ~csf & (wm > gm)] = WHITE_MATTER
-    deep_box = (np.abs(mx) < 36) & (my > -12) & (my < 26) & (mz > -12) & (mz < 22)
-    basal = deep_box & (np.abs(mx) > 8) & (regions == GREY_MATTER)
+    # Basal ganglia: grey matter inside ellipsoids around the lentiform nucleus and the caudate
+    # head (MNI mm, per hemisphere), so the thalamus and cortex stay out.
+    ax = np.abs(mx)
+    lentiform = ((ax - 23) / 9) ** 2 + ((my - 2) / 15) ** 2 + ((mz - 1) / 11) ** 2 <= 1
+    caudate = ((ax - 13) / 6) ** 2 + ((my - 12) / 10) ** 2 + ((mz - 10) / 9) ** 2 <= 1
+    basal = (lentiform | caudate) & (regions == GREY_MATTER)
     regions[basal] = BASAL_GANGLIA
     ventricles = csf & (np.abs(mx) < 28) & (my > -45) & (my < 32) & (mz > -6) & (mz < 34)
     return _Anatomy(regions=regions, ventricles=ventricles)
