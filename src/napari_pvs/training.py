@@ -422,7 +422,7 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         history.append(record)
-        improved = val_dice > best_dice
+        improved = val_dice >= best_dice  # ties: keep the later, longer-trained weights
         if improved:
             best_dice, best_epoch = val_dice, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

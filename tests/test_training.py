@@ -1,0 +1,179 @@
+"""Training: the loss ignores unlabelled voxels, learning happens, runs resume exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_pvs.models.checkpoint import read_checkpoint
+from napari_pvs.phantom import make_phantom
+from napari_pvs.progress import Cancelled
+from napari_pvs.training import (
+    UNLABELLED,
+    TrainConfig,
+    TrainingVolume,
+    _Indexed,
+    augment,
+    fit,
+    last_checkpoint_path,
+    masked_loss,
+    split_volumes,
+)
+from test_models import tiny
+
+SMALL = dict(
+    steps_per_epoch=4,
+    batch_size=2,
+    patch=(24, 24, 24),
+    validation_patches=2,
+    augment=False,
+    device="cpu",
+    learning_rate=1e-2,
+)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(
+        shape=(40, 48, 40), spacing=1.5, modality="T2", seed=11, severity=0.9, snr=40
+    )
+
+
+def test_masked_loss_ignores_unlabelled_voxels():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 2, (2, 1, 8, 8, 8), generator=generator).to(torch.uint8)
+    labels[:, :, :4] = UNLABELLED
+    loss = masked_loss([logits], labels)
+    loss.backward()
+    assert torch.all(logits.grad[:, :, :4] == 0)
+    assert torch.all(logits.grad[:, :, 4:] != 0)
+    # Whatever the model says where nothing is labelled does not change the loss.
+    changed = logits.detach().clone()
+    changed[:, :, :4] = 50.0
+    torch.testing.assert_close(masked_loss([changed], labels), loss.detach())
+    # Nothing labelled: zero loss, not NaN.
+    nothing = torch.full_like(labels, UNLABELLED)
+    assert float(masked_loss([logits.detach()], nothing)) == 0.0
+
+
+def test_deep_supervision_levels_enter_the_loss():
+    labels = torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
+    full = torch.full((1, 1, 8, 8, 8), -5.0)
+    assert float(masked_loss([full, torch.full((1, 1, 4, 4, 4), 5.0)], labels)) > float(
+        masked_loss([full, torch.full((1, 1, 4, 4, 4), -5.0)], labels)
+    )
+
+
+def test_a_few_steps_on_a_tiny_phantom_lower_the_loss(phantom):
+    volume = TrainingVolume(phantom.image, phantom.pvs, "T2")
+    item = _Indexed(volume)
+    rng = np.random.default_rng(1)
+    fixed = [item.patch(item.centre(rng, foreground=True), (24, 24, 24)) for _ in range(4)]
+    images = torch.from_numpy(np.stack([f[0] for f in fixed])[:, None])
+    labels = torch.from_numpy(np.stack([f[1] for f in fixed])[:, None])
+
+    model = tiny("cross_modal", seed=0)
+
+    def loss_now() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(masked_loss([model(images, "T2")], labels))
+
+    before = loss_now()
+    fit(model, [volume], TrainConfig(epochs=3, **SMALL))
+    assert loss_now() < 0.85 * before
+
+
+def test_partial_labels_sample_only_labelled_regions(phantom):
+    labels = np.full(phantom.pvs.shape, UNLABELLED, np.uint8)
+    box = (slice(10, 30), slice(10, 34), slice(8, 32))
+    labels[box] = phantom.pvs[box]
+    item = _Indexed(TrainingVolume(phantom.image, labels, "T2"))
+    for points in (item.labelled, item.foreground):
+        assert len(points) > 0
+        for axis, sl in enumerate(box):
+            assert points[:, axis].min() >= sl.start and points[:, axis].max() < sl.stop
+    # Training on it runs; nothing labelled at all is a clear error.
+    model = tiny("unet")
+    result = fit(model, [TrainingVolume(phantom.image, labels, "T2")], TrainConfig(1, **SMALL))
+    assert 0.0 <= result.best_dice <= 1.0
+    with pytest.raises(ValueError, match="no labelled voxels"):
+        fit(model, [TrainingVolume(phantom.image, np.full_like(labels, UNLABELLED))])
+
+
+def test_an_interrupted_run_resumes_exactly(phantom, tmp_path):
+    volumes = [TrainingVolume(phantom.image, phantom.pvs, "T2")]
+    config = TrainConfig(epochs=3, **SMALL)
+    straight = tiny("unet", seed=4)
+    fit(straight, volumes, config, tmp_path / "a.safetensors")
+
+    out = tmp_path / "b.safetensors"
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):  # interrupted during the third epoch
+        fit(
+            tiny("unet", seed=4),
+            volumes,
+            config,
+            out,
+            progress=lambda done, total, message: done == 9 and cancel.set(),
+            cancel=cancel,
+        )
+    assert read_checkpoint(last_checkpoint_path(out))[1]["training"]["resume"]["epoch"] == 1
+    again = tiny("unet", seed=99)  # different start: everything must come from the checkpoint
+    result = fit(again, volumes, config, out)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    tensors_a, meta_a = read_checkpoint(tmp_path / "a.last.safetensors")
+    tensors_b, _ = read_checkpoint(last_checkpoint_path(out))
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        torch.testing.assert_close(tensors_a[key], tensors_b[key], msg=key)
+    assert meta_a["training"]["resume"]["epoch"] == 2
+
+
+def test_cancel_stops_training_and_keeps_progress_reports(phantom):
+    cancel = threading.Event()
+    calls = []
+
+    def progress(done, total, message):
+        calls.append((done, total))
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        fit(
+            tiny("unet"),
+            [TrainingVolume(phantom.image, phantom.pvs, "T2")],
+            TrainConfig(epochs=2, **SMALL),
+            progress=progress,
+            cancel=cancel,
+        )
+    assert calls == [(1, 8), (2, 8)]
+
+
+def test_augmentation_keeps_label_values_and_shape():
+    rng = np.random.default_rng(0)
+    image = rng.random((20, 22, 24), dtype=np.float32)
+    labels = rng.choice(np.array([0, 1, UNLABELLED], np.uint8), size=image.shape)
+    for seed in range(8):
+        aug_image, aug_labels = augment(image, labels, np.random.default_rng(seed))
+        assert aug_image.shape == image.shape and aug_image.dtype == np.float32
+        assert set(np.unique(aug_labels)) <= {0, 1, UNLABELLED}
+        assert np.isfinite(aug_image).all()
+
+
+def test_validation_split_is_fixed_by_seed_and_disjoint():
+    train, val = split_volumes(10, 0.2, seed=3)
+    assert split_volumes(10, 0.2, seed=3) == (train, val)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == list(range(10))
+    assert split_volumes(1, 0.2, seed=3) == ([0], [0])
+
+
+def test_bad_training_input_is_explained():
+    with pytest.raises(ValueError, match="differ in shape"):
+        TrainingVolume(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="patch must be three sizes"):
+        TrainConfig(patch=(4, 4))
