@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: system-deps $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/napari-pvs gui --sample T2
+	$(VENV)/bin/napari-pvs gui --sample T2 --segment
 
 test: install
 	QT_API=pyqt5 $(PY) -m pytest -q tests

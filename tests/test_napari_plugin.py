@@ -176,7 +176,10 @@ def test_panel_converts_in_background_and_cancels(panel, qtbot, tmp_path):
     panel.chunks_spin.setValue(8)
 
     # cancel as soon as the first progress report reaches the GUI thread
-    panel._signals.progress.connect(lambda *a: panel.cancel_button.click())
+    def cancel_on_progress(*args):
+        panel.cancel_button.click()
+
+    panel.job.progress.connect(cancel_on_progress)
     panel.convert_button.click()
     assert panel.is_converting() or "cancel" in panel.status_label.text()
     qtbot.waitUntil(
@@ -184,11 +187,10 @@ def test_panel_converts_in_background_and_cancels(panel, qtbot, tmp_path):
     )
     assert "cancelled" in panel.status_label.text()
     assert not (tmp_path / "big.ome.zarr").exists()
-    panel._signals.progress.disconnect()
-    panel._signals.progress.connect(panel._on_progress)
+    panel.job.progress.disconnect(cancel_on_progress)
 
     seen = []
-    panel._signals.progress.connect(lambda done, total, msg: seen.append((done, total)))
+    panel.job.progress.connect(lambda done, total, msg: seen.append((done, total)))
     panel.chunks_spin.setValue(32)
     panel.levels_spin.setValue(2)
     panel.convert_button.click()

@@ -5,14 +5,11 @@ OME-Zarr in the background, and save a labels layer. Qt only; all work is done b
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from napari.layers import Image, Labels, Layer
-from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -30,22 +27,13 @@ from qtpy.QtWidgets import (
 
 from napari_pvs import io
 from napari_pvs._reader import volume_layer_data
+from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._writer import save_labels
-from napari_pvs.progress import Cancelled
 
 if TYPE_CHECKING:
     import napari
 
 MODALITY_CHOICES = ("T1", "T2", "unknown")
-
-
-class _WorkerSignals(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued connections)."""
-
-    progress = Signal(int, int, str)
-    finished = Signal(str)
-    failed = Signal(str)
-    cancelled = Signal()
 
 
 class VolumePanel(QWidget):
@@ -54,14 +42,10 @@ class VolumePanel(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._cancel: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._progress_bar: napari_progress | None = None
-        self._signals = _WorkerSignals()
-        self._signals.progress.connect(self._on_progress)
-        self._signals.finished.connect(self._on_convert_finished)
-        self._signals.failed.connect(self._on_convert_failed)
-        self._signals.cancelled.connect(self._on_convert_cancelled)
+        self.job = BackgroundJob(self)
+        self.job.succeeded.connect(self._on_convert_finished)
+        self.job.failed.connect(self._on_convert_failed)
+        self.job.cancelled.connect(self._on_convert_cancelled)
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_open_box())
@@ -276,7 +260,7 @@ class VolumePanel(QWidget):
 
     def start_convert(self) -> None:
         """Convert the NIfTI in the Path field in a background thread, with progress."""
-        if self._thread is not None and self._thread.is_alive():
+        if self.job.is_running():
             self._report("a conversion is already running", error=True)
             return
         try:
@@ -286,52 +270,29 @@ class VolumePanel(QWidget):
         except (ValueError, FileNotFoundError) as exc:
             self._report(str(exc), error=True)
             return
-        self._cancel = threading.Event()
-        self._progress_bar = napari_progress(total=0, desc=f"Converting {src.name}")
         self.convert_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status_label.setText(f"converting {src.name} -> {dst.name}…")
-        levels, chunks, cancel = self.levels_spin.value(), self.chunks_spin.value(), self._cancel
-        signals = self._signals
+        levels, chunks = self.levels_spin.value(), self.chunks_spin.value()
 
-        def work() -> None:
-            try:
-                io.convert_to_ome_zarr(
-                    src, dst, levels=levels, chunks=chunks,
-                    progress=signals.progress.emit, cancel=cancel,
-                )  # fmt: skip
-            except Cancelled:
-                signals.cancelled.emit()
-            except Exception as exc:  # reported in the GUI, never lost in the thread
-                signals.failed.emit(f"conversion failed: {exc}")
-            else:
-                signals.finished.emit(str(dst))
+        def work(progress, cancel) -> str:
+            io.convert_to_ome_zarr(
+                src, dst, levels=levels, chunks=chunks, progress=progress, cancel=cancel
+            )
+            return str(dst)
 
-        self._thread = threading.Thread(target=work, name="napari-pvs-convert", daemon=True)
-        self._thread.start()
+        self.job.start(work, f"Converting {src.name}")
 
     def cancel_convert(self) -> None:
-        if self._cancel is not None:
-            self._cancel.set()
+        if self.job.is_running():
+            self.job.cancel()
             self.cancel_button.setEnabled(False)
             self.status_label.setText("cancelling…")
 
     def is_converting(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _on_progress(self, done: int, total: int, message: str) -> None:
-        if self._progress_bar is None:
-            return
-        if self._progress_bar.total != total:
-            self._progress_bar.total = total
-        self._progress_bar.n = done
-        self._progress_bar.set_description(message)
-        self._progress_bar.refresh()
+        return self.job.is_running()
 
     def _end_convert(self) -> None:
-        if self._progress_bar is not None:
-            self._progress_bar.close()
-            self._progress_bar = None
         self.convert_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
@@ -344,7 +305,7 @@ class VolumePanel(QWidget):
 
     def _on_convert_failed(self, message: str) -> None:
         self._end_convert()
-        self._report(message, error=True)
+        self._report(f"conversion failed: {message}", error=True)
 
     def _on_convert_cancelled(self) -> None:
         self._end_convert()

@@ -1,0 +1,224 @@
+"""The "Segment PVS" panel driven for real under Xvfb: segmentation equals a direct
+``Predictor.predict``, cancel then resume, uncertainty + ranking + navigation, a missing default
+checkpoint, and ``napari-pvs gui --segment``. A tiny saved UNet stands in for the default model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from qtpy.QtCore import Qt
+
+from napari_pvs._widgets import SegmentPanel, VolumePanel
+from napari_pvs.inference import Predictor
+from napari_pvs.metrics import label_clusters
+from napari_pvs.models import build_model
+from napari_pvs.models.checkpoint import load_checkpoint, save_checkpoint
+from napari_pvs.ranking import rank_patches
+
+pytestmark = pytest.mark.gui
+
+SCALE = (1.5, 1.0, 0.8)
+TRANSLATE = (10.0, -5.0, 3.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=0.3)
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def volume(shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    image[:, :2] = 0
+    return image
+
+
+@pytest.fixture
+def panel(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = SegmentPanel(viewer)
+    viewer.window.add_dock_widget(widget)
+    return widget
+
+
+def configure(panel, checkpoint, *, window=32, batch=2, mc=0, device="cpu") -> None:
+    panel.model_edit.setText(str(checkpoint))
+    panel.window_spin.setValue(window)
+    panel.batch_spin.setValue(batch)
+    panel.mc_spin.setValue(mc)
+    panel.device_combo.setCurrentText(device)
+
+
+def run(panel, qtbot, button=None) -> None:
+    (button or panel.segment_button).click()
+    qtbot.waitUntil(lambda: not panel.is_running(), timeout=30000)
+
+
+def direct(checkpoint, image, out, **options) -> zarr.Group:
+    model, _ = load_checkpoint(checkpoint)
+    Predictor(model, device="cpu", **options).predict(image, out)
+    return zarr.open_group(str(out), mode="r")
+
+
+def test_segment_matches_direct_predict(panel, qtbot, checkpoint, tmp_path):
+    image = volume((40, 56, 48))
+    panel.viewer.add_image(
+        image, name="scan", scale=SCALE, translate=TRANSLATE, metadata={"modality": "T2"}
+    )
+    assert panel.modality_combo.currentText() == "T2"
+    assert panel.output_edit.placeholderText().endswith("scan_pvs.zarr")
+    configure(panel, checkpoint)
+    run(panel, qtbot)
+
+    probability = panel.viewer.layers["scan PVS probability"]
+    segmentation = panel.viewer.layers["scan PVS segmentation"]
+    assert probability.data.shape == segmentation.data.shape == image.shape
+    for out_layer in (probability, segmentation):
+        np.testing.assert_allclose(out_layer.scale, SCALE)
+        np.testing.assert_allclose(out_layer.translate, TRANSLATE)
+    reference = direct(checkpoint, image, tmp_path / "direct.zarr", window=32, batch=2,
+                       modality="T2")  # fmt: skip
+    np.testing.assert_array_equal(
+        probability.data.compute(), reference["probability"][...].astype(np.float32)
+    )
+    np.testing.assert_array_equal(segmentation.data.compute(), reference["segmentation"][...])
+    count = label_clusters(reference["segmentation"][...] > 0)[1]
+    voxels = int(reference["segmentation"][...].sum())
+    assert panel.result.pvs_count == count and panel.result.pvs_voxels == voxels
+    assert panel.summary_label.text().startswith(f"{count} PVS, {voxels * 1.2:.1f} mm³")
+    # the layers read lazily from the store the panel wrote; a rerun resumes it (nothing to do)
+    assert probability.metadata["prediction"] == str(panel.output_path())
+    run(panel, qtbot)
+    assert panel.result.summary.windows_run == 0
+    assert [lyr.name for lyr in panel.viewer.layers].count("scan PVS probability") == 1
+
+
+def test_cancel_stops_within_a_batch_and_rerun_resumes(panel, qtbot, checkpoint, tmp_path):
+    image = volume((160, 48, 48), seed=1)
+    panel.viewer.add_image(image, name="long")
+    configure(panel, checkpoint)
+    out = tmp_path / "long_pvs.zarr"
+    panel.output_edit.setText(str(out))
+    # cancel from the worker thread itself once 14 windows are done: deterministic
+    reports = []
+
+    def cancel_after_first_chunk(done, total, message):
+        reports.append(done)
+        if done >= 14:
+            panel.job.cancel()
+
+    panel.job.progress.connect(cancel_after_first_chunk, Qt.DirectConnection)
+    run(panel, qtbot)
+    assert "cancelled" in panel.status_label.text()
+    assert panel.result is None and "long PVS probability" not in panel.viewer.layers
+    assert max(reports) <= 16  # stopped within one batch (2 windows) of the request
+    stored = zarr.open_group(str(out), mode="r")
+    assert not stored.attrs["napari_pvs"]["complete"] and stored["_chunks_done"][...].any()
+    panel.job.progress.disconnect(cancel_after_first_chunk)
+
+    run(panel, qtbot)
+    summary = panel.result.summary
+    assert summary.chunks_skipped > 0 and summary.windows_run < summary.windows_total
+    assert "resumed" in panel.summary_label.text()
+    reference = direct(checkpoint, image, tmp_path / "direct.zarr", window=32, batch=2)
+    np.testing.assert_array_equal(
+        panel.viewer.layers["long PVS probability"].data.compute(),
+        reference["probability"][...].astype(np.float32),
+    )
+
+
+def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
+    image = volume((48, 64, 64), seed=2)
+    panel.viewer.add_image(image, name="scan", scale=SCALE, translate=TRANSLATE)
+    configure(panel, checkpoint, mc=2, device="cuda")
+    run(panel, qtbot)
+    if not torch.cuda.is_available():
+        assert "falling back to CPU" in panel.summary_label.text()
+    for name in ("entropy", "mutual information", "variance"):
+        assert panel.viewer.layers[f"scan PVS {name}"].data.shape == image.shape
+
+    panel.strategy_combo.setCurrentText("entropy")
+    panel.n_spin.setValue(4)
+    panel.patch_spin.setValue(16)
+    run(panel, qtbot, panel.rank_button)
+    store = panel.output_path()
+    expected = rank_patches(store, n=4, patch=16, strategy="entropy")
+    assert panel.ranking == expected and panel.table.rowCount() == len(expected) > 1
+    assert panel.table.item(1, 0).text() == "2"
+    assert panel.table.item(1, 4).text() == str(expected[1].predicted_pvs)
+    assert all(path.exists() for path in panel.ranking_files)
+
+    panel.table.selectRow(1)
+    patch = expected[1]
+    world = np.asarray(patch.centre) * SCALE + TRANSLATE
+    np.testing.assert_allclose(panel.viewer.dims.point, world, atol=max(SCALE) / 2 + 1e-6)
+    np.testing.assert_allclose(panel.viewer.camera.center[-2:], world[-2:])  # 2D: (y, x)
+    outline = panel.viewer.layers["ranked patch"]
+    assert outline.nshapes == 16
+    corners = np.concatenate(outline.data)
+    np.testing.assert_allclose(corners.min(axis=0), np.asarray(patch.bbox_start) - [0, 0.5, 0.5])
+    np.testing.assert_allclose(corners.max(axis=0), np.asarray(patch.bbox_stop) - [1, 0.5, 0.5])
+    np.testing.assert_allclose(outline.scale, SCALE)
+
+    panel.strategy_combo.setCurrentText("bald")  # fine: MC samples were drawn
+    run(panel, qtbot, panel.rank_button)
+    assert panel.ranking[0].strategy == "bald"
+
+
+def test_missing_default_weights_and_bad_inputs_give_clear_messages(
+    panel, qtbot, tmp_path, monkeypatch
+):
+    from napari_pvs.models import checkpoint as checkpoints
+
+    monkeypatch.setattr(checkpoints, "default_checkpoint_path", lambda: tmp_path / "gone.st")
+    panel.rank_button.click()
+    assert "no image layer" in panel.status_label.text() or "Segment first" in (
+        panel.status_label.text()
+    )
+    panel.viewer.add_image(volume((24, 24, 24)), name="scan")
+    panel.output_edit.setText(str(tmp_path / "scan_pvs.zarr"))
+    run(panel, qtbot)  # model "default"
+    text = panel.status_label.text()
+    assert "bundled default checkpoint" in text and "missing" in text
+    assert panel.segment_button.isEnabled() and len(panel.viewer.layers) == 1
+
+    panel.model_edit.setText(str(tmp_path / "typo.safetensors"))
+    run(panel, qtbot)
+    assert "does not exist" in panel.status_label.text()
+    panel.rank_button.click()
+    assert "press Segment first" in panel.status_label.text()
+
+    panel.viewer.add_image(np.zeros((8, 8), np.float32), name="flat")
+    panel.layer_combo.setCurrentText("flat")
+    assert not panel.segment()
+    assert "3D volume" in panel.status_label.text()
+
+
+def test_cli_gui_segment_docks_both_panels_and_segments_the_sample(
+    checkpoint, monkeypatch, qtbot
+):
+    import napari
+
+    from napari_pvs.cli import main
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    assert main(["gui", "--sample", "T2", "--model", str(checkpoint), "--segment"]) == 0
+    viewer = napari.current_viewer()
+    try:
+        widgets = list(viewer.window.dock_widgets.values())
+        assert any(isinstance(w, VolumePanel) for w in widgets)
+        panel = next(w for w in widgets if isinstance(w, SegmentPanel))
+        qtbot.waitUntil(lambda: panel.result is not None, timeout=30000)
+        sample = viewer.layers["PVS phantom T2w"]
+        probability = viewer.layers["PVS phantom T2w PVS probability"]
+        assert probability.data.shape == sample.data.shape
+        np.testing.assert_allclose(probability.scale, sample.scale)
+    finally:
+        viewer.close()
+    assert main(["gui", "--segment"]) == 2
+    assert main(["gui", "--sample", "T2", "--model", "/nonexistent.safetensors"]) == 2
