@@ -35,7 +35,8 @@ def make_store(path: Path, size: int) -> Path:
     group.create_array("mutual_information", data=mi, chunks=chunks)
     labels = np.full(shape, 255, np.uint8)
     labels[: size // 4, : size // 4, : size // 4] = 0
-    zarr.save_array(str(path.with_name(path.name + "-labels.zarr")), labels, chunks=chunks)
+    labels_path = str(path.with_name(path.name + "-labels.zarr"))
+    zarr.create_array(labels_path, data=labels, chunks=chunks, overwrite=True)
     return path
 
 

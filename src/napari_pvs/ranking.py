@@ -56,18 +56,27 @@ class RankedPatch:
 
 
 def _slab_block_sums(array, stride: int, transform=None) -> np.ndarray:
-    """Sums over ``stride``-sized blocks, read one z-slab at a time (lazy over zarr)."""
+    """Sums over ``stride``-sized blocks, read one z-slab at a time (lazy over zarr).
+
+    Slabs are a common multiple of ``stride`` and the array's z chunk when that stays small,
+    so every stored chunk is decoded once.
+    """
     shape = tuple(int(s) for s in array.shape)
     grid = [math.ceil(s / stride) for s in shape]
     out = np.empty(grid, dtype=np.float64)
+    chunk_z = int(getattr(array, "chunks", (stride,))[0] or stride)
+    common = math.lcm(stride, chunk_z)
+    thickness = common if common <= 4 * max(stride, chunk_z) else stride
     starts_y = np.arange(0, shape[1], stride)
     starts_x = np.arange(0, shape[2], stride)
-    for i in range(grid[0]):
-        slab = np.asarray(array[i * stride : min((i + 1) * stride, shape[0])])
+    for z0 in range(0, shape[0], thickness):
+        slab = np.asarray(array[z0 : min(z0 + thickness, shape[0])])
         slab = transform(slab) if transform is not None else slab
-        summed = slab.sum(axis=0, dtype=np.float64)
-        summed = np.add.reduceat(summed, starts_y, axis=0)
-        out[i] = np.add.reduceat(summed, starts_x, axis=1)
+        for offset in range(0, slab.shape[0], stride):
+            # summing over the leading axis is fast; reduceat along it is not
+            plane = slab[offset : offset + stride].sum(axis=0, dtype=np.float64)
+            plane = np.add.reduceat(plane, starts_y, axis=0)
+            out[(z0 + offset) // stride] = np.add.reduceat(plane, starts_x, axis=1)
     return out
 
 
@@ -208,7 +217,7 @@ def rank_patches(
     rng = np.random.default_rng(seed)
     if strategy in ("entropy", "stratified"):
         if "entropy" in group:
-            scores = grid.reduce(group["entropy"], lambda s: s.astype(np.float32)) / voxels
+            scores = grid.reduce(group["entropy"]) / voxels
         else:
             scores = grid.reduce(probability, binary_entropy) / voxels
     elif strategy == "bald":
@@ -218,7 +227,7 @@ def rank_patches(
                 "deterministic pass); rerun 'napari-pvs predict' with --mc 8 or --tta, or use "
                 "--strategy entropy"
             )
-        scores = grid.reduce(group["mutual_information"], lambda s: s.astype(np.float32)) / voxels
+        scores = grid.reduce(group["mutual_information"]) / voxels
     else:
         scores = rng.random(grid.n)
         if strategy == "fg-random":
