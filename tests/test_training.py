@@ -177,3 +177,41 @@ def test_bad_training_input_is_explained():
         TrainingVolume(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="patch must be three sizes"):
         TrainConfig(patch=(4, 4))
+
+
+def test_cli_train_writes_a_loadable_checkpoint_and_resumes(phantom, tmp_path, capsys):
+    from napari_pvs import io
+    from napari_pvs.cli import main
+    from napari_pvs.models.checkpoint import load_checkpoint
+
+    image = io.save_ome_zarr(
+        tmp_path / "t2.zarr",
+        phantom.image,
+        phantom.spacing,
+        labels={"pvs": phantom.pvs},
+        modality="T2",
+        levels=1,
+    )
+    out = tmp_path / "model.safetensors"
+
+    def argv(epochs: int) -> list[str]:
+        return [
+            "train", "--images", str(image), "--model", "unet", "--out", str(out),
+            "--config", '{"channels": [4, 8], "num_res_units": 1, "feature_channels": 4}',
+            "--epochs", str(epochs), "--steps-per-epoch", "2", "--patch", "16",
+            "--device", "cpu",
+        ]  # fmt: skip
+
+    assert main(argv(1)) == 0
+    model, meta = load_checkpoint(out, expected_model="unet")
+    assert model.config["channels"] == [4, 8]
+    assert meta["training"]["manifest_hash"] and meta["training"]["config"]["patch"] == [16] * 3
+    # The same command with more epochs resumes from OUT.last.safetensors.
+    first = read_checkpoint(last_checkpoint_path(out))[1]["training"]["resume"]["history"]
+    assert main(argv(2)) == 0
+    history = read_checkpoint(last_checkpoint_path(out))[1]["training"]["resume"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[0] == first[0]  # epoch 0 was not rerun (its timing would differ)
+    capsys.readouterr()
+    assert main(["train", "--images", str(tmp_path / "missing.zarr"), "--out", str(out)]) == 2
+    assert "missing.zarr" in capsys.readouterr().err

@@ -95,6 +95,9 @@ def save_checkpoint(
         meta["prompts"] = all_prompts()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, default=_json_default)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any file the user writes (e.g. when installed)
     os.replace(tmp, path)
     return path
 
