@@ -364,7 +364,12 @@ def fit(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
 
-    info = {"config": _jsonable(asdict(config)), "split": split_note, **(training_info or {})}
+    info = {
+        "config": _jsonable(asdict(config)),
+        "split": split_note,
+        "modalities": sorted({v.modality for v in volumes}),
+        **(training_info or {}),
+    }
     history: list[dict[str, float]] = []
     best_dice, best_epoch, start_epoch = -1.0, -1, 0
     out_path = Path(out) if out is not None else None
