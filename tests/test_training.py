@@ -177,6 +177,9 @@ def test_bad_training_input_is_explained():
         TrainingVolume(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="patch must be three sizes"):
         TrainConfig(patch=(4, 4))
+    volume = TrainingVolume(np.ones((8, 8, 8)), np.zeros((8, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="at least 32 voxels"):
+        fit(tiny("mednext_s"), [volume], TrainConfig(patch=(16, 16, 16)))
 
 
 def test_cli_train_writes_a_loadable_checkpoint_and_resumes(phantom, tmp_path, capsys):

@@ -337,6 +337,12 @@ def fit(
     config = config or TrainConfig()
     if not volumes:
         raise ValueError("no training volumes given; pass at least one labelled image")
+    too_small = [p for p in config.patch if p < 2 * model.size_divisor]
+    if too_small:
+        raise ValueError(
+            f"patch {config.patch} is too small for {model.name!r}: every side must be at least "
+            f"{2 * model.size_divisor} voxels (twice its size divisor {model.size_divisor})"
+        )
     device = resolve_device(config.device)
     indexed = [_Indexed(v) for v in volumes]
     if validation:
