@@ -15,6 +15,16 @@ first-derivative passes), with four changes that a PVS baseline needs:
   (scikit-image lets perfectly straight synthetic tubes leak a response onto their flanks).
 
 PVS are bright on T2w (``black_ridges=False``) and dark on T1w (``black_ridges=True``).
+
+Where the two can be compared (1 mm isotropic, sigmas in mm == voxels) the changes keep the
+filter scikit-image's: on four noisy tubes of radius 0.8-1.8 mm in axial, diagonal and oblique
+directions (48^3), the responses within 2 voxels of the tubes correlate at Spearman 0.996 /
+Pearson 0.996 (bright, T2) and 0.997 / 0.998 (dark, T1), and at each method's best threshold
+ours segments at least as well (Dice 0.79 vs 0.69 bright, 0.61 vs 0.43 dark: the sign rule
+removes the flank response). ``tests/test_frangi.py::
+test_agrees_with_scikit_image_frangi_on_isotropic_tubes`` checks this and fails on a flipped
+polarity, sign rule, Hessian axis, eigenvalue order, ``r_a`` ratio, ``gamma`` or scale
+normalisation.
 """
 
 from __future__ import annotations
@@ -242,12 +252,31 @@ def tune_threshold(
     if objective not in ("dice", "f1"):
         raise ValueError(f"objective must be 'dice' or 'f1', got {objective!r}")
     vesselness = np.asarray(frangi_vesselness(np.asarray(image), spacing, modality, sigmas, mask))
+    return best_threshold(vesselness, ground_truth, spacing, thresholds, objective)
+
+
+def best_threshold(
+    response,
+    ground_truth,
+    spacing=(1.0, 1.0, 1.0),
+    thresholds: Sequence[float] | None = None,
+    objective: str = "dice",
+) -> tuple[float, list[dict]]:
+    """Threshold of a precomputed 0..1 response maximising Dice (or cluster ``"f1"``).
+
+    The tuning step of :func:`tune_threshold`, for any vesselness-like map (the benchmark uses
+    it to tune scikit-image's own ``frangi`` the same way). Returns the best threshold and one
+    row per candidate (threshold, dice, f1, precision, recall), best first.
+    """
+    if objective not in ("dice", "f1"):
+        raise ValueError(f"objective must be 'dice' or 'f1', got {objective!r}")
+    response = np.asarray(response)
     if thresholds is None:
         thresholds = np.geomspace(0.005, 0.8, 24)
     gt = np.asarray(ground_truth)
     rows = []
     for t in thresholds:
-        r = evaluate(vesselness >= t, gt, spacing=spacing)
+        r = evaluate(response >= t, gt, spacing=spacing)
         rows.append(
             {
                 "threshold": float(t),
