@@ -95,6 +95,7 @@ def test_gradients_reach_every_component_of_the_cross_modal_model():
         ({"use_cross_attention": False}, ["cross_attention"]),
         ({"use_fusion": False}, ["fusion"]),
         ({"use_text": False}, ["text_proj", "films", "cross_attention", "prompt_embeddings"]),
+        ({"graph_layer_type": "gat"}, []),
     ],
 )
 def test_ablation_switches_remove_components_and_still_train(switch, absent):
@@ -102,7 +103,7 @@ def test_ablation_switches_remove_components_and_still_train(switch, absent):
     for name in absent:
         assert not hasattr(model, name), name
     for key, value in switch.items():
-        assert model.config[key] is value
+        assert model.config[key] == value
     model(torch.randn(1, 1, 16, 16, 16), "T2").mean().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -121,6 +122,17 @@ def test_registry_builds_mednext_l_k5_with_about_63_million_parameters():
     assert model.config["kernel_size"] == 5 and model.config["size"] == "L"
     assert model.size_divisor == 16
     assert 60e6 < model.num_parameters() < 66e6
+
+
+def test_cross_modal_presets_compact_for_cpu_and_paper_size_for_gpu():
+    prompts = random_prompts()
+    compact = build_model("cross_modal", prompt_embeddings=prompts)
+    paper = build_model("cross_modal", preset="paper", prompt_embeddings=prompts)
+    assert compact.config["channels"] == [8, 16, 32, 64] and compact.size_divisor == 8
+    assert paper.size_divisor == 16 and paper.config["graph_layers"] == 3
+    assert compact.num_parameters() < 1e6 < 20e6 < paper.num_parameters()
+    with pytest.raises(ValueError, match="unknown cross_modal preset"):
+        build_model("cross_modal", preset="huge")
 
 
 def test_mednext_deep_supervision_outputs_are_coarser_levels():
