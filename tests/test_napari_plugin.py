@@ -232,20 +232,21 @@ def test_panel_saves_labels_into_ome_zarr_and_as_nifti(panel, ome_zarr, tmp_path
     assert "no OME-Zarr on disk" in panel.status_label.text()
 
 
-def test_cli_gui_opens_viewer_with_panel_volume_and_sample(ome_zarr, monkeypatch, qtbot):
+def test_cli_gui_opens_viewer_with_panel_volume_and_sample(
+    ome_zarr, make_napari_viewer, monkeypatch, qtbot
+):
     import napari
 
     from napari_pvs.cli import main
 
     monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    # the fixture's viewer: isolated plugin registry, closed at teardown
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)
     assert main(["gui", str(ome_zarr), "--sample", "T2"]) == 0
     viewer = napari.current_viewer()
-    try:
-        names = [layer.name for layer in viewer.layers]
-        assert names[0] == "PVS phantom T2w" and "sub-01_T2w" in names
-        assert any(isinstance(w, VolumePanel) for w in viewer.window.dock_widgets.values())
-    finally:
-        viewer.close()
+    names = [layer.name for layer in viewer.layers]
+    assert names[0] == "PVS phantom T2w" and "sub-01_T2w" in names
+    assert any(isinstance(w, VolumePanel) for w in viewer.window.dock_widgets.values())
     assert main(["gui", str(ome_zarr.parent / "missing.zarr")]) == 2
 
 

@@ -200,25 +200,24 @@ def test_missing_default_weights_and_bad_inputs_give_clear_messages(
 
 
 def test_cli_gui_segment_docks_both_panels_and_segments_the_sample(
-    checkpoint, monkeypatch, qtbot
+    checkpoint, make_napari_viewer, monkeypatch, qtbot
 ):
     import napari
 
     from napari_pvs.cli import main
 
     monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    # the fixture's viewer: isolated plugin registry, closed at teardown
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)
     assert main(["gui", "--sample", "T2", "--model", str(checkpoint), "--segment"]) == 0
     viewer = napari.current_viewer()
-    try:
-        widgets = list(viewer.window.dock_widgets.values())
-        assert any(isinstance(w, VolumePanel) for w in widgets)
-        panel = next(w for w in widgets if isinstance(w, SegmentPanel))
-        qtbot.waitUntil(lambda: panel.result is not None, timeout=30000)
-        sample = viewer.layers["PVS phantom T2w"]
-        probability = viewer.layers["PVS phantom T2w PVS probability"]
-        assert probability.data.shape == sample.data.shape
-        np.testing.assert_allclose(probability.scale, sample.scale)
-    finally:
-        viewer.close()
+    widgets = list(viewer.window.dock_widgets.values())
+    assert any(isinstance(w, VolumePanel) for w in widgets)
+    panel = next(w for w in widgets if isinstance(w, SegmentPanel))
+    qtbot.waitUntil(lambda: panel.result is not None, timeout=30000)
+    sample = viewer.layers["PVS phantom T2w"]
+    probability = viewer.layers["PVS phantom T2w PVS probability"]
+    assert probability.data.shape == sample.data.shape
+    np.testing.assert_allclose(probability.scale, sample.scale)
     assert main(["gui", "--segment"]) == 2
     assert main(["gui", "--sample", "T2", "--model", "/nonexistent.safetensors"]) == 2

@@ -343,6 +343,7 @@ class SegmentPanel(QWidget):
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setMinimumHeight(180)
         self.table.itemSelectionChanged.connect(self._on_row_selected)
         form.addRow(self.table)
         return box
@@ -457,10 +458,13 @@ class SegmentPanel(QWidget):
             "name": layer.name,
             "scale": tuple(layer.scale),
             "translate": tuple(layer.translate),
+            "units": tuple(layer.units),
+            "axis_labels": tuple(layer.axis_labels),
             "metadata": {
                 k: v for k, v in layer.metadata.items() if k in ("affine", "spacing", "axes")
             },
             "source": request.volume.source,
+            "modality": request.volume.modality,
         }
         self.result = None
         self._set_busy(True)
@@ -515,9 +519,10 @@ class SegmentPanel(QWidget):
             **geometry["metadata"],
             "napari_pvs": True,
             "source": geometry["source"],
+            "modality": geometry["modality"],
             PREDICTION_KEY: str(result.out),
         }
-        common = {"scale": geometry["scale"], "translate": geometry["translate"]}
+        common = {k: geometry[k] for k in ("scale", "translate", "units", "axis_labels")}
         base = geometry["name"]
         self.result_layers = {}
         for array in result.summary.arrays:
@@ -576,7 +581,11 @@ class SegmentPanel(QWidget):
         strategy, n, patch = self.strategy_combo.currentText(), self.n_spin.value(), (
             self.patch_spin.value()
         )
-        self._ranking_geometry = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+        self._ranking_geometry = {
+            "scale": tuple(layer.scale),
+            "translate": tuple(layer.translate),
+            "units": tuple(layer.units),
+        }
         self._set_busy(True)
         self.cancel_button.setEnabled(False)  # ranking is short and takes no cancel token
         self.status_label.setText(f"ranking {n} patches by {strategy}…")
@@ -596,7 +605,7 @@ class SegmentPanel(QWidget):
         for row, patch in enumerate(table):
             cells = [
                 str(patch.rank),
-                f"{patch.score:.4f}",
+                f"{patch.score:.3g}",
                 ", ".join(f"{c:g}" for c in patch.centre),
                 ", ".join(f"{c:.1f}" for c in patch.centre_mm),
                 str(patch.predicted_pvs),
@@ -631,7 +640,12 @@ class SegmentPanel(QWidget):
             if layer is not None:
                 self.viewer.layers.remove(layer)
             layer = self.viewer.add_shapes(
-                name=name, ndim=3, scale=scale, translate=translate, edge_width=1
+                name=name,
+                ndim=3,
+                scale=scale,
+                translate=translate,
+                units=self._ranking_geometry["units"][-3:],
+                edge_width=1,
             )
         layer.add_rectangles(outline, edge_color="yellow", face_color="transparent", edge_width=1)
         if active is not None and active is not layer:
