@@ -195,7 +195,7 @@ def ablation(args) -> dict:
         epochs=max(1, args.ablation_steps // 20),
         steps_per_epoch=min(20, args.ablation_steps),
         batch_size=2,
-        patch=(48, 48, 48),
+        patch=(args.ablation_patch,) * 3,
         learning_rate=3e-3,
         validation_patches=8,
         patience=1000,
@@ -227,7 +227,8 @@ def ablation(args) -> dict:
         }
     steps = config.epochs * config.steps_per_epoch
     print(
-        f"\nAblation: {steps} steps x batch 2 x 48^3, {len(volumes)} training phantoms, "
+        f"\nAblation: {steps} steps x batch 2 x {args.ablation_patch}^3, "
+        f"{len(volumes)} training phantoms, "
         f"scored on central 96^3 crops of the 6 test phantoms"
     )
     header = (
@@ -255,6 +256,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=1.0)
     parser.add_argument("--ablation-steps", type=int, default=0, help="0: skip the ablation")
     parser.add_argument("--ablation-phantoms", type=int, default=12)
+    parser.add_argument("--ablation-patch", type=int, default=48, help="training patch edge")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument(
         "--variants",
