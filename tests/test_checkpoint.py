@@ -131,12 +131,12 @@ def test_import_state_dict_only_through_weights_only(tmp_path, image):
         import_state_dict(evil, "unet", **model.config)
 
 
-@pytest.mark.skipif(not default_checkpoint_path().is_file(), reason="default not built yet")
 def test_bundled_default_is_a_compact_cross_modal_model(image):
     model, meta = load_default_model()
     assert model.name == "cross_modal" and meta["model"]["name"] == "cross_modal"
     assert default_checkpoint_path().stat().st_size < 10e6
-    assert meta["training"]["manifest_hash"]
+    assert meta["training"]["manifest_hash"] and meta["training"]["modalities"] == ["T1", "T2"]
+    assert meta["metrics"]["val_dice"] > 0.5
     with torch.no_grad():
         prob = torch.sigmoid(model(image.abs().clamp(max=1), "T2"))
     assert prob.shape == image.shape and torch.all((prob >= 0) & (prob <= 1))
