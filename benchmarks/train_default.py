@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from napari_pvs.models import build_model
-from napari_pvs.models.checkpoint import default_checkpoint_path, manifest_hash
+from napari_pvs.models.checkpoint import default_checkpoint_path, load_checkpoint, manifest_hash
 from napari_pvs.phantom import make_phantom
 from napari_pvs.progress import TerminalProgress
 from napari_pvs.training import TrainConfig, TrainingVolume, fit, last_checkpoint_path
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--step-seconds", type=float, default=1.0, help="expected s per step")
     parser.add_argument("--patch", type=int, default=48, help="training patch edge (voxels)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--foreground-fraction", type=float, default=0.6)
+    parser.add_argument("--init", help="fine-tune from this checkpoint instead of from scratch")
+    parser.add_argument("--round", type=int, default=0, help="round number for the metadata")
     args = parser.parse_args(argv)
 
     import json
@@ -88,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     volumes, manifest = training_phantoms(args.phantoms)
     print(f"made {len(volumes)} phantoms in {time.perf_counter() - started:.0f} s", flush=True)
-    model = build_model(args.model, **json.loads(args.config))
+    if args.init:
+        model = load_checkpoint(args.init)[0]
+    else:
+        model = build_model(args.model, **json.loads(args.config))
     print(f"{args.model}: {model.num_parameters():,} parameters", flush=True)
 
     # Epochs sized for ~1 s per step (2 shared CPU cores); max_minutes enforces the budget.
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_per_epoch=args.steps_per_epoch,
         batch_size=2,
         patch=(args.patch,) * 3,
-        learning_rate=3e-3,
+        learning_rate=args.lr,
+        foreground_fraction=args.foreground_fraction,
         validation_fraction=0.17,
         validation_patches=12,
         patience=max(6, epochs // 3),
@@ -109,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         max_minutes=remaining / 60,
     )
-    info = {"manifest_hash": manifest_hash(manifest), "round": 0, "data": "phantoms"}
+    info = {"manifest_hash": manifest_hash(manifest), "round": args.round, "data": "phantoms"}
+    if args.init:
+        info["init"] = str(args.init)
     result = fit(
         model,
         volumes,

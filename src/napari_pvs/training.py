@@ -114,8 +114,12 @@ class _Indexed:
         rng = np.random.default_rng(0)
         for z0 in range(0, self.shape[0], slab):
             block = np.asarray(volume.labels[z0 : z0 + slab])
+            tissue = np.asarray(volume.image[z0 : z0 + slab]) != 0
             fg = np.argwhere(block == 1)
-            lab = np.argwhere(block != UNLABELLED)
+            # Background patches centre on labelled tissue: air outside the head teaches nothing.
+            lab = np.argwhere((block != UNLABELLED) & tissue)
+            if len(lab) == 0:
+                lab = np.argwhere(block != UNLABELLED)
             if len(lab) > 4096:
                 lab = lab[rng.choice(len(lab), 4096, replace=False)]
             fg[:, 0] += z0
