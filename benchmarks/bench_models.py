@@ -196,7 +196,7 @@ def ablation(args) -> dict:
         steps_per_epoch=min(20, args.ablation_steps),
         batch_size=2,
         patch=(args.ablation_patch,) * 3,
-        learning_rate=3e-3,
+        learning_rate=args.ablation_lr,
         validation_patches=8,
         patience=1000,
         seed=0,
@@ -279,6 +279,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation-steps", type=int, default=0, help="0: skip the ablation")
     parser.add_argument("--ablation-phantoms", type=int, default=12)
     parser.add_argument("--ablation-patch", type=int, default=48, help="training patch edge")
+    parser.add_argument("--ablation-lr", type=float, default=3e-3)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--prompt-check", action="store_true", help="right vs wrong prompts")
     parser.add_argument(
