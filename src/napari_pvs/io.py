@@ -354,13 +354,17 @@ def _open_zarr_dir(path: Path) -> Volume:
     arrays = [name for name, _ in node.arrays()]
     if len(arrays) == 1:
         return _plain_array_volume(node[arrays[0]], path, modality, ours)
+    if "probability" in arrays and "segmentation" in arrays:
+        # a `napari-pvs predict` store opens as its probability map
+        return _plain_array_volume(node["probability"], path, modality, ours)
     if not arrays:
         groups = [name for name, _ in node.groups()]
         hint = f" (it holds groups: {', '.join(groups)})" if groups else ""
         raise ValueError(f"{path}: zarr group holds no array and no OME-Zarr image{hint}")
+    visible = sorted(name for name in arrays if not name.startswith("_")) or sorted(arrays)
     raise ValueError(
         f"{path}: zarr group holds {len(arrays)} arrays ({', '.join(sorted(arrays))}) and no "
-        f"OME-Zarr metadata; open one of them, e.g. {path / sorted(arrays)[0]}"
+        f"OME-Zarr metadata; open one of them, e.g. {path / visible[0]}"
     )
 
 
@@ -443,8 +447,9 @@ def open_labels(path: str | Path, name: str | None = None) -> Volume:
     """Open a label image lazily: OME-Zarr ``labels/NAME``, a zarr array/group, or NIfTI.
 
     For an OME-Zarr image with labels, ``name`` picks one (default: the only one, or ``pvs``).
-    A path that points into the store (``image.zarr/labels/pvs``) also works. The returned
-    :class:`Volume` has integer (or bool) ``data``; NaN/inf checks do not apply.
+    A ``napari-pvs predict`` store opens as its ``segmentation``. A path that points into the
+    store (``image.zarr/labels/pvs``) also works. The returned :class:`Volume` has integer (or
+    bool) ``data``; NaN/inf checks do not apply.
     """
     path = _check_path(path)
     if path.is_file():
@@ -472,6 +477,9 @@ def open_labels(path: str | Path, name: str | None = None) -> Volume:
             volume.modality = image_volume.modality
         elif name is not None:
             raise ValueError(f"{path}: has no OME-Zarr labels, so there is no {name!r} to open")
+        elif isinstance(node, zarr.Group) and "segmentation" in dict(node.arrays()):
+            # a `napari-pvs predict` store: its label image is the segmentation
+            volume = _open_zarr_dir(path / "segmentation")
         else:
             volume = _open_zarr_dir(path)
     if np.issubdtype(volume.data.dtype, np.floating):

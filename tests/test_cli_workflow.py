@@ -1,0 +1,48 @@
+"""The headless loop from the README, end to end: phantom -> predict -> rank -> evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import zarr
+
+from napari_pvs import io
+from napari_pvs.cli import main
+from napari_pvs.metrics import evaluate
+from napari_pvs.models import build_model
+from napari_pvs.models.checkpoint import save_checkpoint
+
+
+def test_phantom_predict_rank_evaluate(tmp_path, capsys):
+    model = build_model("unet", channels=[4, 8, 16], num_res_units=1, feature_channels=4)
+    checkpoint = save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
+    phantom = tmp_path / "t2.zarr"
+    store = tmp_path / "t2_pvs.zarr"
+    assert main(["phantom", str(phantom), "--modality", "T2", "--shape", "40", "48", "40",
+                 "--spacing", "2", "--seed", "5"]) == 0
+    common = ["--model", str(checkpoint), "--device", "cpu", "--window", "32", "--batch", "2"]
+    assert main(["predict", str(phantom), "--out", str(store), "--mc", "2", *common]) == 0
+    assert main(["rank", str(store), "--n", "2", "--patch", "16",
+                 "--strategy", "stratified"]) == 0
+    metrics_path = tmp_path / "metrics.json"
+    capsys.readouterr()
+    assert main(["evaluate", str(store), str(phantom), "--regions", str(phantom),
+                 "--out", str(metrics_path)]) == 0
+    assert "white_matter" in capsys.readouterr().out
+
+    # A prediction store opens as its probability (image) and its segmentation (labels).
+    group = zarr.open_group(str(store), mode="r")
+    probability = np.asarray(group["probability"][:])
+    segmentation = np.asarray(group["segmentation"][:])
+    np.testing.assert_array_equal(io.open_volume(store).data.compute(), probability)
+    np.testing.assert_array_equal(io.open_labels(store).data.compute(), segmentation)
+
+    # evaluate scored exactly the segmentation against the phantom's ground truth.
+    truth = io.open_labels(phantom, "pvs").data.compute()
+    regions = io.open_labels(phantom, "regions").data.compute()
+    reference = evaluate(segmentation, truth, regions=regions, spacing=(2.0, 2.0, 2.0))
+    written = json.loads(metrics_path.read_text())
+    assert written["dice"] == reference["dice"]
+    assert written["cluster"] == reference["cluster"]
+    assert written["count"]["gt"] == reference["count"]["gt"] > 0
