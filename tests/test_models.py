@@ -223,3 +223,14 @@ def test_resolve_device(capsys):
     if not torch.cuda.is_available():
         assert resolve_device("cuda").type == "cpu"
         assert "falling back to CPU" in capsys.readouterr().err
+
+
+def test_resolve_device_sends_the_fallback_note_to_the_callback(capsys):
+    notes: list[str] = []
+    device = resolve_device("cuda", notify=notes.append)
+    if torch.cuda.is_available():
+        assert device.type == "cuda" and notes == []
+    else:
+        assert device.type == "cpu"
+        assert len(notes) == 1 and "falling back to CPU" in notes[0]
+        assert capsys.readouterr().err == ""  # told the callback, not stderr

@@ -157,7 +157,7 @@ def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
     patch = expected[1]
     world = np.asarray(patch.centre) * SCALE + TRANSLATE
     np.testing.assert_allclose(panel.viewer.dims.point, world, atol=max(SCALE) / 2 + 1e-6)
-    np.testing.assert_allclose(panel.viewer.camera.center[-2:], world[-2:])  # 2D: (y, x)
+    np.testing.assert_allclose(panel.viewer.scene.camera.center[-2:], world[-2:])  # 2D: (y, x)
     outline = panel.viewer.layers["ranked patch"]
     assert outline.nshapes == 16
     corners = np.concatenate(outline.data)

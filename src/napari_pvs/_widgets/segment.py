@@ -12,10 +12,7 @@ table only shows it).
 
 from __future__ import annotations
 
-import contextlib
-import io as stdio
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +134,9 @@ def resolve_device_noting(device: str) -> tuple[Any, str]:
     """:func:`napari_pvs.models.resolve_device`, returning its CPU-fallback message too."""
     from napari_pvs.models import resolve_device
 
-    captured = stdio.StringIO()
-    with contextlib.redirect_stderr(captured):
-        resolved = resolve_device(device)
-    note = captured.getvalue().strip()
-    if note:
-        print(note, file=sys.stderr)
-    return resolved, note
+    notes: list[str] = []
+    resolved = resolve_device(device, notify=notes.append)
+    return resolved, " ".join(notes)
 
 
 def pvs_statistics(store: str | Path) -> tuple[int, float, int | None]:
@@ -628,7 +621,7 @@ class SegmentPanel(QWidget):
         translate = np.asarray(self._ranking_geometry["translate"][-3:], dtype=float)
         world = np.asarray(patch.centre) * scale + translate
         self.viewer.dims.set_point(range(self.viewer.dims.ndim - 3, self.viewer.dims.ndim), world)
-        self.viewer.camera.center = tuple(world)
+        self.viewer.scene.camera.center = tuple(world)
         outline = patch_outline(patch)
         name = "ranked patch"
         layer = next((lyr for lyr in self.viewer.layers if lyr.name == name), None)

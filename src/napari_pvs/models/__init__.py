@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 #: name -> (module, factory function, one-line description)
@@ -87,11 +88,16 @@ def modality_list(modality: str | list[str] | tuple[str, ...] | None, batch: int
     return items
 
 
-def resolve_device(device: str | None = "auto"):
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def resolve_device(device: str | None = "auto", notify: Callable[[str], None] | None = None):
     """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' into a usable ``torch.device``.
 
     'auto' picks CUDA when available, else CPU. Asking for an absent accelerator falls back to
-    CPU with a one-line message on stderr instead of failing deep inside torch.
+    CPU with a one-line message instead of failing deep inside torch; ``notify`` receives it
+    (default: printed on stderr), so a widget can show it where the user looks.
     """
     import torch
 
@@ -102,10 +108,9 @@ def resolve_device(device: str | None = "auto"):
         return torch.device("cpu")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            print(
+            (notify or _print_stderr)(
                 f"napari-pvs: device {device!r} requested but no CUDA GPU is available "
-                "(or this torch build has no CUDA); falling back to CPU",
-                file=sys.stderr,
+                "(or this torch build has no CUDA); falling back to CPU"
             )
             return torch.device("cpu")
         index = int(requested.split(":", 1)[1]) if ":" in requested else 0
@@ -118,8 +123,9 @@ def resolve_device(device: str | None = "auto"):
     if requested == "mps":
         backend = getattr(torch.backends, "mps", None)
         if backend is None or not backend.is_available():
-            message = "napari-pvs: MPS requested but not available; falling back to CPU"
-            print(message, file=sys.stderr)
+            (notify or _print_stderr)(
+                "napari-pvs: MPS requested but not available; falling back to CPU"
+            )
             return torch.device("cpu")
         return torch.device("mps")
     raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
