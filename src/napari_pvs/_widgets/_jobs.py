@@ -19,6 +19,7 @@ from typing import Any
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QHBoxLayout, QPushButton
 
 from napari_pvs.progress import Cancelled, CancelToken, ProgressCallback
 
@@ -102,3 +103,18 @@ class BackgroundJob(QObject):
             self.cancelled.emit()
         else:
             self.failed.emit(value)
+
+
+def run_cancel_row(
+    label: str, on_run: Callable[[], Any], on_cancel: Callable[[], Any]
+) -> tuple[QHBoxLayout, QPushButton, QPushButton]:
+    """A "run" button beside a Cancel button that starts disabled: every job panel's controls."""
+    row = QHBoxLayout()
+    run_button = QPushButton(label)
+    run_button.clicked.connect(on_run)
+    cancel_button = QPushButton("Cancel")
+    cancel_button.setEnabled(False)
+    cancel_button.clicked.connect(on_cancel)
+    row.addWidget(run_button)
+    row.addWidget(cancel_button)
+    return row, run_button, cancel_button

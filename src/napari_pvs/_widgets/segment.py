@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pvs import io
-from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
 from napari_pvs.cohort import modality_warning, output_name
 from napari_pvs.inference import DEFAULT_WINDOW, PredictionSummary, Predictor, open_prediction
 from napari_pvs.metrics import label_clusters
@@ -293,14 +293,9 @@ class SegmentPanel(QWidget):
         self.overwrite_check = QCheckBox("Overwrite a prediction made with other settings")
         form.addRow(self.overwrite_check)
 
-        row = QHBoxLayout()
-        self.segment_button = QPushButton("Segment")
-        self.segment_button.clicked.connect(self.segment)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        row.addWidget(self.segment_button)
-        row.addWidget(self.cancel_button)
+        row, self.segment_button, self.cancel_button = run_cancel_row(
+            "Segment", self.segment, self.cancel
+        )
         form.addRow(row)
         self.summary_label = QLabel("")
         self.summary_label.setWordWrap(True)

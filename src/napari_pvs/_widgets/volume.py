@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs import io
 from napari_pvs._reader import volume_layer_data
-from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
 from napari_pvs._writer import save_labels
 
 if TYPE_CHECKING:
@@ -117,14 +117,9 @@ class VolumePanel(QWidget):
         self.open_converted_check = QCheckBox("Open the result")
         self.open_converted_check.setChecked(True)
         form.addRow(self.open_converted_check)
-        row = QHBoxLayout()
-        self.convert_button = QPushButton("Convert")
-        self.convert_button.clicked.connect(self.start_convert)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel_convert)
-        row.addWidget(self.convert_button)
-        row.addWidget(self.cancel_button)
+        row, self.convert_button, self.cancel_button = run_cancel_row(
+            "Convert", self.start_convert, self.cancel_convert
+        )
         form.addRow(row)
         return box
 
