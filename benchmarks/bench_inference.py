@@ -16,6 +16,12 @@ The volumes are written once to a zarr cache directory (default /tmp/napari_pvs_
 
 from __future__ import annotations
 
+import os
+
+# Busy-waiting OpenMP threads make torch 10-20x slower when the CPU is shared; passive waiting
+# costs nothing on a quiet machine. Set before torch is imported; worker processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import resource

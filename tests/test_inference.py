@@ -10,7 +10,13 @@ import torch
 import zarr
 from monai.inferers import sliding_window_inference
 
-from napari_pvs.inference import DONE_ARRAY, Predictor, WindowPlan, window_starts
+from napari_pvs.inference import (
+    DONE_ARRAY,
+    Predictor,
+    WindowPlan,
+    importance_map,
+    window_starts,
+)
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.models import build_model
 from napari_pvs.progress import Cancelled
@@ -55,6 +61,16 @@ def test_window_starts_match_monai_rule():
     assert window_starts(200, 64, 0.25) == ([0, 48, 96, 136], 0)
     # smaller than the window: one window, padded symmetrically
     assert window_starts(10, 16, 0.25) == ([-3], 3)
+
+
+def test_importance_map_is_monais():
+    from monai.data.utils import compute_importance_map
+
+    for window in [(16, 16, 16), (12, 20, 9)]:
+        for mode in ("gaussian", "constant"):
+            ours = importance_map(window, mode, 0.125)
+            theirs = compute_importance_map(window, mode=mode, sigma_scale=0.125).numpy()
+            np.testing.assert_array_equal(ours, theirs)
 
 
 def test_every_chunk_completes_after_its_last_window():

@@ -12,6 +12,7 @@ from napari_pvs.uncertainty import (
     flip_sets,
     mc_samples,
     naive_mc_samples,
+    predictive_moments,
     predictive_samples,
     sample_count,
     uncertainty_from_moments,
@@ -140,3 +141,42 @@ def test_ensemble_yields_one_sample_per_member_and_draw():
         torch.testing.assert_close(
             next(iter(predictive_samples(models[1:], image, "T2"))), torch.sigmoid(models[1](image))
         )
+
+
+def test_batched_head_samples_are_the_sequential_draws():
+    """head_samples gives, under one seed, exactly the masks of T dropout3d head calls."""
+    unet = tiny_unet(dropout=0.4)
+    torch.manual_seed(3)
+    mednext = build_model("mednext_s", init_filters=4, kernel_size=3, dropout=0.4).eval()
+    wrapped = tiny_unet(dropout=0.4)  # a head conv that is not pointwise: the fallback path
+    wrapped.mc_head.conv = torch.nn.Sequential(
+        torch.nn.Conv3d(4, 1, kernel_size=1), torch.nn.Softsign()
+    )
+    # MedNeXt's head is a wrapped ConvTranspose3d: still a pointwise map, so the fast path
+    assert mednext.mc_head._pointwise_weights(4) is not None
+    assert wrapped.mc_head._pointwise_weights(4) is None
+    for model in (unet, mednext, wrapped):
+        features = torch.randn(2, 4, 5, 6, 7)
+        with torch.inference_mode():
+            torch.manual_seed(11)
+            batched = model.head_samples(features, 6)
+            torch.manual_seed(11)
+            sequential = torch.stack([model.head(features, sample=True) for _ in range(6)])
+        assert batched.shape == (6, 2, 1, 5, 6, 7)
+        torch.testing.assert_close(batched, sequential, atol=1e-5, rtol=1e-5)
+        assert batched.std(0).mean() > 1e-3  # masks differ between samples
+
+
+def test_predictive_moments_equal_accumulated_samples():
+    """The fused path (logit stacks, softplus entropy) equals accumulating each sample."""
+    model = tiny_unet()
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        fused = predictive_moments([model], image, "T2", mc=4, tta=True)
+        torch.manual_seed(5)
+        acc = MomentAccumulator()
+        for p in predictive_samples([model], image, "T2", mc=4, tta=True):
+            acc.add(p)
+    assert acc.count == sample_count(1, 4, True)
+    torch.testing.assert_close(fused, acc.moments(), atol=2e-5, rtol=1e-4)

@@ -478,7 +478,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tta", action="store_true", help="test-time flips (8 mirrorings)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch", type=int, default=4, help="windows per batch (default 4)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="windows per batch (default 4 on CUDA, 2 on CPU)"
+    )
     parser.add_argument("--window", type=int, default=64, help="window edge (default 64)")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler, tcp://host:8786")

@@ -20,6 +20,7 @@ the same distribution.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -58,28 +59,51 @@ def uncertainty_from_moments(
 
 
 class MomentAccumulator:
-    """Running means of ``p``, ``H(p)`` and ``p**2`` over probability samples of one batch."""
+    """Running means of ``p``, ``H(p)`` and ``p**2`` over probability samples of one batch.
+
+    The sums live in one ``(B, 3, D, H, W)`` tensor, so :meth:`moments` is one division.
+    """
 
     def __init__(self) -> None:
         self.count = 0
-        self._sums: list[torch.Tensor] | None = None
+        self._sums: torch.Tensor | None = None
+
+    def _target(self, like: torch.Tensor) -> torch.Tensor:
+        if self._sums is None:
+            shape = (like.shape[0], 3, *like.shape[2:])
+            self._sums = torch.zeros(shape, dtype=torch.float32, device=like.device)
+        return self._sums
 
     def add(self, probability: torch.Tensor) -> None:
-        """Add one probability sample ``(B, 1, D, H, W)`` (float32)."""
+        """Add one probability sample ``(B, 1, D, H, W)``."""
         p = probability.float()
-        terms = [p.clone(), binary_entropy(p), p * p]  # clone: never add into the caller's tensor
-        if self._sums is None:
-            self._sums = terms
-        else:
-            for total, term in zip(self._sums, terms, strict=True):
-                total.add_(term)
+        sums = self._target(p)
+        sums[:, 0:1] += p
+        sums[:, 1:2] += binary_entropy(p)
+        sums[:, 2:3].addcmul_(p, p)
         self.count += 1
+
+    def add_logits(self, logits: torch.Tensor) -> None:
+        """Add a stack of samples given as logits ``(S, B, 1, D, H, W)``, in one pass.
+
+        Entropy from the logit ``z`` is ``softplus(z) - p z`` nats: exact, with no clamping
+        and two fewer logarithms than from ``p``.
+        """
+        z = logits.float()
+        sums = self._target(z[0])
+        p = torch.sigmoid(z)
+        entropy = torch.nn.functional.softplus(z)
+        entropy.addcmul_(p, z, value=-1.0)
+        sums[:, 0:1] += p.sum(0)
+        sums[:, 1:2].add_(entropy.sum(0), alpha=1.0 / math.log(2.0))
+        sums[:, 2:3] += p.mul_(p).sum(0)
+        self.count += z.shape[0]
 
     def moments(self) -> torch.Tensor:
         """``(B, 3, D, H, W)``: mean p, mean entropy, mean p**2."""
         if self._sums is None:
             raise ValueError("no samples were added; add at least one probability sample")
-        return torch.cat(self._sums, dim=1) / self.count
+        return self._sums / self.count
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +116,18 @@ def flip_sets(tta: bool) -> list[tuple[int, ...]]:
         return [()]
     axes = (2, 3, 4)
     return [combo for r in range(4) for combo in itertools.combinations(axes, r)]
+
+
+def _head_logits(model: torch.nn.Module, features: torch.Tensor, samples: int) -> torch.Tensor:
+    """``samples`` MC-dropout logits ``(samples, B, 1, ...)`` of one feature map.
+
+    Uses the model's batched ``head_samples`` when it has one (one read of the features),
+    otherwise calls ``head(features, sample=True)`` per sample.
+    """
+    batched = getattr(model, "head_samples", None)
+    if callable(batched):
+        return batched(features, samples)
+    return torch.stack([model.head(features, sample=True) for _ in range(samples)])
 
 
 def mc_samples(
@@ -108,8 +144,7 @@ def mc_samples(
     if samples <= 0:
         yield torch.sigmoid(model.head(features).float())
         return
-    for _ in range(samples):
-        yield torch.sigmoid(model.head(features, sample=True).float())
+    yield from torch.sigmoid(_head_logits(model, features, samples).float())
 
 
 def naive_mc_samples(
@@ -143,6 +178,29 @@ def predictive_samples(
             flipped = torch.flip(image, flip) if flip else image
             for probability in mc_samples(model, flipped, modality, mc):
                 yield torch.flip(probability, flip) if flip else probability
+
+
+def predictive_moments(
+    models: Sequence[torch.nn.Module],
+    image: torch.Tensor,
+    modality: str | list[str] | None,
+    mc: int = 0,
+    tta: bool = False,
+) -> torch.Tensor:
+    """Moments ``(B, 3, ...)`` (see :class:`MomentAccumulator`) of every sample of
+    :func:`predictive_samples`, the same draws in the same order, without materialising
+    probabilities one sample at a time: each feature map's MC logits go in as one stack.
+    """
+    acc = MomentAccumulator()
+    for model in models:
+        for flip in flip_sets(tta):
+            flipped = torch.flip(image, flip) if flip else image
+            features = model.features(flipped, modality)
+            logits = _head_logits(model, features, mc) if mc > 0 else model.head(features)[None]
+            if flip:
+                logits = torch.flip(logits, [d + 1 for d in flip])
+            acc.add_logits(logits)
+    return acc.moments()
 
 
 def sample_count(n_models: int, mc: int, tta: bool) -> int:
