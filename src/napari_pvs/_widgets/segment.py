@@ -79,7 +79,7 @@ class SegmentRequest:
     mc_samples: int = 0
     tta: bool = False
     window: int = DEFAULT_WINDOW
-    batch: int = 4
+    batch: int | None = None  # None: the core's default for the device
     overwrite: bool = False
 
 
@@ -273,8 +273,9 @@ class SegmentPanel(QWidget):
         self.window_spin.setSingleStep(16)
         self.window_spin.setValue(DEFAULT_WINDOW)
         self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 256)
-        self.batch_spin.setValue(4)
+        self.batch_spin.setRange(0, 256)
+        self.batch_spin.setSpecialValueText("auto")  # 0: the core's default for the device
+        self.batch_spin.setValue(0)
         row = QHBoxLayout()
         row.addWidget(QLabel("window"))
         row.addWidget(self.window_spin)
@@ -436,7 +437,7 @@ class SegmentPanel(QWidget):
                 mc_samples=self.mc_spin.value(),
                 tta=self.tta_check.isChecked(),
                 window=self.window_spin.value(),
-                batch=self.batch_spin.value(),
+                batch=self.batch_spin.value() or None,
                 overwrite=self.overwrite_check.isChecked(),
             )
         except ValueError as exc:
