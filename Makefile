@@ -31,7 +31,7 @@ demo: install
 	$(VENV)/bin/napari-pvs gui --sample T2 --segment
 
 test: install
-	QT_API=pyqt5 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15 tests
+	QT_API=pyqt6 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15 tests
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/npe2 validate napari-pvs
 

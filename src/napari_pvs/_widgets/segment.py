@@ -300,6 +300,7 @@ class SegmentPanel(QWidget):
         form.addRow(row)
         self.summary_label = QLabel("")
         self.summary_label.setWordWrap(True)
+        self.summary_label.setMinimumHeight(2 * self.summary_label.fontMetrics().height() + 4)
         form.addRow(self.summary_label)
         return box
 
