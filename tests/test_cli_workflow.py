@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import zarr
 
 from napari_pvs import io
@@ -15,6 +16,7 @@ from napari_pvs.models.checkpoint import save_checkpoint
 
 
 def test_phantom_predict_rank_evaluate(tmp_path, capsys):
+    torch.manual_seed(0)
     model = build_model("unet", channels=[4, 8, 16], num_res_units=1, feature_channels=4)
     checkpoint = save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
     phantom = tmp_path / "t2.zarr"
@@ -37,6 +39,7 @@ def test_phantom_predict_rank_evaluate(tmp_path, capsys):
     segmentation = np.asarray(group["segmentation"][:])
     np.testing.assert_array_equal(io.open_volume(store).data.compute(), probability)
     np.testing.assert_array_equal(io.open_labels(store).data.compute(), segmentation)
+    assert io.is_prediction_store(store) and not io.is_prediction_store(phantom)
 
     # evaluate scored exactly the segmentation against the phantom's ground truth.
     truth = io.open_labels(phantom, "pvs").data.compute()
@@ -46,3 +49,8 @@ def test_phantom_predict_rank_evaluate(tmp_path, capsys):
     assert written["dice"] == reference["dice"]
     assert written["cluster"] == reference["cluster"]
     assert written["count"]["gt"] == reference["count"]["gt"] > 0
+
+    # ...and it is the segmentation that is scored, not a re-thresholded float16 probability.
+    zarr.open_group(str(store), mode="r+")["segmentation"][:] = truth
+    assert main(["evaluate", str(store), str(phantom), "--out", str(metrics_path)]) == 0
+    assert json.loads(metrics_path.read_text())["dice"] == 1.0

@@ -326,6 +326,8 @@ def _open_mask_like(path: str, label_name: str | None = None):
     """Open a mask/label image (or a float probability map) lazily; returns an io.Volume."""
     from napari_pvs import io
 
+    if io.is_prediction_store(path):
+        return io.open_labels(path)  # its segmentation, thresholded by the predictor
     volume = io.open_volume(path, check_finite=False)
     if label_name is not None and label_name in volume.label_names:
         return io.open_labels(path, label_name)

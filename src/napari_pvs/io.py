@@ -328,6 +328,24 @@ def _ours(attrs: Mapping) -> Mapping:
     return attrs.get(ATTRS_KEY, {}) if isinstance(attrs.get(ATTRS_KEY, {}), Mapping) else {}
 
 
+def _is_prediction_group(node) -> bool:
+    """Whether a zarr node is a ``napari-pvs predict`` store (probability + segmentation)."""
+    return isinstance(node, zarr.Group) and {"probability", "segmentation"} <= {
+        name for name, _ in node.arrays()
+    }
+
+
+def is_prediction_store(path: str | Path) -> bool:
+    """Whether ``path`` is a ``napari-pvs predict`` output store (without reading any data)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        return _is_prediction_group(zarr.open(str(path), mode="r"))
+    except Exception:  # not a zarr store at all: the caller's own opener reports why
+        return False
+
+
 def _open_zarr_dir(path: Path) -> Volume:
     node = _open_zarr(path)
     attrs = dict(node.attrs)
@@ -354,8 +372,7 @@ def _open_zarr_dir(path: Path) -> Volume:
     arrays = [name for name, _ in node.arrays()]
     if len(arrays) == 1:
         return _plain_array_volume(node[arrays[0]], path, modality, ours)
-    if "probability" in arrays and "segmentation" in arrays:
-        # a `napari-pvs predict` store opens as its probability map
+    if _is_prediction_group(node):  # opens as its probability map
         return _plain_array_volume(node["probability"], path, modality, ours)
     if not arrays:
         groups = [name for name, _ in node.groups()]
@@ -477,8 +494,7 @@ def open_labels(path: str | Path, name: str | None = None) -> Volume:
             volume.modality = image_volume.modality
         elif name is not None:
             raise ValueError(f"{path}: has no OME-Zarr labels, so there is no {name!r} to open")
-        elif isinstance(node, zarr.Group) and "segmentation" in dict(node.arrays()):
-            # a `napari-pvs predict` store: its label image is the segmentation
+        elif _is_prediction_group(node):  # its label image is the segmentation
             volume = _open_zarr_dir(path / "segmentation")
         else:
             volume = _open_zarr_dir(path)
