@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import zarr
 
 from napari_pvs import io
 from napari_pvs.cli import main
 from napari_pvs.metrics import evaluate
-from napari_pvs.models import build_model
-from napari_pvs.models.checkpoint import save_checkpoint
+from tiny_models import tiny_checkpoint
 
 
 def test_phantom_predict_rank_evaluate(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = build_model("unet", channels=[4, 8, 16], num_res_units=1, feature_channels=4)
-    checkpoint = save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors", channels=(4, 8, 16))
     phantom = tmp_path / "t2.zarr"
     store = tmp_path / "t2_pvs.zarr"
     assert main(["phantom", str(phantom), "--modality", "T2", "--shape", "40", "48", "40",

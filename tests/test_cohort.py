@@ -6,23 +6,19 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from napari_pvs.cohort import modality_warning, output_name, predict_cohort
 from napari_pvs.inference import Predictor
 from napari_pvs.io import open_volume, save_nifti, save_ome_zarr
-from napari_pvs.models import build_model
-from napari_pvs.models.checkpoint import save_checkpoint
+from tiny_models import tiny_checkpoint
 
 OPTIONS = {"window": 16, "batch": 2, "device": "cpu"}
 
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("unet", channels=[4, 8], num_res_units=1, feature_channels=4)
-    return save_checkpoint(model.eval(), tmp_path / "tiny.safetensors")
+    return tiny_checkpoint(tmp_path / "tiny.safetensors")
 
 
 def test_cohort_on_a_two_worker_local_cluster(tmp_path, checkpoint):

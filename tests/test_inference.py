@@ -10,6 +10,7 @@ import torch
 import zarr
 from monai.inferers import sliding_window_inference
 
+import tiny_models
 from napari_pvs.inference import (
     DONE_ARRAY,
     Predictor,
@@ -18,15 +19,11 @@ from napari_pvs.inference import (
     window_starts,
 )
 from napari_pvs.intensity import normalize, robust_range
-from napari_pvs.models import build_model
 from napari_pvs.progress import Cancelled
 
 
 def tiny_unet(seed: int = 0, dropout: float = 0.2):
-    torch.manual_seed(seed)
-    return build_model(
-        "unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=dropout
-    ).eval()
+    return tiny_models.tiny_unet(seed, dropout)
 
 
 def noisy_volume(shape, seed: int = 0) -> np.ndarray:
@@ -124,8 +121,7 @@ def test_volume_smaller_than_window_is_padded(tmp_path):
 
 
 def test_window_not_divisible_by_size_divisor(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("unet", channels=[4, 8, 16], num_res_units=1, feature_channels=4).eval()
+    model = tiny_models.tiny_unet(channels=(4, 8, 16))
     assert model.size_divisor == 4
     volume = noisy_volume((30, 25, 22))
     Predictor(model, window=18, batch=2, device="cpu").predict(volume, tmp_path / "p.zarr")

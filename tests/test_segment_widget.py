@@ -14,9 +14,9 @@ from qtpy.QtCore import Qt
 from napari_pvs._widgets import SegmentPanel, VolumePanel
 from napari_pvs.inference import Predictor
 from napari_pvs.metrics import label_clusters
-from napari_pvs.models import build_model
-from napari_pvs.models.checkpoint import load_checkpoint, save_checkpoint
+from napari_pvs.models.checkpoint import load_checkpoint
 from napari_pvs.ranking import rank_patches
+from tiny_models import tiny_checkpoint
 
 pytestmark = pytest.mark.gui
 
@@ -26,9 +26,7 @@ TRANSLATE = (10.0, -5.0, 3.0)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=0.3)
-    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", dropout=0.3)
 
 
 def volume(shape, seed=0) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import tiny_models
 from napari_pvs.models import build_model
 from napari_pvs.uncertainty import (
     MomentAccumulator,
@@ -20,10 +21,7 @@ from napari_pvs.uncertainty import (
 
 
 def tiny_unet(seed: int = 0, dropout: float = 0.5):
-    torch.manual_seed(seed)
-    return build_model(
-        "unet", channels=[4, 8], num_res_units=1, feature_channels=4, dropout=dropout
-    ).eval()
+    return tiny_models.tiny_unet(seed, dropout)
 
 
 def test_measures_match_a_direct_computation():

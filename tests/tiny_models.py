@@ -1,0 +1,25 @@
+"""The tiny, seeded models the tests run real inference and training with (fast on CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from napari_pvs.models import build_model
+from napari_pvs.models.checkpoint import save_checkpoint
+
+
+def tiny_unet(seed: int = 0, dropout: float = 0.0, channels: Sequence[int] = (4, 8)):
+    """A seeded residual UNet small enough to run whole test volumes in milliseconds."""
+    torch.manual_seed(seed)
+    config = {"channels": list(channels), "num_res_units": 1, "feature_channels": 4}
+    if dropout:
+        config["dropout"] = dropout
+    return build_model("unet", **config).eval()
+
+
+def tiny_checkpoint(path: Path, **model_options) -> Path:
+    """:func:`tiny_unet` saved as a napari-pvs checkpoint at ``path``."""
+    return save_checkpoint(tiny_unet(**model_options), path)
