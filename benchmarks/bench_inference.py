@@ -126,7 +126,8 @@ def worker_naive_mc(volume_path: str, mc: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mb": rss_mb()}
 
 
-def worker_monai(volume_path: str) -> dict:
+def monai_segmentation(model, volume_path: str):
+    """The reference: read the whole volume, MONAI's sliding window over it, threshold."""
     import numpy as np
     import torch
     import zarr
@@ -134,9 +135,6 @@ def worker_monai(volume_path: str) -> dict:
 
     from napari_pvs.intensity import normalize, robust_range
 
-    model = build()
-    baseline = current_rss_mb()
-    start = time.perf_counter()
     volume = np.asarray(zarr.open_array(volume_path, mode="r")[...])
     lo, hi = robust_range(volume)
     x = torch.from_numpy(normalize(volume, lo, hi))[None, None]
@@ -144,8 +142,14 @@ def worker_monai(volume_path: str) -> dict:
         logits = sliding_window_inference(
             x, (WINDOW,) * 3, BATCH, model, overlap=OVERLAP, mode="gaussian"
         )
-        probability = torch.sigmoid(logits)[0, 0]
-        segmentation = (probability >= 0.5).to(torch.uint8).numpy()
+        return (torch.sigmoid(logits)[0, 0] >= 0.5).to(torch.uint8).numpy()
+
+
+def worker_monai(volume_path: str) -> dict:
+    model = build()
+    baseline = current_rss_mb()
+    start = time.perf_counter()
+    segmentation = monai_segmentation(model, volume_path)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -164,29 +168,16 @@ def worker_interleaved(volume_path: str, out: str, repeats: int) -> dict:
     import shutil
 
     import dask.array as da
-    import numpy as np
-    import torch
-    import zarr
-    from monai.inferers import sliding_window_inference
 
     from napari_pvs.inference import Predictor
-    from napari_pvs.intensity import normalize, robust_range
 
     model = build()
     predictor = Predictor(model, window=WINDOW, overlap=OVERLAP, batch=BATCH)
     times: dict[str, list[float]] = {"monai": [], "ours": []}
     for _ in range(repeats):
         start = time.perf_counter()
-        volume = np.asarray(zarr.open_array(volume_path, mode="r")[...])
-        lo, hi = robust_range(volume)
-        x = torch.from_numpy(normalize(volume, lo, hi))[None, None]
-        with torch.inference_mode():
-            logits = sliding_window_inference(
-                x, (WINDOW,) * 3, BATCH, model, overlap=OVERLAP, mode="gaussian"
-            )
-            (torch.sigmoid(logits)[0, 0] >= 0.5).to(torch.uint8).numpy()
+        monai_segmentation(model, volume_path)
         times["monai"].append(time.perf_counter() - start)
-        del volume, x, logits
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         predictor.predict(da.from_zarr(volume_path), out)
@@ -328,7 +319,7 @@ def main() -> None:
             (f"ours {label}: time", f"{alt['ours']:.1f} s", f"{alt['ours'] / alt['monai']:.2f}")
         )
     lean = run_worker(["ours", vol[reference], "0", out, str(args.lean_batch)], args.threads)
-    results["ours_batch1"] = lean
+    results["ours_lean_batch"] = lean
     lean_inc = lean["peak_mb"] - lean["baseline_mb"]
     t_ratio = f"{lean['seconds'] / monai['seconds']:.2f}"
     rows.append((f"ours {n}, batch {args.lean_batch}: time", f"{lean['seconds']:.1f} s", t_ratio))
