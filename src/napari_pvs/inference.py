@@ -43,6 +43,7 @@ import torch
 import zarr
 
 from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.io import ATTRS_KEY
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
     UNCERTAINTY_NAMES,
@@ -52,8 +53,6 @@ from napari_pvs.uncertainty import (
     uncertainty_from_moments,
 )
 
-#: Key of our metadata in zarr attributes (shared with :mod:`napari_pvs.io`).
-ATTRS_KEY = "napari_pvs"
 #: Version of the prediction store layout; bump when the layout changes.
 STORE_FORMAT = 1
 DONE_ARRAY = "_chunks_done"
@@ -721,19 +720,3 @@ def predict(
     return Predictor(model, **options).predict(
         volume, out, progress=progress, cancel=cancel, overwrite=overwrite
     )
-
-
-def open_prediction(path: str | Path) -> zarr.Group:
-    """Open a prediction store read-only, with a clear error when it is not one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no prediction store at {path}; run 'napari-pvs predict' first")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as exc:
-        raise ValueError(f"{path} is not a zarr group of predictions ({exc})") from exc
-    if "probability" not in group:
-        raise ValueError(
-            f"{path} holds no 'probability' array; point to the output of 'napari-pvs predict'"
-        )
-    return group

@@ -335,6 +335,22 @@ def _is_prediction_group(node) -> bool:
     }
 
 
+def open_prediction(path: str | Path) -> zarr.Group:
+    """Open a ``napari-pvs predict`` store read-only, with a clear error when it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no prediction store at {path}; run 'napari-pvs predict' first")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise ValueError(f"{path} is not a zarr group of predictions ({exc})") from exc
+    if "probability" not in group:
+        raise ValueError(
+            f"{path} holds no 'probability' array; point to the output of 'napari-pvs predict'"
+        )
+    return group
+
+
 def is_prediction_store(path: str | Path) -> bool:
     """Whether ``path`` is a ``napari-pvs predict`` output store (without reading any data)."""
     path = Path(path)

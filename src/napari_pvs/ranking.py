@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_pvs.inference import ATTRS_KEY, open_prediction
-from napari_pvs.uncertainty import binary_entropy
+from napari_pvs.io import ATTRS_KEY, open_prediction
 
 STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
 DEFAULT_PATCH = 32
@@ -219,6 +218,8 @@ def rank_patches(
         if "entropy" in group:
             scores = grid.reduce(group["entropy"]) / voxels
         else:
+            from napari_pvs.uncertainty import binary_entropy  # torch: only when needed
+
             scores = grid.reduce(probability, binary_entropy) / voxels
     elif strategy == "bald":
         if "mutual_information" not in group:

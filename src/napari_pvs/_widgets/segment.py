@@ -44,7 +44,8 @@ from qtpy.QtWidgets import (
 from napari_pvs import io
 from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
 from napari_pvs.cohort import modality_warning, output_name
-from napari_pvs.inference import DEFAULT_WINDOW, PredictionSummary, Predictor, open_prediction
+from napari_pvs.inference import DEFAULT_WINDOW, PredictionSummary, Predictor
+from napari_pvs.io import open_prediction
 from napari_pvs.metrics import label_clusters
 from napari_pvs.progress import CancelToken, ProgressCallback
 from napari_pvs.ranking import DEFAULT_PATCH, STRATEGIES, RankedPatch, rank_patches, save_ranking
