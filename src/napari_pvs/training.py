@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.metrics import dice
 from napari_pvs.models import canonical_modality, resolve_device
 from napari_pvs.models.checkpoint import (
     load_weights_into,
@@ -237,10 +238,7 @@ def masked_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tens
 def labelled_dice(prob: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
     """Voxel Dice at ``threshold`` over labelled voxels (1.0 when both are empty)."""
     mask = labels != UNLABELLED
-    pred = (prob >= threshold) & mask
-    truth = (labels == 1) & mask
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2 * (pred & truth).sum() / denom)
+    return dice((prob >= threshold) & mask, (labels == 1) & mask)
 
 
 # ---------------------------------------------------------------------------------------------
