@@ -353,3 +353,20 @@ def test_cli_convert(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["convert", str(out), str(tmp_path / "o.zarr")]) == 2
     assert "reads .nii or .nii.gz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [(1.0, 2.0), (0.0, 1.0, 1.0), float("nan"), (-1.0, 1.0, 1.0)])
+def test_one_spacing_check_serves_io_phantom_and_frangi(bad):
+    from napari_pvs.io import check_spacing
+    from napari_pvs.models.frangi import frangi_vesselness
+    from napari_pvs.phantom import make_phantom
+
+    assert check_spacing(1.5) == (1.5, 1.5, 1.5)
+    assert check_spacing([0.5, 0.5, 3]) == (0.5, 0.5, 3.0)
+    for call in (
+        lambda: check_spacing(bad),
+        lambda: make_phantom(shape=(16, 16, 16), spacing=bad),
+        lambda: frangi_vesselness(np.zeros((8, 8, 8), np.float32), bad, "T2"),
+    ):
+        with pytest.raises(ValueError, match="spacing must be"):
+            call()

@@ -89,6 +89,17 @@ class Volume:
 # validation helpers
 
 
+def check_spacing(spacing) -> tuple[float, float, float]:
+    """Voxel spacing as three positive mm values; one number means isotropic."""
+    values = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
+    if len(values) != 3:
+        raise ValueError(f"spacing must be one number or three (z, y, x) in mm, got {spacing!r}")
+    out = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"spacing must be positive millimetres, got {spacing!r}")
+    return out  # type: ignore[return-value]
+
+
 def normalize_modality(modality: str | None) -> str:
     """Map "T1"/"T1w"/"t2w"/None/... to one of :data:`MODALITIES`; reject anything else."""
     if modality is None:
@@ -737,9 +748,7 @@ def save_ome_zarr(
     if levels < 1:
         raise ValueError(f"levels must be at least 1, got {levels}")
     _check_write_input(image, "image")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
+    spacing = check_spacing(spacing)
     if len(axes) != 3:
         raise ValueError(f"axes must name 3 axes, got {axes!r}")
     modality = normalize_modality(modality)

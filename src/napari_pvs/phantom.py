@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from napari_pvs.io import normalize_modality
+from napari_pvs.io import check_spacing, normalize_modality
 
 #: Region map labels (see docs/architecture.md).
 REGION_NAMES: dict[int, str] = {1: "white_matter", 2: "basal_ganglia", 3: "grey_matter", 4: "csf"}
@@ -88,16 +88,6 @@ def _check_shape(shape) -> tuple[int, int, int]:
             "a phantom is a 3D volume, e.g. shape=(64, 80, 64)"
         )
     return dims  # type: ignore[return-value]
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    values = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
-    if len(values) != 3:
-        raise ValueError(f"spacing must be one number or three (z, y, x) in mm, got {spacing!r}")
-    out = tuple(float(v) for v in values)
-    if not all(math.isfinite(v) and v > 0 for v in out):
-        raise ValueError(f"spacing must be positive millimetres, got {spacing!r}")
-    return out  # type: ignore[return-value]
 
 
 def _phantom_modality(modality: str) -> str:
@@ -672,7 +662,7 @@ def make_phantom(
     The same arguments and ``seed`` always give the same phantom.
     """
     shape = _check_shape(shape)
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     modality = _phantom_modality(modality)
     if not 0.0 <= float(severity) <= 1.0:
         raise ValueError(f"severity must be between 0 and 1, got {severity!r}")

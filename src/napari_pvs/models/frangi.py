@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_pvs.intensity import normalize, robust_range
-from napari_pvs.io import normalize_modality
+from napari_pvs.io import check_spacing, normalize_modality
 from napari_pvs.metrics import evaluate
 from napari_pvs.phantom import BASAL_GANGLIA, WHITE_MATTER
 
@@ -72,13 +72,6 @@ def _check_sigmas(sigmas_mm: Sequence[float]) -> tuple[float, ...]:
             f"sigmas must be positive millimetres, e.g. (0.5, 0.8, 1.2); got {sigmas_mm!r}"
         )
     return values
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    values = (float(spacing),) * 3 if np.isscalar(spacing) else tuple(float(s) for s in spacing)
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"spacing must be one or three positive numbers in mm, got {spacing!r}")
-    return values  # type: ignore[return-value]
 
 
 def _check_image(image) -> None:
@@ -169,7 +162,7 @@ def frangi_vesselness(
     overrides the robust range taken from a strided sample of ``image``.
     """
     _check_image(image)
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     sigmas = _check_sigmas(sigmas)
     black = _black_ridges(modality)
     if mask is not None and tuple(mask.shape) != tuple(image.shape):
