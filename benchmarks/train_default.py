@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch", type=int, default=48, help="training patch edge (voxels)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--foreground-fraction", type=float, default=0.6)
+    parser.add_argument(
+        "--hard-negative-fraction", type=float, default=0.2, help="patches on PVS look-alikes"
+    )
     parser.add_argument("--init", help="fine-tune from this checkpoint instead of from scratch")
     parser.add_argument("--round", type=int, default=0, help="round number for the metadata")
     args = parser.parse_args(argv)
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         patch=(args.patch,) * 3,
         learning_rate=args.lr,
         foreground_fraction=args.foreground_fraction,
+        hard_negative_fraction=args.hard_negative_fraction,
         validation_fraction=0.17,
         validation_patches=12,
         patience=max(6, epochs // 3),

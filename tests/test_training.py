@@ -72,7 +72,7 @@ def test_a_few_steps_on_a_tiny_phantom_lower_the_loss(phantom):
     volume = TrainingVolume(phantom.image, phantom.pvs, "T2")
     item = _Indexed(volume)
     rng = np.random.default_rng(1)
-    fixed = [item.patch(item.centre(rng, foreground=True), (24, 24, 24)) for _ in range(4)]
+    fixed = [item.patch(item.centre(rng, "foreground"), (24, 24, 24)) for _ in range(4)]
     images = torch.from_numpy(np.stack([f[0] for f in fixed])[:, None])
     labels = torch.from_numpy(np.stack([f[1] for f in fixed])[:, None])
 
@@ -218,3 +218,28 @@ def test_cli_train_writes_a_loadable_checkpoint_and_resumes(phantom, tmp_path, c
     capsys.readouterr()
     assert main(["train", "--images", str(tmp_path / "missing.zarr"), "--out", str(out)]) == 2
     assert "missing.zarr" in capsys.readouterr().err
+
+
+def test_hard_negatives_are_pvs_look_alikes_not_plain_tissue():
+    """Hard-negative centres fall on a bright unlabelled sheet (sulcus-like), never on PVS,
+    plain tissue or the air around the head."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 48, 48), np.float32)
+    image[:, 6:42, 6:42] = 100 + rng.normal(0, 2, (40, 36, 36))  # tissue in noisy air (0)
+    image[:, 20, 10:38] = 300  # a bright sheet: not PVS
+    image[10:30, 30, 30] = 300  # a PVS
+    labels = np.zeros(image.shape, np.uint8)
+    labels[10:30, 30, 30] = 1
+    item = _Indexed(TrainingVolume(image, labels, "T2"))
+    hard = item.hard_negatives
+    assert len(hard) > 50
+    near_sheet = np.abs(hard[:, 1] - 20) <= 2
+    assert near_sheet.mean() > 0.9
+    assert not labels[tuple(hard.T)].any()
+    centres = np.array([item.centre(rng, "hard") for _ in range(20)])
+    assert (np.abs(centres[:, 1] - 20) <= 2).mean() > 0.9
+
+
+def test_sampling_shares_must_add_up():
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        TrainConfig(foreground_fraction=0.7, hard_negative_fraction=0.4)

@@ -13,6 +13,8 @@ import numpy as np
 
 #: Default lower/upper percentiles of the non-zero voxels that map to 0 and 1.
 DEFAULT_PERCENTILES = (0.5, 99.5)
+#: In magnitude images, voxels under this fraction of the robust maximum are (noisy) air.
+AIR_LEVEL = 0.1
 
 
 def strided_sample(array, max_voxels: int = 2_000_000) -> np.ndarray:
@@ -54,3 +56,18 @@ def normalize(block: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map intensities so that ``low`` -> 0 and ``high`` -> 1 (float32, not clipped above)."""
     out = (np.asarray(block, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
     return out
+
+
+def tissue_mask(block: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Voxels of ``block`` that are tissue rather than air, given the volume's robust range.
+
+    Zero voxels are background (skull-stripped or padded); in magnitude images (``low >= 0``)
+    so is anything under :data:`AIR_LEVEL` of ``high``: air carries Rician noise, not zeros.
+    Signed images (z-scored) have no air level. Used to keep training patches and the
+    annotation queue on the head, not in the air around it.
+    """
+    block = np.asarray(block)
+    mask = block != 0
+    if low >= 0:
+        mask &= block > AIR_LEVEL * high
+    return mask

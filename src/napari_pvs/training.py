@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.intensity import normalize, robust_range, tissue_mask
 from napari_pvs.metrics import dice
 from napari_pvs.models import canonical_modality, resolve_device
 from napari_pvs.models.checkpoint import (
@@ -72,6 +72,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     foreground_fraction: float = 0.6  # share of patches centred on a PVS voxel
+    # Share centred on a PVS look-alike: an unlabelled-as-PVS voxel of high local contrast
+    # (sulcal CSF, vessels, lacune and lesion borders), where false positives come from.
+    hard_negative_fraction: float = 0.2
     validation_fraction: float = 0.2  # share of volumes held out (fixed by seed)
     validation_patches: int = 8
     patience: int = 6  # epochs without validation improvement before stopping
@@ -87,6 +90,12 @@ class TrainConfig:
             raise ValueError(f"patch must be three sizes >= 8 voxels, got {self.patch}")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise ValueError("epochs, steps_per_epoch and batch_size must be at least 1")
+        shares = (self.foreground_fraction, self.hard_negative_fraction)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError(
+                "foreground_fraction and hard_negative_fraction must be >= 0 and sum to at "
+                f"most 1, got {self.foreground_fraction} and {self.hard_negative_fraction}"
+            )
 
 
 @dataclass
@@ -106,29 +115,45 @@ class TrainResult:
 class _Indexed:
     """A training volume with its intensity range and where its (labelled) voxels are."""
 
+    #: Hard negatives: background voxels in the top 2% of local contrast of their slab.
+    HARD_NEGATIVE_QUANTILE = 0.98
+
     def __init__(self, volume: TrainingVolume, max_points: int = 200_000) -> None:
         self.volume = volume
         self.shape = tuple(int(s) for s in volume.image.shape)
         self.range = volume.intensity_range or robust_range(volume.image)
-        foreground, labelled = [], []
+        foreground, labelled, hard = [], [], []
         slab = 32
         rng = np.random.default_rng(0)
         for z0 in range(0, self.shape[0], slab):
             block = np.asarray(volume.labels[z0 : z0 + slab])
-            tissue = np.asarray(volume.image[z0 : z0 + slab]) != 0
+            raw = np.asarray(volume.image[z0 : z0 + slab])
+            tissue = tissue_mask(raw, *self.range)
+            image = normalize(raw, *self.range)
             fg = np.argwhere(block == 1)
             # Background patches centre on labelled tissue: air outside the head teaches nothing.
             lab = np.argwhere((block != UNLABELLED) & tissue)
             if len(lab) == 0:
                 lab = np.argwhere(block != UNLABELLED)
-            if len(lab) > 4096:
-                lab = lab[rng.choice(len(lab), 4096, replace=False)]
+            # PVS look-alikes: thin bright or dark structures stand out from their surroundings.
+            # The head's outline is the strongest edge of all and teaches nothing: skip it.
+            contrast = np.abs(image - ndimage.gaussian_filter(image, 2.0))
+            inner = ndimage.binary_erosion(tissue, np.ones((1, 3, 3), bool), iterations=3)
+            negative = (block == 0) & inner
+            hn = np.empty((0, 3), dtype=np.int64)
+            if negative.any() and inner.any():
+                cut = np.quantile(contrast[inner], self.HARD_NEGATIVE_QUANTILE)
+                hn = np.argwhere(negative & (contrast > cut))
+            for points, name in ((lab, "lab"), (hn, "hn")):
+                if len(points) > 4096:
+                    points = points[rng.choice(len(points), 4096, replace=False)]
+                points[:, 0] += z0
+                (labelled if name == "lab" else hard).append(points)
             fg[:, 0] += z0
-            lab[:, 0] += z0
             foreground.append(fg)
-            labelled.append(lab)
         self.foreground = _limit(np.concatenate(foreground), max_points, rng)
         self.labelled = _limit(np.concatenate(labelled), max_points, rng)
+        self.hard_negatives = _limit(np.concatenate(hard), max_points, rng)
         if len(self.labelled) == 0:
             raise ValueError(
                 f"{volume.name or 'a training volume'} has no labelled voxels (all are "
@@ -149,8 +174,12 @@ class _Indexed:
         labels[tuple(dst)] = np.asarray(self.volume.labels[tuple(src)])
         return image, labels
 
-    def centre(self, rng: np.random.Generator, foreground: bool) -> np.ndarray:
-        points = self.foreground if foreground and len(self.foreground) else self.labelled
+    def centre(self, rng: np.random.Generator, kind: str = "any") -> np.ndarray:
+        """A patch centre: ``kind`` 'foreground', 'hard' (negative) or 'any' labelled voxel."""
+        pools = {"foreground": self.foreground, "hard": self.hard_negatives}
+        points = pools.get(kind, self.labelled)
+        if not len(points):
+            points = self.labelled
         return points[rng.integers(len(points))]
 
 
@@ -278,7 +307,14 @@ def _batch(
     images, labels, modalities = [], [], []
     for _ in range(config.batch_size):
         item = items[rng.integers(len(items))]
-        centre = item.centre(rng, foreground=rng.random() < config.foreground_fraction)
+        draw = rng.random()
+        if draw < config.foreground_fraction:
+            kind = "foreground"
+        elif draw < config.foreground_fraction + config.hard_negative_fraction:
+            kind = "hard"
+        else:
+            kind = "any"
+        centre = item.centre(rng, kind)
         centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
         image, label = item.patch(centre, config.patch)
         if train and config.augment:
@@ -294,7 +330,7 @@ def _validation_set(items: list[_Indexed], config: TrainConfig):
     batches = []
     for i in range(config.validation_patches):
         item = items[i % len(items)]
-        centre = item.centre(rng, foreground=i % 2 == 0)
+        centre = item.centre(rng, ("foreground", "hard", "any")[i % 3])
         image, label = item.patch(centre, config.patch)
         batches.append((image[None, None], label, item.volume.modality))
     return batches
