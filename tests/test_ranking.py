@@ -146,3 +146,23 @@ def test_save_ranking_writes_csv_and_json_beside_the_store(tmp_path):
     assert int(rows[0]["start_0"]) == table[0].bbox_start[0]
     saved = json.loads(json_path.read_text())
     assert saved["patches"][0]["bbox_stop"] == table[0].bbox_stop
+
+
+def test_patches_in_the_air_are_skipped_given_the_image(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    rng = np.random.default_rng(0)
+    image = rng.rayleigh(3.0, SHAPE).astype(np.float32)  # air: Rician noise, not zeros
+    image[:, :, :48] = 100 + rng.normal(0, 5, (64, 64, 48))  # the head fills x < 48
+    everywhere = rank_patches(store, n=40, patch=16, strategy="random")
+    assert any(r.bbox_start[2] >= 48 for r in everywhere)
+    on_head = rank_patches(store, n=40, patch=16, strategy="random", image=image)
+    assert on_head and all(r.bbox_stop[2] <= 56 for r in on_head)  # at least half tissue
+    # the entropy maximum sits in the head, so the best patch does not change
+    assert (
+        rank_patches(store, n=1, patch=16, image=image)[0].bbox_start
+        == rank_patches(store, n=1, patch=16)[0].bbox_start
+    )
+    with pytest.raises(ValueError, match="volume that was predicted"):
+        rank_patches(store, image=image[:10])
+    with pytest.raises(ValueError, match="tissue"):
+        rank_patches(store, image=np.zeros(SHAPE, np.float32))

@@ -18,6 +18,9 @@ patches are excluded: ``exclude`` is a label array or store of the volume's shap
 (0 = background, 1 = PVS, ...) marks a labelled voxel; a patch with any labelled voxel is
 skipped. For stores where 0 means "not annotated", pass ``unlabelled_value=0``.
 ``exclude_boxes`` skips patches overlapping given boxes (e.g. patches already in the queue).
+Given the ``image``, patches that are mostly air (less than ``min_tissue`` of their voxels are
+tissue, see :func:`napari_pvs.intensity.tissue_mask`) are skipped: there is nothing to
+annotate there, however uncertain or random.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
 DEFAULT_PATCH = 32
 #: Default minimum centre distance between chosen patches, in patch sizes.
 DEFAULT_MIN_DISTANCE = 1.5
+#: Default share of a patch's voxels that must be tissue (with an image given).
+DEFAULT_MIN_TISSUE = 0.5
 
 
 @dataclass
@@ -63,7 +68,8 @@ def _slab_block_sums(array, stride: int, transform=None) -> np.ndarray:
     shape = tuple(int(s) for s in array.shape)
     grid = [math.ceil(s / stride) for s in shape]
     out = np.empty(grid, dtype=np.float64)
-    chunk_z = int(getattr(array, "chunks", (stride,))[0] or stride)
+    chunks = getattr(array, "chunksize", None) or getattr(array, "chunks", None)  # dask | zarr
+    chunk_z = int(chunks[0]) if chunks and chunks[0] else stride
     common = math.lcm(stride, chunk_z)
     thickness = common if common <= 4 * max(stride, chunk_z) else stride
     starts_y = np.arange(0, shape[1], stride)
@@ -179,11 +185,15 @@ def rank_patches(
     exclude_boxes: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
     min_distance: float | None = None,
     seed: int = 0,
+    image=None,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
 ) -> list[RankedPatch]:
     """Rank patches of a prediction store (path or zarr group) for annotation.
 
-    Returns at most ``n`` rows, fewer when exclusion and spacing leave fewer candidates.
-    ``min_distance`` defaults to 1.5 x ``patch`` (no face or edge neighbours).
+    Returns at most ``n`` rows, fewer when exclusion, spacing and the tissue filter leave
+    fewer candidates. ``min_distance`` defaults to 1.5 x ``patch`` (no face or edge
+    neighbours). ``image`` (the predicted volume: array, path or ``Volume``) turns on the
+    tissue filter.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -199,7 +209,7 @@ def rank_patches(
     foreground = grid.reduce(group["segmentation"])
     eligible = np.ones(grid.n, dtype=bool)
     if exclude is not None:
-        labels = _open_labels(exclude)
+        labels = _open_array(exclude)
         if tuple(labels.shape) != shape:
             raise ValueError(
                 f"exclusion labels have shape {tuple(labels.shape)} but the prediction has "
@@ -207,6 +217,13 @@ def rank_patches(
             )
         labelled = grid.reduce(labels, lambda slab: slab != unlabelled_value)
         eligible &= labelled == 0
+    if image is not None:
+        eligible &= _tissue_fraction(image, shape, grid) >= min_tissue
+        if not eligible.any():
+            raise ValueError(
+                f"no eligible patch is at least {min_tissue:.0%} tissue; check that the image "
+                "is the one that was predicted, or lower min_tissue (CLI: --min-tissue)"
+            )
     for box_start, box_stop in exclude_boxes:
         for index in zip(*np.nonzero(eligible), strict=True):
             start, stop = grid.box(index)
@@ -280,13 +297,29 @@ def _row(rank, index, grid, scores, segmentation, affine, strategy) -> RankedPat
     )
 
 
-def _open_labels(exclude):
-    """A label array from a path (zarr array, OME-Zarr labels, NIfTI) or an array-like."""
-    if isinstance(exclude, str | Path):
+def _tissue_fraction(image, shape: tuple[int, ...], grid: PatchGrid) -> np.ndarray:
+    """Share of tissue voxels per candidate patch, streamed from the (lazy) image."""
+    from napari_pvs.intensity import robust_range, tissue_mask
+
+    data = _open_array(image)
+    if getattr(data, "ndim", None) is None:  # a Volume: its lazy array
+        data = data.data
+    if tuple(data.shape) != shape:
+        raise ValueError(
+            f"the image has shape {tuple(data.shape)} but the prediction has {shape}; pass the "
+            "volume that was predicted"
+        )
+    low, high = robust_range(data)
+    return grid.reduce(data, lambda slab: tissue_mask(slab, low, high)) / grid.voxels()
+
+
+def _open_array(source):
+    """A lazy array from a path (zarr array, OME-Zarr image or labels, NIfTI), else as given."""
+    if isinstance(source, str | Path):
         from napari_pvs.io import open_volume
 
-        return open_volume(exclude, check_finite=False).data
-    return exclude
+        return open_volume(source, check_finite=False).data
+    return source
 
 
 def save_ranking(table: Sequence[RankedPatch], prediction: str | Path) -> tuple[Path, Path]:

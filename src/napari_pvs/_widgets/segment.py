@@ -582,8 +582,10 @@ class SegmentPanel(QWidget):
         self.status_label.setText(f"ranking {n} patches by {strategy}…")
         self._job_kind = "rank"
 
+        image = layer.data[0] if layer.multiscale else layer.data  # skips patches of air
+
         def work(progress: ProgressCallback, cancel: CancelToken):
-            table = rank_patches(store, n=n, patch=patch, strategy=strategy)
+            table = rank_patches(store, n=n, patch=patch, strategy=strategy, image=image)
             return table, save_ranking(table, store)
 
         self.job.start(work, f"Ranking patches ({strategy})")
