@@ -70,6 +70,36 @@ def test_importance_map_is_monais():
             np.testing.assert_array_equal(ours, theirs)
 
 
+def test_cpu_reduced_precision_only_where_the_cpu_has_it(monkeypatch):
+    import napari_pvs.models as models
+
+    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: False)
+    assert models.autocast_dtype("cpu") is None
+    assert Predictor(tiny_unet(), window=16, device="cpu").amp_dtype is None
+    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: True)
+    assert models.autocast_dtype("cpu") == torch.bfloat16
+    assert Predictor(tiny_unet(), window=16, device="cpu", amp=False).amp_dtype is None
+
+
+@pytest.mark.skipif(
+    __import__("napari_pvs.models").models.autocast_dtype("cpu") is None,
+    reason="this CPU has no native bfloat16; inference stays in float32",
+)
+def test_bfloat16_inference_agrees_with_float32(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((40, 36, 44))
+    outs = {}
+    for amp in (True, False):
+        out = tmp_path / f"amp{amp}.zarr"
+        Predictor(model, window=16, batch=2, device="cpu", amp=amp).predict(volume, out)
+        group = zarr.open_group(str(out), mode="r")
+        outs[amp] = read(group, "probability").astype(np.float32)
+        precision = group.attrs["napari_pvs"]["run"]["precision"]
+        assert precision == ("bfloat16" if amp else "float32")
+    difference = np.abs(outs[True] - outs[False])
+    assert 0 < difference.max() < 0.03  # really ran in bfloat16, and stayed close
+
+
 def test_every_chunk_completes_after_its_last_window():
     plan = WindowPlan((70, 50, 41), (16, 16, 16), 0.25, (12, 24, 12))
     for chunk, rank in plan.finish_rank.items():
@@ -90,7 +120,9 @@ def test_chunked_equals_whole_volume_sliding_window(tmp_path):
         source = None
 
     Vol.affine = affine
-    predictor = Predictor(model, window=16, overlap=0.25, batch=3, chunks=12, device="cpu")
+    predictor = Predictor(
+        model, window=16, overlap=0.25, batch=3, chunks=12, device="cpu", amp=False
+    )
     summary = predictor.predict(Vol(), tmp_path / "pred.zarr")
     assert summary.chunks_total == 4 * 3 * 5  # chunk borders run through the volume
     group = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")
@@ -113,7 +145,8 @@ def test_chunked_equals_whole_volume_sliding_window(tmp_path):
 def test_volume_smaller_than_window_is_padded(tmp_path):
     model = tiny_unet()
     volume = noisy_volume((10, 40, 7))
-    Predictor(model, window=16, batch=2, device="cpu").predict(volume, tmp_path / "p.zarr")
+    predictor = Predictor(model, window=16, batch=2, device="cpu", amp=False)
+    predictor.predict(volume, tmp_path / "p.zarr")
     group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
     probability = read(group, "probability").astype(np.float32)
     assert probability.shape == (10, 40, 7)
@@ -255,7 +288,7 @@ def test_predicts_a_lazy_volume_from_io(tmp_path):
     save_ome_zarr(tmp_path / "img.ome.zarr", volume, spacing=(1.0, 0.8, 0.8), levels=1, chunks=16)
     lazy = open_volume(tmp_path / "img.ome.zarr")
     model = tiny_unet()
-    Predictor(model, window=16, device="cpu").predict(lazy, tmp_path / "p.zarr")
+    Predictor(model, window=16, device="cpu", amp=False).predict(lazy, tmp_path / "p.zarr")
     probability = open_volume(tmp_path / "p.zarr" / "probability")
     assert probability.shape == volume.shape
     assert probability.spacing == (1.0, 0.8, 0.8)
@@ -284,15 +317,23 @@ def test_cli_predict_then_rank(cli_case, capsys):
     tmp_path, checkpoint, image, _ = cli_case
     out = tmp_path / "pred.zarr"
     common = ["--model", checkpoint, "--device", "cpu", "--window", "16", "--batch", "2"]
-    assert main(["predict", image, "--out", str(out), "--mc", "2", *common]) == 0
+    assert main(["predict", image, "--out", str(out), "--mc", "2", "--float32", *common]) == 0
     group = zarr.open_group(str(out), mode="r")
     assert group["mutual_information"].shape == (22, 26, 20)
     assert group.attrs["napari_pvs"]["modality"] == "T2"
+    assert group.attrs["napari_pvs"]["run"]["precision"] == "float32"
     capsys.readouterr()
     assert main(["rank", str(out), "--n", "3", "--patch", "8", "--strategy", "bald"]) == 0
     printed = capsys.readouterr().out
     assert "pred.ranking-bald.csv" in printed
     assert (tmp_path / "pred.ranking-bald.json").exists()
+    # the recorded input is used to skip air; asking for more tissue than exists is refused
+    args = ["rank", str(out), "--patch", "8", "--min-tissue", "1.01"]
+    assert main(args) == 2
+    assert "tissue" in capsys.readouterr().err
+    assert main([*args[:-1], "0"]) == 0  # filter off
+    assert main([*args[:-2], "--image", str(tmp_path / "gone.nii.gz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_predict_to_nifti_keeps_the_affine(cli_case):

@@ -481,7 +481,13 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true", help="test-time flips (8 mirrorings)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
-        "--batch", type=int, default=None, help="windows per batch (default 4 on CUDA, 2 on CPU)"
+        "--float32",
+        action="store_true",
+        help="compute in float32 throughout (default: float16 on CUDA, bfloat16 on CPUs with "
+        "native bfloat16, else float32)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="windows per batch (default: see docs)"
     )
     parser.add_argument("--window", type=int, default=64, help="window edge (default 64)")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
@@ -504,6 +510,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         "device": args.device,
         "mc_samples": args.mc,
         "tta": args.tta,
+        "amp": not args.float32,
     }
     model = args.model[0] if len(args.model) == 1 else args.model
     out = Path(args.out)
@@ -568,7 +575,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_rank(subparsers: argparse._SubParsersAction) -> None:
-    from napari_pvs.ranking import DEFAULT_PATCH, STRATEGIES
+    from napari_pvs.ranking import DEFAULT_MIN_TISSUE, DEFAULT_PATCH, STRATEGIES
 
     parser = subparsers.add_parser(
         "rank",
@@ -599,12 +606,30 @@ def _add_rank(subparsers: argparse._SubParsersAction) -> None:
         "--min-distance", type=float, help="min centre distance in voxels (default 1.5 x patch)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
+    parser.add_argument(
+        "--image",
+        help="the predicted volume, to skip patches that are mostly air (default: the input "
+        "recorded in PRED, when it still exists)",
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=DEFAULT_MIN_TISSUE,
+        help=f"share of a patch that must be tissue (default {DEFAULT_MIN_TISSUE}; 0 = off)",
+    )
     parser.set_defaults(func=_run_rank)
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    from napari_pvs.io import ATTRS_KEY, open_prediction
     from napari_pvs.ranking import rank_patches, save_ranking
 
+    image = args.image
+    if image is None and args.min_tissue > 0:
+        source = dict(open_prediction(args.prediction).attrs).get(ATTRS_KEY, {}).get("source")
+        image = source if source and Path(source).exists() else None
+    if image is not None and not Path(image).exists():
+        raise UserError(f"--image {image} does not exist; pass the volume that was predicted")
     table = rank_patches(
         args.prediction,
         n=args.n,
@@ -615,6 +640,8 @@ def _run_rank(args: argparse.Namespace) -> int:
         unlabelled_value=args.unlabelled_value,
         min_distance=args.min_distance,
         seed=args.seed,
+        image=image if args.min_tissue > 0 else None,
+        min_tissue=args.min_tissue,
     )
     csv_path, json_path = save_ranking(table, args.prediction)
     print(f"{'rank':>4} {'score':>9} {'start':>16} {'stop':>16} {'pvs':>4}")

@@ -326,6 +326,8 @@ class Predictor:
     head (features computed once), ``tta`` adds the 8 axis mirrorings. ``batch`` windows run
     together (default :func:`default_batch`: 4 on CUDA, 2 on CPU). With more than one
     sample in total, ``entropy``, ``mutual_information`` and ``variance`` are written too.
+    ``amp`` runs the network in the reduced precision the device has natively (see
+    :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
     ``bound_heap`` applies :func:`bound_heap_growth` (process-wide, glibc only) so resident
     memory stays flat over long runs.
     """
@@ -349,7 +351,7 @@ class Predictor:
         seed: int = 0,
         bound_heap: bool = True,
     ) -> None:
-        from napari_pvs.models import resolve_device
+        from napari_pvs.models import autocast_dtype, resolve_device
 
         models = list(model) if isinstance(model, list | tuple) else [model]
         if not models:
@@ -379,7 +381,8 @@ class Predictor:
         self.sigma_scale = float(sigma_scale)
         self.mc_samples = int(mc_samples)
         self.tta = bool(tta)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        # Reduced precision where the hardware has it natively (CUDA float16, CPU bfloat16).
+        self.amp_dtype = autocast_dtype(self.device) if amp else None
         # channels-last pays on GPUs (tensor cores); on CPU it measured no faster.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.chunks = (
@@ -424,6 +427,7 @@ class Predictor:
             "tta": self.tta,
             "seed": self.seed,
             "threshold": self.threshold,
+            "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
             "modality": modality,
             "intensity_range": [round(intensity[0], 6), round(intensity[1], 6)],
             "models": [
@@ -539,7 +543,11 @@ class Predictor:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed * 1_000_003 + batch_index)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ):
                 if self.n_samples == 1:  # one deterministic pass: the probability itself
                     moments = next(predictive_samples(self.models, x, modality))
                 else:
