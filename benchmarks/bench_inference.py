@@ -2,17 +2,20 @@
 
 Every row runs in its own subprocess so peak resident memory (ru_maxrss) is its own. Prints:
 
-* 256^3: time and peak RSS, ours vs MONAI (same model, 64^3 window, overlap 0.25, gaussian,
-  batch 4; plus ours at the CPU default batch 2); peak RSS is also shown above the process
-  baseline (python + torch + MONAI + model loaded, before any volume is touched), which is
-  what the inference itself costs;
+* 256^3, same model (residual UNet), 64^3 window, overlap 0.25, Gaussian blending: MONAI as it
+  is usually called (float32, batch 4) against ours at its defaults (bfloat16 on CPUs with
+  native bf16, float16 on CUDA, else float32; the device's default batch), and each side again
+  at the other's settings (ours in float32 at batch 4, MONAI under the same bf16 autocast), so
+  the precision and the engine can be told apart. Peak RSS is also shown above the process
+  baseline (python + torch + MONAI + model loaded, before any volume is touched): what the
+  inference itself costs;
 * ours at 512^3: peak RSS against ours at 256^3;
 * Monte Carlo dropout, T = 8 (shared features) and naive T = 8, against one deterministic pass;
 * the compute ceiling: the model's multiply-adds per voxel, this machine's measured conv3d
-  throughput, and achieved / ceiling.
+  throughput (float32 and, where native, bfloat16), and achieved / ceiling.
 
 Usage: python benchmarks/bench_inference.py [--sizes 256 512] [--mc-size 128] [--threads 2]
-[--interleaved 2] [--lean-batch 2]; a shorter run: --sizes 256 --interleaved 0.
+[--interleaved 2]; a shorter run: --sizes 256 --interleaved 0.
 The volumes are written once to a zarr cache directory (default /tmp/napari_pvs_bench).
 """
 
@@ -77,7 +80,10 @@ def make_volume(path: Path, size: int) -> Path:
 # workers (each in its own process)
 
 
-def worker_ours(volume_path: str, mc: int, out: str, batch: int = BATCH) -> dict:
+def worker_ours(
+    volume_path: str, mc: int, out: str, batch: int | None = None, amp: bool = True
+) -> dict:
+    """Ours at its defaults (``batch=None``, ``amp=True``) or at the given settings."""
     import shutil
 
     import dask.array as da
@@ -85,7 +91,9 @@ def worker_ours(volume_path: str, mc: int, out: str, batch: int = BATCH) -> dict
     from napari_pvs.inference import Predictor
 
     model = build()
-    predictor = Predictor(model, window=WINDOW, overlap=OVERLAP, batch=batch, mc_samples=mc)
+    predictor = Predictor(
+        model, window=WINDOW, overlap=OVERLAP, batch=batch, mc_samples=mc, amp=amp
+    )
     baseline = current_rss_mb()
     shutil.rmtree(out, ignore_errors=True)
     volume = da.from_zarr(volume_path)
@@ -98,6 +106,8 @@ def worker_ours(volume_path: str, mc: int, out: str, batch: int = BATCH) -> dict
         "peak_mb": rss_mb(),
         "baseline_mb": baseline,
         "windows": summary.windows_run,
+        "batch": predictor.batch,
+        "precision": str(predictor.amp_dtype or "float32").removeprefix("torch."),
     }
 
 
@@ -126,8 +136,11 @@ def worker_naive_mc(volume_path: str, mc: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mb": rss_mb()}
 
 
-def monai_segmentation(model, volume_path: str):
-    """The reference: read the whole volume, MONAI's sliding window over it, threshold."""
+def monai_segmentation(model, volume_path: str, bf16: bool = False):
+    """The reference: read the whole volume, MONAI's sliding window over it, threshold.
+
+    ``bf16`` wraps the call in CPU bfloat16 autocast, as a MONAI user would to match ours.
+    """
     import numpy as np
     import torch
     import zarr
@@ -138,18 +151,19 @@ def monai_segmentation(model, volume_path: str):
     volume = np.asarray(zarr.open_array(volume_path, mode="r")[...])
     lo, hi = robust_range(volume)
     x = torch.from_numpy(normalize(volume, lo, hi))[None, None]
-    with torch.inference_mode():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), autocast:
         logits = sliding_window_inference(
             x, (WINDOW,) * 3, BATCH, model, overlap=OVERLAP, mode="gaussian"
         )
-        return (torch.sigmoid(logits)[0, 0] >= 0.5).to(torch.uint8).numpy()
+        return (torch.sigmoid(logits.float())[0, 0] >= 0.5).to(torch.uint8).numpy()
 
 
-def worker_monai(volume_path: str) -> dict:
+def worker_monai(volume_path: str, bf16: bool = False) -> dict:
     model = build()
     baseline = current_rss_mb()
     start = time.perf_counter()
-    segmentation = monai_segmentation(model, volume_path)
+    segmentation = monai_segmentation(model, volume_path, bf16)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -172,7 +186,7 @@ def worker_interleaved(volume_path: str, out: str, repeats: int) -> dict:
     from napari_pvs.inference import Predictor
 
     model = build()
-    predictor = Predictor(model, window=WINDOW, overlap=OVERLAP, batch=BATCH)
+    predictor = Predictor(model, window=WINDOW, overlap=OVERLAP)  # ours at its defaults
     times: dict[str, list[float]] = {"monai": [], "ours": []}
     for _ in range(repeats):
         start = time.perf_counter()
@@ -230,7 +244,14 @@ def worker_ceiling() -> dict:
     y = torch.randn(1, 32, 48, 48, 48)
     with torch.inference_mode():
         conv_rate = best_rate(lambda: conv(y), 48**3 * 32 * 32 * 27)
-    return {"macs_per_voxel": macs_per_voxel, "matmul_macs": matmul, "conv_macs": conv_rate}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv_bf16 = best_rate(lambda: conv(y), 48**3 * 32 * 32 * 27)
+    return {
+        "macs_per_voxel": macs_per_voxel,
+        "matmul_macs": matmul,
+        "conv_macs": conv_rate,
+        "conv_bf16_macs": conv_bf16,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +275,6 @@ def main() -> None:
     parser.add_argument(
         "--interleaved", type=int, default=2, help="alternating MONAI/ours timing repeats (0: skip)"
     )
-    parser.add_argument(
-        "--lean-batch", type=int, default=2, help="batch of the low-memory row (CPU default: 2)"
-    )
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -266,9 +284,11 @@ def main() -> None:
     if args.worker is not None:
         kind, *rest = args.worker
         if kind == "ours":
-            out = worker_ours(rest[0], int(rest[1]), rest[2], *(int(b) for b in rest[3:]))
+            batch = int(rest[3]) if len(rest) > 3 else None
+            amp = rest[4] != "0" if len(rest) > 4 else True
+            out = worker_ours(rest[0], int(rest[1]), rest[2], batch, amp)
         elif kind == "monai":
-            out = worker_monai(rest[0])
+            out = worker_monai(rest[0], bf16=rest[1:] == ["bf16"])
         elif kind == "interleaved":
             out = worker_interleaved(rest[0], rest[1], int(rest[2]))
         elif kind == "naive":
@@ -290,46 +310,53 @@ def main() -> None:
 
     monai = run_worker(["monai", vol[reference]], args.threads)
     ours = run_worker(["ours", vol[reference], "0", out], args.threads)
-    results["monai"], results["ours"] = monai, ours
+    ours32 = run_worker(["ours", vol[reference], "0", out, str(BATCH), "0"], args.threads)
+    monai16 = run_worker(["monai", vol[reference], "bf16"], args.threads)
+    results.update(monai=monai, ours=ours, ours_float32=ours32, monai_bf16=monai16)
     n = f"{reference}^3"
-    rows.append((f"MONAI sliding_window_inference {n}: time", f"{monai['seconds']:.1f} s", "1.00"))
+    default = f"ours, defaults ({ours['precision']}, batch {ours['batch']})"
+    same = f"ours, float32, batch {BATCH}"
+
+    def above(run: dict) -> float:
+        return run["peak_mb"] - run["baseline_mb"]
+
+    rows.append((f"MONAI {n}, float32, batch {BATCH}: time", f"{monai['seconds']:.1f} s", "1.00"))
+    for label, run in ((default, ours), (same, ours32)):
+        ratio = f"{run['seconds'] / monai['seconds']:.2f}"
+        rows.append((f"{label}: time", f"{run['seconds']:.1f} s", ratio))
+    rows.append((f"MONAI {n}, float32: peak RSS", f"{monai['peak_mb']:.0f} MB", "1.00"))
+    for label, run in ((default, ours), (same, ours32)):
+        ratio = f"{run['peak_mb'] / monai['peak_mb']:.2f}"
+        rows.append((f"{label}: peak RSS", f"{run['peak_mb']:.0f} MB", ratio))
+    rows.append((f"MONAI {n}, float32: peak RSS above baseline", f"{above(monai):.0f} MB", "1.00"))
+    for label, run in ((default, ours), (same, ours32)):
+        ratio = f"{above(run) / above(monai):.2f}"
+        rows.append((f"{label}: peak RSS above baseline", f"{above(run):.0f} MB", ratio))
     rows.append(
-        (f"ours {n}: time", f"{ours['seconds']:.1f} s", f"{ours['seconds'] / monai['seconds']:.2f}")
+        (f"MONAI {n}, bf16 autocast, batch {BATCH}: time", f"{monai16['seconds']:.1f} s", "1.00")
     )
-    rows.append((f"MONAI {n}: peak RSS", f"{monai['peak_mb']:.0f} MB", "1.00"))
+    ratio = f"{ours['seconds'] / monai16['seconds']:.2f}"
+    rows.append((f"{default}: time vs MONAI bf16", f"{ours['seconds']:.1f} s", ratio))
+    ratio = f"{above(monai16) / above(monai):.2f}"
     rows.append(
         (
-            f"ours {n}: peak RSS",
-            f"{ours['peak_mb']:.0f} MB",
-            f"{ours['peak_mb'] / monai['peak_mb']:.2f}",
+            "MONAI bf16: peak RSS above baseline (vs MONAI float32)",
+            f"{above(monai16):.0f} MB",
+            ratio,
         )
-    )
-    monai_inc = monai["peak_mb"] - monai["baseline_mb"]
-    ours_inc = ours["peak_mb"] - ours["baseline_mb"]
-    rows.append((f"MONAI {n}: peak RSS above baseline", f"{monai_inc:.0f} MB", "1.00"))
-    rows.append(
-        (f"ours {n}: peak RSS above baseline", f"{ours_inc:.0f} MB", f"{ours_inc / monai_inc:.2f}")
     )
     if args.interleaved:
         alt = run_worker(["interleaved", vol[reference], out, str(args.interleaved)], args.threads)
         results["interleaved"] = alt
         label = f"{n}, alternating in one process, best of {args.interleaved}"
-        rows.append((f"MONAI {label}: time", f"{alt['monai']:.1f} s", "1.00"))
+        rows.append((f"MONAI float32 {label}: time", f"{alt['monai']:.1f} s", "1.00"))
         rows.append(
-            (f"ours {label}: time", f"{alt['ours']:.1f} s", f"{alt['ours'] / alt['monai']:.2f}")
+            (
+                f"ours defaults {label}: time",
+                f"{alt['ours']:.1f} s",
+                f"{alt['ours'] / alt['monai']:.2f}",
+            )
         )
-    lean = run_worker(["ours", vol[reference], "0", out, str(args.lean_batch)], args.threads)
-    results["ours_lean_batch"] = lean
-    lean_inc = lean["peak_mb"] - lean["baseline_mb"]
-    t_ratio = f"{lean['seconds'] / monai['seconds']:.2f}"
-    rows.append((f"ours {n}, batch {args.lean_batch}: time", f"{lean['seconds']:.1f} s", t_ratio))
-    rows.append(
-        (
-            f"ours {n}, batch {args.lean_batch}: peak RSS above baseline",
-            f"{lean_inc:.0f} MB",
-            f"{lean_inc / monai_inc:.2f}",
-        )
-    )
     for size in args.sizes[1:]:
         big = run_worker(["ours", vol[size], "0", out], args.threads)
         results[f"ours{size}"] = big
@@ -374,6 +401,7 @@ def main() -> None:
     voxels = reference**3
     achieved = ceiling["macs_per_voxel"] * voxels * (ours["windows"] * WINDOW**3 / voxels)
     achieved_rate = achieved / ours["seconds"]
+    ceiling_rate = ceiling["conv_bf16_macs" if ours["precision"] == "bfloat16" else "conv_macs"]
     rows.append(
         (
             "model multiply-adds per output voxel (one window pass)",
@@ -393,9 +421,16 @@ def main() -> None:
     )
     rows.append(
         (
-            f"ours {n}: achieved / conv3d ceiling",
+            "machine conv3d throughput (bf16 autocast, 32->32, 3^3)",
+            f"{ceiling['conv_bf16_macs'] / 1e9:.1f} GMAC/s",
+            "",
+        )
+    )
+    rows.append(
+        (
+            f"{default} {n}: achieved / conv3d ceiling at its precision",
             f"{achieved_rate / 1e9:.1f} GMAC/s",
-            f"{achieved_rate / ceiling['conv_macs']:.2f}",
+            f"{achieved_rate / ceiling_rate:.2f}",
         )
     )
     rows.append((f"ours {n}: voxels per second", f"{voxels / ours['seconds'] / 1e6:.2f} M/s", ""))

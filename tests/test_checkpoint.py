@@ -141,3 +141,20 @@ def test_bundled_default_is_a_compact_cross_modal_model(image):
         prob = torch.sigmoid(model(image.abs().clamp(max=1), "T2"))
     assert prob.shape == image.shape and torch.all((prob >= 0) & (prob <= 1))
     assert load_model("default")[0].config == model.config
+
+
+def test_the_calibrated_segmentation_rule_travels_with_the_weights(tmp_path):
+    model = tiny("unet", seed=1)
+    plain = load_checkpoint(save_checkpoint(model, tmp_path / "plain.safetensors"))[0]
+    assert plain.segmentation_rule == {"threshold": 0.5, "min_cluster_mm3": 0.0}
+    rule = {"threshold": 0.4, "min_cluster_mm3": 3.0}
+    path = save_checkpoint(model, tmp_path / "rule.safetensors", segmentation=rule)
+    loaded, meta = load_checkpoint(path)
+    assert loaded.segmentation_rule == rule == meta["segmentation"]
+    # fine-tuning and saving again keeps the calibration
+    again, _ = load_checkpoint(save_checkpoint(loaded, tmp_path / "again.safetensors"))
+    assert again.segmentation_rule == rule
+    with pytest.raises(ValueError, match="unknown segmentation rule"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"thresh": 0.5})
+    with pytest.raises(ValueError, match="threshold"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"threshold": 1.5})

@@ -16,8 +16,11 @@ from napari_pvs.inference import (
     Predictor,
     WindowPlan,
     importance_map,
+    min_cluster_voxels,
+    remove_small_clusters,
     window_starts,
 )
+from napari_pvs.metrics import label_clusters
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.progress import Cancelled
 
@@ -371,3 +374,52 @@ def test_cli_predict_bad_input_messages(cli_case, capsys, monkeypatch):
         args = ["predict", image, "--out", out, "--model", checkpoint, "--window", "16"]
         assert main([*args, "--device", "cuda"]) == 0
         assert "falling back to CPU" in capsys.readouterr().err
+
+
+def without_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Reference: label the whole mask at once and keep clusters of >= min_voxels voxels."""
+    labels, count = label_clusters(mask > 0)
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def test_small_clusters_are_removed_chunk_by_chunk_exactly():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((37, 41, 30)) < 0.08).astype(np.uint8)
+    mask[2:30, 20, 20] = 1  # one long cluster through several chunks
+    for min_voxels in (2, 3, 5, 9):
+        expected = without_small_clusters(mask, min_voxels)
+        chunked = mask.copy()
+        removed = remove_small_clusters(chunked, min_voxels, (8, 9, 10))
+        np.testing.assert_array_equal(chunked.astype(bool), expected)
+        assert removed == int(mask.sum() - expected.sum()) > 0
+        assert remove_small_clusters(chunked, min_voxels, (8, 9, 10)) == 0  # idempotent
+    stored = zarr.create_array(zarr.storage.MemoryStore(), shape=mask.shape, chunks=(12, 12, 12),
+                               dtype="uint8")  # fmt: skip
+    stored[...] = mask
+    remove_small_clusters(stored, 4, (12, 12, 12))
+    np.testing.assert_array_equal(stored[...].astype(bool), without_small_clusters(mask, 4))
+    assert min_cluster_voxels(3.0, (1, 1, 1)) == 3
+    assert min_cluster_voxels(3.0, (0.5, 0.5, 0.5)) == 24
+    assert min_cluster_voxels(0, (1, 1, 1)) == 0
+
+
+def test_segmentation_follows_the_models_calibrated_rule(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((30, 34, 28))
+    Predictor(model, window=16, device="cpu", amp=False).predict(volume, tmp_path / "all.zarr")
+    model.segmentation_rule = {"threshold": 0.5, "min_cluster_mm3": 4.0}
+    predictor = Predictor(model, window=16, device="cpu", amp=False)
+    summary = predictor.predict(volume, tmp_path / "rule.zarr")
+    everything = read(zarr.open_group(str(tmp_path / "all.zarr"), mode="r"), "segmentation")
+    group = zarr.open_group(str(tmp_path / "rule.zarr"), mode="r")
+    expected = without_small_clusters(everything, 4)
+    assert expected.sum() < everything.sum()  # the case has small clusters to remove
+    np.testing.assert_array_equal(read(group, "segmentation").astype(bool), expected)
+    assert summary.small_cluster_voxels_removed == int(everything.sum() - expected.sum())
+    assert group.attrs["napari_pvs"]["run"]["min_cluster_mm3"] == 4.0
+    # an explicit argument wins over the model's rule
+    assert Predictor(model, window=16, device="cpu", min_cluster_mm3=0).min_cluster_mm3 == 0
+    with pytest.raises(ValueError, match="min_cluster_mm3"):
+        Predictor(model, window=16, device="cpu", min_cluster_mm3=-1)

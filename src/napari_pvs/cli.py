@@ -489,6 +489,13 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch", type=int, default=None, help="windows per batch (default: see docs)"
     )
+    parser.add_argument(
+        "--min-cluster-mm3",
+        type=float,
+        default=None,
+        help="remove segmented clusters smaller than this (default: the model's calibrated "
+        "value; 0 keeps every cluster)",
+    )
     parser.add_argument("--window", type=int, default=64, help="window edge (default 64)")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler, tcp://host:8786")
@@ -511,6 +518,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         "mc_samples": args.mc,
         "tta": args.tta,
         "amp": not args.float32,
+        "min_cluster_mm3": args.min_cluster_mm3,
     }
     model = args.model[0] if len(args.model) == 1 else args.model
     out = Path(args.out)

@@ -44,6 +44,7 @@ import zarr
 
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.io import ATTRS_KEY
+from napari_pvs.models import DEFAULT_SEGMENTATION_RULE
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
     UNCERTAINTY_NAMES,
@@ -151,6 +152,69 @@ def default_chunks(window: Sequence[int], overlap: float) -> tuple[int, int, int
         stride = max(1, int(w * (1 - overlap)))
         out.append(stride * max(1, round(TARGET_CHUNK / stride)))
     return tuple(out)  # type: ignore[return-value]
+
+
+def min_cluster_voxels(min_cluster_mm3: float, spacing: Sequence[float]) -> int:
+    """Smallest cluster kept, in voxels: clusters under ``min_cluster_mm3`` mm^3 are removed."""
+    if min_cluster_mm3 <= 0:
+        return 0
+    return max(1, math.ceil(min_cluster_mm3 / math.prod(float(s) for s in spacing) - 1e-9))
+
+
+def remove_small_clusters(
+    segmentation,
+    min_voxels: int,
+    chunks: Sequence[int],
+    cancel: CancelToken | None = None,
+) -> int:
+    """Delete 26-connected clusters of fewer than ``min_voxels`` voxels from a stored mask.
+
+    Works chunk by chunk (zarr or numpy, changed in place) and is exact without labelling the
+    whole volume: a cluster of fewer than ``min_voxels`` voxels lies within ``min_voxels - 2``
+    voxels of each of its voxels, so it is complete inside the chunk grown by a halo of
+    ``min_voxels`` and does not touch that box's inner border; clusters that touch it are kept
+    (they are larger, or go on outside). Clusters never merge, so removing some leaves the rest
+    unchanged: the pass is idempotent and an interrupted one simply runs again. Returns the
+    number of voxels removed.
+    """
+    from napari_pvs.metrics import label_clusters
+
+    if min_voxels <= 1:
+        return 0
+    shape = tuple(int(s) for s in segmentation.shape)
+    halo = int(min_voxels)
+    removed = 0
+    starts = [range(0, size, int(step)) for size, step in zip(shape, chunks, strict=True)]
+    for start in itertools.product(*starts):
+        check_cancelled(cancel)
+        inner = tuple(
+            slice(a, min(a + int(c), size)) for a, c, size in zip(start, chunks, shape, strict=True)
+        )
+        outer = tuple(
+            slice(max(sl.start - halo, 0), min(sl.stop + halo, size))
+            for sl, size in zip(inner, shape, strict=True)
+        )
+        local = tuple(
+            slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer, strict=True)
+        )
+        box = np.asarray(segmentation[outer]) > 0
+        if not box[local].any():
+            continue
+        labels, count = label_clusters(box)
+        small = np.bincount(labels.ravel(), minlength=count + 1) < min_voxels
+        small[0] = False
+        for axis, (sl, size) in enumerate(zip(outer, shape, strict=True)):
+            if sl.start > 0:  # an inner border: what touches it may go on outside
+                small[np.unique(labels.take(0, axis=axis))] = False
+            if sl.stop < size:
+                small[np.unique(labels.take(-1, axis=axis))] = False
+        drop = small[labels[local]]
+        if drop.any():
+            piece = np.asarray(segmentation[inner]).copy()
+            piece[drop] = 0
+            segmentation[inner] = piece
+            removed += int(drop.sum())
+    return removed
 
 
 @dataclass
@@ -316,6 +380,7 @@ class PredictionSummary:
     chunks_skipped: int
     seconds: float
     arrays: tuple[str, ...]
+    small_cluster_voxels_removed: int = 0
 
 
 class Predictor:
@@ -326,6 +391,9 @@ class Predictor:
     head (features computed once), ``tta`` adds the 8 axis mirrorings. ``batch`` windows run
     together (default :func:`default_batch`: 4 on CUDA, 2 on CPU). With more than one
     sample in total, ``entropy``, ``mutual_information`` and ``variance`` are written too.
+    ``threshold`` and ``min_cluster_mm3`` (clusters smaller than this are removed from the
+    segmentation, never from the probability) default to the model's calibrated
+    ``segmentation_rule`` from its checkpoint, else 0.5 and 0 (keep all).
     ``amp`` runs the network in the reduced precision the device has natively (see
     :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
     ``bound_heap`` applies :func:`bound_heap_growth` (process-wide, glibc only) so resident
@@ -346,7 +414,8 @@ class Predictor:
         amp: bool = True,
         channels_last: bool | None = None,
         chunks: int | Sequence[int] | None = None,
-        threshold: float = 0.5,
+        threshold: float | None = None,
+        min_cluster_mm3: float | None = None,
         modality: str | None = None,
         seed: int = 0,
         bound_heap: bool = True,
@@ -371,8 +440,20 @@ class Predictor:
             raise ValueError(f"mc_samples must be 0 (off) or a positive count, got {mc_samples}")
         if blending not in ("gaussian", "constant"):
             raise ValueError(f"blending must be 'gaussian' or 'constant', got {blending!r}")
+        rule = {
+            **DEFAULT_SEGMENTATION_RULE,
+            **dict(getattr(models[0], "segmentation_rule", None) or {}),
+        }
+        threshold = float(rule["threshold"] if threshold is None else threshold)
+        min_cluster_mm3 = float(
+            rule["min_cluster_mm3"] if min_cluster_mm3 is None else min_cluster_mm3
+        )
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        if min_cluster_mm3 < 0:
+            raise ValueError(
+                f"min_cluster_mm3 must be >= 0 (0 keeps every cluster), got {min_cluster_mm3}"
+            )
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.window = _triple(window, "window")
         self.overlap = float(overlap)
@@ -390,7 +471,8 @@ class Predictor:
             if chunks is None
             else _triple(chunks, "chunks")
         )
-        self.threshold = float(threshold)
+        self.threshold = threshold
+        self.min_cluster_mm3 = min_cluster_mm3
         self.modality = modality
         self.seed = int(seed)
         self.bound_heap = bool(bound_heap)
@@ -427,6 +509,7 @@ class Predictor:
             "tta": self.tta,
             "seed": self.seed,
             "threshold": self.threshold,
+            "min_cluster_mm3": self.min_cluster_mm3,
             "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
             "modality": modality,
             "intensity_range": [round(intensity[0], 6), round(intensity[1], 6)],
@@ -671,6 +754,12 @@ class Predictor:
                 progress(run, total, "predicting")
         if pending:
             raise RuntimeError(f"internal error: {len(pending)} chunks were never completed")
+        # Last, and again on every rerun (idempotent): clusters too small to be a PVS go.
+        removed = 0
+        min_voxels = min_cluster_voxels(self.min_cluster_mm3, src.spacing)
+        if min_voxels > 1:
+            progress(total, total, f"removing clusters under {self.min_cluster_mm3:g} mm3")
+            removed = remove_small_clusters(group["segmentation"], min_voxels, plan.chunks, cancel)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
         group.attrs[ATTRS_KEY] = attrs
@@ -683,6 +772,7 @@ class Predictor:
             chunks_skipped=skipped,
             seconds=time.perf_counter() - started,
             arrays=self.output_arrays,
+            small_cluster_voxels_removed=removed,
         )
 
     def _accumulate(

@@ -38,6 +38,11 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 MODALITIES = ("T1", "T2", "unknown")
 
 
+#: How probabilities become a segmentation, unless a checkpoint calibrated its own: voxels at
+#: or above ``threshold``, then clusters smaller than ``min_cluster_mm3`` removed (0: keep all).
+DEFAULT_SEGMENTATION_RULE: dict[str, float] = {"threshold": 0.5, "min_cluster_mm3": 0.0}
+
+
 def list_models() -> dict[str, str]:
     """Registered model names with a one-line description each."""
     return {name: entry[2] for name, entry in _REGISTRY.items()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_pvs.models import modality_list
+from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, modality_list
 
 
 class MCHead(nn.Module):
@@ -121,6 +121,8 @@ class SegmentationModel(nn.Module, ABC):
         """Full-resolution decoder features of an input whose size divides ``size_divisor``."""
 
     mc_head: MCHead
+    #: How probabilities become a mask; a checkpoint's calibrated rule replaces it on load.
+    segmentation_rule: dict[str, float] = DEFAULT_SEGMENTATION_RULE
 
     # -- the contract ------------------------------------------------------------------------
     def check_input(self, image: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from napari_pvs import __version__
 from napari_pvs.intensity import DEFAULT_PERCENTILES
-from napari_pvs.models import build_model, list_models, resolve_device
+from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, build_model, list_models, resolve_device
 
 #: Bump when the layout changes; readers refuse files from a newer format.
 FORMAT_VERSION = 1
@@ -67,12 +67,15 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    segmentation: dict[str, float] | None = None,
 ) -> Path:
     """Write ``model`` (+ optional flattened optimizer state) and its metadata to ``path``.
 
     ``training`` may hold the manifest hash, round, epochs, seed...; ``metrics`` validation
-    numbers. The file is written to a temporary name and renamed, so a crash never leaves a
-    half-written checkpoint under the real name.
+    numbers; ``segmentation`` the calibrated rule that turns probabilities into a mask
+    (``threshold``, ``min_cluster_mm3``; default: the model's ``segmentation_rule``, so a
+    fine-tuned model keeps its calibration). The file is written to a temporary name and
+    renamed, so a crash never leaves a half-written checkpoint under the real name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,9 @@ def save_checkpoint(
         "intensity": INTENSITY_SCHEME,
         "training": training or {},
         "metrics": metrics or {},
+        "segmentation": _segmentation_rule(
+            segmentation if segmentation is not None else getattr(model, "segmentation_rule", None)
+        ),
         "package_version": __version__,
         "tensor_digest": tensor_digest(tensors),
     }
@@ -100,6 +106,20 @@ def save_checkpoint(
     os.chmod(tmp, 0o666 & ~umask)  # readable like any file the user writes (e.g. when installed)
     os.replace(tmp, path)
     return path
+
+
+def _segmentation_rule(rule: dict[str, Any] | None) -> dict[str, float]:
+    """A complete, checked segmentation rule (defaults filled in)."""
+    unknown = set(rule or {}) - set(DEFAULT_SEGMENTATION_RULE)
+    if unknown:
+        raise ValueError(
+            f"unknown segmentation rule keys {sorted(unknown)}; "
+            f"use {sorted(DEFAULT_SEGMENTATION_RULE)}"
+        )
+    out = {k: float(v) for k, v in {**DEFAULT_SEGMENTATION_RULE, **(rule or {})}.items()}
+    if not 0 < out["threshold"] < 1 or out["min_cluster_mm3"] < 0:
+        raise ValueError(f"invalid segmentation rule {out}: need 0 < threshold < 1, min >= 0")
+    return out
 
 
 def _json_default(value):
@@ -162,6 +182,7 @@ def _model_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: 
         config["prompt_embeddings"] = tensors["prompt_embeddings"]
     model = build_model(name, **config)
     _load_state(model, tensors, source)
+    model.segmentation_rule = _segmentation_rule(meta.get("segmentation"))
     return model
 
 

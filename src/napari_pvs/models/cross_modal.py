@@ -23,7 +23,7 @@ from napari_pvs.models.base import MCHead, SegmentationModel
 from napari_pvs.models.graph import GraphInteraction
 
 #: The compact default: quick on CPU. ``PAPER_CONFIG`` is the GPU-sized variant.
-COMPACT_CONFIG: dict = {"channels": [8, 16, 32, 64], "blocks": 1, "graph_layers": 2}
+COMPACT_CONFIG: dict = {"channels": [16, 32, 64, 128], "blocks": 1, "graph_layers": 2}
 PAPER_CONFIG: dict = {"channels": [32, 64, 128, 256, 320], "blocks": 2, "graph_layers": 3, "k": 16}
 
 
