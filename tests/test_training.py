@@ -243,3 +243,40 @@ def test_hard_negatives_are_pvs_look_alikes_not_plain_tissue():
 def test_sampling_shares_must_add_up():
     with pytest.raises(ValueError, match="sum to at most 1"):
         TrainConfig(foreground_fraction=0.7, hard_negative_fraction=0.4)
+
+
+class _ReadsTheAnswer(torch.nn.Module):
+    """A 'model' whose probability is the (normalised) image: 0 -> ~0, 1 -> ~1."""
+
+    name, config, size_divisor = "reads-the-answer", {}, 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(40.0)
+            self.conv.bias.fill_(-20.0)
+
+    def features(self, image, modality=None):
+        return image
+
+    def head(self, features, sample=False):
+        return self.conv(features)
+
+
+def test_calibration_keeps_the_smallest_cut_off_that_removes_specks():
+    from napari_pvs.training import calibrate_segmentation
+
+    truth = np.zeros((32, 36, 30), np.uint8)
+    truth[4:12, 6, 6] = 1  # PVS of 8, 6 and 9 voxels
+    truth[20, 10:16, 20] = 1
+    truth[10:19, 25, 12] = 1
+    predicted = truth.copy()
+    predicted[2, 30, 25] = predicted[28, 3, 3] = predicted[15, 15, 27] = 1  # isolated specks
+    image = 1.0 + predicted.astype(np.float32)
+    volume = TrainingVolume(image, truth, "T2", name="specks")
+    rule, rows = calibrate_segmentation(_ReadsTheAnswer(), [volume], candidates_mm3=(0, 2, 4, 8))
+    assert rule == {"threshold": 0.5, "min_cluster_mm3": 2.0}
+    by_cut = {row["min_cluster_mm3"]: row for row in rows}
+    assert by_cut[0.0]["f1"] < 1.0 and by_cut[2.0]["f1"] == by_cut[4.0]["f1"] == 1.0
+    assert by_cut[8.0]["f1"] < 1.0  # the 6-voxel PVS is lost
