@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--init", help="fine-tune from this checkpoint instead of from scratch")
     parser.add_argument("--round", type=int, default=0, help="round number for the metadata")
+    parser.add_argument("--patience", type=int, help="epochs without improvement (default 1/3)")
+    parser.add_argument("--validation-patches", type=int, default=12)
     parser.add_argument(
         "--calibrate-only",
         action="store_true",
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         foreground_fraction=args.foreground_fraction,
         hard_negative_fraction=args.hard_negative_fraction,
         validation_fraction=0.17,
-        validation_patches=12,
-        patience=max(6, epochs // 3),
+        validation_patches=args.validation_patches,
+        patience=args.patience if args.patience is not None else max(6, epochs // 3),
         seed=args.seed,
         device=args.device,
         max_minutes=remaining / 60,
