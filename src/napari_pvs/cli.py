@@ -571,6 +571,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             "out": r.out,
             "arrays": list(r.summary.arrays) if r.summary else [],
             "windows_run": r.summary.windows_run if r.summary else 0,
+            "small_cluster_voxels_removed": (
+                r.summary.small_cluster_voxels_removed if r.summary else 0
+            ),
             "seconds": round(r.summary.seconds, 2) if r.summary else 0,
             "error": r.error,
         }
