@@ -51,6 +51,7 @@ def main() -> None:
     print(f"segmented in {time.perf_counter() - started:.1f} s: {panel.summary_label.text()}")
     panel.strategy_combo.setCurrentText(args.strategy)
     panel.n_spin.setValue(10)
+    panel.patch_spin.setValue(16)  # the sample is a small (96 x 112 x 96) volume
     panel.rank()
     wait_for(panel)
     panel.table.selectRow(0)
