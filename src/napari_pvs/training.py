@@ -144,13 +144,9 @@ class _Indexed:
             if negative.any() and inner.any():
                 cut = np.quantile(contrast[inner], self.HARD_NEGATIVE_QUANTILE)
                 hn = np.argwhere(negative & (contrast > cut))
-            for points, name in ((lab, "lab"), (hn, "hn")):
-                if len(points) > 4096:
-                    points = points[rng.choice(len(points), 4096, replace=False)]
-                points[:, 0] += z0
-                (labelled if name == "lab" else hard).append(points)
-            fg[:, 0] += z0
-            foreground.append(fg)
+            labelled.append(_in_volume(_limit(lab, 4096, rng), z0))
+            hard.append(_in_volume(_limit(hn, 4096, rng), z0))
+            foreground.append(_in_volume(fg, z0))
         self.foreground = _limit(np.concatenate(foreground), max_points, rng)
         self.labelled = _limit(np.concatenate(labelled), max_points, rng)
         self.hard_negatives = _limit(np.concatenate(hard), max_points, rng)
@@ -181,6 +177,12 @@ class _Indexed:
         if not len(points):
             points = self.labelled
         return points[rng.integers(len(points))]
+
+
+def _in_volume(points: np.ndarray, z0: int) -> np.ndarray:
+    """Slab coordinates -> volume coordinates (the slab starts at ``z0``)."""
+    points[:, 0] += z0
+    return points
 
 
 def _limit(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
