@@ -20,8 +20,8 @@ from napari_pvs.inference import (
     remove_small_clusters,
     window_starts,
 )
-from napari_pvs.metrics import label_clusters
 from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.metrics import label_clusters
 from napari_pvs.progress import Cancelled
 
 
