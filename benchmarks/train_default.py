@@ -67,12 +67,17 @@ GEOMETRIES = [
 ]
 
 
-def training_phantoms(count: int) -> tuple[list[TrainingVolume], list[dict]]:
-    """``count`` varied phantoms as training volumes, and the manifest describing them."""
+def training_phantoms(
+    count: int, t1_share: float = 0.5
+) -> tuple[list[TrainingVolume], list[dict]]:
+    """``count`` varied phantoms as training volumes, and the manifest describing them.
+
+    ``t1_share`` of them are T1w, spread evenly (0.5: every other one).
+    """
     rng = np.random.default_rng(7)
     volumes, manifest = [], []
     for i in range(count):
-        modality = "T2" if i % 2 == 0 else "T1"
+        modality = "T1" if (i * t1_share) % 1.0 + 1e-9 >= 1.0 - t1_share else "T2"
         anatomy = "mni" if i % 4 < 2 else "procedural"
         shape, spacing = GEOMETRIES[i % len(GEOMETRIES)]
         severity = float(rng.uniform(0.2, 0.9))
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     parser.add_argument("--phantoms", type=int, default=32)
+    parser.add_argument("--t1-share", type=float, default=0.5, help="share of T1w phantoms")
     parser.add_argument("--out", type=Path, default=default_checkpoint_path())
     parser.add_argument("--model", default="cross_modal")
     parser.add_argument("--config", default="{}", help="JSON model config overrides")
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    volumes, manifest = training_phantoms(args.phantoms)
+    volumes, manifest = training_phantoms(args.phantoms, args.t1_share)
     print(f"made {len(volumes)} phantoms in {time.perf_counter() - started:.0f} s", flush=True)
     if args.init:
         model = load_checkpoint(args.init)[0]
