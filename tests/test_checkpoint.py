@@ -146,11 +146,15 @@ def test_bundled_default_is_a_compact_cross_modal_model(image):
 def test_the_calibrated_segmentation_rule_travels_with_the_weights(tmp_path):
     model = tiny("unet", seed=1)
     plain = load_checkpoint(save_checkpoint(model, tmp_path / "plain.safetensors"))[0]
-    assert plain.segmentation_rule == {"threshold": 0.5, "min_cluster_mm3": 0.0}
-    rule = {"threshold": 0.4, "min_cluster_mm3": 3.0}
+    assert plain.segmentation_rule == {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 1}
+    rule = {"threshold": 0.4, "min_cluster_mm3": 3.0, "tta": 4}
     path = save_checkpoint(model, tmp_path / "rule.safetensors", segmentation=rule)
     loaded, meta = load_checkpoint(path)
     assert loaded.segmentation_rule == rule == meta["segmentation"]
+    assert isinstance(loaded.segmentation_rule["tta"], int)
+    # a rule saved before mirrorings were calibrated means none
+    old = save_checkpoint(model, tmp_path / "old.safetensors", segmentation={"threshold": 0.4})
+    assert load_checkpoint(old)[0].segmentation_rule["tta"] == 1
     # fine-tuning and saving again keeps the calibration
     again, _ = load_checkpoint(save_checkpoint(loaded, tmp_path / "again.safetensors"))
     assert again.segmentation_rule == rule
@@ -158,3 +162,5 @@ def test_the_calibrated_segmentation_rule_travels_with_the_weights(tmp_path):
         save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"thresh": 0.5})
     with pytest.raises(ValueError, match="threshold"):
         save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"threshold": 1.5})
+    with pytest.raises(ValueError, match="tta one of"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"tta": 3})

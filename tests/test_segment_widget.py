@@ -96,6 +96,33 @@ def test_segment_matches_direct_predict(panel, qtbot, checkpoint, tmp_path):
     assert [lyr.name for lyr in panel.viewer.layers].count("scan PVS probability") == 1
 
 
+def test_test_time_flips_follow_the_model_rule_unless_chosen(panel, qtbot, tmp_path):
+    flipped = tiny_checkpoint(tmp_path / "rule.safetensors", segmentation={"tta": 4}, seed=3)
+    image = volume((40, 48, 40), seed=4)
+    panel.viewer.add_image(image, name="scan", metadata={"modality": "T2"})
+    configure(panel, flipped)
+    assert panel.tta_combo.currentText() == "model's rule"
+    run(panel, qtbot)
+    reference = direct(flipped, image, tmp_path / "four.zarr", window=32, batch=2, modality="T2")
+    assert zarr.open_group(str(panel.output_path()))["probability"].attrs  # written by the run
+    np.testing.assert_array_equal(
+        panel.viewer.layers["scan PVS probability"].data.compute(),
+        reference["probability"][...].astype(np.float32),
+    )
+    assert "scan PVS entropy" in panel.viewer.layers  # 4 samples per window: uncertainty too
+
+    panel.tta_combo.setCurrentText("none")
+    panel.overwrite_check.setChecked(True)
+    run(panel, qtbot)
+    plain = direct(flipped, image, tmp_path / "one.zarr", window=32, batch=2, modality="T2",
+                   tta=1)  # fmt: skip
+    np.testing.assert_array_equal(
+        panel.viewer.layers["scan PVS probability"].data.compute(),
+        plain["probability"][...].astype(np.float32),
+    )
+    assert not np.array_equal(plain["probability"][...], reference["probability"][...])
+
+
 def test_cancel_stops_within_a_batch_and_rerun_resumes(panel, qtbot, checkpoint, tmp_path):
     image = volume((160, 48, 48), seed=1)
     panel.viewer.add_image(image, name="long")

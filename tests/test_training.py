@@ -276,7 +276,40 @@ def test_calibration_keeps_the_smallest_cut_off_that_removes_specks():
     image = 1.0 + predicted.astype(np.float32)
     volume = TrainingVolume(image, truth, "T2", name="specks")
     rule, rows = calibrate_segmentation(_ReadsTheAnswer(), [volume], candidates_mm3=(0, 2, 4, 8))
-    assert rule == {"threshold": 0.5, "min_cluster_mm3": 2.0}
-    by_cut = {row["min_cluster_mm3"]: row for row in rows}
+    # Mirroring cannot help a voxel-wise model: the cheaper rule (no mirrorings) is kept.
+    assert rule == {"threshold": 0.5, "min_cluster_mm3": 2.0, "tta": 1}
+    assert {row["tta"] for row in rows} == {1, 4}
+    by_cut = {row["min_cluster_mm3"]: row for row in rows if row["tta"] == 1}
     assert by_cut[0.0]["f1"] < 1.0 and by_cut[2.0]["f1"] == by_cut[4.0]["f1"] == 1.0
     assert by_cut[8.0]["f1"] < 1.0  # the 6-voxel PVS is lost
+
+
+class _CornerArtefact(_ReadsTheAnswer):
+    """Reads the answer, but also marks a 3x3x3 block in the first corner of every window."""
+
+    def head(self, features, sample=False):
+        logits = super().head(features).clone()
+        logits[..., :3, :3, :3] = 20.0
+        return logits
+
+
+def test_calibration_chooses_mirroring_when_it_removes_orientation_bound_errors():
+    from napari_pvs.training import calibrate_segmentation
+
+    truth = np.zeros((64, 64, 64), np.uint8)  # one 64^3 window covers the volume
+    truth[20:40, 30, 30] = 1
+    truth[45, 10:30, 50] = 1
+    volume = TrainingVolume(1.0 + truth.astype(np.float32), truth, "T2", name="corner")
+    rule, rows = calibrate_segmentation(
+        _CornerArtefact(), [volume], candidates_mm3=(0,), candidates_tta=(1, 4)
+    )
+    by_tta = {row["tta"]: row for row in rows}
+    # Unmirrored, the corner block is a false cluster; averaged over the identity and one
+    # mirror per axis each corner holds it in 1 of 4 samples (p = 0.25), so it is gone.
+    assert by_tta[1]["f1"] < 1.0 and by_tta[4]["f1"] == 1.0 and by_tta[4]["dice"] == 1.0
+    assert rule == {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 4}
+    # A gain smaller than asked for keeps the cheaper rule.
+    rule, _ = calibrate_segmentation(
+        _CornerArtefact(), [volume], candidates_mm3=(0,), candidates_tta=(1, 4), min_tta_gain=1.0
+    )
+    assert rule["tta"] == 1

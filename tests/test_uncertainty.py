@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import tiny_models
@@ -128,6 +129,21 @@ def test_tta_flips_are_undone_before_combining():
     # a position-dependent model disagrees with itself under flips: TTA sees it
     shifted = torch.stack(list(predictive_samples([Shifted()], image, None, mc=0, tta=True)))
     assert shifted.std(0).max() > 0.05
+
+
+def test_four_mirrorings_are_the_identity_and_one_mirror_per_axis():
+    assert flip_sets(4) == [(), (2,), (3,), (4,)] and flip_sets(8) == flip_sets(True)
+    assert flip_sets(1) == flip_sets(False) == [()]
+    image = torch.randn(1, 1, 6, 5, 4)
+    samples = list(predictive_samples([Shifted()], image, None, mc=0, tta=4))
+    assert len(samples) == sample_count(1, 0, 4) == 4
+    # each sample is the model run on the mirrored input, mirrored back
+    for flip, sample in zip(flip_sets(4), samples, strict=True):
+        mirrored = torch.flip(image, flip) if flip else image
+        expected = torch.sigmoid(torch.roll(mirrored, 1, dims=2))
+        torch.testing.assert_close(sample, torch.flip(expected, flip) if flip else expected)
+    with pytest.raises(ValueError, match="one of"):
+        flip_sets(3)
 
 
 def test_ensemble_yields_one_sample_per_member_and_draw():

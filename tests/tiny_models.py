@@ -20,6 +20,7 @@ def tiny_unet(seed: int = 0, dropout: float = 0.0, channels: Sequence[int] = (4,
     return build_model("unet", **config).eval()
 
 
-def tiny_checkpoint(path: Path, **model_options) -> Path:
-    """:func:`tiny_unet` saved as a napari-pvs checkpoint at ``path``."""
-    return save_checkpoint(tiny_unet(**model_options), path)
+def tiny_checkpoint(path: Path, segmentation: dict | None = None, **model_options) -> Path:
+    """:func:`tiny_unet` saved as a napari-pvs checkpoint at ``path`` (with ``segmentation`` as
+    its calibrated rule, if given)."""
+    return save_checkpoint(tiny_unet(**model_options), path, segmentation=segmentation)

@@ -454,6 +454,8 @@ def _run_frangi(args: argparse.Namespace) -> int:
 
 
 def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    from napari_pvs.models import FLIP_COUNTS
+
     parser = subparsers.add_parser(
         "predict",
         help="segment PVS in one or many volumes (chunked, resumable, with uncertainty)",
@@ -478,7 +480,17 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mc", type=int, default=0, metavar="T", help="Monte Carlo dropout samples (0 = off)"
     )
-    parser.add_argument("--tta", action="store_true", help="test-time flips (8 mirrorings)")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=8,
+        choices=FLIP_COUNTS,
+        default=None,
+        metavar="N",
+        help="average N test-time mirrorings: 1 (none), 4 (one mirror per axis) or 8 (all; "
+        "--tta alone). Default: the model's calibrated rule (the bundled model's is 4)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--float32",

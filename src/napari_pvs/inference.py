@@ -48,6 +48,7 @@ from napari_pvs.models import DEFAULT_SEGMENTATION_RULE
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
     UNCERTAINTY_NAMES,
+    flip_count,
     predictive_moments,
     predictive_samples,
     sample_count,
@@ -388,7 +389,9 @@ class Predictor:
 
     ``model`` is a model following the contract in ``docs/architecture.md`` or a list of them
     (an ensemble). ``mc_samples`` > 0 draws that many MC-dropout samples per window from the
-    head (features computed once), ``tta`` adds the 8 axis mirrorings. ``batch`` windows run
+    head (features computed once), ``tta`` averages test-time mirrorings (``True`` or 8: all 8
+    axis mirrorings; 4: the identity and one mirror per axis; ``False`` or 1: none; default: the
+    model's calibrated ``segmentation_rule``, else none). ``batch`` windows run
     together (default :func:`default_batch`: 4 on CUDA, 2 on CPU). With more than one
     sample in total, ``entropy``, ``mutual_information`` and ``variance`` are written too.
     ``threshold`` and ``min_cluster_mm3`` (clusters smaller than this are removed from the
@@ -410,7 +413,7 @@ class Predictor:
         blending: str = "gaussian",
         sigma_scale: float = 0.125,
         mc_samples: int = 0,
-        tta: bool = False,
+        tta: bool | int | None = None,
         amp: bool = True,
         channels_last: bool | None = None,
         chunks: int | Sequence[int] | None = None,
@@ -461,7 +464,7 @@ class Predictor:
         self.blending = blending
         self.sigma_scale = float(sigma_scale)
         self.mc_samples = int(mc_samples)
-        self.tta = bool(tta)
+        self.tta = flip_count(rule["tta"] if tta is None else tta)
         # Reduced precision where the hardware has it natively (CUDA float16, CPU bfloat16).
         self.amp_dtype = autocast_dtype(self.device) if amp else None
         # channels-last pays on GPUs (tensor cores); on CPU it measured no faster.

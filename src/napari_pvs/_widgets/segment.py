@@ -61,6 +61,13 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 MAX_COUNT_VOXELS = 256**3
 #: Metadata key marking layers made from a prediction store (value: the store path).
 PREDICTION_KEY = "prediction"
+#: Test-time flip choices shown in the panel -> ``Predictor(tta=...)``.
+TTA_CHOICES: dict[str, int | None] = {
+    "model's rule": None,
+    "none": 1,
+    "4 mirrorings": 4,
+    "8 mirrorings": 8,
+}
 UNCERTAINTY_DISPLAY = {
     "entropy": ("entropy", (0.0, 1.0)),
     "mutual_information": ("mutual information", (0.0, 0.5)),
@@ -78,7 +85,7 @@ class SegmentRequest:
     out: Path
     device: str = "auto"
     mc_samples: int = 0
-    tta: bool = False
+    tta: int | None = None  # test-time mirrorings; None: the model's calibrated rule
     window: int = DEFAULT_WINDOW
     batch: int | None = None  # None: the core's default for the device
     overwrite: bool = False
@@ -266,8 +273,14 @@ class SegmentPanel(QWidget):
         self.mc_spin.setRange(0, 64)
         self.mc_spin.setToolTip("Monte Carlo dropout samples for uncertainty (0 = off)")
         form.addRow("MC samples", self.mc_spin)
-        self.tta_check = QCheckBox("Test-time flips (8 mirrorings)")
-        form.addRow(self.tta_check)
+        self.tta_combo = QComboBox()
+        for label, count in TTA_CHOICES.items():
+            self.tta_combo.addItem(label, count)
+        self.tta_combo.setToolTip(
+            "Average the prediction over mirrored copies of each window: sharper thin PVS, one "
+            "network pass per mirroring; the model's rule was calibrated on held-out phantoms"
+        )
+        form.addRow("Test-time flips", self.tta_combo)
 
         self.window_spin = QSpinBox()
         self.window_spin.setRange(16, 512)
@@ -437,7 +450,7 @@ class SegmentPanel(QWidget):
                 out=self.output_path(),  # type: ignore[arg-type]
                 device=self.device_combo.currentText(),
                 mc_samples=self.mc_spin.value(),
-                tta=self.tta_check.isChecked(),
+                tta=self.tta_combo.currentData(),
                 window=self.window_spin.value(),
                 batch=self.batch_spin.value() or None,
                 overwrite=self.overwrite_check.isChecked(),

@@ -38,9 +38,13 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 MODALITIES = ("T1", "T2", "unknown")
 
 
-#: How probabilities become a segmentation, unless a checkpoint calibrated its own: voxels at
-#: or above ``threshold``, then clusters smaller than ``min_cluster_mm3`` removed (0: keep all).
-DEFAULT_SEGMENTATION_RULE: dict[str, float] = {"threshold": 0.5, "min_cluster_mm3": 0.0}
+#: Test-time mirroring sets by size: none, the identity plus one mirror per axis, all 8.
+FLIP_COUNTS = (1, 4, 8)
+
+#: How a volume becomes a segmentation, unless a checkpoint calibrated its own: the probability
+#: averaged over ``tta`` test-time mirrorings (1: none, 4 or 8), voxels at or above
+#: ``threshold``, then clusters smaller than ``min_cluster_mm3`` removed (0: keep all).
+DEFAULT_SEGMENTATION_RULE: dict[str, float] = {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 1}
 
 
 def list_models() -> dict[str, str]:

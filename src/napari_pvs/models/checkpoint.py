@@ -27,7 +27,13 @@ from safetensors.torch import save_file
 
 from napari_pvs import __version__
 from napari_pvs.intensity import DEFAULT_PERCENTILES
-from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, build_model, list_models, resolve_device
+from napari_pvs.models import (
+    DEFAULT_SEGMENTATION_RULE,
+    FLIP_COUNTS,
+    build_model,
+    list_models,
+    resolve_device,
+)
 
 #: Bump when the layout changes; readers refuse files from a newer format.
 FORMAT_VERSION = 1
@@ -72,9 +78,9 @@ def save_checkpoint(
     """Write ``model`` (+ optional flattened optimizer state) and its metadata to ``path``.
 
     ``training`` may hold the manifest hash, round, epochs, seed...; ``metrics`` validation
-    numbers; ``segmentation`` the calibrated rule that turns probabilities into a mask
-    (``threshold``, ``min_cluster_mm3``; default: the model's ``segmentation_rule``, so a
-    fine-tuned model keeps its calibration). The file is written to a temporary name and
+    numbers; ``segmentation`` the calibrated rule that turns a volume into a mask (``tta``
+    mirrorings, ``threshold``, ``min_cluster_mm3``; default: the model's ``segmentation_rule``,
+    so a fine-tuned model keeps its calibration). The file is written to a temporary name and
     renamed, so a crash never leaves a half-written checkpoint under the real name.
     """
     path = Path(path)
@@ -117,8 +123,12 @@ def _segmentation_rule(rule: dict[str, Any] | None) -> dict[str, float]:
             f"use {sorted(DEFAULT_SEGMENTATION_RULE)}"
         )
     out = {k: float(v) for k, v in {**DEFAULT_SEGMENTATION_RULE, **(rule or {})}.items()}
-    if not 0 < out["threshold"] < 1 or out["min_cluster_mm3"] < 0:
-        raise ValueError(f"invalid segmentation rule {out}: need 0 < threshold < 1, min >= 0")
+    if not 0 < out["threshold"] < 1 or out["min_cluster_mm3"] < 0 or out["tta"] not in FLIP_COUNTS:
+        raise ValueError(
+            f"invalid segmentation rule {out}: need 0 < threshold < 1, min_cluster_mm3 >= 0 and "
+            f"tta one of {FLIP_COUNTS}"
+        )
+    out["tta"] = int(out["tta"])
     return out
 
 
