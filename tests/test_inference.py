@@ -282,6 +282,43 @@ def test_bad_arguments_have_clear_messages():
         Predictor(torch.nn.Conv3d(1, 1, 1))
     with pytest.raises(ValueError, match="3D volume"):
         Predictor(model, window=16, device="cpu").predict(np.zeros((4, 4)), "unused.zarr")
+    with pytest.raises(ValueError, match="memory must be one of"):
+        Predictor(model, memory="hoard")
+
+
+def test_heap_policies_change_memory_use_not_results(tmp_path):
+    """Frontier cells live in their own mappings and the C heap policy only decides what is
+    kept for reuse: every policy writes the same bytes."""
+    import napari_pvs.inference as inference
+    from napari_pvs.memory import MEMORY_POLICIES
+
+    model = tiny_unet(dropout=0.3)
+    volume = noisy_volume((40, 30, 36))
+    mapped = []
+    original = inference.mapped_copy
+
+    def tracking_copy(array):
+        copy = original(array)
+        np.testing.assert_array_equal(copy, array)
+        assert copy.base is not None and not np.shares_memory(copy, array)
+        mapped.append(copy.shape)
+        return copy
+
+    stores = {}
+    for policy in MEMORY_POLICIES:
+        predictor = Predictor(model, window=16, chunks=12, device="cpu", mc_samples=2,
+                              memory=policy)  # fmt: skip
+        if policy == "reuse":
+            inference.mapped_copy = tracking_copy
+        try:
+            predictor.predict(volume, tmp_path / f"{policy}.zarr")
+        finally:
+            inference.mapped_copy = original
+        stores[policy] = zarr.open_group(str(tmp_path / f"{policy}.zarr"), mode="r")
+    assert mapped  # the run kept its frontier cells in mappings
+    for name in ("probability", "segmentation", "entropy", "mutual_information", "variance"):
+        for policy in ("return", "system"):
+            np.testing.assert_array_equal(read(stores[policy], name), read(stores["reuse"], name))
 
 
 def test_predicts_a_lazy_volume_from_io(tmp_path):
@@ -330,6 +367,21 @@ def test_cli_predict_then_rank(cli_case, capsys):
     printed = capsys.readouterr().out
     assert "pred.ranking-bald.csv" in printed
     assert (tmp_path / "pred.ranking-bald.json").exists()
+    # --tta N averages N mirrorings (--tta alone: all 8); the default follows the model's rule
+    for flags, expected in (([], 1), (["--tta", "4"], 4), (["--tta"], 8)):
+        store = tmp_path / f"tta{expected}.zarr"
+        assert main(["predict", image, "--out", str(store), *flags, *common]) == 0
+        run = zarr.open_group(str(store), mode="r").attrs["napari_pvs"]["run"]
+        assert run["tta"] == expected
+    lean = tmp_path / "lean.zarr"
+    assert main(["predict", image, "--out", str(lean), "--memory", "return", *common]) == 0
+    np.testing.assert_array_equal(
+        zarr.open_group(str(lean))["probability"][...],
+        zarr.open_group(str(tmp_path / "tta1.zarr"))["probability"][...],
+    )
+    with pytest.raises(SystemExit):
+        main(["predict", image, "--out", str(tmp_path / "x.zarr"), "--tta", "3", *common])
+    assert "invalid choice" in capsys.readouterr().err
     # the recorded input is used to skip air; asking for more tissue than exists is refused
     args = ["rank", str(out), "--patch", "8", "--min-tissue", "1.01"]
     assert main(args) == 2
@@ -421,5 +473,19 @@ def test_segmentation_follows_the_models_calibrated_rule(tmp_path):
     assert group.attrs["napari_pvs"]["run"]["min_cluster_mm3"] == 4.0
     # an explicit argument wins over the model's rule
     assert Predictor(model, window=16, device="cpu", min_cluster_mm3=0).min_cluster_mm3 == 0
+    # the rule's test-time mirrorings are averaged, and give uncertainty maps as samples do
+    model.segmentation_rule = {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 4}
+    Predictor(model, window=16, device="cpu", amp=False).predict(volume, tmp_path / "tta.zarr")
+    mirrored = zarr.open_group(str(tmp_path / "tta.zarr"), mode="r")
+    model.segmentation_rule = {"threshold": 0.5, "min_cluster_mm3": 0.0}
+    explicit = Predictor(model, window=16, device="cpu", amp=False, tta=4)
+    explicit.predict(volume, tmp_path / "explicit.zarr")
+    explicit_group = zarr.open_group(str(tmp_path / "explicit.zarr"), mode="r")
+    np.testing.assert_array_equal(
+        read(mirrored, "probability"), read(explicit_group, "probability")
+    )
+    assert not np.array_equal(read(mirrored, "probability"), read(group, "probability"))
+    assert "entropy" in mirrored and mirrored.attrs["napari_pvs"]["run"]["tta"] == 4
+    assert Predictor(model, window=16, device="cpu", tta=False).tta == 1
     with pytest.raises(ValueError, match="min_cluster_mm3"):
         Predictor(model, window=16, device="cpu", min_cluster_mm3=-1)

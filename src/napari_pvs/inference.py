@@ -32,7 +32,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ import zarr
 
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.io import ATTRS_KEY
+from napari_pvs.memory import MEMORY_POLICIES, mapped_copy, memory_policy
 from napari_pvs.models import DEFAULT_SEGMENTATION_RULE
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
@@ -62,28 +63,9 @@ DEFAULT_WINDOW = 64
 DEFAULT_OVERLAP = 0.25
 #: Output chunks aim for about this many voxels per axis (rounded to a multiple of the stride).
 TARGET_CHUNK = 64
-
-
-def bound_heap_growth(threshold: int = 256 * 1024) -> bool:
-    """Ask glibc to serve allocations above ``threshold`` bytes with mmap; True if applied.
-
-    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
-    the many mid-sized blocks of a long streaming run (frontier cells, chunk buffers, torch
-    activations) come from a heap that fragments and never shrinks, so resident memory creeps
-    up with the number of windows. A fixed threshold hands those blocks back to the system
-    when freed; measured: peak RSS growth from 256^3 to 512^3 fell from +58 MB to +8 MB.
-    No-op where glibc's ``mallopt`` is absent (macOS, Windows, musl).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+#: Hand the C heap's free pages back every this many windows (see memory.memory_policy); in
+#: benchmarks/bench_inference.py it kept 512^3 within 5% of 256^3 at no loss of speed.
+TRIM_EVERY_WINDOWS = 32
 
 
 def importance_map(
@@ -107,14 +89,16 @@ def importance_map(
     return torch.clamp_(weights, min=floor).numpy()
 
 
-def default_batch(device: torch.device) -> int:
-    """Windows per batch when none is asked for: 4 on CUDA, 2 on CPU.
+def default_batch(device: torch.device, precision: torch.dtype | None = None) -> int:
+    """Windows per batch when none is asked for: 4 on CUDA; on CPU 1 in bfloat16, else 2.
 
-    Measured on 2 CPU cores (256^3, 64^3 windows, quiet machine): batch 2 ran as fast as
-    batch 4 (27.4 s vs 28.7 s) with 150 MB instead of 261 MB of peak memory above the loaded
-    model; batch 1 took 1.8x as long, so it is not the default.
+    Measured on 2 CPU cores (256^3, 64^3 windows, ``memory="reuse"``): in bfloat16 batch 1 ran
+    as fast as batch 2 with about 70 MB less peak memory; in float32 batch 1 took 1.8x as long
+    as batch 2, and batch 4 was no faster than 2 with more than twice the memory.
     """
-    return 4 if device.type == "cuda" else 2
+    if device.type == "cuda":
+        return 4
+    return 1 if precision == torch.bfloat16 else 2
 
 
 def _triple(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
@@ -399,8 +383,8 @@ class Predictor:
     ``segmentation_rule`` from its checkpoint, else 0.5 and 0 (keep all).
     ``amp`` runs the network in the reduced precision the device has natively (see
     :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
-    ``bound_heap`` applies :func:`bound_heap_growth` (process-wide, glibc only) so resident
-    memory stays flat over long runs.
+    ``memory`` is the C-heap policy of :func:`napari_pvs.memory.memory_policy` (``"reuse"``:
+    fast and flat; ``"return"``: the lowest peak, slower; ``"system"``: untouched).
     """
 
     def __init__(
@@ -421,7 +405,7 @@ class Predictor:
         min_cluster_mm3: float | None = None,
         modality: str | None = None,
         seed: int = 0,
-        bound_heap: bool = True,
+        memory: str = "reuse",
     ) -> None:
         from napari_pvs.models import autocast_dtype, resolve_device
 
@@ -460,13 +444,13 @@ class Predictor:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.window = _triple(window, "window")
         self.overlap = float(overlap)
-        self.batch = int(batch) if batch is not None else default_batch(self.device)
         self.blending = blending
         self.sigma_scale = float(sigma_scale)
         self.mc_samples = int(mc_samples)
         self.tta = flip_count(rule["tta"] if tta is None else tta)
         # Reduced precision where the hardware has it natively (CUDA float16, CPU bfloat16).
         self.amp_dtype = autocast_dtype(self.device) if amp else None
+        self.batch = int(batch) if batch is not None else default_batch(self.device, self.amp_dtype)
         # channels-last pays on GPUs (tensor cores); on CPU it measured no faster.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.chunks = (
@@ -478,7 +462,9 @@ class Predictor:
         self.min_cluster_mm3 = min_cluster_mm3
         self.modality = modality
         self.seed = int(seed)
-        self.bound_heap = bool(bound_heap)
+        if memory not in MEMORY_POLICIES:
+            raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {memory!r}")
+        self.memory = memory
         self.models = []
         for m in models:
             m = m.to(self.device).eval()
@@ -705,12 +691,22 @@ class Predictor:
         Raises :class:`napari_pvs.progress.Cancelled` within one batch of ``cancel`` being set;
         finished chunks are kept and a rerun resumes from them.
         """
+        with memory_policy(self.memory) as trim_heap:
+            return self._predict(
+                volume, Path(out), progress or no_progress, cancel, overwrite, trim_heap
+            )
+
+    def _predict(
+        self,
+        volume,
+        out: Path,
+        progress: ProgressCallback,
+        cancel: CancelToken | None,
+        overwrite: bool,
+        trim_heap: Callable[[], None],
+    ) -> PredictionSummary:
         started = time.perf_counter()
-        progress = progress or no_progress
-        if self.bound_heap:
-            bound_heap_growth()
         src = _as_source(volume)
-        out = Path(out)
         modality = self.modality or src.modality
         plan = WindowPlan(src.data.shape, self.window, self.overlap, self.chunks)
         intensity = robust_range(src.data)
@@ -749,6 +745,8 @@ class Predictor:
                 moments = self._run_batch(image, modality, batch_index)
                 for k, idx in enumerate(windows):
                     self._accumulate(plan, idx, moments[k], cells, done)
+                if (run + len(windows)) // TRIM_EVERY_WINDOWS > run // TRIM_EVERY_WINDOWS:
+                    trim_heap()
                 run += len(windows)
                 last_rank = plan.rank[windows[-1]]
                 while pending and pending[0][0] <= last_rank:
@@ -803,7 +801,7 @@ class Predictor:
             )
             cell = cells.get(key)
             if cell is None:
-                cells[key] = weighted[local].copy()
+                cells[key] = mapped_copy(weighted[local])
             else:
                 cell += weighted[local]
 
