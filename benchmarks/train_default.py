@@ -124,7 +124,11 @@ def calibrate(path: Path) -> dict:
     volumes = [TrainingVolume(p.image, p.pvs, p.modality, name=f"tuning-{p.modality}")
                for p in phantoms]  # fmt: skip
     rule, rows = calibrate_segmentation(
-        model, volumes, [p.spacing for p in phantoms], progress=TerminalProgress(sys.stdout)
+        model,
+        volumes,
+        [p.spacing for p in phantoms],
+        candidates_tta=(1, 4, 8),
+        progress=TerminalProgress(sys.stdout),
     )
     for row in rows:
         print(
