@@ -63,8 +63,8 @@ DEFAULT_WINDOW = 64
 DEFAULT_OVERLAP = 0.25
 #: Output chunks aim for about this many voxels per axis (rounded to a multiple of the stride).
 TARGET_CHUNK = 64
-#: Hand the C heap's free pages back every this many windows (see memory.memory_policy); in
-#: benchmarks/bench_inference.py it kept 512^3 within 5% of 256^3 at no loss of speed.
+#: Hand the C heap's free pages back every this many windows (see memory.memory_policy), so
+#: what it keeps is what the last few dozen windows left, not what the whole run did.
 TRIM_EVERY_WINDOWS = 32
 
 
@@ -376,8 +376,9 @@ class Predictor:
     head (features computed once), ``tta`` averages test-time mirrorings (``True`` or 8: all 8
     axis mirrorings; 4: the identity and one mirror per axis; ``False`` or 1: none; default: the
     model's calibrated ``segmentation_rule``, else none). ``batch`` windows run
-    together (default :func:`default_batch`: 4 on CUDA, 2 on CPU). With more than one
-    sample in total, ``entropy``, ``mutual_information`` and ``variance`` are written too.
+    together (default :func:`default_batch`: 4 on CUDA; on CPU 1 in bfloat16, else 2). With
+    more than one sample in total, ``entropy``, ``mutual_information`` and ``variance`` are
+    written too.
     ``threshold`` and ``min_cluster_mm3`` (clusters smaller than this are removed from the
     segmentation, never from the probability) default to the model's calibrated
     ``segmentation_rule`` from its checkpoint, else 0.5 and 0 (keep all).
