@@ -32,8 +32,9 @@ import itertools
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ TARGET_CHUNK = 64
 #: Hand the C heap's free pages back every this many windows (see memory.memory_policy), so
 #: what it keeps is what the last few dozen windows left, not what the whole run did.
 TRIM_EVERY_WINDOWS = 32
+#: Completed chunks that may wait for the writer thread before the network waits for it.
+MAX_PENDING_WRITES = 4
 
 
 def importance_map(
@@ -630,15 +633,10 @@ class Predictor:
         crop = (slice(None), slice(None), *(slice(0, w) for w in self.window))
         return moments[crop].float().cpu().numpy()
 
-    def _finish_chunk(
-        self,
-        chunk: tuple[int, int, int],
-        plan: WindowPlan,
-        cells: dict,
-        group: zarr.Group,
-        n_stats: int,
-    ) -> None:
-        """Blend a completed chunk from its cells, write every output array, mark it done."""
+    def _gather_chunk(
+        self, chunk: tuple[int, int, int], plan: WindowPlan, cells: dict, n_stats: int
+    ) -> np.ndarray:
+        """Move a completed chunk's cells into one array of blended numerators (frees them)."""
         slices = plan.chunk_slices(chunk)
         acc = np.empty((n_stats, *(s.stop - s.start for s in slices)), dtype=np.float32)
         segs = [ax.chunk_segments(c) for ax, c in zip(plan.axes, chunk, strict=True)]
@@ -649,11 +647,22 @@ class Predictor:
                 for ax, k, sl in zip(plan.axes, key, slices, strict=True)
             )
             acc[(slice(None), *local)] = cell
+        return acc
+
+    def _write_chunk(
+        self, chunk: tuple[int, int, int], plan: WindowPlan, acc: np.ndarray, group: zarr.Group
+    ) -> None:
+        """Normalise a gathered chunk, write every output array, then mark the chunk done.
+
+        Runs on the writer thread, one chunk after another, so a chunk is marked done only
+        once all its arrays are stored, and compression and storage overlap the network.
+        """
+        slices = plan.chunk_slices(chunk)
         values = acc / self._chunk_weight(plan, chunk, slices)
         probability = values[0]
         group["probability"][slices] = probability.astype(np.float16)
         group["segmentation"][slices] = (probability >= self.threshold).astype(np.uint8)
-        if n_stats > 1:
+        if len(values) > 1:
             measures = uncertainty_from_moments(values[0], values[1], values[2])
             for name in UNCERTAINTY_NAMES:
                 group[name][slices] = measures[name].astype(np.float16)
@@ -730,7 +739,8 @@ class Predictor:
         total = sum(len(b) for _, b in todo)
         run = 0
         progress(0, total, "predicting")
-        with ThreadPoolExecutor(max_workers=1) as reader:
+        writes: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(1) as writer:
             future = (
                 reader.submit(self._read_windows, src.data, plan, todo[0][1], intensity)
                 if todo
@@ -752,8 +762,14 @@ class Predictor:
                 last_rank = plan.rank[windows[-1]]
                 while pending and pending[0][0] <= last_rank:
                     _, chunk = pending.pop(0)
-                    self._finish_chunk(chunk, plan, cells, group, n_stats)
+                    acc = self._gather_chunk(chunk, plan, cells, n_stats)
+                    writes.append(writer.submit(self._write_chunk, chunk, plan, acc, group))
+                # Collect finished writes (raising their errors); bound what waits to be written.
+                while writes and (writes[0].done() or len(writes) > MAX_PENDING_WRITES):
+                    writes.popleft().result()
                 progress(run, total, "predicting")
+            for write in writes:
+                write.result()
         if pending:
             raise RuntimeError(f"internal error: {len(pending)} chunks were never completed")
         # Last, and again on every rerun (idempotent): clusters too small to be a PVS go.
