@@ -62,7 +62,7 @@ def memory_policy(policy: str) -> Iterator[Callable[[], None]]:
     ``"system"`` leaves the allocator alone. Process-wide while any run is active.
 
     Yields ``trim()``, which hands the heap's free pages back to the system (``"reuse"`` only;
-    otherwise it does nothing): called every few dozen windows it stops what the heap keeps
+    otherwise it does nothing): called every few windows it stops what the heap keeps
     from creeping up over a long run, for the cost of faulting one window's memory in again.
     """
     global _policy_users
