@@ -190,7 +190,8 @@ def worker_interleaved(volume_path: str, out: str, repeats: int) -> dict:
 
     import dask.array as da
 
-    from napari_pvs.inference import Predictor, memory_policy
+    from napari_pvs.inference import Predictor
+    from napari_pvs.memory import memory_policy
 
     model = build()
     predictor = Predictor(model, window=WINDOW, overlap=OVERLAP)  # ours at its defaults

@@ -516,7 +516,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         choices=MEMORY_POLICIES,
         default="reuse",
         help="reuse: keep freed memory for the next window (fast; default); return: hand it "
-        "back at once (lowest peak, about 1.5x slower); system: leave the C allocator alone",
+        "back at once (lowest peak, about 2x slower); system: leave the C allocator alone",
     )
     parser.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler, tcp://host:8786")
     parser.add_argument("--workers", type=int, help="local cluster workers (default: cores)")

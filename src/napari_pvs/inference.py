@@ -45,7 +45,7 @@ import zarr
 
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.io import ATTRS_KEY
-from napari_pvs.memory import MEMORY_POLICIES, mapped_copy, memory_policy
+from napari_pvs.memory import check_policy, mapped_copy, memory_policy
 from napari_pvs.models import DEFAULT_SEGMENTATION_RULE
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
@@ -467,9 +467,7 @@ class Predictor:
         self.min_cluster_mm3 = min_cluster_mm3
         self.modality = modality
         self.seed = int(seed)
-        if memory not in MEMORY_POLICIES:
-            raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {memory!r}")
-        self.memory = memory
+        self.memory = check_policy(memory)
         self.models = []
         for m in models:
             m = m.to(self.device).eval()

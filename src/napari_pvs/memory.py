@@ -44,6 +44,13 @@ def _libc():
     return libc
 
 
+def check_policy(policy: str) -> str:
+    """``policy`` if it is one of :data:`MEMORY_POLICIES`, else a ValueError naming them."""
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {policy!r}")
+    return policy
+
+
 def _nothing() -> None:
     return None
 
@@ -66,8 +73,7 @@ def memory_policy(policy: str) -> Iterator[Callable[[], None]]:
     from creeping up over a long run, for the cost of faulting one window's memory in again.
     """
     global _policy_users
-    if policy not in MEMORY_POLICIES:
-        raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {policy!r}")
+    check_policy(policy)
     libc = _libc() if policy != "system" else None
     if libc is None:
         yield _nothing
