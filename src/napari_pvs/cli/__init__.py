@@ -1,0 +1,65 @@
+"""The ``napari-pvs`` command line: a thin adapter over the core, for scripts and clusters.
+
+One module per command group. Each subcommand is one ``add_<name>(subparsers)`` function that
+declares its arguments and sets ``func`` to a handler. Handlers parse paths and options, call
+core functions and print; they hold no logic of their own. Errors the user can fix are raised
+as :class:`UserError` (or ``ValueError``/``FileNotFoundError`` from the core) and printed as
+one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from napari_pvs import __version__
+from napari_pvs.cli._common import UserError
+from napari_pvs.cli.gui import add_gui
+from napari_pvs.cli.predict import add_predict, add_rank
+from napari_pvs.cli.train import add_train
+from napari_pvs.cli.volumes import add_convert, add_evaluate, add_frangi, add_phantom
+
+__all__ = ["UserError", "main"]
+
+# Subcommands register here, in the order `napari-pvs --help` lists them.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_convert,
+    add_gui,
+    add_train,
+    add_phantom,
+    add_evaluate,
+    add_frangi,
+    add_predict,
+    add_rank,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-pvs",
+        description="Perivascular space (PVS) segmentation and annotation, headless.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-pvs {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"napari-pvs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"napari-pvs {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Prediction commands: predict (one volume or a cohort) and rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from napari_pvs.cli._common import UserError
+
+
+def add_predict(subparsers: argparse._SubParsersAction) -> None:
+    from napari_pvs.memory import MEMORY_POLICIES
+    from napari_pvs.models import FLIP_COUNTS
+
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment PVS in one or many volumes (chunked, resumable, with uncertainty)",
+        description=(
+            "Predict PVS probability, segmentation and (with --mc or --tta) entropy, mutual "
+            "information and variance, chunk by chunk into a zarr group with the input's shape. "
+            "One INPUT: OUT is the zarr group (or OUT.nii.gz: the segmentation as NIfTI with "
+            "the input's affine, the full predictions kept beside it in OUT.zarr). Several "
+            "INPUTs: OUT is a folder of groups, run as tasks on a local dask cluster or on "
+            "--scheduler. Rerunning the same command resumes an interrupted run."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI, zarr or OME-Zarr")
+    parser.add_argument("--out", required=True, help="output zarr group, .nii.gz, or folder")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["default"],
+        help="'default' or checkpoint path(s); several checkpoints form an ensemble",
+    )
+    parser.add_argument("--modality", choices=["T1", "T2"], help="override the input's modality")
+    parser.add_argument(
+        "--mc", type=int, default=0, metavar="T", help="Monte Carlo dropout samples (0 = off)"
+    )
+    parser.add_argument(
+        "--tta",
+        type=int,
+        nargs="?",
+        const=8,
+        choices=FLIP_COUNTS,
+        default=None,
+        metavar="N",
+        help="average N test-time mirrorings: 1 (none), 4 (one mirror per axis) or 8 (all; "
+        "--tta alone). Default: the model's calibrated rule (the bundled model's is 4)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="compute in float32 throughout (default: float16 on CUDA, bfloat16 on CPUs with "
+        "native bfloat16, else float32)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="windows per batch (default: see docs)"
+    )
+    parser.add_argument(
+        "--min-cluster-mm3",
+        type=float,
+        default=None,
+        help="remove segmented clusters smaller than this (default: the model's calibrated "
+        "value; 0 keeps every cluster)",
+    )
+    parser.add_argument("--window", type=int, default=64, help="window edge (default 64)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
+    parser.add_argument(
+        "--memory",
+        choices=MEMORY_POLICIES,
+        default="reuse",
+        help="reuse: keep freed memory for the next window (fast; default); return: hand it "
+        "back at once (lowest peak, about 2x slower); system: leave the C allocator alone",
+    )
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler, tcp://host:8786")
+    parser.add_argument("--workers", type=int, help="local cluster workers (default: cores)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh, replacing OUT")
+    parser.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from napari_pvs.cohort import output_name, predict_cohort, predict_volume
+    from napari_pvs.progress import TerminalProgress
+
+    if args.mc < 0:
+        raise UserError("--mc must be 0 (off) or a positive number of samples")
+    options = {
+        "window": args.window,
+        "overlap": args.overlap,
+        "batch": args.batch,
+        "device": args.device,
+        "mc_samples": args.mc,
+        "tta": args.tta,
+        "amp": not args.float32,
+        "min_cluster_mm3": args.min_cluster_mm3,
+        "memory": args.memory,
+    }
+    model = args.model[0] if len(args.model) == 1 else args.model
+    out = Path(args.out)
+    nifti = out.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti and len(args.inputs) > 1:
+        raise UserError("with several inputs --out must be a folder, not a NIfTI file")
+    store = out.parent / output_name(out) if nifti else out
+    if len(args.inputs) > 1 or args.scheduler:
+        results = predict_cohort(
+            args.inputs,
+            out if len(args.inputs) > 1 else store.parent,
+            model=model,
+            modality=args.modality,
+            options=options,
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            progress=TerminalProgress(),
+            overwrite=args.overwrite,
+            outs=None if len(args.inputs) > 1 else [store],
+        )
+    else:
+        results = [
+            predict_volume(
+                args.inputs[0],
+                store,
+                model,
+                args.modality,
+                options,
+                progress=TerminalProgress(),
+                overwrite=args.overwrite,
+            )
+        ]
+    for result in results:
+        for warning in result.warnings:
+            print(f"napari-pvs predict: warning: {result.input}: {warning}", file=sys.stderr)
+        if result.error:
+            print(f"napari-pvs predict: error: {result.input}: {result.error}", file=sys.stderr)
+    if nifti and results[0].error is None:
+        import dask.array as da
+        import zarr
+
+        from napari_pvs import io
+
+        group = zarr.open_group(str(store), mode="r")
+        affine = group.attrs["napari_pvs"]["affine"]
+        io.save_nifti(out, da.from_zarr(group["segmentation"]), affine)
+    summary = [
+        {
+            "input": r.input,
+            "out": r.out,
+            "arrays": list(r.summary.arrays) if r.summary else [],
+            "windows_run": r.summary.windows_run if r.summary else 0,
+            "small_cluster_voxels_removed": (
+                r.summary.small_cluster_voxels_removed if r.summary else 0
+            ),
+            "seconds": round(r.summary.seconds, 2) if r.summary else 0,
+            "error": r.error,
+        }
+        for r in results
+    ]
+    if nifti:
+        summary[0]["nifti"] = str(out)
+    print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2))
+    return 2 if any(r.error for r in results) else 0
+
+
+def add_rank(subparsers: argparse._SubParsersAction) -> None:
+    from napari_pvs.ranking import DEFAULT_MIN_TISSUE, DEFAULT_PATCH, STRATEGIES
+
+    parser = subparsers.add_parser(
+        "rank",
+        help="rank 3D patches of a prediction for annotation (uncertainty, stratified, random)",
+        description=(
+            "Score patches of a 'napari-pvs predict' output and write the top N, spread out "
+            "(no overlap, no crowding) and skipping labelled patches, as PRED.ranking-"
+            "STRATEGY.csv and .json beside the prediction."
+        ),
+    )
+    parser.add_argument("prediction", metavar="PRED", help="zarr group from 'napari-pvs predict'")
+    parser.add_argument("--n", type=int, default=20, help="patches to choose (default 20)")
+    parser.add_argument("--patch", type=int, default=DEFAULT_PATCH, help="patch edge (32)")
+    parser.add_argument("--stride", type=int, help="candidate spacing (default: the patch edge)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="entropy")
+    parser.add_argument(
+        "--exclude",
+        metavar="LABELS",
+        help="label store (zarr, OME-Zarr labels, NIfTI): patches with labelled voxels are skipped",
+    )
+    parser.add_argument(
+        "--unlabelled-value",
+        type=int,
+        default=255,
+        help="the value meaning 'not labelled' in LABELS (default 255; use 0 for plain masks)",
+    )
+    parser.add_argument(
+        "--min-distance", type=float, help="min centre distance in voxels (default 1.5 x patch)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
+    parser.add_argument(
+        "--image",
+        help="the predicted volume, to skip patches that are mostly air (default: the input "
+        "recorded in PRED, when it still exists)",
+    )
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=DEFAULT_MIN_TISSUE,
+        help=f"share of a patch that must be tissue (default {DEFAULT_MIN_TISSUE}; 0 = off)",
+    )
+    parser.set_defaults(func=_run_rank)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from napari_pvs.io import ATTRS_KEY, open_prediction
+    from napari_pvs.ranking import rank_patches, save_ranking
+
+    image = args.image
+    if image is None and args.min_tissue > 0:
+        source = dict(open_prediction(args.prediction).attrs).get(ATTRS_KEY, {}).get("source")
+        image = source if source and Path(source).exists() else None
+    if image is not None and not Path(image).exists():
+        raise UserError(f"--image {image} does not exist; pass the volume that was predicted")
+    table = rank_patches(
+        args.prediction,
+        n=args.n,
+        patch=args.patch,
+        stride=args.stride,
+        strategy=args.strategy,
+        exclude=args.exclude,
+        unlabelled_value=args.unlabelled_value,
+        min_distance=args.min_distance,
+        seed=args.seed,
+        image=image if args.min_tissue > 0 else None,
+        min_tissue=args.min_tissue,
+    )
+    csv_path, json_path = save_ranking(table, args.prediction)
+    print(f"{'rank':>4} {'score':>9} {'start':>16} {'stop':>16} {'pvs':>4}")
+    for row in table:
+        start, stop = ",".join(map(str, row.bbox_start)), ",".join(map(str, row.bbox_stop))
+        print(f"{row.rank:>4} {row.score:>9.4f} {start:>16} {stop:>16} {row.predicted_pvs:>4}")
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
