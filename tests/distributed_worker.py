@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py DIR
 
-DIR holds ``data.npz`` (volume, labels, a fixed batch) written by the test. Every process writes
-``rank<R>.json`` (what it saw) and rank 0 the tensors the test compares with one process.
+DIR holds ``data.npz`` (volume, labels, a fixed batch) and ``t2.zarr``, written by the test.
+Every process writes ``rank<R>.json`` (what it saw); rank 0 also the tensors the test compares
+with one process.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import io
 import json
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import napari_pvs.training as training
+from napari_pvs.cli import main as main_cli
 from napari_pvs.progress import Cancelled
 from napari_pvs.training import (
     TrainConfig,
@@ -55,6 +59,10 @@ class CancelOnCall:
     def is_set(self) -> bool:
         self.calls += 1
         return self.calls >= self.n
+
+
+#: tiny_unet's architecture without dropout, for `napari-pvs train --config`.
+TINY_CONFIG = {"channels": [4, 8], "num_res_units": 1, "feature_channels": 4, "dropout": 0.0}
 
 
 def tiny(seed: int):
@@ -117,6 +125,17 @@ def main(folder: Path) -> None:
         held = tiny(2 + rank)  # different starts: DDP begins from rank 0's weights
         resumed = fit(held, [volume], config, folder / "resumed.safetensors")
         report["resumed_history"] = resumed.history
+
+        # The CLI adapter in the same job: `napari-pvs train` prints and reports on rank 0 only.
+        printed, reported = io.StringIO(), io.StringIO()
+        with redirect_stdout(printed), redirect_stderr(reported):
+            report["cli_code"] = main_cli(
+                ["train", "--images", str(folder / "t2.zarr"), "--model", "unet",
+                 "--config", json.dumps(TINY_CONFIG), "--out", str(folder / "cli.safetensors"),
+                 "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+                 "--patch", "16", "--device", "cpu"]
+            )  # fmt: skip
+        report["cli_stdout"], report["cli_stderr"] = printed.getvalue(), reported.getvalue()
 
     # What fit left in each process's model (its best weights): the same everywhere.
     save_file(

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import napari_pvs
 from distributed_worker import CONFIG, tiny
+from napari_pvs import io
 from napari_pvs.models.checkpoint import OPTIMIZER_PREFIX, read_checkpoint
 from napari_pvs.training import (
     UNLABELLED,
@@ -51,6 +52,9 @@ def _data(folder: Path) -> dict[str, np.ndarray]:
     batch_labels[:2, :, 2:] = UNLABELLED  # the first share: an eighth labelled
     data = dict(image=image, labels=labels, batch_images=batch_images, batch_labels=batch_labels)
     np.savez(folder / "data.npz", **data)
+    io.save_ome_zarr(
+        folder / "t2.zarr", image, (1.0, 1.0, 1.0), labels={"pvs": labels}, modality="T2", levels=1
+    )
     return data
 
 
@@ -185,6 +189,26 @@ def test_a_cancel_on_one_process_stops_all_and_the_rerun_resumes_exactly(runs):
     held = [load_file(str(folder / f"held-rank{r}.safetensors")) for r in (0, 1)]
     for name in held[0]:  # every process ends holding the same (best) weights
         assert torch.equal(held[0][name], held[1][name])
+
+
+def test_napari_pvs_train_prints_and_reports_on_rank_0_only(runs):
+    folder, reports, _, _ = runs
+    assert [r["cli_code"] for r in reports] == [0, 0]
+    assert json.loads(reports[0]["cli_stdout"])["processes"] == 2
+    assert "epoch 1/1" in reports[0]["cli_stderr"]
+    assert reports[1]["cli_stdout"] == "" and "epoch" not in reports[1]["cli_stderr"]
+    assert read_checkpoint(folder / "cli.safetensors")[1]["training"]["processes"] == 2
+
+
+def test_the_cli_runs_as_a_module_as_torchrun_starts_it():
+    job = subprocess.run(
+        [sys.executable, "-m", "napari_pvs.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(napari_pvs.__file__).parents[1])},
+    )
+    assert job.returncode == 0 and job.stdout.startswith("napari-pvs ")
 
 
 def test_without_torchrun_the_context_is_one_process(monkeypatch):

@@ -13,6 +13,7 @@ draws the same global batches as one process: each process draws only its contig
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -468,6 +469,14 @@ def _broadcast_weights(model: nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP option: buffers are not re-broadcast every step (they are constants or SyncBatchNorm
+    statistics, equal everywhere); the name changed in torch 2.13 (still synced at start)."""
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return {name: False}
+
+
 class _TrainingOutputs(nn.Module):
     """``model.training_outputs`` as ``forward``: DDP synchronises gradients of forward only."""
 
@@ -609,7 +618,8 @@ def fit(
     if config.batch_size % world:
         raise ValueError(
             f"batch_size {config.batch_size} does not split evenly over {world} processes; use a "
-            f"global batch size that is a multiple of {world} (e.g. {world * config.batch_size})"
+            f"global batch size that is a multiple of {world} (e.g. "
+            f"{-(-config.batch_size // world) * world})"
         )
     main = rank == 0
     share = range(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
@@ -676,7 +686,7 @@ def fit(
         ddp = nn.parallel.DistributedDataParallel(
             _TrainingOutputs(model),
             device_ids=[device.index] if use_cuda else None,
-            broadcast_buffers=False,  # no running statistics: SyncBatchNorm keeps them equal
+            **_no_buffer_sync(),
         )
 
         def forward(image, modalities):
