@@ -715,7 +715,7 @@ def fit(
         if _from_main(over_time, device) if world > 1 else over_time:
             stopped_early = True
             break
-        # Dropout masks: rank 0 draws what one process would; the others their own.
+        # Dropout: every process seeds its own stream (rank 0 the seed one process uses).
         torch.manual_seed(config.seed * 100_003 + epoch + 1_000_003 * rank)
         model.train()
         started, losses = time.perf_counter(), []
