@@ -11,11 +11,14 @@ from napari_pvs.models import build_model
 from napari_pvs.models.checkpoint import save_checkpoint
 
 
-def tiny_unet(seed: int = 0, dropout: float = 0.0, channels: Sequence[int] = (4, 8)):
-    """A seeded residual UNet small enough to run whole test volumes in milliseconds."""
+def tiny_unet(seed: int = 0, dropout: float | None = None, channels: Sequence[int] = (4, 8)):
+    """A seeded residual UNet small enough to run whole test volumes in milliseconds.
+
+    ``dropout`` None keeps the architecture's default (0.2); 0 makes training deterministic.
+    """
     torch.manual_seed(seed)
     config = {"channels": list(channels), "num_res_units": 1, "feature_channels": 4}
-    if dropout:
+    if dropout is not None:
         config["dropout"] = dropout
     return build_model("unet", **config).eval()
 

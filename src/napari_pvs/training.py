@@ -5,24 +5,31 @@ computed only over labelled voxels, so a volume of which the annotator corrected
 trains correctly: that is what active learning produces. Patches are read from lazy arrays
 (numpy, dask or zarr) one at a time; memory does not grow with the volume.
 
-Determinism: every epoch's sampling and augmentation derive from ``(seed, epoch)``, so a run
-resumed from its last checkpoint continues exactly as the uninterrupted run would.
+Determinism: every patch's sampling and augmentation derive from ``(seed, epoch, step, index in
+the batch)``, so a run resumed from its last checkpoint continues exactly as the uninterrupted
+run would, and a run split over several processes (``torchrun``, see :func:`distributed_context`)
+draws the same global batches as one process: each process draws only its contiguous share.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
 
 from napari_pvs.intensity import normalize, robust_range, tissue_mask
 from napari_pvs.metrics import dice
@@ -33,7 +40,13 @@ from napari_pvs.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
+from napari_pvs.progress import (
+    Cancelled,
+    CancelToken,
+    ProgressCallback,
+    check_cancelled,
+    no_progress,
+)
 
 #: Label value meaning "not annotated": ignored by the loss and by validation.
 UNLABELLED = 255
@@ -249,21 +262,61 @@ def masked_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tens
     ``labels`` is ``(B, 1, D, H, W)`` with 0/1 and :data:`UNLABELLED`. Levels are weighted
     1, 1/2, 1/4... (normalised). Returns zero (with a graph) when nothing is labelled.
     """
+    return _loss_from_sums(_loss_sums(outputs, labels))
+
+
+def distributed_masked_loss(
+    outputs: list[torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_loss` of the global batch when each process holds a share of it.
+
+    The loss is a function of sums over the whole batch (labelled voxels, BCE, the soft-Dice
+    terms), not a mean of per-sample losses, so averaging per-process losses (what DDP's
+    gradient averaging would do) weights a share with few labelled voxels as much as one
+    with many. Instead the sums are all-reduced and each process differentiates the global
+    loss through its own share only. Returns ``(to_backward, value)``: ``value`` is the global
+    loss (identical on every process); ``to_backward`` is it times the world size, because DDP
+    divides the summed gradients by the world size, so the step equals one process's step on
+    the global batch.
+    """
+    local = _loss_sums(outputs, labels)
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    loss = _loss_from_sums(local + (total - local.detach()))  # global value, local gradient
+    return loss * dist.get_world_size(), loss.detach()
+
+
+def _loss_sums(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Per level: BCE sum, labelled voxels, soft intersection, prediction sum, PVS voxels."""
     mask = (labels != UNLABELLED).float()
     target = (labels == 1).float()
-    weights = [0.5**i for i in range(len(outputs))]
-    total = 0.0
-    for weight, logits in zip(weights, outputs, strict=True):
+    rows = []
+    for logits in outputs:
         if logits.shape[2:] != labels.shape[2:]:
             logits = F.interpolate(logits, size=labels.shape[2:], mode="trilinear")
         logits = logits.float()
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        bce = (bce * mask).sum() / mask.sum().clamp(min=1.0)
         prob = torch.sigmoid(logits) * mask
-        inter = (prob * target).sum()
-        dice = 1 - (2 * inter + 1.0) / (prob.sum() + (target * mask).sum() + 1.0)
-        total = total + weight * (bce + dice)
-    return total / sum(weights)
+        rows.append(
+            torch.stack(
+                [
+                    (bce * mask).sum(),
+                    mask.sum(),
+                    (prob * target).sum(),
+                    prob.sum(),
+                    (target * mask).sum(),
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def _loss_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """The loss from :func:`_loss_sums` (of one batch, or all-reduced over processes)."""
+    weights = sums.new_tensor([0.5**i for i in range(len(sums))])
+    bce = sums[:, 0] / sums[:, 1].clamp(min=1.0)
+    dice = 1 - (2 * sums[:, 2] + 1.0) / (sums[:, 3] + sums[:, 4] + 1.0)
+    return (weights * (bce + dice)).sum() / weights.sum()
 
 
 def labelled_dice(prob: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
@@ -300,14 +353,175 @@ def last_checkpoint_path(out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per GPU, or CPU processes with gloo
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a ``torchrun`` job (world size 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "auto"  # what to pass as TrainConfig.device: cuda:LOCAL_RANK under torchrun
+    backend: str | None = None  # "nccl" (CUDA) or "gloo" (CPU); None when not distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that reports progress, prints and writes checkpoints."""
+        return self.rank == 0
+
+
+#: The variables torchrun sets for every process it starts.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def distributed_context(device: str = "auto") -> Iterator[DistributedContext]:
+    """Join the ``torchrun`` job this process belongs to, and leave it on exit.
+
+    Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+    picks the device (``cuda:LOCAL_RANK`` with NCCL when ``device`` is 'auto' or 'cuda' and
+    CUDA is present, else the CPU with gloo) and initialises the default process group, which
+    :func:`fit` then uses. Without torchrun (no WORLD_SIZE, or 1) it yields a single-process
+    context and touches nothing; if a process group already exists it is used and left open.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        backend = str(dist.get_backend())
+        chosen = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else device
+        yield DistributedContext(rank, world, local, chosen, backend)
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield DistributedContext(device=device)
+        return
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE is {world} but {', '.join(missing)} are not set; start the command "
+            "with torchrun (e.g. torchrun --nproc_per_node 2 -m napari_pvs.rounds PROJECT)"
+        )
+    if not dist.is_available():
+        raise ValueError("this torch build has no torch.distributed; run without torchrun")
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        if ":" in str(device):
+            raise ValueError(
+                f"device {device!r} names one GPU, but under torchrun each process uses the GPU "
+                "of its LOCAL_RANK; pass 'cuda' or 'auto'"
+            )
+        if local >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); start at most that many processes per machine (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local)
+        backend, chosen = "nccl", f"cuda:{local}"
+    elif resolved.type == "cpu":
+        backend, chosen = "gloo", "cpu"
+    else:
+        raise ValueError(f"training on several processes needs CUDA or the CPU, not {resolved}")
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+    try:
+        yield DistributedContext(rank, world, local, chosen, backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def _world(distributed: bool | None) -> tuple[int, int]:
+    """``(rank, world size)`` of the process group ``fit`` trains in; ``(0, 1)`` alone."""
+    ready = dist.is_available() and dist.is_initialized()
+    if distributed and not ready:
+        raise ValueError(
+            "distributed=True but no process group is initialised; run under torchrun inside "
+            "napari_pvs.training.distributed_context()"
+        )
+    if distributed is False or not ready:
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if ``flag`` is true on any (cancel reaches all of them)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _from_main(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every process (wall-clock decisions must not differ by process)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def _broadcast_weights(model: nn.Module) -> None:
+    """Copy rank 0's weights and buffers into every process's model."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP option: buffers are not re-broadcast every step (they are constants or SyncBatchNorm
+    statistics, equal everywhere); the name changed in torch 2.13 (still synced at start)."""
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    return {name: False}
+
+
+class _TrainingOutputs(nn.Module):
+    """``model.training_outputs`` as ``forward``: DDP synchronises gradients of forward only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, modalities: list[str]) -> list[torch.Tensor]:
+        return self.model.training_outputs(image, modalities)
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over the global batch (none of the bundled models has any)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type != "cuda":
+        raise ValueError(
+            f"{getattr(model, 'name', 'the model')!r} has BatchNorm layers, whose statistics "
+            "can be synchronised across processes only on CUDA; train it on GPUs or in one "
+            "process"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 
 def _batch(
-    items: list[_Indexed], rng: np.random.Generator, config: TrainConfig, train: bool
+    items: list[_Indexed],
+    config: TrainConfig,
+    epoch: int,
+    step: int,
+    indices: Sequence[int],
+    train: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Patches ``indices`` of the step's global batch, each drawn from its own seed.
+
+    Seeding per ``(seed, epoch, step, index)`` makes a patch independent of which process
+    draws it: one process draws ``range(batch_size)``, each of N processes its contiguous
+    share, and together they draw the same patches with the same augmentations.
+    """
     images, labels, modalities = [], [], []
-    for _ in range(config.batch_size):
+    for index in indices:
+        rng = np.random.default_rng([config.seed, epoch, step, index])
         item = items[rng.integers(len(items))]
         draw = rng.random()
         if draw < config.foreground_fraction:
@@ -340,6 +554,13 @@ def _validation_set(items: list[_Indexed], config: TrainConfig):
 
 def evaluate_patches(model, batches, device: torch.device) -> float:
     """Dice over all validation patches pooled (labelled voxels only)."""
+    inter, total = _overlap_counts(model, batches, device)
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def _overlap_counts(model, batches, device: torch.device) -> tuple[float, float]:
+    """(prediction & truth, prediction + truth) voxel counts over ``batches``: they add up
+    across processes exactly, so every process derives the same validation Dice."""
     model.eval()
     inter = total = 0.0
     with torch.no_grad():
@@ -351,7 +572,7 @@ def evaluate_patches(model, batches, device: torch.device) -> float:
             pred &= mask
             inter += float((pred & truth).sum())
             total += float(pred.sum() + truth.sum())
-    return 1.0 if total == 0 else 2 * inter / total
+    return inter, total
 
 
 def fit(
@@ -365,6 +586,7 @@ def fit(
     training_info: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``volumes``; keep the best (validation Dice) weights in ``out``.
 
@@ -373,6 +595,15 @@ def fit(
     ``<out>.last.safetensors`` (weights + optimizer); with ``resume`` a run continues from it.
     Stops early after ``config.patience`` epochs without improvement; raises
     :class:`~napari_pvs.progress.Cancelled` when cancelled (saved checkpoints stay).
+
+    Several processes (``distributed``: None = whenever a ``torch.distributed`` process group
+    is initialised, see :func:`distributed_context`; False = train alone regardless):
+    ``config.batch_size`` is the global batch, each process trains on its contiguous share
+    inside DistributedDataParallel, and every step equals one process's step on the global
+    batch (within float rounding; dropout masks are drawn per process). Validation is split
+    across processes and its counts summed, so all take the same best/stop decisions. Only
+    rank 0 reports progress, reads the resume checkpoint and writes checkpoints; when ``fit``
+    returns on any process, they are written and every process holds the same weights.
     """
     config = config or TrainConfig()
     if not volumes:
@@ -383,7 +614,18 @@ def fit(
             f"patch {config.patch} is too small for {model.name!r}: every side must be at least "
             f"{2 * model.size_divisor} voxels (twice its size divisor {model.size_divisor})"
         )
+    rank, world = _world(distributed)
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split evenly over {world} processes; use a "
+            f"global batch size that is a multiple of {world} (e.g. "
+            f"{-(-config.batch_size // world) * world})"
+        )
+    main = rank == 0
+    share = range(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     indexed = [_Indexed(v) for v in volumes]
     if validation:
         train_items, val_items = indexed, [_Indexed(v) for v in validation]
@@ -393,8 +635,10 @@ def fit(
         train_items = [indexed[i] for i in train_ids]
         val_items = [indexed[i] for i in val_ids]
         split_note = "same as training (one volume)" if train_ids == val_ids else "seeded split"
-    val_batches = _validation_set(val_items, config)
+    val_batches = _validation_set(val_items, config)[rank::world]
 
+    if world > 1:
+        model = _sync_batchnorm(model, device)
     model.to(device)
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -414,23 +658,50 @@ def fit(
         "config": _jsonable(asdict(config)),
         "split": split_note,
         "modalities": sorted({v.modality for v in volumes}),
+        "processes": world,
         **(training_info or {}),
     }
     history: list[dict[str, float]] = []
     best_dice, best_epoch, start_epoch = -1.0, -1, 0
     out_path = Path(out) if out is not None else None
     last_path = last_checkpoint_path(out_path) if out_path is not None else None
-    if resume and last_path is not None and last_path.is_file():
+    resumed = None  # rank 0 reads the resume state; the others receive it
+    if main and resume and last_path is not None and last_path.is_file():
         meta = load_weights_into(model, last_path)
-        state = meta["training"]["resume"]
-        _restore_optimizer(optimizer, optimizer_tensors(last_path), state["param_groups"])
+        resumed = (meta["training"]["resume"], optimizer_tensors(last_path))
+        if out_path.is_file():
+            read_checkpoint(out_path)  # the best checkpoint must still be intact
+    if world > 1:
+        shared = [resumed]
+        dist.broadcast_object_list(shared, src=0, device=device)
+        resumed = shared[0]
+    if resumed is not None:
+        state, optimizer_state = resumed
+        _restore_optimizer(optimizer, optimizer_state, state["param_groups"])
         scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
         best_dice, best_epoch = state["best_dice"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
-        if out_path.is_file():
-            read_checkpoint(out_path)  # the best checkpoint must still be intact
+    if world > 1:  # DDP starts every process from rank 0's (possibly resumed) weights
+        ddp = nn.parallel.DistributedDataParallel(
+            _TrainingOutputs(model),
+            device_ids=[device.index] if use_cuda else None,
+            **_no_buffer_sync(),
+        )
 
+        def forward(image, modalities):
+            return ddp(image, modalities)
+
+        def loss_of(outputs, labels):
+            return distributed_masked_loss(outputs, labels)
+    else:
+        forward = model.training_outputs
+
+        def loss_of(outputs, labels):
+            loss = masked_loss(outputs, labels)
+            return loss, loss.detach()
+
+    report = progress if main else no_progress
     stopped_early = False
     best_state: dict[str, torch.Tensor] | None = None
     epoch = start_epoch - 1
@@ -440,32 +711,41 @@ def fit(
             stopped_early = True
             break
         elapsed = time.perf_counter() - run_started
-        if config.max_minutes is not None and elapsed > 60 * config.max_minutes:
+        over_time = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+        if _from_main(over_time, device) if world > 1 else over_time:
             stopped_early = True
             break
-        rng = np.random.default_rng([config.seed, epoch])
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        # Dropout: every process seeds its own stream (rank 0 the seed one process uses).
+        torch.manual_seed(config.seed * 100_003 + epoch + 1_000_003 * rank)
         model.train()
         started, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
-            check_cancelled(cancel)
-            images, labels, modalities = _batch(train_items, rng, config, train=True)
+            if world == 1:
+                check_cancelled(cancel)
+            elif _any_process(cancel is not None and cancel.is_set(), device):
+                raise Cancelled("cancelled on one of the processes; finished work has been kept")
+            images, labels, modalities = _batch(train_items, config, epoch, step, share)
             image_t = torch.from_numpy(images).to(device)
             label_t = torch.from_numpy(labels).to(device)
             if use_cuda:
                 image_t = image_t.to(memory_format=torch.channels_last_3d)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                outputs = model.training_outputs(image_t, modalities)
-            loss = masked_loss(outputs, label_t)
+                outputs = forward(image_t, modalities)
+            to_backward, loss = loss_of(outputs, label_t)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(to_backward).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
             done = epoch * config.steps_per_epoch + step + 1
-            progress(done, total_steps, f"epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.3f}")
-        val_dice = evaluate_patches(model, val_batches, device)
+            report(done, total_steps, f"epoch {epoch + 1}/{config.epochs} loss {losses[-1]:.3f}")
+        inter, total = _overlap_counts(model, val_batches, device)
+        if world > 1:
+            counts = torch.tensor([inter, total], dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            inter, total = counts.tolist()
+        val_dice = 1.0 if total == 0 else 2 * inter / total
         record = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -477,7 +757,7 @@ def fit(
         if improved:
             best_dice, best_epoch = val_dice, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if out_path is not None:
+        if out_path is not None and main:
             metrics = {"val_dice": best_dice, "best_epoch": best_epoch}
             if improved:
                 save_checkpoint(model, out_path, metrics=metrics, training={**info, "epoch": epoch})
@@ -500,8 +780,13 @@ def fit(
     # Leave the model holding its best weights.
     if best_state is not None:
         model.load_state_dict(best_state)
-    elif out_path is not None and out_path.is_file():
-        load_weights_into(model, out_path)
+    elif out_path is not None:
+        if main and out_path.is_file():
+            load_weights_into(model, out_path)
+        if world > 1:
+            _broadcast_weights(model)
+    if world > 1:  # returning anywhere means rank 0's checkpoints are written
+        _any_process(False, device)
     model.eval()
     return TrainResult(
         best_dice=best_dice,

@@ -15,7 +15,9 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train a model on images with PVS labels (uint8: 1 PVS, 0 background, 255 "
             "unlabelled and ignored). Writes the best checkpoint (validation Dice) to --out and "
-            "a resumable OUT.last.safetensors each epoch; rerunning the same command resumes."
+            "a resumable OUT.last.safetensors each epoch; rerunning the same command resumes. "
+            "On several GPUs: torchrun --nproc_per_node N -m napari_pvs.cli train ... (one "
+            "process per GPU; --batch-size is the global batch, split among them)."
         ),
     )
     parser.add_argument("--images", nargs="+", required=True, help="volumes (.zarr, .nii[.gz])")
@@ -39,11 +41,20 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="patches per step (under torchrun: the global batch, a multiple of the processes)",
+    )
     parser.add_argument("--patch", type=int, nargs="+", default=[64], help="patch edge(s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (under torchrun: auto/cuda = the GPU of each LOCAL_RANK)",
+    )
     parser.add_argument(
         "--modality", nargs="+", help="T1/T2/unknown: one for all images or one per image"
     )
@@ -56,7 +67,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from napari_pvs.models import build_model
     from napari_pvs.models.checkpoint import load_model, manifest_hash
     from napari_pvs.progress import TerminalProgress
-    from napari_pvs.training import TrainConfig, TrainingVolume, fit
+    from napari_pvs.training import TrainConfig, TrainingVolume, distributed_context, fit
 
     if args.labels and len(args.labels) != len(args.images):
         raise UserError(f"got {len(args.images)} --images but {len(args.labels)} --labels")
@@ -81,24 +92,27 @@ def _run_train(args: argparse.Namespace) -> int:
         )
         manifest.append({"image": str(image_path), "labels": str(labels.source)})
     patch = tuple(args.patch * 3 if len(args.patch) == 1 else args.patch)
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        patch=patch,
-        learning_rate=args.lr,
-        seed=args.seed,
-        device=args.device,
-    )
-    result = fit(
-        model,
-        volumes,
-        train_config,
-        args.out,
-        resume=not args.no_resume,
-        training_info={"manifest_hash": manifest_hash(manifest), "init": args.init},
-        progress=TerminalProgress(),
-    )
+    with distributed_context(args.device) as context:  # one process alone without torchrun
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            batch_size=args.batch_size,
+            patch=patch,
+            learning_rate=args.lr,
+            seed=args.seed,
+            device=context.device,
+        )
+        result = fit(
+            model,
+            volumes,
+            train_config,
+            args.out,
+            resume=not args.no_resume,
+            training_info={"manifest_hash": manifest_hash(manifest), "init": args.init},
+            progress=TerminalProgress(),  # fit reports on rank 0 only
+        )
+    if not context.is_main:
+        return 0
     print(
         json.dumps(
             {
@@ -108,6 +122,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early,
+                "processes": context.world_size,
             },
             indent=2,
         )
