@@ -434,9 +434,21 @@ def _this_holder() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "user": user, "since": time.time()}
 
 
+class HeldLock:
+    """A lock :func:`hold_lock` holds: its file ``path`` and the ``record`` written in it.
+
+    If the folder holding the lock file is renamed while it is held (a store swapped into
+    place), set ``path`` to the new location so the file is removed there on release.
+    """
+
+    def __init__(self, path: Path, record: dict) -> None:
+        self.path = path
+        self.record = record
+
+
 @contextlib.contextmanager
-def hold_lock(path: PathLike, what: str) -> Iterator[dict]:
-    """Hold an exclusive lock file at ``path`` while writing ``what``; yields the holder record.
+def hold_lock(path: PathLike, what: str) -> Iterator[HeldLock]:
+    """Hold an exclusive lock file at ``path`` while writing ``what``; yields a :class:`HeldLock`.
 
     The file holds JSON ``{host, pid, user, since}``. The lock itself is an ``flock`` on it,
     which the kernel drops when the holder dies, so a lock left by a killed process is simply
@@ -496,10 +508,11 @@ def hold_lock(path: PathLike, what: str) -> Iterator[dict]:
     except BaseException:
         os.close(fd)
         raise
+    held = HeldLock(path, record)
     try:
-        yield record
+        yield held
     finally:
         with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                path.unlink()
+            if os.path.samestat(os.fstat(fd), os.stat(held.path)):
+                held.path.unlink()
         os.close(fd)

@@ -227,7 +227,12 @@ def label_value_counts(labels, what: str = "labels") -> dict[int, int]:
                 raise ValueError(f"{what} contain NaN or infinite values; labels must be integers")
         elif not (np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_):
             raise ValueError(f"{what} have dtype {block.dtype}; labels must be integers")
-        values, n = np.unique(block, return_counts=True)
+        if block.dtype in (np.uint8, np.bool_):  # the usual case: a histogram, no sort
+            n = np.bincount(block.ravel().view(np.uint8), minlength=2)
+            values = np.nonzero(n)[0]
+            n = n[values]
+        else:
+            values, n = np.unique(block, return_counts=True)
         for value, count in zip(values.tolist(), n.tolist(), strict=True):
             key = int(value) if float(value).is_integer() else value
             counts[key] = counts.get(key, 0) + int(count)
