@@ -520,3 +520,36 @@ def import_state_dict(pt_path: str | os.PathLike, name: str, device: str = "cpu"
     _load_state(model, state, repr(str(pt_path)))
     model.to(resolve_device(device)).eval()
     return model
+
+
+#: Training settings a resumed run may change: how long it runs and where.
+RESUMABLE_CHANGES = ("epochs", "max_minutes", "patience", "device")
+
+
+def resume_differences(
+    last: str | os.PathLike, model, config: dict[str, Any], info: dict[str, Any]
+) -> list[str]:
+    """What differs between the run that saved the resumable checkpoint ``last`` and this one.
+
+    ``model`` is the model about to be trained, ``config`` the run's ``TrainConfig`` as a dict
+    and ``info`` its ``training_info`` (manifest hash, init). Only :data:`RESUMABLE_CHANGES`
+    may differ, so resuming never mixes two runs' data or settings. Empty: resume is safe.
+    """
+    _, meta = read_checkpoint(last)
+    saved = meta.get("training") or {}
+    now = json.loads(json.dumps({"model": model.name, "config": model.config}, default=str))
+    found = {"model": meta["model"]["name"], "config": meta["model"].get("config") or {}}
+    differences = [f"model {k}" for k in ("model", "config") if now[k] != found[k]]
+    wanted = json.loads(json.dumps(config, default=str))
+    stored = saved.get("config") or {}
+    differences += [
+        f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}"
+        for k in sorted(set(wanted) | set(stored))
+        if k not in RESUMABLE_CHANGES and stored.get(k) != wanted.get(k)
+    ]
+    for key, value in json.loads(json.dumps(info, default=str)).items():
+        if saved.get(key) != value:
+            differences.append(f"{key}: {saved.get(key)!r} -> {value!r}")
+    if "resume" not in saved:
+        differences.append("it holds no resume state")
+    return differences
