@@ -144,19 +144,23 @@ def _damage_reason(exc: BaseException) -> str | None:
     return None
 
 
-def damaged_file_error(path: str | Path | None, exc: BaseException) -> DamagedFileError | None:
+def damaged_file_error(
+    path: str | Path | None, exc: BaseException, part: str | None = None
+) -> DamagedFileError | None:
     """The one-sentence :class:`DamagedFileError` for ``exc`` raised reading ``path``, or None.
 
     Decompression errors (zstd, blosc, gzip/zlib), ``EOFError`` of a truncated ``.nii.gz``,
     bad NIfTI headers and unparsable zarr metadata map to a sentence naming the file and what
     to do; any other error gives None (the caller re-raises it). The CLI, the napari reader and
-    every lazy chunk read share this.
+    every lazy chunk read share this. ``part`` names what inside ``path`` was being read.
     """
     if isinstance(exc, DamagedFileError):
         return exc
     reason = _damage_reason(exc)
     if reason is None:
         return None
+    if part:
+        reason = f"{part}: {reason}"
     where = str(path) if path is not None else "a file being read"
     return DamagedFileError(
         f"{where} is damaged and cannot be read ({reason}); restore it from a backup or "
@@ -170,9 +174,10 @@ class _GuardedReads:
     Dask reads chunks lazily, long after opening, so the check must travel with each read.
     """
 
-    def __init__(self, array, where: str) -> None:
+    def __init__(self, array, where: str, part: str | None = None) -> None:
         self.array = array
         self.where = where
+        self.part = part
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = len(self.shape)
@@ -181,7 +186,7 @@ class _GuardedReads:
         try:
             return np.asarray(self.array[key])
         except Exception as exc:
-            damaged = damaged_file_error(self.where, exc)
+            damaged = damaged_file_error(self.where, exc, self.part)
             if damaged is None:
                 raise
             raise damaged from exc
@@ -189,9 +194,9 @@ class _GuardedReads:
 
 def guarded_from_zarr(array: zarr.Array, store: str | Path) -> da.Array:
     """``da.from_zarr`` whose chunk reads name the store when a chunk is damaged."""
-    where = f"{store} (array {array.path or '/'})" if array.path else str(store)
+    part = f"a chunk of array {array.path}" if array.path else "a chunk"
     return da.from_array(
-        _GuardedReads(array, where),
+        _GuardedReads(array, str(store), part),
         chunks=array.chunks,
         name=f"napari-pvs-zarr-{uuid.uuid4().hex}",
         meta=np.empty((0,) * array.ndim, dtype=array.dtype),
