@@ -262,6 +262,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _remove_settled(temp: Path) -> None:
+    """Remove a failed write's temporary output, again if it reappears for a moment.
+
+    A store is written by worker threads (dask, zarr); when one fails, others may still be
+    finishing a chunk, and zarr recreates the folders it writes into.
+    """
+    was_dir = temp.is_dir()
+    _remove(temp)
+    if was_dir:
+        for _ in range(5):
+            time.sleep(0.1)
+            if temp.exists():
+                _remove(temp)
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -379,7 +394,7 @@ def atomic_output(
             raise RuntimeError(f"nothing was written for {target}")
         commit(temp, target)
     except BaseException as exc:
-        _remove(temp)
+        _remove_settled(temp)
         mapped = write_error(exc, target, existed) if isinstance(exc, Exception) else None
         if mapped is not None and not isinstance(exc, OutputError):
             raise mapped from exc

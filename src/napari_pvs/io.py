@@ -695,17 +695,17 @@ def _label_names(image_group: zarr.Group) -> tuple[str, ...]:
     names = _ome_attrs(dict(labels.attrs)).get("labels")
     if names is None:
         names = [name for name, _ in labels.groups()]
+    store = str(image_group.store_path).removeprefix("file://")
     if not isinstance(names, list | tuple):
         raise DamagedFileError(
-            f"{image_group.store_path}: its labels metadata is not a list of names; repair or "
-            "re-create the store"
+            f"{store}: its labels metadata is not a list of names; repair or re-create the store"
         )
     for name in names:
         try:
             check_label_name(name)
         except ValueError as exc:
             raise ValueError(
-                f"the OME-Zarr labels of {image_group.store_path} list {str(name)!r}, which is "
+                f"the OME-Zarr labels of {store} list {str(name)!r}, which is "
                 "not a plain name (no '/', '..' or absolute paths): refusing to follow it into "
                 "another location; rename that label image"
             ) from exc

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from napari_pvs import __version__
+from napari_pvs.atomic import Locked, OutputError
 from napari_pvs.cli._common import UserError
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (
     UserError,
     ValueError,
+    Locked,
+    OutputError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
