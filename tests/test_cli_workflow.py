@@ -48,5 +48,8 @@ def test_phantom_predict_rank_evaluate(tmp_path, capsys):
 
     # ...and it is the segmentation that is scored, not a re-thresholded float16 probability.
     zarr.open_group(str(store), mode="r+")["segmentation"][:] = truth
-    assert main(["evaluate", str(store), str(phantom), "--out", str(metrics_path)]) == 0
+    assert main(["evaluate", str(store), str(phantom), "--out", str(metrics_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # metrics.json exists: kept
+    assert main(["evaluate", str(store), str(phantom), "--out", str(metrics_path),
+                 "--overwrite"]) == 0
     assert json.loads(metrics_path.read_text())["dice"] == 1.0

@@ -205,7 +205,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         io.open_volume(tmp_path / "notzarr")
     (tmp_path / "corrupt.zarr").mkdir()
     (tmp_path / "corrupt.zarr" / "zarr.json").write_text("{not json")
-    with pytest.raises(ValueError, match="corrupt or unreadable"):
+    with pytest.raises(ValueError, match="is damaged"):
         io.open_volume(tmp_path / "corrupt.zarr")
     zarr.open_group(str(tmp_path / "nothing.zarr"), mode="w")
     with pytest.raises(ValueError, match="holds no array"):
@@ -262,7 +262,11 @@ def test_write_labels_adds_and_overwrites(tmp_path, image):
     io.write_labels(path, "pvs", first)
     np.testing.assert_array_equal(io.open_labels(path, "pvs").data.compute(), first)
     second = (image > 100).astype(np.uint8)
-    io.write_labels(path, "pvs", da.from_array(second, chunks=5))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        io.write_labels(path, "pvs", second)
+    # the lazy new labels may read the very arrays they replace
+    lazy = (io.open_labels(path, "pvs").data * 0 + da.from_array(second, chunks=5)).astype("u1")
+    io.write_labels(path, "pvs", lazy, overwrite=True)
     io.write_labels(path, "edited", first)
     volume = io.open_volume(path)
     assert volume.label_names == ("pvs", "edited")

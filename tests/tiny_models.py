@@ -27,3 +27,27 @@ def tiny_checkpoint(path: Path, segmentation: dict | None = None, **model_option
     """:func:`tiny_unet` saved as a napari-pvs checkpoint at ``path`` (with ``segmentation`` as
     its calibrated rule, if given)."""
     return save_checkpoint(tiny_unet(**model_options), path, segmentation=segmentation)
+
+
+class TinyConv(torch.nn.Module):
+    """A two-convolution model following the features/head contract, in plain torch (no MONAI
+    import), so a test can start it in a fresh process in about a second."""
+
+    name = "tiny_conv"
+    size_divisor = 1
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = {"seed": seed}
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.out = torch.nn.Conv3d(4, 1, 1)
+
+    def features(self, image: torch.Tensor, modality=None) -> torch.Tensor:
+        return torch.relu(self.conv(image))
+
+    def head(self, features: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        return self.out(torch.nn.functional.dropout3d(features, 0.2, training=sample))
+
+    def forward(self, image: torch.Tensor, modality=None) -> torch.Tensor:
+        return self.head(self.features(image, modality))

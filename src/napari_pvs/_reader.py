@@ -30,12 +30,22 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
 
 
 def read_paths(path: str | list[str]) -> list[LayerData]:
-    """Open every path as layers (image first, then its labels)."""
+    """Open every path as layers (image first, then its labels).
+
+    A damaged file raises the same one-sentence :class:`napari_pvs.io.DamagedFileError` the CLI
+    prints (:func:`napari_pvs.io.damaged_file_error`), whichever read found the damage.
+    """
     paths = [path] if isinstance(path, str | Path) else list(path)
     layers: list[LayerData] = []
     for p in paths:
-        volume = io.open_volume(p)
-        layers.extend(volume_layer_data(volume))
+        try:
+            volume = io.open_volume(p)
+            layers.extend(volume_layer_data(volume))
+        except Exception as exc:
+            damaged = io.damaged_file_error(p, exc)
+            if damaged is None or damaged is exc:
+                raise
+            raise damaged from exc
     return layers
 
 

@@ -1,6 +1,11 @@
 """npe2 writer: labels layers to OME-Zarr labels or NIfTI, keeping the source geometry.
 
 The volume panel's "Save labels" uses :func:`save_labels` too, so both paths behave the same.
+Every write goes through :mod:`napari_pvs.io`'s writers, hence :mod:`napari_pvs.atomic`: a
+temporary sibling renamed into place when complete, so a crash never leaves a truncated file
+and the previous labels stay intact if saving fails. Saving replaces what is at ``path``: the
+file dialog has already asked, and labels layers are the user's own work. PVS labels
+(``pvs``) must hold 0, 1 or 255.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ def save_labels(path: str | Path, data: Any, meta: dict) -> str:
     name = _safe_name(meta.get("name") or "labels")
     lower = path.name.lower()
     if lower.endswith(io.NIFTI_SUFFIXES):
-        return str(io.save_nifti(path, data, affine, dtype=_label_dtype(data)))
+        return str(io.save_nifti(path, data, affine, dtype=_label_dtype(data), overwrite=True))
     if not lower.endswith(".zarr"):
         raise ValueError(f"{path.name}: save labels as .zarr, .nii or .nii.gz")
     if path.exists():
-        return str(io.write_labels(path, name, data))
+        return str(io.write_labels(path, name, data, overwrite=True))
     spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     return str(
         io.save_ome_zarr(path, np.asarray(data), spacing, affine=affine, name=name, levels=1)

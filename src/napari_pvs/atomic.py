@@ -4,28 +4,65 @@ Everything is written under a temporary name beside its target, fsynced, then re
 place, so a killed process leaves either the old output or the new one under the final name,
 never a truncated file. Before long work starts, :func:`check_output` refuses an output that is
 one of the command's inputs (or inside one, or holds one), an existing output without
-``overwrite``, and a folder that cannot be written. No Qt, no torch: the core and every adapter
-use it.
+``overwrite``, and a folder that cannot be written. :func:`hold_lock` keeps a second process
+from writing what another one is writing. No Qt, no torch: the core and every adapter use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import getpass
+import hashlib
+import json
 import os
 import shutil
+import socket
+import sys
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 TEMP_MARK = ".napari-pvs-tmp-"
 OLD_MARK = ".napari-pvs-old-"
+#: Name of the lock file :func:`hold_lock` creates (inside a store, or beside a file).
+LOCK_NAME = ".napari-pvs-lock"
+#: errno values that mean "the disk or the folder refused the write", not a bug.
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "the file is too large for this file system",
+}
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+PathLike = str | os.PathLike
 
 
-def _resolved(path: str | os.PathLike) -> Path:
+class OutputError(OSError):
+    """A write the disk or folder refused (full, read-only, no permission), in one sentence."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class Locked(ValueError):
+    """Another live process holds the lock; ``holder`` has its host, pid, user and since."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+def _resolved(path: PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
 
 
-def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def overlaps(a: PathLike, b: PathLike) -> bool:
     """True when ``a`` and ``b`` are the same path or one lies inside the other."""
     pa, pb = _resolved(a), _resolved(b)
     if pa == pb or pa in pb.parents or pb in pa.parents:
@@ -37,56 +74,145 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_output(
-    target: str | os.PathLike,
+    target: PathLike,
     *,
-    inputs: Iterable[str | os.PathLike | None] = (),
+    inputs: Iterable[PathLike | None] = (),
     overwrite: bool = False,
     flag: str = "--overwrite",
+    kind: str | None = None,
 ) -> Path:
     """Refuse a write before any work: onto an input, over an existing output, into no folder.
 
-    Raises ``ValueError`` (target is an input), ``FileExistsError`` (exists, no ``overwrite``)
-    or ``PermissionError``/``FileNotFoundError`` (folder missing or not writable), each naming
-    the path and the fix. Returns the target as a ``Path``.
+    Raises ``ValueError`` (target is an input or inside one), ``FileExistsError`` (exists and
+    no ``overwrite``; or exists as a folder where ``kind="file"`` is written, or the reverse)
+    or ``PermissionError``/``NotADirectoryError`` (the folder cannot be written), each naming
+    the path and the fix. A missing folder is fine when it can be created. Also puts back a
+    store left aside by a directory replacement that was killed half-way (see :func:`commit`).
+    Returns the target as a ``Path``.
     """
     target = Path(target)
+    restore_interrupted(target)
     for source in inputs:
-        if source is not None and overlaps(target, source):
+        if source is not None and str(source) and overlaps(target, source):
             raise ValueError(
-                f"output {target} is the input {source} (or inside it): refusing to write onto "
-                "an input; choose another output path"
+                f"output {target} is the input {source} (or inside it, or holds it): refusing "
+                "to write onto an input; choose another output path"
             )
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"{target} already exists; choose another path or pass {flag} to replace it"
-        )
-    check_writable_folder(target.parent if str(target.parent) else Path("."))
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{target} already exists; choose another path or pass {flag} to replace it"
+            )
+        if kind == "file" and target.is_dir():
+            raise FileExistsError(f"{target} is a folder; refusing to replace it with a file")
+        if kind == "dir" and not target.is_dir():
+            raise FileExistsError(f"{target} is a file; refusing to replace it with a folder")
+    check_writable_folder(target.parent)
     return target
 
 
-def check_writable_folder(folder: str | os.PathLike) -> Path:
-    """The folder exists and this process may create files in it (probed, not guessed)."""
+def check_writable_folder(folder: PathLike) -> Path:
+    """The folder (or, if it does not exist yet, its nearest existing parent) can be written.
+
+    Probed by creating and removing a file, not guessed from permission bits.
+    """
     folder = Path(folder) if str(folder) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} does not exist; create it first")
-    probe = folder / f"{TEMP_MARK}probe-{uuid.uuid4().hex[:8]}"
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"cannot write in {folder}: {existing} is a file, not a folder; choose another path"
+        )
+    probe = existing / f"{TEMP_MARK}probe-{uuid.uuid4().hex[:8]}"
     try:
         probe.touch()
     except OSError as exc:
         raise PermissionError(
-            f"cannot write in {folder} ({exc.strerror}); choose a folder you can write to"
+            f"cannot write in {existing} ({exc.strerror or exc}); choose a folder you can "
+            "write to"
         ) from exc
     probe.unlink()
     return folder
 
 
-def temp_path(target: str | os.PathLike) -> Path:
-    """A unique temporary name beside ``target`` (same folder, so renaming is atomic)."""
+def temp_path(target: PathLike) -> Path:
+    """A unique temporary name beside ``target`` (same folder, so renaming is atomic).
+
+    The name carries this host and process id, so :func:`sweep` can remove what a killed
+    writer left behind without touching a live writer's files.
+    """
     target = Path(target)
-    return target.with_name(f"{TEMP_MARK}{uuid.uuid4().hex[:12]}-{target.name}")
+    return target.with_name(
+        f"{TEMP_MARK}{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{target.name}"
+    )
 
 
-def fsync_path(path: str | os.PathLike) -> None:
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep(target: PathLike) -> None:
+    """Remove leftovers of killed writes of ``target``: temporary siblings of dead processes
+    on this host, and old copies a finished directory replacement did not get to delete."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    suffix = f"-{target.name}"
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.endswith(suffix):
+            continue
+        if name.startswith(OLD_MARK) and target.exists():
+            _remove(Path(entry.path))
+        elif name.startswith(TEMP_MARK):
+            parts = name[len(TEMP_MARK) :].split("-", 3)
+            ours = len(parts) == 4 and parts[0] == _HOST_TAG and parts[1].isdigit()
+            if ours and not _pid_alive(int(parts[1])):
+                _remove(Path(entry.path))
+
+
+def restore_interrupted(target: PathLike) -> Path | None:
+    """Put back a store that a killed directory replacement had moved aside.
+
+    Only the fallback replacement (where the file system cannot swap two folders atomically)
+    has such a moment: the old store renamed to a hidden ``OLD_MARK`` name, the new one not
+    yet in place. Returns the restored path, or None when there was nothing to restore.
+    """
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        return None
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        candidates = [
+            Path(e.path)
+            for e in os.scandir(parent)
+            if e.name.startswith(OLD_MARK) and e.name.endswith(f"-{target.name}")
+        ]
+    except OSError:
+        return None
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    os.replace(newest, target)
+    fsync_folder(parent)
+    return target
+
+
+def fsync_path(path: PathLike) -> None:
     """Flush a file, or every file and folder under a directory, to the disk."""
     path = Path(path)
     if path.is_dir():
@@ -98,16 +224,32 @@ def fsync_path(path: str | os.PathLike) -> None:
         _fsync_file(path)
 
 
+def fsync_files(paths: Iterable[PathLike]) -> None:
+    """fsync each existing file of ``paths`` (missing ones are skipped: e.g. empty chunks)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_file(Path(path))
+
+
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_folder(folder: str | os.PathLike) -> None:
-    """Make renames and new entries in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: PathLike) -> None:
+    """Make renames and new entries in ``folder`` durable (a no-op where folders cannot be
+    opened, e.g. on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -120,60 +262,272 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def commit(temp: str | os.PathLike, target: str | os.PathLike) -> Path:
+def _remove_settled(temp: Path) -> None:
+    """Remove a failed write's temporary output, again if it reappears for a moment.
+
+    A store is written by worker threads (dask, zarr); when one fails, others may still be
+    finishing a chunk, and zarr recreates the folders it writes into.
+    """
+    was_dir = temp.is_dir()
+    _remove(temp)
+    if was_dir:
+        for _ in range(5):
+            time.sleep(0.1)
+            if temp.exists():
+                _remove(temp)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # this file system cannot exchange: use the two-rename fallback
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def commit(temp: PathLike, target: PathLike) -> Path:
     """fsync ``temp`` and rename it onto ``target``.
 
-    A file replaces its target atomically. A directory (a zarr store) replaces an existing
-    one in two renames: the old store moves aside to a hidden name first, so a crash in between
-    leaves the old store whole beside the new one, never a half-written store.
+    A file replaces its target atomically. A directory (a zarr store) replaces an existing one
+    atomically too where the file system can swap two folders (Linux ``renameat2``; ext4, xfs,
+    btrfs, tmpfs); elsewhere the old store first moves aside to a hidden name, and a crash
+    between the two renames leaves it whole there, put back by :func:`restore_interrupted`
+    (which :func:`check_output` runs). Never a half-written store under the final name.
     """
     temp, target = Path(temp), Path(target)
     fsync_path(temp)
-    if temp.is_dir() and target.exists():
-        old = target.with_name(f"{OLD_MARK}{uuid.uuid4().hex[:12]}-{target.name}")
-        os.replace(target, old)
-        os.replace(temp, target)
-        fsync_folder(target.parent)
-        _remove(old)
+    if temp.is_dir() and target.is_dir() and not target.is_symlink():
+        if _exchange(temp, target):
+            fsync_folder(target.parent)
+            _remove(temp)  # now the old store
+        else:
+            old = target.with_name(f"{OLD_MARK}{uuid.uuid4().hex[:12]}-{target.name}")
+            os.replace(target, old)
+            os.replace(temp, target)
+            fsync_folder(target.parent)
+            _remove(old)
     else:
         os.replace(temp, target)
     fsync_folder(target.parent)
     return target
 
 
+def os_error_message(exc: BaseException, path: PathLike | None = None) -> str | None:
+    """One sentence for an error the disk or folder caused (full, read-only, denied), or None.
+
+    Recognises ``OSError`` by errno and errors that only carry the OS text (safetensors'
+    ``SafetensorError: ... No space left on device (os error 28)``).
+    """
+    code = getattr(exc, "errno", None)
+    reason = _WRITE_ERRNOS.get(code) if code is not None else None
+    if reason is None:
+        text = str(exc)
+        for known, what in _WRITE_ERRNOS.items():
+            if f"os error {known})" in text or os.strerror(known) in text:
+                reason, code = what, known
+                break
+    if reason is None:
+        return None
+    where = path or getattr(exc, "filename", None)
+    target = f" {where}" if where else ""
+    fix = (
+        "free some space or choose another folder"
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else "choose a folder you can write to"
+    )
+    return f"could not write{target}: {reason}; {fix}"
+
+
+def write_error(exc: BaseException, target: PathLike, existed: bool) -> OutputError | None:
+    """The :class:`OutputError` for a failed write of ``target``, or None if not a disk error."""
+    message = os_error_message(exc, target)
+    if message is None:
+        return None
+    kept = (
+        f"the existing {Path(target).name} is unchanged" if existed else "nothing was written"
+    )
+    return OutputError(getattr(exc, "errno", None) or errno.EIO, f"{message} ({kept})")
+
+
 @contextlib.contextmanager
 def atomic_output(
-    target: str | os.PathLike,
+    target: PathLike,
     *,
-    inputs: Iterable[str | os.PathLike | None] = (),
+    inputs: Iterable[PathLike | None] = (),
     overwrite: bool = False,
     flag: str = "--overwrite",
+    kind: str | None = None,
 ) -> Iterator[Path]:
     """Write ``target`` through a temporary sibling: ``with atomic_output(out) as tmp: ...``.
 
-    Checks as :func:`check_output`; the body writes ``tmp`` (a file or a store directory);
-    on success it is fsynced and renamed into place, on any error or interrupt it is removed
-    and an existing ``target`` is left exactly as it was.
+    Checks as :func:`check_output` (creating a missing folder); the body writes ``tmp`` (a file,
+    or a store directory: the body creates it); on success it is fsynced and renamed into
+    place, on any error or interrupt it is removed and an existing ``target`` is left exactly
+    as it was. A full disk or refused write becomes an :class:`OutputError` saying so.
     """
-    target = check_output(target, inputs=inputs, overwrite=overwrite, flag=flag)
+    target = check_output(target, inputs=inputs, overwrite=overwrite, flag=flag, kind=kind)
+    existed = target.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target)
     temp = temp_path(target)
     try:
         yield temp
         if not temp.exists():
             raise RuntimeError(f"nothing was written for {target}")
         commit(temp, target)
-    except BaseException:
-        _remove(temp)
+    except BaseException as exc:
+        _remove_settled(temp)
+        mapped = write_error(exc, target, existed) if isinstance(exc, Exception) else None
+        if mapped is not None and not isinstance(exc, OutputError):
+            raise mapped from exc
         raise
 
 
-def write_bytes(target: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+def write_bytes(target: PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Atomically write a small file (JSON, CSV): temporary name, fsync, rename."""
-    with atomic_output(target, overwrite=overwrite) as temp:
+    with atomic_output(target, overwrite=overwrite, kind="file") as temp:
         temp.write_bytes(data)
     return Path(target)
 
 
-def write_text(target: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
+def write_text(target: PathLike, text: str, *, overwrite: bool = False) -> Path:
     """Atomically write a small text file (UTF-8)."""
     return write_bytes(target, text.encode("utf-8"), overwrite=overwrite)
+
+
+def write_json(target: PathLike, value, *, overwrite: bool = False, indent: int = 2) -> Path:
+    """Atomically write ``value`` as JSON."""
+    return write_text(target, json.dumps(value, indent=indent), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------
+# locks
+
+
+def _holder_text(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+    return (
+        f"process {holder.get('pid', '?')} of {holder.get('user', '?')} on "
+        f"{holder.get('host', '?')} (since {when})"
+    )
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _this_holder() -> dict:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment (containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "user": user, "since": time.time()}
+
+
+class HeldLock:
+    """A lock :func:`hold_lock` holds: its file ``path`` and the ``record`` written in it.
+
+    If the folder holding the lock file is renamed while it is held (a store swapped into
+    place), set ``path`` to the new location so the file is removed there on release.
+    """
+
+    def __init__(self, path: Path, record: dict) -> None:
+        self.path = path
+        self.record = record
+
+
+@contextlib.contextmanager
+def hold_lock(path: PathLike, what: str) -> Iterator[HeldLock]:
+    """Hold an exclusive lock file at ``path`` while writing ``what``; yields a :class:`HeldLock`.
+
+    The file holds JSON ``{host, pid, user, since}``. The lock itself is an ``flock`` on it,
+    which the kernel drops when the holder dies, so a lock left by a killed process is simply
+    taken over (the record says whose it was: ``took_over``). Where ``flock`` is missing, a
+    record whose process is dead on this host is taken over instead. A live holder makes this
+    raise :class:`Locked` naming it. The file is removed on release.
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_holder(path)
+                    raise Locked(
+                        f"{what} is being written by {_holder_text(holder)}; wait for that run "
+                        "to finish (or stop it), then try again",
+                        holder,
+                    ) from None
+            # A holder releasing the lock unlinks the file: make sure ours is still the one there.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        break
+    try:
+        previous = _read_holder(path)
+        if fcntl is None and previous:
+            alive = previous.get("host") != socket.gethostname() or _pid_alive(
+                int(previous.get("pid", 0))
+            )
+            if alive and previous.get("pid") != os.getpid():
+                raise Locked(
+                    f"{what} is being written by {_holder_text(previous)}; wait for that run "
+                    "to finish (or stop it), then try again",
+                    previous,
+                )
+        record = _this_holder()
+        if previous:
+            record["took_over"] = previous
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    held = HeldLock(path, record)
+    try:
+        yield held
+    finally:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(held.path)):
+                held.path.unlink()
+        os.close(fd)

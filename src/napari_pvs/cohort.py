@@ -5,6 +5,10 @@ the ordinary chunked :class:`napari_pvs.inference.Predictor` into its own zarr g
 task is itself memory-bounded and resumable). By default a :class:`distributed.LocalCluster`
 is started; pass ``scheduler="tcp://host:8786"`` to use an existing cluster. Workers load the
 model once (cached per worker process, keyed by the model spec) and reuse it for every volume.
+
+Tasks fail one by one: a damaged or unreadable volume (or any other error in its task, even a
+worker that dies) becomes that volume's ``error`` while every other volume is still written;
+the caller lists the failures at the end (the CLI exits with code 2 when any failed).
 """
 
 from __future__ import annotations
@@ -109,13 +113,26 @@ def predict_volume(
     )
 
 
+def failure_message(path: str | Path, exc: BaseException) -> str:
+    """One line for a volume's failed task: the damaged-file sentence, the user error, or the
+    exception's type and message (never a traceback)."""
+    from napari_pvs.io import damaged_file_error
+
+    damaged = damaged_file_error(path, exc)
+    if damaged is not None:
+        return str(damaged)
+    if isinstance(exc, ValueError | OSError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _task(path, out, model, modality, options, threads, overwrite) -> CohortResult:
     try:
         return predict_volume(
             path, out, model, modality, options, threads=threads, overwrite=overwrite
         )
-    except (ValueError, FileNotFoundError) as exc:
-        return CohortResult(str(path), str(out), error=str(exc))
+    except Exception as exc:  # one volume's failure must not stop the others
+        return CohortResult(str(path), str(out), error=failure_message(path, exc))
 
 
 def connect(
@@ -169,11 +186,15 @@ def predict_cohort(
 ) -> list[CohortResult]:
     """Predict every input into ``out_dir/<name>.zarr`` (or ``outs``) as dask tasks.
 
-    Returns one :class:`CohortResult` per input, in input order; a volume that fails with a
-    user-fixable error gets ``error`` set while the others still finish. Cancelling stops
-    waiting, cancels pending tasks and raises :class:`napari_pvs.progress.Cancelled`.
+    Returns one :class:`CohortResult` per input, in input order; a volume whose task fails
+    (for any reason) gets ``error`` set while the others still finish and are written.
+    Before any work, every output is checked not to be (or lie in, or hold) any input, and the
+    folder to be writable. Cancelling stops waiting, cancels pending tasks and raises
+    :class:`napari_pvs.progress.Cancelled`.
     """
     from distributed import as_completed
+
+    from napari_pvs import atomic
 
     progress = progress or no_progress
     if not inputs:
@@ -191,8 +212,10 @@ def predict_cohort(
             "inputs distinct file names or predict them in separate calls"
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     outs = [out_dir / n for n in names] if outs is None else [Path(o) for o in outs]
+    for target in outs:  # existing stores are resumed (or refused) by their own task
+        atomic.check_output(target, inputs=inputs, overwrite=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     timeout = CONNECT_TIMEOUT if timeout is None else timeout
     client = connect(scheduler, n_workers, threads_per_worker, timeout)
     try:
@@ -218,7 +241,13 @@ def predict_cohort(
             if cancel is not None and cancel.is_set():
                 client.cancel(futures)
                 check_cancelled(cancel)
-            results[by_key[future.key]] = future.result()
+            index = by_key[future.key]
+            try:
+                results[index] = future.result()
+            except Exception as exc:  # the task itself died (e.g. its worker was killed)
+                results[index] = CohortResult(
+                    str(inputs[index]), str(outs[index]), error=failure_message(inputs[index], exc)
+                )
             progress(done, len(futures), "volumes")
         return [r for r in results if r is not None]
     finally:

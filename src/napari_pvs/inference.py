@@ -11,10 +11,15 @@ Why it is built this way:
   sums live only in small *cells* (the pieces between window and chunk borders) along the
   frontier, so no window is ever computed twice and memory is set by the window, the batch and
   a band ``window - stride`` voxels thick, never by a whole copy of the volume.
-* **Resumable.** Each written chunk is marked in the ``_chunks_done`` array; a rerun with the
-  same settings skips finished chunks and recomputes only windows that still feed unfinished
-  ones, in the same batches, so the output is identical. A store written with other settings
-  is refused with a message that says what differs.
+* **Resumable.** Each written chunk is marked in the ``_chunks_done`` array (after its chunk
+  files are fsynced); a rerun with the same settings skips finished chunks and recomputes only
+  windows that still feed unfinished ones, in the same batches, so the output is identical. A
+  store written with other settings is refused with a message that says what differs.
+* **Safe.** The output may not be the input (or inside it, or hold it); an existing folder that
+  is not a prediction store is never written into or replaced. A lock file inside the store
+  (:func:`napari_pvs.atomic.hold_lock`) keeps a second run from writing it meanwhile.
+  ``overwrite`` builds the new store under a hidden sibling name (resumable too) and swaps it
+  in only when complete, so a failed or interrupted overwrite leaves the old store whole.
 * **Uncertainty.** With MC dropout, test-time flips or an ensemble, each window yields
   probability samples (see :mod:`napari_pvs.uncertainty`); their running means are blended like
   the probability and turned into entropy, mutual information and variance per chunk.
@@ -27,10 +32,12 @@ model's ``size_divisor``; outputs always have exactly the input's shape and voxe
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,10 +50,11 @@ import numpy as np
 import torch
 import zarr
 
+from napari_pvs import atomic
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.io import ATTRS_KEY
 from napari_pvs.memory import check_policy, mapped_copy, memory_policy
-from napari_pvs.models import DEFAULT_SEGMENTATION_RULE
+from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, MAX_MIN_CLUSTER_MM3
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
     UNCERTAINTY_NAMES,
@@ -70,6 +78,34 @@ TARGET_CHUNK = 64
 TRIM_EVERY_WINDOWS = 8
 #: Completed chunks that may wait for the writer thread before the network waits for it.
 MAX_PENDING_WRITES = 4
+#: Hidden sibling an ``overwrite`` run builds its store under until it is complete.
+OVERWRITE_MARK = f"{atomic.TEMP_MARK}overwrite-"
+
+
+def store_lock_path(store: str | Path) -> Path:
+    """The lock file a run holds inside a prediction store while it writes it.
+
+    It lives in the ``_chunks_done`` array's folder, which zarr never lists, so readers of the
+    store see nothing unusual while a run is going on.
+    """
+    return Path(store) / DONE_ARRAY / atomic.LOCK_NAME
+
+
+def overwrite_staging_path(out: str | Path) -> Path:
+    """Where ``overwrite`` builds the replacement of ``out`` (swapped in when complete)."""
+    out = Path(out)
+    return out.with_name(f"{OVERWRITE_MARK}{out.name}")
+
+
+def _store_run(path: Path) -> dict | None:
+    """The ``run`` signature of a prediction store at ``path``, or None if it is not one."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        ours = dict(group.attrs).get(ATTRS_KEY, {})
+    except Exception:  # not a zarr group (or unreadable): not one of our stores
+        return None
+    run = ours.get("run") if isinstance(ours, dict) else None
+    return run if isinstance(run, dict) else None
 
 
 def importance_map(
@@ -442,9 +478,10 @@ class Predictor:
         )
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-        if min_cluster_mm3 < 0:
+        if not 0 <= min_cluster_mm3 <= MAX_MIN_CLUSTER_MM3:
             raise ValueError(
-                f"min_cluster_mm3 must be >= 0 (0 keeps every cluster), got {min_cluster_mm3}"
+                f"min_cluster_mm3 must be between 0 (keep every cluster) and "
+                f"{MAX_MIN_CLUSTER_MM3:g} mm3, got {min_cluster_mm3}"
             )
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.window = _triple(window, "window")
@@ -516,42 +553,67 @@ class Predictor:
         }
 
     def _open_store(
-        self, out: Path, signature: dict, plan: WindowPlan, src: _Source, overwrite: bool
-    ) -> tuple[zarr.Group, np.ndarray]:
-        """Create the output group, or reopen a compatible one; return it and the done grid."""
+        self,
+        out: Path,
+        signature: dict,
+        plan: WindowPlan,
+        src: _Source,
+        overwrite: bool,
+        locks: contextlib.ExitStack,
+    ) -> tuple[zarr.Group, np.ndarray, Path]:
+        """Create the output group, or reopen a compatible one, holding its lock.
+
+        Returns the group, the done grid and the path being written: ``out`` itself, or with
+        ``overwrite`` over an existing store its hidden staging sibling (whose own lock, and
+        the lock of ``out``, are held until the run ends).
+        """
         wanted = json.loads(json.dumps(signature))
-        if out.exists() and not overwrite:
-            try:
-                group = zarr.open_group(str(out), mode="r+")
-            except Exception as exc:
-                raise ValueError(
-                    f"{out} exists but is not a zarr group ({exc}); choose another output "
-                    "path or delete it"
-                ) from exc
-            found = dict(group.attrs).get(ATTRS_KEY, {}).get("run")
-            if found is None:
-                raise ValueError(
-                    f"{out} exists and is not a napari-pvs prediction store; choose another "
-                    "output path or delete it"
+        atomic.check_writable_folder(out.parent)
+        atomic.restore_interrupted(out)
+        target = out
+        if out.exists():
+            if _store_run(out) is None:
+                if not (out.is_dir() and not any(out.iterdir())):
+                    raise ValueError(
+                        f"{out} exists and is not a napari-pvs prediction store; refusing to "
+                        "write into or replace it; choose another output path"
+                    )
+            elif overwrite:
+                locks.enter_context(
+                    atomic.hold_lock(store_lock_path(out), f"prediction store {out}")
                 )
-            if found != wanted:
-                differ = sorted(
-                    k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
-                )
-                details = "; ".join(f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
-                raise ValueError(
-                    f"{out} holds a prediction from a different run "
-                    f"({details}); rerun with the same settings to resume, pass overwrite=True "
-                    "(CLI: --overwrite), or choose another output path"
-                )
-            done = np.asarray(group[DONE_ARRAY][...]).astype(bool)
-            return group, done
-        group = zarr.open_group(str(out), mode="w")
+                target = overwrite_staging_path(out)
+                if target.exists() and _store_run(target) != wanted:
+                    atomic._remove(target)  # an earlier overwrite with other settings: ours
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            self._create_store(target, wanted, plan, src)
+        self._lock = locks.enter_context(
+            atomic.hold_lock(store_lock_path(target), f"prediction store {out}")
+        )
+        group = zarr.open_group(str(target), mode="r+")
+        found = dict(group.attrs).get(ATTRS_KEY, {}).get("run")
+        if found != wanted:
+            differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            details = "; ".join(f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{out} holds a prediction from a different run "
+                f"({details}); rerun with the same settings to resume, pass overwrite=True "
+                "(CLI: --overwrite) to replace it once the new one is complete, or choose "
+                "another output path"
+            )
+        done = np.asarray(group[DONE_ARRAY][...]).astype(bool)
+        return group, done, target
+
+    def _create_store(self, target: Path, wanted: dict, plan: WindowPlan, src: _Source) -> None:
+        """The empty store (metadata, arrays, done grid) built aside and renamed into place,
+        so a store under ``target`` always has its full metadata and run signature."""
+        temp = atomic.temp_path(target)
+        group = zarr.open_group(str(temp), mode="w")
         geometry = {
             "spacing": list(src.spacing),
             "affine": src.affine.tolist(),
             "axes": list(src.axes),
-            "modality": signature["modality"],
+            "modality": wanted["modality"],
             "source": src.source,
         }
         group.attrs[ATTRS_KEY] = {**geometry, "run": wanted, "complete": False}
@@ -569,7 +631,20 @@ class Predictor:
             fill_value=0,
             compressors=None,
         )
-        return group, np.zeros(plan.chunk_grid, dtype=bool)
+        atomic.fsync_path(temp)
+        try:
+            os.rename(temp, target)  # onto nothing, or an empty folder; never a full one
+        except OSError:
+            atomic._remove(temp)
+            if not target.exists():
+                raise
+            return  # another run created it meanwhile: its lock and signature decide
+        atomic.fsync_folder(target.parent)
+
+    def _chunk_files(self, chunk: tuple[int, int, int]) -> list[Path]:
+        """The files of one chunk of every output array (zarr v3 default keys ``c/i/j/k``)."""
+        key = Path("c", *(str(c) for c in chunk))
+        return [self._store_root / name / key for name in self.output_arrays]
 
     def _read_windows(
         self,
@@ -665,6 +740,8 @@ class Predictor:
             measures = uncertainty_from_moments(values[0], values[1], values[2])
             for name in UNCERTAINTY_NAMES:
                 group[name][slices] = measures[name].astype(np.float16)
+        # The chunk's bytes reach the disk before the mark that says it is done.
+        atomic.fsync_files(self._chunk_files(chunk))
         group[DONE_ARRAY][tuple(slice(c, c + 1) for c in chunk)] = np.ones((1, 1, 1), np.uint8)
 
     def _chunk_weight(self, plan: WindowPlan, chunk, slices) -> np.ndarray:
@@ -698,12 +775,33 @@ class Predictor:
 
         ``volume`` is an :class:`napari_pvs.io.Volume` or a 3D array (numpy, dask, zarr).
         Raises :class:`napari_pvs.progress.Cancelled` within one batch of ``cancel`` being set;
-        finished chunks are kept and a rerun resumes from them.
+        finished chunks are kept and a rerun resumes from them. ``out`` may not be the
+        volume's own file; a store from other settings is replaced only with ``overwrite``,
+        and then only once the new one is complete (an interrupted overwrite resumes when run
+        again with ``overwrite``). Raises :class:`napari_pvs.atomic.Locked` while another run
+        writes ``out``.
         """
-        with memory_policy(self.memory) as trim_heap:
-            return self._predict(
-                volume, Path(out), progress or no_progress, cancel, overwrite, trim_heap
+        out = Path(out)
+        source = getattr(volume, "source", None)
+        if source is not None and atomic.overlaps(out, source):
+            raise ValueError(
+                f"output {out} is the input {source} (or inside it, or holds it): refusing to "
+                "write onto an input; choose another output path"
             )
+        with memory_policy(self.memory) as trim_heap, contextlib.ExitStack() as locks:
+            try:
+                return self._predict(
+                    volume, out, progress or no_progress, cancel, overwrite, trim_heap, locks
+                )
+            except OSError as exc:
+                mapped = atomic.os_error_message(exc, out)
+                if mapped is None or isinstance(exc, atomic.OutputError):
+                    raise
+                kept = (
+                    f"the existing {out.name} is unchanged" if overwrite and out.exists() else
+                    "finished chunks are kept: rerun the same command to resume"
+                )  # fmt: skip
+                raise atomic.OutputError(exc.errno, f"{mapped} ({kept})") from exc
 
     def _predict(
         self,
@@ -713,6 +811,7 @@ class Predictor:
         cancel: CancelToken | None,
         overwrite: bool,
         trim_heap: Callable[[], None],
+        locks: contextlib.ExitStack,
     ) -> PredictionSummary:
         started = time.perf_counter()
         src = _as_source(volume)
@@ -720,7 +819,8 @@ class Predictor:
         plan = WindowPlan(src.data.shape, self.window, self.overlap, self.chunks)
         intensity = robust_range(src.data)
         signature = self._signature(plan.shape, modality, intensity)
-        group, done = self._open_store(out, signature, plan, src, overwrite)
+        group, done, target = self._open_store(out, signature, plan, src, overwrite, locks)
+        self._store_root = target
         n_stats = 3 if self.n_samples > 1 else 1
         chunks_total = len(plan.finish_rank)
         skipped = int(done.sum())
@@ -779,7 +879,12 @@ class Predictor:
             removed = remove_small_clusters(group["segmentation"], min_voxels, plan.chunks, cancel)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
-        group.attrs[ATTRS_KEY] = attrs
+        group.attrs[ATTRS_KEY] = attrs  # zarr writes metadata by rename: atomic
+        if target != out:  # overwrite: the complete new store replaces the old one in one swap
+            atomic.commit(target, out)
+            self._lock.path = store_lock_path(out)  # our lock file moved with the store
+        else:
+            atomic.fsync_path(out / "zarr.json")
         return PredictionSummary(
             out=str(out),
             shape=plan.shape,

@@ -9,8 +9,13 @@ scanner mm. No Qt or napari here; the reader, writer, widgets and CLI are adapte
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
+import uuid
+import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from napari_pvs import atomic
 from napari_pvs.intensity import strided_sample
 from napari_pvs.progress import (
     CancelToken,
@@ -83,6 +89,204 @@ class Volume:
             ratio = [s0 / max(s, 1) for s0, s in zip(self.data.shape, level.shape, strict=True)]
             out.append(tuple(float(sp * r) for sp, r in zip(self.spacing, ratio, strict=True)))
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# damaged files: one place that turns read errors into one sentence
+
+
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be read back: truncated, corrupt, or a bad header."""
+
+
+#: Words in the messages of codec, gzip and JSON errors that mean the bytes are damaged.
+_DAMAGE_WORDS = (
+    "decompress",
+    "compressed",
+    "corrupt",
+    "truncat",
+    "crc check",
+    "checksum",
+    "end-of-stream",
+    "not a gzipped",
+    "invalid input data",
+    "unterminated",
+    "expecting",
+    "invalid header",
+    "unexpected end",
+)
+
+
+def _damage_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` means damaged bytes (short), or None when it is some other error."""
+    text = " ".join(str(exc).split())
+    if len(text) > 160:
+        text = text[:157] + "..."
+    if isinstance(exc, DamagedFileError):
+        return text
+    if isinstance(exc, EOFError):
+        return f"it ends early, so it is truncated: {text}"
+    if isinstance(exc, zlib.error | gzip.BadGzipFile):
+        return f"corrupt compressed data: {text}"
+    if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        return f"its metadata is not valid JSON: {text}"
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    if isinstance(exc, ImageFileError | HeaderDataError):
+        return f"not a readable NIfTI file, bad header: {text}"
+    if isinstance(exc, zarr.errors.MetadataValidationError | zarr.errors.NodeTypeValidationError):
+        return f"invalid zarr metadata: {text}"
+    if isinstance(exc, RuntimeError | ValueError | OSError | TypeError | KeyError) and any(
+        word in text.lower() for word in _DAMAGE_WORDS
+    ):
+        return text
+    return None
+
+
+def damaged_file_error(
+    path: str | Path | None, exc: BaseException, part: str | None = None
+) -> DamagedFileError | None:
+    """The one-sentence :class:`DamagedFileError` for ``exc`` raised reading ``path``, or None.
+
+    Decompression errors (zstd, blosc, gzip/zlib), ``EOFError`` of a truncated ``.nii.gz``,
+    bad NIfTI headers and unparsable zarr metadata map to a sentence naming the file and what
+    to do; any other error gives None (the caller re-raises it). The CLI, the napari reader and
+    every lazy chunk read share this. ``part`` names what inside ``path`` was being read.
+    """
+    if isinstance(exc, DamagedFileError):
+        return exc
+    reason = _damage_reason(exc)
+    if reason is None:
+        return None
+    if part:
+        reason = f"{part}: {reason}"
+    where = str(path) if path is not None else "a file being read"
+    return DamagedFileError(
+        f"{where} is damaged and cannot be read ({reason}); restore it from a backup or "
+        "re-create it (re-export, re-convert, or rerun the command that wrote it)"
+    )
+
+
+class _GuardedReads:
+    """Array-like wrapper whose reads turn damaged-chunk errors into :class:`DamagedFileError`.
+
+    Dask reads chunks lazily, long after opening, so the check must travel with each read.
+    """
+
+    def __init__(self, array, where: str, part: str | None = None) -> None:
+        self.array = array
+        self.where = where
+        self.part = part
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self.array[key])
+        except Exception as exc:
+            damaged = damaged_file_error(self.where, exc, self.part)
+            if damaged is None:
+                raise
+            raise damaged from exc
+
+
+def guarded_from_zarr(array: zarr.Array, store: str | Path) -> da.Array:
+    """``da.from_zarr`` whose chunk reads name the store when a chunk is damaged."""
+    part = f"a chunk of array {array.path}" if array.path else "a chunk"
+    return da.from_array(
+        _GuardedReads(array, str(store), part),
+        chunks=array.chunks,
+        name=f"napari-pvs-zarr-{uuid.uuid4().hex}",
+        meta=np.empty((0,) * array.ndim, dtype=array.dtype),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# label values: checked where labels enter (evaluate, train, writers)
+
+#: The label values everything understands: 0 background, 1 PVS, 255 not labelled.
+LABEL_VALUES = (0, 1, 255)
+#: Label value meaning "not annotated" (ignored by training and by scoring).
+UNLABELLED = 255
+
+
+class LabelWarning(UserWarning):
+    """Labels that are valid but probably not what was meant (e.g. no PVS voxel at all)."""
+
+
+def label_value_counts(labels, what: str = "labels") -> dict[int, int]:
+    """How many voxels hold each value, read slab by slab (numpy, zarr or dask)."""
+    shape = tuple(int(s) for s in labels.shape)
+    if not shape:
+        raise ValueError(f"{what} must be an array, got a scalar")
+    plane = max(1, int(np.prod(shape[1:])))
+    slab = max(1, (16 << 20) // plane)
+    counts: dict[int, int] = {}
+    for start in range(0, shape[0], slab):
+        block = labels[start : start + slab]
+        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+        if np.issubdtype(block.dtype, np.floating):
+            if not np.all(np.isfinite(block)):
+                raise ValueError(f"{what} contain NaN or infinite values; labels must be integers")
+        elif not (np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_):
+            raise ValueError(f"{what} have dtype {block.dtype}; labels must be integers")
+        if block.dtype in (np.uint8, np.bool_):  # the usual case: a histogram, no sort
+            n = np.bincount(block.ravel().view(np.uint8), minlength=2)
+            values = np.nonzero(n)[0]
+            n = n[values]
+        else:
+            values, n = np.unique(block, return_counts=True)
+        for value, count in zip(values.tolist(), n.tolist(), strict=True):
+            key = int(value) if float(value).is_integer() else value
+            counts[key] = counts.get(key, 0) + int(count)
+    return counts
+
+
+def check_label_values(
+    labels, what: str = "labels", allowed: Sequence[int] = LABEL_VALUES, warn_empty: bool = True
+) -> dict[int, int]:
+    """Refuse labels holding values outside ``allowed`` (default 0, 1, 255), listing them.
+
+    Returns the count of every value. With ``warn_empty`` a :class:`LabelWarning` says when no
+    voxel is PVS (1): labels coded 0/255 only, or PVS coded as another value, would otherwise
+    train or score nothing without a word.
+    """
+    counts = label_value_counts(labels, what)
+    extra = sorted((v for v in counts if v not in allowed), key=float)
+    if extra:
+        shown = ", ".join(str(v) for v in extra[:10]) + (", ..." if len(extra) > 10 else "")
+        meaning = {0: "0 background", 1: "1 PVS", 255: "255 not labelled"}
+        expected = ", ".join(meaning.get(int(v), str(v)) for v in allowed)
+        raise ValueError(
+            f"{what} hold values {shown} besides {sorted(v for v in counts if v in allowed)}; "
+            f"only {expected} are understood. Recode them (e.g. labels == 2 -> 1) and save again"
+        )
+    if warn_empty and not counts.get(1):
+        note = (
+            f" ({counts[UNLABELLED]} voxels are 255, which means not labelled, not PVS)"
+            if counts.get(UNLABELLED)
+            else ""
+        )
+        warnings.warn(
+            f"{what} have no PVS voxel (value 1){note}; check the coding (1 = PVS, "
+            "0 = background, 255 = not labelled)",
+            LabelWarning,
+            stacklevel=2,
+        )
+    return counts
+
+
+def check_label_name(name: str) -> str:
+    """A label image name must be a plain name: no '/', '\\', '..', nothing absolute."""
+    text = str(name)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text in (".", "..") or ".." in text:
+        raise ValueError(
+            f"label name {text!r} is not allowed; use a plain name of letters, digits, '_', "
+            "'-' or '.' (no '/', '..' or absolute paths)"
+        )
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +459,9 @@ def _open_nifti_array(path: Path):
     try:
         image = nib.load(str(path), mmap=True)
     except Exception as exc:  # nibabel raises many types for corrupt headers
-        raise ValueError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+        raise damaged_file_error(path, exc) or DamagedFileError(
+            f"{path} is not a readable NIfTI file ({exc}); re-export the image"
+        ) from exc
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ValueError(f"{path.name}: not a NIfTI-1/2 image")
     header = image.header
@@ -267,8 +473,8 @@ def _open_nifti_array(path: Path):
     scaled = (slope, inter) != (1.0, 0.0)
     compressed = path.name.lower().endswith(".gz")
     if compressed:
-        proxy = image.dataobj
-        out_dtype = np.asarray(proxy[(slice(0, 1),) * len(shape)]).dtype
+        proxy = _GuardedReads(image.dataobj, str(path))
+        out_dtype = proxy[(slice(0, 1),) * len(shape)].dtype
         chunks = list(shape)
         if len(shape) >= 3:
             plane = max(1, shape[0] * shape[1] * on_disk.itemsize)
@@ -282,9 +488,10 @@ def _open_nifti_array(path: Path):
         offset = int(image.dataobj.offset)
         expected = offset + int(np.prod(shape)) * on_disk.itemsize
         if path.stat().st_size < expected:
-            raise ValueError(
-                f"{path.name}: file is truncated ({path.stat().st_size} bytes, header "
-                f"promises {expected}); re-export the image"
+            raise DamagedFileError(
+                f"{path} is damaged and cannot be read (it is truncated: "
+                f"{path.stat().st_size} bytes, its header promises {expected}); restore it "
+                "from a backup or re-export the image"
             )
         memmap = np.memmap(path, dtype=on_disk, mode="r", offset=offset, shape=shape, order="F")
         array = da.from_array(memmap, chunks=_default_chunks(shape, on_disk.itemsize))
@@ -327,7 +534,9 @@ def _open_zarr(path: Path):
     try:
         return zarr.open(store=str(path), mode="r")
     except Exception as exc:
-        raise ValueError(f"{path}: corrupt or unreadable zarr store ({exc})") from exc
+        raise damaged_file_error(path, exc) or ValueError(
+            f"{path}: corrupt or unreadable zarr store ({exc})"
+        ) from exc
 
 
 def _ome_attrs(attrs: Mapping) -> Mapping:
@@ -413,7 +622,7 @@ def _open_zarr_dir(path: Path) -> Volume:
 
 
 def _plain_array_volume(array: zarr.Array, path: Path, modality: str, ours: Mapping) -> Volume:
-    data, _ = _as_3d(da.from_zarr(array), f"zarr array {path}")
+    data, _ = _as_3d(guarded_from_zarr(array, path), f"zarr array {path}")
     spacing = tuple(float(s) for s in ours.get("spacing", (1.0, 1.0, 1.0)))
     affine = (
         np.asarray(ours["affine"], dtype=np.float64)
@@ -465,7 +674,9 @@ def _read_multiscales(group: zarr.Group, ome: Mapping, path: Path):
     unit_mm = np.array([_UNIT_TO_MM.get(a.get("unit"), 1.0) for a in axes_meta])
     levels, kept = [], None
     for i, array in enumerate(arrays):
-        level, kept_names = _as_3d(da.from_zarr(array), f"OME-Zarr {path} level {i}", names)
+        level, kept_names = _as_3d(
+            guarded_from_zarr(array, path), f"OME-Zarr {path} level {i}", names
+        )
         levels.append(level)
         kept = kept_names
     keep_idx = [names.index(n) for n in kept]
@@ -484,6 +695,20 @@ def _label_names(image_group: zarr.Group) -> tuple[str, ...]:
     names = _ome_attrs(dict(labels.attrs)).get("labels")
     if names is None:
         names = [name for name, _ in labels.groups()]
+    store = str(image_group.store_path).removeprefix("file://")
+    if not isinstance(names, list | tuple):
+        raise DamagedFileError(
+            f"{store}: its labels metadata is not a list of names; repair or re-create the store"
+        )
+    for name in names:
+        try:
+            check_label_name(name)
+        except ValueError as exc:
+            raise ValueError(
+                f"the OME-Zarr labels of {store} list {str(name)!r}, which is "
+                "not a plain name (no '/', '..' or absolute paths): refusing to follow it into "
+                "another location; rename that label image"
+            ) from exc
     return tuple(str(n) for n in names)
 
 
@@ -715,6 +940,16 @@ def _chunk_tuple(chunks: int | Sequence[int]) -> tuple[int, int, int]:
     return chunk_tuple
 
 
+#: The label image that holds PVS labels (0/1, 255 = not labelled); its values are checked.
+PVS_LABEL_NAME = "pvs"
+
+
+def _check_pvs_labels(name: str, label) -> None:
+    """PVS labels are validated where they are written (other label images are free-form)."""
+    if name == PVS_LABEL_NAME:
+        check_label_values(label, f"label {name!r}", warn_empty=False)
+
+
 def save_ome_zarr(
     path: str | Path,
     image,
@@ -729,6 +964,7 @@ def save_ome_zarr(
     name: str = "image",
     ome_version: str = "0.4",
     overwrite: bool = False,
+    inputs: Sequence[str | Path | None] = (),
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
@@ -739,7 +975,10 @@ def save_ome_zarr(
     (e.g. ``"pvs"``, ``"regions"``) to 3D arrays of the image's shape, written under
     ``labels/<name>``. ``ome_version`` "0.4" writes zarr v2 (widest tool support), "0.5" zarr
     v3. ``affine`` (e.g. a NIfTI's, possibly oblique) is kept in our attributes so it survives
-    a round trip; the OME metadata itself holds spacing and origin only. Returns the path.
+    a round trip; the OME metadata itself holds spacing and origin only. The store is built
+    under a temporary name and renamed into place when complete (:mod:`napari_pvs.atomic`): an
+    existing ``path`` (replaced only with ``overwrite``) stays intact if writing fails or is
+    cancelled; ``inputs`` are paths ``path`` must not be or lie in. Returns the path.
     """
     path = Path(path)
     progress = progress or no_progress
@@ -755,21 +994,22 @@ def save_ome_zarr(
     chunk_tuple = _chunk_tuple(chunks)
     labels = dict(labels or {})
     for label_name, label in labels.items():
-        _check_label_name(label_name)
+        check_label_name(label_name)
         _check_write_input(label, f"label {label_name!r}")
         if tuple(label.shape) != tuple(image.shape):
             raise ValueError(
                 f"label {label_name!r} has shape {tuple(label.shape)} but the image has "
                 f"{tuple(image.shape)}; labels must match the image voxel for voxel"
             )
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
+    atomic.check_output(path, inputs=inputs, overwrite=overwrite, flag="overwrite=True")
     if path.exists() and not (_is_zarr_dir(path) or (path.is_dir() and not any(path.iterdir()))):
         raise FileExistsError(f"{path} exists and is not a zarr store; refusing to replace it")
     if affine is not None:
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    for label_name, label in labels.items():
+        _check_pvs_labels(label_name, label)
     origin = tuple(affine[:3, 3]) if affine is not None else (0.0, 0.0, 0.0)
 
     image_d = _as_dask(image, chunk_tuple)
@@ -778,47 +1018,48 @@ def save_ome_zarr(
     total = per_image * (1 + len(labels))
     counter = [0]
     zarr_format = 2 if ome_version == "0.4" else 3
-    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-    ours: dict = {"modality": modality, "spacing": list(spacing), "axes": list(axes)}
-    if affine is not None:
-        ours["affine"] = affine.tolist()
-    _set_ome_attrs(
-        root,
-        {"multiscales": [_multiscales_meta(name, shapes, spacing, origin, axes, ome_version)]},
-        ome_version,
-        {ATTRS_KEY: ours},
-    )
-    _write_multiscale(
-        root, image_d, chunk_tuple, levels, False, progress, cancel, counter, total, "image"
-    )
-    for label_name, label in labels.items():
-        _write_label_group(
+    with atomic.atomic_output(path, inputs=inputs, overwrite=overwrite, kind="dir") as temp:
+        root = zarr.open_group(str(temp), mode="w", zarr_format=zarr_format)
+        ours: dict = {"modality": modality, "spacing": list(spacing), "axes": list(axes)}
+        if affine is not None:
+            ours["affine"] = affine.tolist()
+        _set_ome_attrs(
             root,
-            label_name,
-            _as_dask(label, chunk_tuple),
-            spacing,
-            origin,
-            axes,
-            chunk_tuple,
-            levels,
+            {"multiscales": [_multiscales_meta(name, shapes, spacing, origin, axes, ome_version)]},
             ome_version,
-            progress,
-            cancel,
-            counter,
-            total,
+            {ATTRS_KEY: ours},
         )
+        _write_multiscale(
+            root, image_d, chunk_tuple, levels, False, progress, cancel, counter, total, "image"
+        )
+        if labels:
+            labels_group = root.require_group("labels")
+            _set_ome_attrs(labels_group, {"labels": list(labels)}, ome_version)
+            for label_name, label in labels.items():
+                _write_label_image(
+                    labels_group.require_group(label_name),
+                    label_name,
+                    _as_dask(label, chunk_tuple),
+                    spacing,
+                    origin,
+                    axes,
+                    chunk_tuple,
+                    levels,
+                    ome_version,
+                    progress,
+                    cancel,
+                    counter,
+                    total,
+                )
     return path
 
 
 def _check_label_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or name in (".", ".."):
-        raise ValueError(
-            f"label name {name!r} is not allowed; use letters, digits, '_', '-' or '.'"
-        )
+    check_label_name(name)
 
 
-def _write_label_group(
-    root: zarr.Group,
+def _write_label_image(
+    group: zarr.Group,
     name: str,
     label: da.Array,
     spacing: Sequence[float],
@@ -832,6 +1073,7 @@ def _write_label_group(
     counter: list[int],
     total: int,
 ) -> None:
+    """One OME-Zarr label image (multiscales + image-label metadata, its pyramid) in ``group``."""
     if np.issubdtype(label.dtype, np.floating) or label.dtype == np.bool_:
         if label.dtype != np.bool_:
             raise ValueError(
@@ -839,14 +1081,6 @@ def _write_label_group(
                 "(threshold a probability first, e.g. (prob > 0.5).astype('uint8'))"
             )
         label = label.astype(np.uint8)
-    labels_group = root.require_group("labels")
-    existing = list(_ome_attrs(dict(labels_group.attrs)).get("labels", []))
-    if name not in existing:
-        existing.append(name)
-    _set_ome_attrs(labels_group, {"labels": existing}, version)
-    group = labels_group.require_group(name)
-    for key in list(group.array_keys()):
-        del group[key]
     shapes = pyramid_shapes(label.shape, levels)
     image_label = {"version": version, "source": {"image": "../../"}}
     _set_ome_attrs(
@@ -862,6 +1096,10 @@ def _write_label_group(
     )
 
 
+def _metadata_files(group_path: Path) -> list[Path]:
+    return [group_path / n for n in ("zarr.json", ".zattrs", ".zgroup")]
+
+
 def write_labels(
     path: str | Path,
     name: str,
@@ -869,21 +1107,29 @@ def write_labels(
     *,
     chunks: int | Sequence[int] | None = None,
     affine: np.ndarray | None = None,
+    overwrite: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> Path:
-    """Add or overwrite a label image: ``labels/<name>`` in an OME-Zarr, or a NIfTI file.
+    """Add a label image ``labels/<name>`` to an OME-Zarr (or replace it with ``overwrite``),
+    or write a NIfTI file.
 
     For an OME-Zarr ``path`` the labels must match the image's shape; they get the image's
-    spacing, pyramid depth and chunks (unless ``chunks`` is given). For a ``.nii``/``.nii.gz``
-    ``path`` the labels are written as a NIfTI with ``affine`` (identity if None); ``name`` is
-    then only used in messages.
+    spacing, pyramid depth and chunks (unless ``chunks`` is given). The label image is built
+    under a temporary name inside ``labels/`` and swapped in when complete, so the image and
+    every other label image are never touched and a failed write leaves the old one intact.
+    For a ``.nii``/``.nii.gz`` ``path`` the labels are written as a NIfTI with ``affine``
+    (identity if None); ``name`` is then only used in messages. PVS labels (``name="pvs"``)
+    must hold 0, 1 or 255.
     """
     path = Path(path)
     progress = progress or no_progress
     if path.name.lower().endswith(NIFTI_SUFFIXES):
-        return save_nifti(path, labels, affine if affine is not None else np.eye(4))
-    _check_label_name(name)
+        _check_pvs_labels(name, labels)
+        return save_nifti(
+            path, labels, affine if affine is not None else np.eye(4), overwrite=overwrite
+        )
+    check_label_name(name)
     _check_write_input(labels, f"label {name!r}")
     image = open_volume(_check_path(path), check_finite=False)
     if image.levels[0].ndim != 3 or len(image.levels) < 1:
@@ -893,45 +1139,63 @@ def write_labels(
             f"labels {name!r} have shape {tuple(labels.shape)} but the image in {path} has "
             f"{image.shape}; labels must match the image voxel for voxel"
         )
-    root = zarr.open_group(str(path), mode="r+")
+    root = zarr.open_group(str(path), mode="r")
     ome = _ome_attrs(dict(root.attrs))
     if "multiscales" not in ome:
         raise ValueError(f"{path}: not an OME-Zarr multiscale image; save it with save_ome_zarr")
+    if name in image.label_names and not overwrite:
+        raise FileExistsError(
+            f"{path} already has a label image {name!r}; pass overwrite=True (or choose another "
+            "name) to replace it"
+        )
+    _check_pvs_labels(name, labels)
     version = "0.5" if isinstance(root.attrs.get("ome"), Mapping) else "0.4"
+    zarr_format = root.metadata.zarr_format
     chunk_tuple = (
         _chunk_tuple(chunks) if chunks is not None else tuple(int(c) for c in root["0"].chunks)
     )
     origin = tuple(float(v) for v in image.affine[:3, 3])
     levels = len(image.levels)
     label = _as_dask(labels, chunk_tuple)
-    if name in image.label_names and isinstance(labels, da.Array):
-        # the lazy labels may be reading the very arrays about to be replaced: load them first
-        label = label.persist()
     total = sum(_n_chunks(s, chunk_tuple) for s in pyramid_shapes(label.shape, levels))
-    _write_label_group(
-        root,
-        name,
-        label,
-        image.spacing,
-        origin,
-        image.axes,
-        chunk_tuple,
-        levels,
-        version,
-        progress,
-        cancel,
-        [0],
-        total,
-    )
+    args = (image.spacing, origin, image.axes, chunk_tuple, levels, version, progress, cancel)
+    labels_dir = path / "labels"
+    if _is_zarr_dir(labels_dir):
+        # The new label image is complete before it replaces the old one (one swap), and the
+        # lazy labels may read the very arrays being replaced: they are still there meanwhile.
+        with atomic.atomic_output(labels_dir / name, overwrite=True, kind="dir") as temp:
+            group = zarr.open_group(str(temp), mode="w", zarr_format=zarr_format)
+            _write_label_image(group, name, label, *args, [0], total)
+        listed = list(_ome_attrs(dict(zarr.open_group(str(labels_dir)).attrs)).get("labels", []))
+        if name not in listed:  # zarr writes metadata by rename; make it durable too
+            _set_ome_attrs(zarr.open_group(str(labels_dir), mode="r+"), {"labels": [*listed, name]},
+                           version)  # fmt: skip
+            atomic.fsync_files(_metadata_files(labels_dir))
+            atomic.fsync_folder(labels_dir)
+    else:
+        with atomic.atomic_output(labels_dir, overwrite=True, kind="dir") as temp:
+            group = zarr.open_group(str(temp), mode="w", zarr_format=zarr_format)
+            _set_ome_attrs(group, {"labels": [name]}, version)
+            _write_label_image(group.require_group(name), name, label, *args, [0], total)
     return path
 
 
-def save_nifti(path: str | Path, array, affine: np.ndarray, *, dtype=None) -> Path:
+def save_nifti(
+    path: str | Path,
+    array,
+    affine: np.ndarray,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path | None] = (),
+) -> Path:
     """Write a 3D array as NIfTI-1 with the given affine (orientation and spacing kept).
 
     The array is written in its own voxel order, which must be the order the affine describes
     (NIfTI ``i, j, k``). Dask arrays are computed here: NIfTI is for moderate sizes; use
-    OME-Zarr for volumes that do not fit in memory.
+    OME-Zarr for volumes that do not fit in memory. Written to a temporary sibling, fsynced and
+    renamed: a killed write never leaves a truncated file under ``path``; an existing ``path``
+    is replaced only with ``overwrite``, never when it is one of ``inputs``.
     """
     import nibabel as nib
 
@@ -942,6 +1206,7 @@ def save_nifti(path: str | Path, array, affine: np.ndarray, *, dtype=None) -> Pa
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    atomic.check_output(path, inputs=inputs, overwrite=overwrite, flag="overwrite=True")
     data = np.asarray(array.compute() if hasattr(array, "compute") else array)
     if dtype is not None:
         data = data.astype(dtype)
@@ -951,8 +1216,8 @@ def save_nifti(path: str | Path, array, affine: np.ndarray, *, dtype=None) -> Pa
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    with atomic.atomic_output(path, inputs=inputs, overwrite=overwrite, kind="file") as temp:
+        nib.save(image, str(temp))  # the temporary name keeps the suffix: same format
     return path
 
 
@@ -973,37 +1238,29 @@ def convert_to_ome_zarr(
     Streams chunk by chunk, so memory stays bounded by a few chunks (plus, for ``.nii.gz``, one
     decompressed ``k`` slab). The voxel order stays the NIfTI's ``(i, j, k)`` and the full
     affine is kept, so labels predicted on the OME-Zarr map back onto the NIfTI exactly.
-    Raises :class:`napari_pvs.progress.Cancelled` if cancelled (the partial store is removed).
+    Raises :class:`napari_pvs.progress.Cancelled` if cancelled. The output is built under a
+    temporary name: a failed or cancelled conversion leaves nothing new, and an existing
+    ``dst`` (replaced only with ``overwrite``) exactly as it was.
     """
-    import shutil
-
-    volume = open_volume(src, modality=modality)
     dst = Path(dst)
-    if dst.exists() and Path(src).resolve() == dst.resolve():
-        raise ValueError("the output path must differ from the input path")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another path or overwrite it")
-    if dst.exists() and not _is_zarr_dir(dst):
-        raise FileExistsError(f"{dst} exists and is not a zarr store; refusing to replace it")
-    try:
-        return save_ome_zarr(
-            dst,
-            volume.data,
-            volume.spacing,
-            modality=volume.modality,
-            levels=levels,
-            chunks=chunks,
-            axes=volume.axes,
-            affine=volume.affine,
-            name=Path(src).name,
-            ome_version=ome_version,
-            overwrite=overwrite,
-            progress=progress,
-            cancel=cancel,
-        )
-    except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)
-        raise
+    atomic.check_output(dst, inputs=[src], overwrite=overwrite, flag="overwrite=True")
+    volume = open_volume(src, modality=modality)
+    return save_ome_zarr(
+        dst,
+        volume.data,
+        volume.spacing,
+        modality=volume.modality,
+        levels=levels,
+        chunks=chunks,
+        axes=volume.axes,
+        affine=volume.affine,
+        name=Path(src).name,
+        ome_version=ome_version,
+        overwrite=overwrite,
+        inputs=[src],
+        progress=progress,
+        cancel=cancel,
+    )
 
 
 def describe(volume: Volume) -> dict:

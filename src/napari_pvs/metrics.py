@@ -7,6 +7,13 @@ matched first, then the next among still-unmatched clusters, ties broken by the 
 so a prediction that merges two PVS counts one hit and one miss. Per-region figures assign each
 cluster to the region holding most of its voxels (ties: the lower region label).
 
+Ground truth holds 0 (background), 1 (PVS) and 255 (not labelled); any other value is refused
+with the values found. Voxels where the ground truth is 255 are not scored: they are removed from
+both masks before anything is computed, so Dice, clusters, counts and volumes cover the labelled
+voxels only (a predicted cluster reaching into unlabelled voxels is judged by its labelled part;
+one lying wholly in them is not counted). An integer prediction must be a 0/1 mask (floats are
+probabilities, thresholded at 0.5).
+
 Cluster labelling needs whole masks in memory (dask inputs are computed): one byte per voxel for
 each mask plus 4 bytes per voxel for each label image.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from napari_pvs.io import UNLABELLED, check_label_values
 from napari_pvs.phantom import REGION_NAMES
 
 #: 26-connectivity in 3D (full connectivity in any dimension).
@@ -39,6 +47,36 @@ def as_mask(array, name: str = "mask") -> np.ndarray:
             raise ValueError(f"{name} contains NaN or infinite values; fix or mask them first")
         return data >= 0.5
     return data != 0
+
+
+def _computed(array) -> np.ndarray:
+    return np.asarray(array.compute() if hasattr(array, "compute") else array)
+
+
+def _prediction_mask(pred) -> np.ndarray:
+    """The predicted mask: a 0/1 (or bool) mask, or a probability map thresholded at 0.5."""
+    data = _computed(pred)
+    if np.issubdtype(data.dtype, np.integer):
+        values = np.unique(data)
+        extra = [int(v) for v in values if v not in (0, 1)]
+        if extra:
+            shown = ", ".join(map(str, extra[:10])) + (", ..." if len(extra) > 10 else "")
+            raise ValueError(
+                f"the prediction holds values {shown} besides 0 and 1; pass a 0/1 mask or a "
+                "probability map (a label image must be thresholded first, e.g. labels > 0)"
+            )
+    return as_mask(data, "prediction")
+
+
+def _truth(gt) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth as (PVS mask, labelled mask); values other than 0/1/255 are refused."""
+    data = _computed(gt)
+    if data.dtype == np.bool_:
+        return data, np.ones(data.shape, dtype=bool)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"ground truth must be a numeric label image, got dtype {data.dtype}")
+    check_label_values(data, "ground truth labels")
+    return data == 1, data != UNLABELLED
 
 
 def _structure(ndim: int) -> np.ndarray:
@@ -130,10 +168,12 @@ def evaluate(pred, gt, regions=None, spacing=(1.0, 1.0, 1.0)) -> dict:
     ``pred`` may be a mask, label image or probability map (thresholded at 0.5); ``gt`` a mask or
     label image; ``regions`` an optional region map (:data:`napari_pvs.phantom.REGION_NAMES`
     labels name the per-region entries, other labels appear as ``region_<n>``). ``spacing`` (mm)
-    turns voxel counts into volumes.
+    turns voxel counts into volumes. ``gt`` values must be 0, 1 or 255; voxels at 255 (not
+    labelled) are left out of every figure (see the module notes); the result says how many
+    (``unlabelled_voxels``). A :class:`napari_pvs.io.LabelWarning` says when ``gt`` has no PVS.
     """
-    p = as_mask(pred, "prediction")
-    g = as_mask(gt, "ground truth")
+    p = _prediction_mask(pred)
+    g, labelled = _truth(gt)
     if p.shape != g.shape:
         raise ValueError(
             f"prediction shape {p.shape} does not match ground-truth shape {g.shape}; "
@@ -143,12 +183,16 @@ def evaluate(pred, gt, regions=None, spacing=(1.0, 1.0, 1.0)) -> dict:
     if len(sp) != p.ndim or not all(s > 0 for s in sp):
         raise ValueError(f"spacing must be {p.ndim} positive numbers in mm, got {spacing!r}")
     voxel_mm3 = float(np.prod(sp))
+    unlabelled = int(labelled.size - np.count_nonzero(labelled))
+    if unlabelled:
+        p = p & labelled
     pred_labels, n_pred = label_clusters(p)
     gt_labels, n_gt = label_clusters(g)
     matches = match_clusters(pred_labels, n_pred, gt_labels, n_gt)
     result = _summary(p, g, n_pred, n_gt, len(matches), len(matches), voxel_mm3)
     result["matching"] = MATCHING_RULE
     result["spacing"] = list(sp)
+    result["unlabelled_voxels"] = unlabelled
     if regions is None:
         return result
 
@@ -209,4 +253,9 @@ def format_table(result: dict) -> str:
             f"{r['volume_mm3']['pred']:>11.1f}{r['volume_mm3']['gt']:>11.1f}"
         )
     lines.append(f"clusters: {result.get('matching', MATCHING_RULE)}; volumes in mm^3")
+    if result.get("unlabelled_voxels"):
+        lines.append(
+            f"{result['unlabelled_voxels']} ground-truth voxels are 255 (not labelled) and were "
+            "not scored"
+        )
     return "\n".join(lines)

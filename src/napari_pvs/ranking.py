@@ -26,6 +26,7 @@ annotate there, however uncertain or random.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_pvs import atomic
 from napari_pvs.io import ATTRS_KEY, open_prediction
 
 STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
@@ -322,33 +324,50 @@ def _open_array(source):
     return source
 
 
-def save_ranking(table: Sequence[RankedPatch], prediction: str | Path) -> tuple[Path, Path]:
-    """Write the table as CSV and JSON beside the prediction store; return both paths.
-
-    Voxel columns follow the array's axis order (``_0`` is the first axis); ``x_mm``, ``y_mm``,
-    ``z_mm`` are world (scanner) coordinates of the centre through the store's affine. Files
-    are ``<store>.ranking-<strategy>.csv`` / ``.json`` (``<store>`` without ``.zarr``).
-    """
+def ranking_paths(prediction: str | Path, strategy: str) -> tuple[Path, Path]:
+    """Where :func:`save_ranking` writes: ``<store>.ranking-<strategy>.csv`` and ``.json``."""
     prediction = Path(prediction)
     stem = (
         prediction.name[: -len(".zarr")] if prediction.name.endswith(".zarr") else prediction.name
     )
-    strategy = table[0].strategy if table else "empty"
     base = f"{stem}.ranking-{strategy}"
+    return prediction.parent / f"{base}.csv", prediction.parent / f"{base}.json"
+
+
+def save_ranking(
+    table: Sequence[RankedPatch],
+    prediction: str | Path,
+    *,
+    strategy: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Write the table as CSV and JSON beside the prediction store; return both paths.
+
+    Voxel columns follow the array's axis order (``_0`` is the first axis); ``x_mm``, ``y_mm``,
+    ``z_mm`` are world (scanner) coordinates of the centre through the store's affine. Files
+    are ``<store>.ranking-<strategy>.csv`` / ``.json`` (``<store>`` without ``.zarr``;
+    ``strategy`` defaults to the table's). Both are written atomically; existing ones are
+    replaced only with ``overwrite`` (checked for both before either is written).
+    """
+    prediction = Path(prediction)
+    strategy = strategy or (table[0].strategy if table else "empty")
+    csv_path, json_path = ranking_paths(prediction, strategy)
+    for path in (csv_path, json_path):
+        atomic.check_output(path, inputs=[prediction], overwrite=overwrite)
     rows = [asdict(row) for row in table]
-    json_path = prediction.parent / f"{base}.json"
-    json_path.write_text(json.dumps({"prediction": str(prediction), "patches": rows}, indent=1))
-    csv_path = prediction.parent / f"{base}.csv"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
+    text = json.dumps({"prediction": str(prediction), "patches": rows}, indent=1)
+    atomic.write_text(json_path, text, overwrite=overwrite)
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(
+        ["rank", "score", "start_0", "start_1", "start_2", "stop_0", "stop_1", "stop_2",
+         "centre_0", "centre_1", "centre_2", "x_mm", "y_mm", "z_mm", "predicted_pvs",
+         "predicted_pvs_voxels", "strategy"]
+    )  # fmt: skip
+    for r in table:
         writer.writerow(
-            ["rank", "score", "start_0", "start_1", "start_2", "stop_0", "stop_1", "stop_2",
-             "centre_0", "centre_1", "centre_2", "x_mm", "y_mm", "z_mm", "predicted_pvs",
-             "predicted_pvs_voxels", "strategy"]
+            [r.rank, r.score, *r.bbox_start, *r.bbox_stop, *r.centre, *r.centre_mm,
+             r.predicted_pvs, r.predicted_pvs_voxels, r.strategy]
         )  # fmt: skip
-        for r in table:
-            writer.writerow(
-                [r.rank, r.score, *r.bbox_start, *r.bbox_stop, *r.centre, *r.centre_mm,
-                 r.predicted_pvs, r.predicted_pvs_voxels, r.strategy]
-            )  # fmt: skip
+    atomic.write_text(csv_path, handle.getvalue(), overwrite=overwrite)
     return csv_path, json_path

@@ -32,6 +32,7 @@ from scipy import ndimage
 from torch import nn
 
 from napari_pvs.intensity import normalize, robust_range, tissue_mask
+from napari_pvs.io import check_label_values
 from napari_pvs.metrics import dice
 from napari_pvs.models import canonical_modality, resolve_device
 from napari_pvs.models.checkpoint import (
@@ -72,6 +73,8 @@ class TrainingVolume:
         if len(self.image.shape) != 3:
             raise ValueError(f"training images must be 3D, got shape {tuple(self.image.shape)}")
         self.modality = canonical_modality(self.modality)
+        # 0 background, 1 PVS, 255 unlabelled; anything else refused, no PVS at all warned about
+        check_label_values(self.labels, f"labels of {self.name or 'a training volume'}")
 
 
 @dataclass

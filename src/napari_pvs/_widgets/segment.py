@@ -599,7 +599,7 @@ class SegmentPanel(QWidget):
 
         def work(progress: ProgressCallback, cancel: CancelToken):
             table = rank_patches(store, n=n, patch=patch, strategy=strategy, image=image)
-            return table, save_ranking(table, store)
+            return table, save_ranking(table, store, overwrite=True)  # re-ranking replaces its own
 
         self.job.start(work, f"Ranking patches ({strategy})")
         return True

@@ -350,7 +350,7 @@ class VolumePanel(QWidget):
         name = self.label_name_edit.text().strip() or labels.name
         try:
             written = save_labels(path, labels.data, self._labels_meta(labels, name))
-        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        except (ValueError, OSError) as exc:  # bad labels, refused or failed write: nothing lost
             self._report(str(exc), error=True)
             return None
         self._report(f"saved {labels.name} to {written}")

@@ -3,17 +3,22 @@
 One module per command group. Each subcommand is one ``add_<name>(subparsers)`` function that
 declares its arguments and sets ``func`` to a handler. Handlers parse paths and options, call
 core functions and print; they hold no logic of their own. Errors the user can fix are raised
-as :class:`UserError` (or ``ValueError``/``FileNotFoundError`` from the core) and printed as
-one line, exit code 2.
+as :class:`UserError` (or ``ValueError``/``FileNotFoundError``/``FileExistsError``/
+``PermissionError`` from the core) and printed as one line, exit code 2; so are a damaged
+input (:func:`napari_pvs.io.damaged_file_error`, the same mapping the napari reader uses) and a
+write the disk refused (full, read-only: :func:`napari_pvs.atomic.os_error_message`). Warnings
+of napari-pvs (e.g. labels without any PVS) print as ``napari-pvs CMD: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from napari_pvs import __version__
+from napari_pvs.atomic import Locked, OutputError
 from napari_pvs.cli._common import UserError
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
@@ -47,17 +52,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors whose message is already the one sentence the user needs.
+USER_ERRORS = (
+    UserError,
+    ValueError,
+    Locked,
+    OutputError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def error_sentence(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can act on, or None for a real bug."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    from napari_pvs import atomic, io
+
+    damaged = io.damaged_file_error(None, exc)
+    if damaged is not None:
+        return str(damaged)
+    return atomic.os_error_message(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = args.command
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and category.__module__.startswith("napari_pvs"):
+            print(f"napari-pvs {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    original = warnings.showwarning
     try:
-        result = args.func(args)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"napari-pvs {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            result = args.func(args)
     except KeyboardInterrupt:
-        print(f"napari-pvs {args.command}: interrupted", file=sys.stderr)
+        print(f"napari-pvs {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        sentence = error_sentence(exc)
+        if sentence is None:
+            raise
+        print(f"napari-pvs {command}: error: {sentence}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -23,7 +23,9 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
             "One INPUT: OUT is the zarr group (or OUT.nii.gz: the segmentation as NIfTI with "
             "the input's affine, the full predictions kept beside it in OUT.zarr). Several "
             "INPUTs: OUT is a folder of groups, run as tasks on a local dask cluster or on "
-            "--scheduler. Rerunning the same command resumes an interrupted run."
+            "--scheduler; a volume that fails is listed at the end and the others are still "
+            "written (exit code 2 when any failed). Rerunning the same command resumes an "
+            "interrupted run. OUT may not be an input; a store is locked while a run writes it."
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI, zarr or OME-Zarr")
@@ -77,11 +79,17 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--scheduler", metavar="ADDRESS", help="dask scheduler, tcp://host:8786")
     parser.add_argument("--workers", type=int, help="local cluster workers (default: cores)")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh, replacing OUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh, replacing OUT once the new prediction is complete (an interrupted "
+        "--overwrite run resumes when rerun with --overwrite)",
+    )
     parser.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from napari_pvs import atomic
     from napari_pvs.cohort import output_name, predict_cohort, predict_volume
     from napari_pvs.progress import TerminalProgress
 
@@ -104,6 +112,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     if nifti and len(args.inputs) > 1:
         raise UserError("with several inputs --out must be a folder, not a NIfTI file")
     store = out.parent / output_name(out) if nifti else out
+    # Before any work: no output onto an input, an existing NIfTI only with --overwrite (a
+    # store may exist: it is resumed, or refused by the predictor), a writable folder.
+    if nifti:
+        atomic.check_output(out, inputs=args.inputs, overwrite=args.overwrite)
+    if len(args.inputs) == 1:
+        atomic.check_output(store, inputs=args.inputs, overwrite=True)
     if len(args.inputs) > 1 or args.scheduler:
         results = predict_cohort(
             args.inputs,
@@ -132,8 +146,6 @@ def _run_predict(args: argparse.Namespace) -> int:
     for result in results:
         for warning in result.warnings:
             print(f"napari-pvs predict: warning: {result.input}: {warning}", file=sys.stderr)
-        if result.error:
-            print(f"napari-pvs predict: error: {result.input}: {result.error}", file=sys.stderr)
     if nifti and results[0].error is None:
         import dask.array as da
         import zarr
@@ -142,7 +154,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         group = zarr.open_group(str(store), mode="r")
         affine = group.attrs["napari_pvs"]["affine"]
-        io.save_nifti(out, da.from_zarr(group["segmentation"]), affine)
+        io.save_nifti(
+            out,
+            da.from_zarr(group["segmentation"]),
+            affine,
+            overwrite=args.overwrite,
+            inputs=args.inputs,
+        )
     summary = [
         {
             "input": r.input,
@@ -160,7 +178,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     if nifti:
         summary[0]["nifti"] = str(out)
     print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2))
-    return 2 if any(r.error for r in results) else 0
+    failed = [r for r in results if r.error]
+    if failed:  # listed last, where they are seen; every other volume was written
+        print(
+            f"napari-pvs predict: error: {len(failed)} of {len(results)} volume(s) failed:",
+            file=sys.stderr,
+        )
+        for result in failed:
+            print(f"  {result.input}: {result.error}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def add_rank(subparsers: argparse._SubParsersAction) -> None:
@@ -196,6 +222,9 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random strategies")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing ranking of this strategy"
+    )
+    parser.add_argument(
         "--image",
         help="the predicted volume, to skip patches that are mostly air (default: the input "
         "recorded in PRED, when it still exists)",
@@ -210,9 +239,12 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    from napari_pvs import atomic
     from napari_pvs.io import ATTRS_KEY, open_prediction
-    from napari_pvs.ranking import rank_patches, save_ranking
+    from napari_pvs.ranking import rank_patches, ranking_paths, save_ranking
 
+    for path in ranking_paths(args.prediction, args.strategy):
+        atomic.check_output(path, inputs=[args.prediction], overwrite=args.overwrite)
     image = args.image
     if image is None and args.min_tissue > 0:
         source = dict(open_prediction(args.prediction).attrs).get(ATTRS_KEY, {}).get("source")
@@ -232,7 +264,9 @@ def _run_rank(args: argparse.Namespace) -> int:
         image=image if args.min_tissue > 0 else None,
         min_tissue=args.min_tissue,
     )
-    csv_path, json_path = save_ranking(table, args.prediction)
+    csv_path, json_path = save_ranking(
+        table, args.prediction, strategy=args.strategy, overwrite=args.overwrite
+    )
     print(f"{'rank':>4} {'score':>9} {'start':>16} {'stop':>16} {'pvs':>4}")
     for row in table:
         start, stop = ",".join(map(str, row.bbox_start)), ",".join(map(str, row.bbox_stop))

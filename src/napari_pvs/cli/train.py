@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 from napari_pvs.cli._common import UserError
 
@@ -14,10 +16,12 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         help="train or fine-tune a segmentation model on labelled volumes",
         description=(
             "Train a model on images with PVS labels (uint8: 1 PVS, 0 background, 255 "
-            "unlabelled and ignored). Writes the best checkpoint (validation Dice) to --out and "
-            "a resumable OUT.last.safetensors each epoch; rerunning the same command resumes. "
-            "On several GPUs: torchrun --nproc_per_node N -m napari_pvs.cli train ... (one "
-            "process per GPU; --batch-size is the global batch, split among them)."
+            "unlabelled and ignored; other values are refused). Writes the best checkpoint "
+            "(validation Dice) to --out and a resumable OUT.last.safetensors each epoch; "
+            "rerunning the same command (more --epochs allowed) resumes from OUT.last. An "
+            "existing OUT is never replaced without --overwrite. On several GPUs: torchrun "
+            "--nproc_per_node N -m napari_pvs.cli train ... (one process per GPU; --batch-size "
+            "is the global batch, split among them)."
         ),
     )
     parser.add_argument("--images", nargs="+", required=True, help="volumes (.zarr, .nii[.gz])")
@@ -59,15 +63,27 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "--modality", nargs="+", help="T1/T2/unknown: one for all images or one per image"
     )
     parser.add_argument("--no-resume", action="store_true", help="ignore OUT.last.safetensors")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train afresh although OUT exists: the new run writes OUT.overwrite.safetensors "
+        "(resumed when this command is rerun) and replaces OUT and OUT.last when it finishes",
+    )
     parser.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from napari_pvs import io
+    from napari_pvs import atomic, io
     from napari_pvs.models import build_model
-    from napari_pvs.models.checkpoint import load_model, manifest_hash
+    from napari_pvs.models.checkpoint import load_model, manifest_hash, resume_differences
     from napari_pvs.progress import TerminalProgress
-    from napari_pvs.training import TrainConfig, TrainingVolume, distributed_context, fit
+    from napari_pvs.training import (
+        TrainConfig,
+        TrainingVolume,
+        distributed_context,
+        fit,
+        last_checkpoint_path,
+    )
 
     if args.labels and len(args.labels) != len(args.images):
         raise UserError(f"got {len(args.images)} --images but {len(args.labels)} --labels")
@@ -80,6 +96,14 @@ def _run_train(args: argparse.Namespace) -> int:
         config = json.loads(args.config)
     except json.JSONDecodeError as exc:
         raise UserError(f"--config is not valid JSON: {exc}") from exc
+    # Before any work (and long before the first epoch): OUT and OUT.last are not inputs and
+    # their folder can be written. Whether they may be replaced is decided below.
+    out = Path(args.out)
+    last = last_checkpoint_path(out)
+    init = args.init if args.init and args.init != "default" else None
+    inputs = [*args.images, *(args.labels or []), init]
+    for path in (out, last):
+        atomic.check_output(path, inputs=inputs, overwrite=True)
     model = load_model(args.init)[0] if args.init else build_model(args.model, **config)
 
     volumes, manifest = [], []
@@ -102,15 +126,49 @@ def _run_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=context.device,
         )
+        info = {"manifest_hash": manifest_hash(manifest), "init": args.init}
+        resume = not args.no_resume
+        write_to = out
+        if args.overwrite and (out.exists() or last.exists()):
+            # The old OUT stays until the new run finishes; an interrupted overwrite resumes from
+            # its own staged .last when rerun with --overwrite (if the settings still match).
+            write_to = out.with_name(out.stem + ".overwrite" + out.suffix)
+            staged_last = last_checkpoint_path(write_to)
+            if staged_last.is_file() and (
+                not resume or resume_differences(staged_last, model, asdict(train_config), info)
+            ) and context.is_main:
+                staged_last.unlink(missing_ok=True)
+                write_to.unlink(missing_ok=True)
+        elif not args.overwrite:
+            if resume and last.is_file():
+                differences = resume_differences(last, model, asdict(train_config), info)
+                if differences:
+                    raise UserError(
+                        f"{last} is the resume point of a different training run "
+                        f"({'; '.join(differences)}); rerun with the same settings to resume, pass "
+                        "--overwrite to train afresh (OUT is replaced when the new run finishes), "
+                        "or choose another --out"
+                    )
+            else:
+                for existing in (out, last):
+                    if existing.exists():
+                        raise FileExistsError(
+                            f"{existing} already exists; pass --overwrite to train afresh (it is "
+                            "replaced when the new run finishes) or choose another --out"
+                        )
         result = fit(
             model,
             volumes,
             train_config,
-            args.out,
-            resume=not args.no_resume,
-            training_info={"manifest_hash": manifest_hash(manifest), "init": args.init},
-            progress=TerminalProgress(),  # fit reports on rank 0 only
+            write_to,
+            resume=resume,
+            training_info=info,
+            progress=TerminalProgress(),
         )
+        if write_to != out and context.is_main:  # only rank 0 wrote checkpoints
+            for staged, final in ((write_to, out), (last_checkpoint_path(write_to), last)):
+                if staged.exists():
+                    atomic.commit(staged, final)
     if not context.is_main:
         return 0
     print(

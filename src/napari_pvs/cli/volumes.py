@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from napari_pvs.cli._common import UserError
 
@@ -26,28 +25,30 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--modality", choices=["T1", "T2", "unknown"], help="override the modality guess"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (the old store stays until the new one is complete)",
+    )
     parser.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from napari_pvs import io
+    from napari_pvs import atomic, io
     from napari_pvs.progress import TerminalProgress
 
     if not str(args.input).lower().endswith(io.NIFTI_SUFFIXES):
         raise UserError(f"{args.input}: convert reads .nii or .nii.gz files")
-    try:
-        out = io.convert_to_ome_zarr(
-            args.input,
-            args.output,
-            levels=args.levels,
-            chunks=args.chunks,
-            modality=args.modality,
-            overwrite=args.overwrite,
-            progress=TerminalProgress(),
-        )
-    except FileExistsError as exc:
-        raise UserError(f"{exc} (or pass --overwrite)") from exc
+    atomic.check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
+    out = io.convert_to_ome_zarr(
+        args.input,
+        args.output,
+        levels=args.levels,
+        chunks=args.chunks,
+        modality=args.modality,
+        overwrite=args.overwrite,
+        progress=TerminalProgress(),
+    )
     print(json.dumps(io.describe(io.open_volume(out)), indent=2))
     return 0
 
@@ -83,17 +84,22 @@ def add_phantom(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--snr", type=float, help="signal-to-noise ratio (default: random 15-60)")
     parser.add_argument("--no-bias-field", action="store_true", help="no intensity bias field")
     parser.add_argument("--meta", help="also write the phantom's metadata (JSON) to this file")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT (and --meta) if they exist"
+    )
     parser.set_defaults(func=_run_phantom)
 
 
 def _run_phantom(args: argparse.Namespace) -> int:
-    from napari_pvs import io
+    from napari_pvs import atomic, io
     from napari_pvs.phantom import make_phantom
     from napari_pvs.progress import TerminalProgress
 
     if len(args.spacing) not in (1, 3):
         raise UserError("--spacing takes one value (isotropic) or three (z y x)")
+    atomic.check_output(args.output, overwrite=args.overwrite)
+    if args.meta:
+        atomic.check_output(args.meta, inputs=[args.output], overwrite=args.overwrite)
     try:
         phantom = make_phantom(
             tuple(args.shape),
@@ -107,24 +113,21 @@ def _run_phantom(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:
         raise UserError(str(exc)) from exc
-    try:
-        io.save_ome_zarr(
-            args.output,
-            phantom.image,
-            phantom.spacing,
-            labels={
-                "pvs": phantom.pvs,
-                "regions": phantom.regions,
-                "confounders": phantom.confounders,
-            },
-            modality=phantom.modality,
-            overwrite=args.overwrite,
-            progress=TerminalProgress(),
-        )
-    except FileExistsError as exc:
-        raise UserError(f"{exc} (or pass --overwrite)") from exc
+    io.save_ome_zarr(
+        args.output,
+        phantom.image,
+        phantom.spacing,
+        labels={
+            "pvs": phantom.pvs,
+            "regions": phantom.regions,
+            "confounders": phantom.confounders,
+        },
+        modality=phantom.modality,
+        overwrite=args.overwrite,
+        progress=TerminalProgress(),
+    )
     if args.meta:
-        Path(args.meta).write_text(json.dumps(phantom.meta, indent=2))
+        atomic.write_json(args.meta, phantom.meta, overwrite=args.overwrite)
     summary = {k: v for k, v in phantom.meta.items() if k != "pvs_table"}
     print(json.dumps({"output": str(args.output), **summary}, indent=2))
     return 0
@@ -164,19 +167,23 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", default="metrics.json", help="JSON file to write (default metrics.json)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(func=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from napari_pvs import atomic
     from napari_pvs.metrics import evaluate, format_table
 
+    inputs = [args.pred, args.gt, args.regions]
+    atomic.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     pred = _open_mask_like(args.pred, "pvs")
     gt = _open_mask_like(args.gt, "pvs")
     regions = _open_mask_like(args.regions, "regions").data if args.regions else None
     result = evaluate(pred.data, gt.data, regions=regions, spacing=gt.spacing)
     result["pred"], result["gt"] = str(args.pred), str(args.gt)
     print(format_table(result))
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    atomic.write_json(args.out, result, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
@@ -221,10 +228,12 @@ def add_frangi(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_frangi(args: argparse.Namespace) -> int:
-    from napari_pvs import io
+    from napari_pvs import atomic, io
     from napari_pvs.models.frangi import frangi_segment, white_matter_mask
     from napari_pvs.progress import TerminalProgress
 
+    inputs = [args.input, args.mask]
+    out = atomic.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     volume = io.open_volume(args.input, modality=args.modality)
     if volume.modality == "unknown":
         raise UserError(
@@ -241,11 +250,10 @@ def _run_frangi(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         mask=mask,
     )
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} already exists; choose another path or pass --overwrite")
     if out.name.lower().endswith(io.NIFTI_SUFFIXES):
-        io.save_nifti(out, seg, volume.affine, dtype="uint8")
+        io.save_nifti(
+            out, seg, volume.affine, dtype="uint8", overwrite=args.overwrite, inputs=inputs
+        )
     else:
         io.save_ome_zarr(
             out,
@@ -255,6 +263,7 @@ def _run_frangi(args: argparse.Namespace) -> int:
             affine=volume.affine,
             axes=volume.axes,
             overwrite=args.overwrite,
+            inputs=inputs,
             progress=TerminalProgress(),
         )
     print(f"wrote {out}")

@@ -45,6 +45,9 @@ FLIP_COUNTS = (1, 4, 8)
 #: averaged over ``tta`` test-time mirrorings (1: none, 4 or 8), voxels at or above
 #: ``threshold``, then clusters smaller than ``min_cluster_mm3`` removed (0: keep all).
 DEFAULT_SEGMENTATION_RULE: dict[str, float] = {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 1}
+#: Largest ``min_cluster_mm3`` a rule may hold: 10 cm^3, far above any PVS (a larger cut-off
+#: would silently remove every cluster).
+MAX_MIN_CLUSTER_MM3 = 1e4
 
 
 def list_models() -> dict[str, str]:

@@ -7,6 +7,12 @@ holds one JSON document (key ``napari_pvs``): format version, model name and con
 texts, the intensity normalisation scheme, the training-data manifest hash, round, metrics,
 package version and a SHA-256 digest of every tensor, so a tampered file is refused.
 
+Loading treats the file as hostile until proven otherwise: the metadata must be a bounded
+JSON object with sane types and values (:func:`check_metadata`), the model is first built on
+PyTorch's ``meta`` device (no memory) and every tensor shape in the file's header compared with
+it before anything real is allocated, the prompt embeddings must be stored (a text encoder is
+never loaded, whatever path the config names), and only then are the weights read and verified.
+
 Importing a user's ``.pt``/``.pth`` state dict goes only through
 ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -25,11 +32,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from napari_pvs import __version__
+from napari_pvs import __version__, atomic
 from napari_pvs.intensity import DEFAULT_PERCENTILES
 from napari_pvs.models import (
     DEFAULT_SEGMENTATION_RULE,
     FLIP_COUNTS,
+    MAX_MIN_CLUSTER_MM3,
     build_model,
     list_models,
     resolve_device,
@@ -40,6 +48,15 @@ FORMAT_VERSION = 1
 METADATA_KEY = "napari_pvs"
 OPTIMIZER_PREFIX = "optimizer/"
 DEFAULT_CHECKPOINT = "default.safetensors"
+
+#: Bounds a checkpoint must respect before anything is built from it.
+MAX_METADATA_BYTES = 8 << 20
+MAX_METADATA_DEPTH = 32
+#: Largest integer any model config value may hold (channel widths, filters, text dim...).
+MAX_CONFIG_INT = 4096
+MAX_CONFIG_LIST = 16
+#: Largest model, in parameters (MedNeXt-L-k5 has about 63 M).
+MAX_PARAMETERS = 500_000_000
 
 #: How intensities were normalised for training; inference must do the same.
 INTENSITY_SCHEME = {
@@ -74,17 +91,19 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
     segmentation: dict[str, float] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write ``model`` (+ optional flattened optimizer state) and its metadata to ``path``.
 
     ``training`` may hold the manifest hash, round, epochs, seed...; ``metrics`` validation
     numbers; ``segmentation`` the calibrated rule that turns a volume into a mask (``tta``
     mirrorings, ``threshold``, ``min_cluster_mm3``; default: the model's ``segmentation_rule``,
-    so a fine-tuned model keeps its calibration). The file is written to a temporary name and
-    renamed, so a crash never leaves a half-written checkpoint under the real name.
+    so a fine-tuned model keeps its calibration). The file is written through
+    :mod:`napari_pvs.atomic` (temporary sibling, fsync, rename), so a crash never leaves a
+    half-written checkpoint under the real name. ``overwrite`` is True because training re-saves
+    its own checkpoints every epoch; commands refuse an existing ``--out`` before they start.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if optimizer_state:
         for key, value in optimizer_state.items():
@@ -105,28 +124,49 @@ def save_checkpoint(
         from napari_pvs.models.text import all_prompts
 
         meta["prompts"] = all_prompts()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, default=_json_default)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable like any file the user writes (e.g. when installed)
-    os.replace(tmp, path)
+    header = {METADATA_KEY: json.dumps(meta, default=_json_default)}
+    with atomic.atomic_output(path, overwrite=overwrite, kind="file") as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # readable like any file the user writes (installed)
     return path
 
 
-def _segmentation_rule(rule: dict[str, Any] | None) -> dict[str, float]:
-    """A complete, checked segmentation rule (defaults filled in)."""
+def _segmentation_rule(rule: Any, source: str | None = None) -> dict[str, float]:
+    """A complete, checked segmentation rule (defaults filled in).
+
+    ``source`` names the checkpoint in messages when the rule comes from a file.
+    """
+    where = f"{source}: " if source else ""
+    if rule is not None and not isinstance(rule, dict):
+        raise ValueError(f"{where}the segmentation rule must be a JSON object, got {rule!r}")
     unknown = set(rule or {}) - set(DEFAULT_SEGMENTATION_RULE)
     if unknown:
         raise ValueError(
-            f"unknown segmentation rule keys {sorted(unknown)}; "
+            f"{where}unknown segmentation rule keys {sorted(unknown)}; "
             f"use {sorted(DEFAULT_SEGMENTATION_RULE)}"
         )
-    out = {k: float(v) for k, v in {**DEFAULT_SEGMENTATION_RULE, **(rule or {})}.items()}
-    if not 0 < out["threshold"] < 1 or out["min_cluster_mm3"] < 0 or out["tta"] not in FLIP_COUNTS:
+    merged = {**DEFAULT_SEGMENTATION_RULE, **(rule or {})}
+    bad = [
+        k
+        for k, v in merged.items()
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v))
+    ]
+    if bad:
         raise ValueError(
-            f"invalid segmentation rule {out}: need 0 < threshold < 1, min_cluster_mm3 >= 0 and "
-            f"tta one of {FLIP_COUNTS}"
+            f"{where}segmentation rule values must be finite numbers; got "
+            + ", ".join(f"{k}={merged[k]!r}" for k in bad)
+        )
+    out = {k: float(v) for k, v in merged.items()}
+    if (
+        not 0 < out["threshold"] < 1
+        or not 0 <= out["min_cluster_mm3"] <= MAX_MIN_CLUSTER_MM3
+        or out["tta"] not in FLIP_COUNTS
+    ):
+        raise ValueError(
+            f"{where}invalid segmentation rule {out}: need 0 < threshold < 1, "
+            f"0 <= min_cluster_mm3 <= {MAX_MIN_CLUSTER_MM3:g} and tta one of {FLIP_COUNTS}"
         )
     out["tta"] = int(out["tta"])
     return out
@@ -140,68 +180,165 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in checkpoint metadata")
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """All tensors and the metadata of a checkpoint, verified; clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors file "
-            "written by napari-pvs (or 'default' for the bundled model)"
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (a hostile file cannot recurse us to death)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_METADATA_DEPTH:
+            return level
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _check_config(name: str, config: Any, source: str) -> dict[str, Any]:
+    """A model config made of plain, bounded values (the model is built from it)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: the model config must be a JSON object, got {config!r}")
+
+    def bad(key: str, value: Any) -> ValueError:
+        return ValueError(
+            f"{source}: model config {key}={value!r} is out of bounds for a {name!r} model "
+            f"(numbers must be finite, integers at most {MAX_CONFIG_INT}, lists at most "
+            f"{MAX_CONFIG_LIST} long); the file is damaged or was not written by napari-pvs"
         )
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+
+    def check_scalar(key: str, value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, int):
+            if abs(value) > MAX_CONFIG_INT:
+                raise bad(key, value)
+        elif isinstance(value, float):
+            if not math.isfinite(value) or abs(value) > MAX_CONFIG_INT:
+                raise bad(key, value)
+        elif isinstance(value, str):
+            if len(value) > 4096:
+                raise bad(key, value[:40] + "...")
+        else:
+            raise bad(key, value)
+
+    for key, value in config.items():
+        if not isinstance(key, str) or key == "prompt_embeddings":
+            raise bad(str(key), "...")
+        if isinstance(value, list):
+            if len(value) > MAX_CONFIG_LIST:
+                raise bad(key, f"a list of {len(value)}")
+            for item in value:
+                check_scalar(key, item)
+        else:
+            check_scalar(key, value)
+    return dict(config)
+
+
+def check_metadata(meta: Any, source: str) -> dict[str, Any]:
+    """Types and bounds of checkpoint metadata, before anything is built from it.
+
+    It must be a JSON object of bounded depth with an integer ``format_version`` this version
+    reads, a known model name with a plain bounded config (:func:`_check_config`), objects where
+    objects are expected, and a sane segmentation rule. Raises ``ValueError`` naming the file.
+    """
+    if not isinstance(meta, dict):
         raise ValueError(
-            f"{str(path)!r} is not a readable safetensors checkpoint (truncated or corrupt: "
-            f"{exc}); re-copy or re-train it"
-        ) from exc
-    if METADATA_KEY not in header:
-        raise ValueError(
-            f"{str(path)!r} is a safetensors file but not a napari-pvs checkpoint (no "
-            f"'{METADATA_KEY}' metadata); import plain state dicts with import_state_dict()"
+            f"{source} has checkpoint metadata that is a JSON {type(meta).__name__}, not an "
+            "object; the file is damaged or was not written by napari-pvs"
         )
-    try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} has corrupt checkpoint metadata: {exc}") from exc
-    version = int(meta.get("format_version", 0))
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise ValueError(
+            f"{source} has checkpoint metadata nested deeper than {MAX_METADATA_DEPTH} levels; "
+            "the file is damaged or was not written by napari-pvs"
+        )
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"{source} has an invalid checkpoint format_version {version!r} (expected an "
+            f"integer such as {FORMAT_VERSION}); the file is damaged or was not written by "
+            "napari-pvs"
+        )
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{str(path)!r} uses checkpoint format {version}, newer than this napari-pvs "
+            f"{source} uses checkpoint format {version}, newer than this napari-pvs "
             f"({__version__}) reads (format {FORMAT_VERSION}); upgrade napari-pvs"
         )
-    if tensor_digest(tensors) != meta.get("tensor_digest"):
+    for key in ("training", "metrics", "prompts", "intensity"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise ValueError(f"{source}: checkpoint metadata {key!r} must be a JSON object")
+    info = meta.get("model")
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+        raise ValueError(f"{source}: checkpoint metadata has no model name and config")
+    if info["name"] not in list_models():
         raise ValueError(
-            f"{str(path)!r} failed its integrity check: the weights do not match the digest "
-            "recorded when it was saved (tampered or corrupted); do not use it"
-        )
-    return tensors, meta
-
-
-def _model_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str):
-    info = meta.get("model") or {}
-    name, config = info.get("name"), dict(info.get("config") or {})
-    if name not in list_models():
-        raise ValueError(
-            f"{source} holds a model {name!r} that this napari-pvs does not know "
+            f"{source} holds a model {info['name']!r} that this napari-pvs does not know "
             f"(known: {', '.join(list_models())}); upgrade napari-pvs"
         )
-    if name == "cross_modal" and "prompt_embeddings" in tensors:
-        config["prompt_embeddings"] = tensors["prompt_embeddings"]
-    model = build_model(name, **config)
-    _load_state(model, tensors, source)
-    model.segmentation_rule = _segmentation_rule(meta.get("segmentation"))
-    return model
+    _check_config(info["name"], info.get("config") or {}, source)
+    if not isinstance(meta.get("tensor_digest"), str):
+        raise ValueError(f"{source}: checkpoint metadata has no tensor digest")
+    _segmentation_rule(meta.get("segmentation"), source)
+    return meta
 
 
-def _load_state(model, tensors: dict[str, torch.Tensor], source: str) -> None:
-    state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
-    expected = model.state_dict()
+def _parse_metadata(text: Any, source: str) -> dict[str, Any]:
+    if not isinstance(text, str) or len(text) > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"{source} has checkpoint metadata larger than {MAX_METADATA_BYTES >> 20} MB; the "
+            "file is damaged or was not written by napari-pvs"
+        )
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise ValueError(
+            f"{source} has checkpoint metadata nested too deeply to read; the file is damaged "
+            "or was not written by napari-pvs"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} has corrupt checkpoint metadata: {exc}") from exc
+    return check_metadata(meta, source)
+
+
+def _skeleton(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str):
+    """The model of ``meta`` built on the ``meta`` device (no memory), checked against the
+    tensor shapes in the file's header: names, shapes and total size."""
+    info = meta["model"]
+    name, config = info["name"], dict(info.get("config") or {})
+    if name == "cross_modal" and config.get("use_text", True):
+        shape = shapes.get("prompt_embeddings")
+        if shape is None:
+            raise ValueError(
+                f"{source} holds no prompt embeddings, which a text-guided cross_modal model "
+                "needs; napari-pvs never loads a text encoder while loading a checkpoint. "
+                "Re-save it with napari-pvs (the embeddings are stored in every checkpoint)"
+            )
+        if len(shape) != 3 or math.prod(shape) > 64 * MAX_CONFIG_INT * 4:
+            raise ValueError(f"{source}: stored prompt embeddings have a bad shape {shape}")
+        # the real values are not needed for shapes: a small zero tensor of the stored shape
+        config["prompt_embeddings"] = np.zeros(shape, dtype=np.float32)
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(name, **config)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{source}: its model config cannot be built ({exc})") from exc
+    parameters = sum(t.numel() for t in skeleton.state_dict().values())
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(
+            f"{source} declares a model of {parameters:,} parameters, more than the "
+            f"{MAX_PARAMETERS:,} napari-pvs loads; the file is damaged or not a napari-pvs model"
+        )
+    _compare_state(skeleton, shapes, source)
+    return skeleton
+
+
+def _compare_state(model, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Names and shapes of ``shapes`` (file) against ``model``'s state dict; clear error."""
+    state = {k: v for k, v in shapes.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k] != tuple(state[k]))
     if missing or unexpected or wrong:
         details = []
         if missing:
@@ -211,13 +348,75 @@ def _load_state(model, tensors: dict[str, torch.Tensor], source: str) -> None:
         if wrong:
             k = wrong[0]
             details.append(
-                f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k].shape)} in the file, "
-                f"{tuple(expected[k].shape)} in the model)"
+                f"{len(wrong)} with other shapes (e.g. {k}: {tuple(state[k])} in the file, "
+                f"{expected[k]} in the model)"
             )
         raise ValueError(
             f"{source} does not fit the {model.name!r} model with config {model.config}: "
             f"{'; '.join(details)}. It was saved from a different architecture or configuration"
         )
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All tensors and the metadata of a checkpoint, verified; clear errors for bad files.
+
+    Order matters: the metadata is parsed and checked, and the model it declares is built on
+    the ``meta`` device and compared with the header's tensor shapes, before any tensor is
+    read; then the tensors are read and their digest verified.
+    """
+    path = Path(path)
+    source = repr(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors file "
+            "written by napari-pvs (or 'default' for the bundled model)"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            if METADATA_KEY not in header:
+                raise ValueError(
+                    f"{source} is a safetensors file but not a napari-pvs checkpoint (no "
+                    f"'{METADATA_KEY}' metadata); import plain state dicts with "
+                    "import_state_dict()"
+                )
+            meta = _parse_metadata(header[METADATA_KEY], source)
+            names = list(handle.keys())
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+            _skeleton(meta, shapes, source)
+            tensors = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"{source} is not a readable safetensors checkpoint (truncated or corrupt: "
+            f"{exc}); re-copy or re-train it"
+        ) from exc
+    if tensor_digest(tensors) != meta.get("tensor_digest"):
+        raise ValueError(
+            f"{source} failed its integrity check: the weights do not match the digest "
+            "recorded when it was saved (tampered or corrupted); do not use it"
+        )
+    return tensors, meta
+
+
+def _model_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str):
+    """Build the (already checked) model of ``meta`` for real and load ``tensors`` into it.
+
+    The stored prompt embeddings are always passed in, so the config's ``text_model`` path is
+    never followed (no text encoder is loaded).
+    """
+    info = meta["model"]
+    name, config = info["name"], dict(info.get("config") or {})
+    if name == "cross_modal" and "prompt_embeddings" in tensors:
+        config["prompt_embeddings"] = tensors["prompt_embeddings"]
+    model = build_model(name, **config)
+    _load_state(model, tensors, source)
+    model.segmentation_rule = _segmentation_rule(meta.get("segmentation"), source)
+    return model
+
+
+def _load_state(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    _compare_state(model, {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    state = {k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
     model.load_state_dict(state, strict=True)
 
 
@@ -321,3 +520,36 @@ def import_state_dict(pt_path: str | os.PathLike, name: str, device: str = "cpu"
     _load_state(model, state, repr(str(pt_path)))
     model.to(resolve_device(device)).eval()
     return model
+
+
+#: Training settings a resumed run may change: how long it runs and where.
+RESUMABLE_CHANGES = ("epochs", "max_minutes", "patience", "device")
+
+
+def resume_differences(
+    last: str | os.PathLike, model, config: dict[str, Any], info: dict[str, Any]
+) -> list[str]:
+    """What differs between the run that saved the resumable checkpoint ``last`` and this one.
+
+    ``model`` is the model about to be trained, ``config`` the run's ``TrainConfig`` as a dict
+    and ``info`` its ``training_info`` (manifest hash, init). Only :data:`RESUMABLE_CHANGES`
+    may differ, so resuming never mixes two runs' data or settings. Empty: resume is safe.
+    """
+    _, meta = read_checkpoint(last)
+    saved = meta.get("training") or {}
+    now = json.loads(json.dumps({"model": model.name, "config": model.config}, default=str))
+    found = {"model": meta["model"]["name"], "config": meta["model"].get("config") or {}}
+    differences = [f"model {k}" for k in ("model", "config") if now[k] != found[k]]
+    wanted = json.loads(json.dumps(config, default=str))
+    stored = saved.get("config") or {}
+    differences += [
+        f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}"
+        for k in sorted(set(wanted) | set(stored))
+        if k not in RESUMABLE_CHANGES and stored.get(k) != wanted.get(k)
+    ]
+    for key, value in json.loads(json.dumps(info, default=str)).items():
+        if saved.get(key) != value:
+            differences.append(f"{key}: {saved.get(key)!r} -> {value!r}")
+    if "resume" not in saved:
+        differences.append("it holds no resume state")
+    return differences
