@@ -151,16 +151,18 @@ def _wait_for_step(handle, timeout=240):
 
 
 def test_cancelled_round_leaves_previous_version_current(project):
+    """Closing the project cancels its running round (handle.cancel, then the wait)."""
     handle = start_round(project, RoundConfig(**{**TINY, "steps": 100_000}))
     _wait_for_step(handle)
-    handle.cancel()
-    outcome = handle.wait(timeout=120)
+    project.close()
+    outcome = handle.outcome
     assert outcome.status == "cancelled" and outcome.version == 0
     assert "v0 stays current" in outcome.message
-    assert project.current_version().version == 0
-    assert project.round(outcome.round).status == "cancelled"
-    assert sorted(p.name for p in (project.path / "models").iterdir()) == ["v0.safetensors"]
     assert handle.events[-1]["kind"] == "cancelled" and not handle.process.is_alive()
+    with Project.open(project.path) as proj:
+        assert proj.current_version().version == 0
+        assert proj.round(outcome.round).status == "cancelled"
+        assert sorted(p.name for p in (proj.path / "models").iterdir()) == ["v0.safetensors"]
 
 
 def test_killed_worker_marks_round_failed(project):
