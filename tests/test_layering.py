@@ -22,7 +22,7 @@ def core_modules() -> list[str]:
     names = [
         info.name
         for info in pkgutil.walk_packages(napari_pvs.__path__, prefix="napari_pvs.")
-        if not info.name.startswith(ADAPTERS)
+        if not info.name.startswith(ADAPTERS) and not info.name.endswith(".__main__")
     ]
     return sorted(names)
 
