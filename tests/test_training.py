@@ -313,3 +313,23 @@ def test_calibration_chooses_mirroring_when_it_removes_orientation_bound_errors(
         _CornerArtefact(), [volume], candidates_mm3=(0,), candidates_tta=(1, 4), min_tta_gain=1.0
     )
     assert rule["tta"] == 1
+
+
+def test_each_epoch_is_reported_as_soon_as_it_is_validated(phantom):
+    seen = []
+
+    def on_epoch(record):
+        seen.append((record["epoch"], steps_done[-1]))
+
+    steps_done = [0]
+    result = fit(
+        tiny("unet"),
+        [TrainingVolume(phantom.image, phantom.pvs, "T2")],
+        TrainConfig(epochs=2, **SMALL),
+        progress=lambda done, total, message: steps_done.append(done),
+        on_epoch=on_epoch,
+    )
+    per_epoch = SMALL["steps_per_epoch"]
+    # Epoch 0 arrives after its own steps and before epoch 1's, with the history's values.
+    assert seen == [(0, per_epoch), (1, 2 * per_epoch)]
+    assert [r["epoch"] for r in result.history] == [0, 1]

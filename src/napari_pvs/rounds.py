@@ -394,18 +394,17 @@ def execute_round(
         training_info=info,
         progress=on_progress if main else (lambda *_: None),
         cancel=cancel,
-    )
-    if not main:
-        return None
-    for record in result.history:
-        emit(
+        on_epoch=lambda record: emit(
             {
                 "kind": "validation",
                 "step": (int(record["epoch"]) + 1) * steps_per_epoch,
                 "dice": float(record["val_dice"]),
                 "source": "fit",
             }
-        )
+        ),
+    )
+    if not main:
+        return None
     check_cancelled(cancel)
     new_dice, _ = validation_dice(model, validation, config.device)
     metrics = {

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -590,8 +590,13 @@ def fit(
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
     distributed: bool | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``volumes``; keep the best (validation Dice) weights in ``out``.
+
+    ``on_epoch(record)`` receives each epoch's history record (``epoch``, ``train_loss``,
+    ``val_dice``, ``seconds``) as soon as it is validated, on rank 0 only, so a round can plot
+    validation Dice live.
 
     Validation uses ``validation`` if given, else a seed-fixed share of ``volumes`` (the same
     split every run, so rounds stay comparable). Each epoch also writes a resumable
@@ -756,6 +761,8 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         history.append(record)
+        if on_epoch is not None and main:
+            on_epoch(dict(record))
         improved = val_dice >= best_dice  # ties: keep the later, longer-trained weights
         if improved:
             best_dice, best_epoch = val_dice, epoch
