@@ -286,7 +286,7 @@ def cases(p: dict[str, Path]) -> None:
         result = cli("convert", str(truncated), str(out), "--overwrite", "--levels", "1")
         return said(result), lost(before)
 
-    @row("kill -9 during a NIfTI write (predict --out seg.nii.gz)")
+    @row("kill -9 during a NIfTI write (io.save_nifti)")
     def _():
         target = WORK / "big_seg.nii.gz"
         shutil.copy(p["big_gz"], target)
@@ -477,8 +477,8 @@ def cases(p: dict[str, Path]) -> None:
     @row("evaluate: half-unlabelled (255) ground truth")
     def _():
         shape = (24, 28, 20)
-        gt = pvs(shape)
-        gt[:, :, 10:] = 255
+        gt = pvs(shape)  # PVS along x = 10, kept; a third of the volume not labelled
+        gt[:, :, 13:] = 255
         pred = (gt == 1).astype(np.uint8)
         gt_path = io.save_nifti(WORK / "gt255.nii.gz", gt, np.eye(4))
         pred_path = io.save_nifti(WORK / "pred255.nii.gz", pred, np.eye(4))
@@ -657,7 +657,7 @@ def cases(p: dict[str, Path]) -> None:
             left = [q.name for q in folder.iterdir() if q.name.startswith(atomic.TEMP_MARK)]
             return f"{said(first)} / phantom {said(second)}; temp left: {left}", lost(before)
 
-    @row("read-only folder: convert / evaluate / predict / rank")
+    @row("read-only folder: convert / evaluate / predict")
     def _():
         with tmpfs(WORK / "ro2", "ro,size=1m") as ok:
             if not ok:
