@@ -388,6 +388,8 @@ def test_cli_predict_then_rank(cli_case, capsys):
     assert "tissue" in capsys.readouterr().err
     assert main([*args[:-1], "0"]) == 0  # filter off
     assert main([*args[:-2], "--image", str(tmp_path / "gone.nii.gz")]) == 2
+    assert "already exists" in capsys.readouterr().err  # the ranking just written is kept
+    assert main([*args[:-2], "--image", str(tmp_path / "gone.nii.gz"), "--overwrite"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

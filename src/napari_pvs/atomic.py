@@ -231,6 +231,23 @@ def fsync_files(paths: Iterable[PathLike]) -> None:
             _fsync_file(Path(path))
 
 
+def sync_files(paths: Iterable[PathLike], folder: PathLike) -> None:
+    """Make ``paths`` (files under ``folder``) durable: one ``syncfs`` of the file system that
+    holds ``folder`` where Linux has it (cheaper than many fsyncs), else an fsync per file."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                if libc.syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+    fsync_files(paths)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

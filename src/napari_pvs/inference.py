@@ -78,6 +78,9 @@ TARGET_CHUNK = 64
 TRIM_EVERY_WINDOWS = 8
 #: Completed chunks that may wait for the writer thread before the network waits for it.
 MAX_PENDING_WRITES = 4
+#: Written chunks are flushed to the disk and marked done in groups of this many (and at the
+#: end, or when a run stops): one sync per group instead of one fsync per chunk file.
+SYNC_EVERY_CHUNKS = 8
 #: Hidden sibling an ``overwrite`` run builds its store under until it is complete.
 OVERWRITE_MARK = f"{atomic.TEMP_MARK}overwrite-"
 
@@ -726,7 +729,7 @@ class Predictor:
     def _write_chunk(
         self, chunk: tuple[int, int, int], plan: WindowPlan, acc: np.ndarray, group: zarr.Group
     ) -> None:
-        """Normalise a gathered chunk, write every output array, then mark the chunk done.
+        """Normalise a gathered chunk and write every output array; mark chunks done in groups.
 
         Runs on the writer thread, one chunk after another, so a chunk is marked done only
         once all its arrays are stored, and compression and storage overlap the network.
@@ -740,9 +743,22 @@ class Predictor:
             measures = uncertainty_from_moments(values[0], values[1], values[2])
             for name in UNCERTAINTY_NAMES:
                 group[name][slices] = measures[name].astype(np.float16)
-        # The chunk's bytes reach the disk before the mark that says it is done.
-        atomic.fsync_files(self._chunk_files(chunk))
-        group[DONE_ARRAY][tuple(slice(c, c + 1) for c in chunk)] = np.ones((1, 1, 1), np.uint8)
+        self._unsynced.append(chunk)
+        if len(self._unsynced) >= SYNC_EVERY_CHUNKS:
+            self._mark_done(group)
+
+    def _mark_done(self, group: zarr.Group) -> None:
+        """Flush the written chunks to the disk, then mark them done: a chunk is never marked
+        done before its bytes are durable (one ``syncfs`` per group of chunks where the system
+        has it, else an fsync per chunk file)."""
+        if not self._unsynced:
+            return
+        chunks, self._unsynced = self._unsynced, []
+        atomic.sync_files(
+            [path for chunk in chunks for path in self._chunk_files(chunk)], self._store_root
+        )
+        for chunk in chunks:
+            group[DONE_ARRAY][tuple(slice(c, c + 1) for c in chunk)] = np.ones((1, 1, 1), np.uint8)
 
     def _chunk_weight(self, plan: WindowPlan, chunk, slices) -> np.ndarray:
         """Sum of the blending weights of the windows covering a chunk.
@@ -839,36 +855,43 @@ class Predictor:
         run = 0
         progress(0, total, "predicting")
         writes: deque[Future] = deque()
-        with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(1) as writer:
-            future = (
-                reader.submit(self._read_windows, src.data, plan, todo[0][1], intensity)
-                if todo
-                else None
-            )
-            for position, (batch_index, windows) in enumerate(todo):
-                check_cancelled(cancel)
-                image = future.result()
-                if position + 1 < len(todo):
-                    future = reader.submit(
-                        self._read_windows, src.data, plan, todo[position + 1][1], intensity
-                    )
-                moments = self._run_batch(image, modality, batch_index)
-                for k, idx in enumerate(windows):
-                    self._accumulate(plan, idx, moments[k], cells, done)
-                if (run + len(windows)) // TRIM_EVERY_WINDOWS > run // TRIM_EVERY_WINDOWS:
-                    trim_heap()
-                run += len(windows)
-                last_rank = plan.rank[windows[-1]]
-                while pending and pending[0][0] <= last_rank:
-                    _, chunk = pending.pop(0)
-                    acc = self._gather_chunk(chunk, plan, cells, n_stats)
-                    writes.append(writer.submit(self._write_chunk, chunk, plan, acc, group))
-                # Collect finished writes (raising their errors); bound what waits to be written.
-                while writes and (writes[0].done() or len(writes) > MAX_PENDING_WRITES):
-                    writes.popleft().result()
-                progress(run, total, "predicting")
-            for write in writes:
-                write.result()
+        self._unsynced: list[tuple[int, int, int]] = []
+        try:
+            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(1) as writer:
+                future = (
+                    reader.submit(self._read_windows, src.data, plan, todo[0][1], intensity)
+                    if todo
+                    else None
+                )
+                for position, (batch_index, windows) in enumerate(todo):
+                    check_cancelled(cancel)
+                    image = future.result()
+                    if position + 1 < len(todo):
+                        future = reader.submit(
+                            self._read_windows, src.data, plan, todo[position + 1][1], intensity
+                        )
+                    moments = self._run_batch(image, modality, batch_index)
+                    for k, idx in enumerate(windows):
+                        self._accumulate(plan, idx, moments[k], cells, done)
+                    if (run + len(windows)) // TRIM_EVERY_WINDOWS > run // TRIM_EVERY_WINDOWS:
+                        trim_heap()
+                    run += len(windows)
+                    last_rank = plan.rank[windows[-1]]
+                    while pending and pending[0][0] <= last_rank:
+                        _, chunk = pending.pop(0)
+                        acc = self._gather_chunk(chunk, plan, cells, n_stats)
+                        writes.append(writer.submit(self._write_chunk, chunk, plan, acc, group))
+                    # Collect finished writes (raising their errors); bound those waiting.
+                    while writes and (writes[0].done() or len(writes) > MAX_PENDING_WRITES):
+                        writes.popleft().result()
+                    progress(run, total, "predicting")
+                for write in writes:
+                    write.result()
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what was written before the stop
+                self._mark_done(group)
+            raise
+        self._mark_done(group)
         if pending:
             raise RuntimeError(f"internal error: {len(pending)} chunks were never completed")
         # Last, and again on every rerun (idempotent): clusters too small to be a PVS go.

@@ -21,6 +21,7 @@ from napari.utils import progress as napari_progress
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QHBoxLayout, QPushButton
 
+from napari_pvs.io import damaged_file_error
 from napari_pvs.progress import Cancelled, CancelToken, ProgressCallback
 
 #: Errors whose message is written for the user (the core's contract); anything else is a bug
@@ -65,8 +66,11 @@ class BackgroundJob(QObject):
                 return "cancelled", None
             except USER_ERRORS as exc:
                 return "error", str(exc)
-            except Exception as exc:  # a bug: say what it was, keep the traceback
-                traceback.print_exc(file=sys.stderr)
+            except Exception as exc:
+                damaged = damaged_file_error(None, exc)  # the CLI's and reader's sentence
+                if damaged is not None:
+                    return "error", str(damaged)
+                traceback.print_exc(file=sys.stderr)  # a bug: say what it was, keep the trace
                 return "error", f"{type(exc).__name__}: {exc}"
 
         self._worker = create_worker(run)
