@@ -244,7 +244,8 @@ def sync_files(paths: Iterable[PathLike], folder: PathLike) -> None:
             finally:
                 os.close(fd)
         except (OSError, AttributeError):
-            pass
+            fsync_files(paths)  # no syncfs here: one fsync per file
+            return
     fsync_files(paths)
 
 
@@ -264,9 +265,8 @@ def fsync_folder(folder: PathLike) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems refuse fsync on folders
+            os.fsync(fd)
     finally:
         os.close(fd)
 
