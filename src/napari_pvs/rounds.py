@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,6 +251,7 @@ def load_snapshot(path: str | Path) -> tuple[list, list]:
     """``(training, validation)`` :class:`~napari_pvs.training.TrainingVolume` lists."""
     import zarr
 
+    from napari_pvs.io import LabelWarning
     from napari_pvs.training import TrainingVolume
 
     root = zarr.open_group(str(path), mode="r")
@@ -260,13 +262,16 @@ def load_snapshot(path: str | Path) -> tuple[list, list]:
         labels = np.asarray(group["labels"][:])
         if not (labels != 255).any():
             continue  # a training box lying wholly inside validation boxes
-        item = TrainingVolume(
-            image=np.asarray(group["image"][:]),
-            labels=labels,
-            modality=info["modality"],
-            name=name,
-            intensity_range=tuple(info["intensity_range"]),
-        )
+        with warnings.catch_warnings():
+            # A reviewed patch without PVS is real background, not a coding mistake.
+            warnings.simplefilter("ignore", LabelWarning)
+            item = TrainingVolume(
+                image=np.asarray(group["image"][:]),
+                labels=labels,
+                modality=info["modality"],
+                name=name,
+                intensity_range=tuple(info["intensity_range"]),
+            )
         (validation if info["split"] == "validation" else train).append(item)
     return train, validation
 
