@@ -174,7 +174,7 @@ def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
     expected = rank_patches(store, n=4, patch=16, strategy="entropy")
     assert panel.ranking == expected and panel.table.rowCount() == len(expected) > 1
     assert panel.table.item(1, 0).text() == "2"
-    assert panel.table.item(1, 4).text() == str(expected[1].predicted_pvs)
+    assert panel.table.item(1, 3).text() == str(expected[1].predicted_pvs)
     assert all(path.exists() for path in panel.ranking_files)
 
     panel.table.selectRow(1)
