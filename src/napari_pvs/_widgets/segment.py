@@ -134,6 +134,7 @@ class SegmentResult:
     pvs_volume_mm3: float
     pvs_count: int | None
     model: str = "default"  # what made it: "v3" (project version) or the checkpoint's name
+    version: int | None = None  # the project's model version, for a project volume
     seconds: float = 0.0
     arrays: tuple[str, ...] = ("probability", "segmentation")
     notes: list[str] = field(default_factory=list)
@@ -228,6 +229,7 @@ def run_segmentation(
         count,
         model=model_name,
         seconds=time.perf_counter() - started,
+        version=request.version,
         arrays=_store_arrays(out),
         notes=notes,
     )
@@ -282,6 +284,7 @@ class SegmentPanel(QWidget):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self.state.project_changed.connect(self._on_layer_changed)
+        self.state.volumes_changed.connect(self._on_layer_changed)
         self.state.versions_changed.connect(self._refresh_versions)
         self.state.settings_changed.connect(self._apply_settings)
         self._refresh_layers()
@@ -498,6 +501,11 @@ class SegmentPanel(QWidget):
         self.device_combo.blockSignals(True)
         self.device_combo.setCurrentText(str(settings["device"]))
         self.device_combo.blockSignals(False)
+        if self.state.project is not None:  # the project's prediction settings
+            self.mc_spin.setValue(int(settings.get("predict_mc", 0)))
+            index = self.tta_combo.findData(int(settings.get("predict_tta", 1)))
+            if index >= 0:
+                self.tta_combo.setCurrentIndex(index)
         if self.standalone:
             self.strategy_combo.setCurrentText(str(settings["strategy"]))
             self.patch_spin.setValue(int(settings["patch"]))
@@ -616,6 +624,11 @@ class SegmentPanel(QWidget):
         except ValueError as exc:
             self._report(str(exc), error=True)
             return False
+        if project is not None:  # what this run uses, every project prediction uses
+            changes = {"predict_mc": request.mc_samples}
+            if request.tta is not None:
+                changes["predict_tta"] = request.tta
+            self.state.update_settings(**changes)
         label = f"v{version}" if version is not None else "new"
         names = self._protect_corrections(self._result_names(layer.name), label)
         if names is None:
@@ -737,7 +750,7 @@ class SegmentPanel(QWidget):
                     names[array], data, "labels", metadata=dict(metadata), **common
                 )
                 layer.metadata.pop(EDITED_KEY, None)
-                layer.brush_size = int(self.state.settings()["brush"])
+                layer.brush_size = int(self.state.settings()["brush_size"])
                 layer.selected_label = 1
                 track_edits(layer)
             elif array == "probability":
@@ -799,7 +812,8 @@ class SegmentPanel(QWidget):
             f"segmented {self._geometry['name']} with model {result.model} -> {result.out}",
             warning=bool(result.notes),
         )
-        if self._volume_id is not None:
+        if self._volume_id is not None and result.version is not None:
+            self.state.pvs_counts[(self._volume_id, result.version)] = result.pvs_count
             self.state.predictions_changed.emit(self._volume_id)
 
     # ---------------------------------------------------------------- ranking (standalone)

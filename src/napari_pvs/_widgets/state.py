@@ -24,16 +24,6 @@ if TYPE_CHECKING:
 
 #: Metadata key naming the project volume id a layer shows.
 VOLUME_KEY = "project_volume"
-#: Settings the workflow keeps per project (``project.update_settings``), with their defaults.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "strategy": "stratified",
-    "patch": 32,
-    "n": 20,
-    "device": "auto",
-    "brush": 1,
-}
-
-
 def _same_path(a: str | Path | None, b: str | Path | None) -> bool:
     if not a or not b:
         return False
@@ -63,6 +53,9 @@ class WorkflowState(QObject):
         self.viewer = viewer
         self.ask: Ask = ask or ask_with_dialog
         self.project: Project | None = None
+        #: PVS counts already computed, by (volume id, model version): Segment fills it, the
+        #: Project step shows it
+        self.pvs_counts: dict[tuple[int, int], int | None] = {}
 
     # ---------------------------------------------------------------- project
     def set_project(self, project: Project | None) -> None:
@@ -70,6 +63,7 @@ class WorkflowState(QObject):
         if self.project is not None and self.project is not project:
             self.project.close()
         self.project = project
+        self.pvs_counts = {}
         self.project_changed.emit()
         self.volumes_changed.emit()
         self.versions_changed.emit()
@@ -89,8 +83,11 @@ class WorkflowState(QObject):
     # ---------------------------------------------------------------- settings
     def settings(self) -> dict[str, Any]:
         """The project's settings over the defaults (the defaults with no project)."""
-        stored = self.project.settings() if self.project is not None else {}
-        return {**DEFAULT_SETTINGS, **{k: v for k, v in stored.items() if v is not None}}
+        if self.project is not None:
+            return self.project.settings()  # the project's, over its defaults
+        from napari_pvs.project import DEFAULT_SETTINGS
+
+        return dict(DEFAULT_SETTINGS)
 
     def update_settings(self, **values: Any) -> None:
         if self.project is not None:
@@ -119,3 +116,26 @@ class WorkflowState(QObject):
             if isinstance(layer, Image) and self.volume_for_layer(layer) == volume:
                 return layer
         return None
+
+    def show_volume(self, volume: VolumeRecord) -> Image:
+        """The volume's image layer, opened with the napari-pvs reader when it is not open.
+
+        The file's own label images come along hidden (they stay out of the way of review).
+        """
+        from napari_pvs import io
+        from napari_pvs._reader import volume_layer_data
+
+        layer = self.layer_for_volume(volume)
+        if layer is None:
+            try:
+                data = volume_layer_data(io.open_volume(volume.path), name=volume.name)
+            except (ValueError, FileNotFoundError) as exc:
+                raise FileNotFoundError(
+                    f"{exc} (was the volume moved? add it again from its new place)"
+                ) from exc
+            layers = [self.viewer.add_layer(Layer.create(*item)) for item in data]
+            for extra in layers[1:]:
+                extra.visible = False
+            layer = layers[0]
+        layer.metadata[VOLUME_KEY] = volume.id
+        return layer

@@ -1,0 +1,308 @@
+"""The workflow's Report step: PVS burden per volume and region, the learning curve, exports.
+
+Thin over the project: ``project.burden`` (off the GUI thread) fills the table, which is
+exported as CSV through :mod:`napari_pvs.atomic`; the learning curve is the validation Dice of
+each round's new version against the round or the number of reviewed patches it was trained
+on (``project.rounds``, ``project.versions``); labels export writes a volume's corrected
+segmentation (reviewed labels over the current version's segmentation) or its reviewed labels
+alone to NIfTI or OME-Zarr through :func:`napari_pvs._writer.save_labels`, asking before it
+replaces anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pvs import atomic
+from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._plots import LivePlot
+from napari_pvs._widgets.state import WorkflowState
+from napari_pvs._widgets.train import validation_dice
+from napari_pvs._writer import existing_label_target, save_labels
+
+BURDEN_COLUMNS = ("volume", "region", "count", "volume_mm3", "model_version")
+EXPORT_KINDS = {
+    "corrected segmentation": "reviewed labels where reviewed, the current model elsewhere",
+    "reviewed labels only": "0/1 where reviewed, 255 where nobody has looked",
+}
+CURVE_AXES = {"round": "round", "reviewed patches": "reviewed patches"}
+
+
+def learning_curve(project) -> dict[str, list[float]]:
+    """Validation Dice of the initial version and of each finished round's new version."""
+    metrics = {v.version: v.metrics for v in project.versions()}
+    points = {"round": [], "reviewed patches": [], "dice": []}
+    first = validation_dice(metrics.get(0, {}))
+    if first is not None:
+        points["round"].append(0)
+        points["reviewed patches"].append(0)
+        points["dice"].append(first)
+    for record in project.rounds():
+        if record.status != "done" or record.new_version is None:
+            continue
+        dice = validation_dice(metrics.get(record.new_version, {}))
+        if dice is None:
+            continue
+        points["round"].append(record.id)
+        points["reviewed patches"].append(len(record.snapshot_annotation_ids))
+        points["dice"].append(dice)
+    return points
+
+
+def corrected_labels(project, vid: int, kind: str) -> np.ndarray:
+    """The labels a volume's export holds (see :data:`EXPORT_KINDS`)."""
+    import zarr
+
+    from napari_pvs.project import UNREVIEWED
+
+    stored = np.asarray(project.labels(vid)["labels"][...])
+    if kind == "reviewed labels only":
+        return stored
+    path = project.prediction_path(vid)
+    if not project.has_prediction(vid):
+        raise ValueError(
+            f"volume {project.volume(vid).name!r} has no prediction of the current version; "
+            "segment it (Segment step) or rank it (Review step) first"
+        )
+    labels = (np.asarray(zarr.open_group(str(path), mode="r")["segmentation"][...]) > 0).astype(
+        np.uint8
+    )
+    reviewed = stored != UNREVIEWED
+    labels[reviewed] = stored[reviewed]
+    return labels
+
+
+class ReportStep(QWidget):
+    """Burden table + CSV, the learning curve, labels export."""
+
+    def __init__(self, state: WorkflowState) -> None:
+        super().__init__()
+        self.state = state
+        self.viewer = state.viewer
+        self.rows: list[dict] = []
+        self.job = BackgroundJob(self)
+        self.job.succeeded.connect(self._on_done)
+        self.job.failed.connect(lambda message: self._report(message, "error"))
+        self.job.cancelled.connect(lambda: self._report("cancelled"))
+        self._job_kind = ""
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self._build_burden_box())
+        layout.addWidget(self._build_curve_box())
+        layout.addWidget(self._build_export_box())
+        self.status_label = status_label()
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+        state.project_changed.connect(self.refresh)
+        state.versions_changed.connect(self.refresh)
+        state.volumes_changed.connect(self._refresh_volumes)
+        self.refresh()
+
+    def _build_burden_box(self) -> QGroupBox:
+        box = QGroupBox("PVS burden")
+        form = QFormLayout(box)
+        row = QHBoxLayout()
+        self.burden_button = QPushButton("Count PVS")
+        self.burden_button.setToolTip(
+            "PVS count and volume per region with the current version (predicts what is missing)"
+        )
+        self.burden_button.clicked.connect(self.compute_burden)
+        self.csv_button = QPushButton("Export CSV…")
+        self.csv_button.clicked.connect(self._browse_csv)
+        row.addWidget(self.burden_button)
+        row.addWidget(self.csv_button)
+        form.addRow(row)
+        self.progress = JobProgress()
+        self.progress.follow(self.job)
+        form.addRow(self.progress)
+        self.table = compact_table(
+            ["volume", "region", "PVS", "mm³"],
+            [
+                "the project volume",
+                "region of the volume's region map ('whole' = the whole volume)",
+                "PVS (26-connected clusters); a PVS counts where most of its voxels are",
+                "PVS volume in mm³",
+            ],
+        )
+        form.addRow(self.table)
+        return box
+
+    def _build_curve_box(self) -> QGroupBox:
+        box = QGroupBox("Learning curve")
+        form = QFormLayout(box)
+        self.curve_axis = QComboBox()
+        self.curve_axis.addItems(list(CURVE_AXES))
+        self.curve_axis.currentTextChanged.connect(lambda _t: self.refresh_curve())
+        form.addRow("Against", self.curve_axis)
+        self.curve = LivePlot(self.viewer, [("dice", "validation Dice")], "round", height=1.8)
+        form.addRow(self.curve)
+        return box
+
+    def _build_export_box(self) -> QGroupBox:
+        box = QGroupBox("Export labels")
+        form = QFormLayout(box)
+        self.volume_combo = QComboBox()
+        form.addRow("Volume", self.volume_combo)
+        self.kind_combo = QComboBox()
+        for index, (kind, tip) in enumerate(EXPORT_KINDS.items()):
+            self.kind_combo.addItem(kind)
+            self.kind_combo.setItemData(index, tip, 3)  # ToolTipRole
+        form.addRow("Labels", self.kind_combo)
+        self.label_name_edit = QLineEdit("pvs_corrected")
+        self.label_name_edit.setToolTip("Name under labels/ when exporting into an OME-Zarr")
+        form.addRow("Name", self.label_name_edit)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip("NIfTI (.nii.gz) or OME-Zarr (.zarr: new, or the image's)")
+        self.export_button.clicked.connect(self._browse_export)
+        form.addRow(self.export_button)
+        return box
+
+    # ---------------------------------------------------------------- state
+    def _report(self, message: str, level: str = "info") -> None:
+        notify(self.status_label, message, level)
+
+    def refresh(self) -> None:
+        open_ = self.state.project is not None
+        for widget in (self.burden_button, self.csv_button, self.export_button):
+            widget.setEnabled(open_)
+        self._refresh_volumes()
+        self.refresh_curve()
+
+    def _refresh_volumes(self) -> None:
+        project = self.state.project
+        self.volume_combo.clear()
+        for volume in project.volumes() if project is not None else []:
+            self.volume_combo.addItem(volume.name, volume.id)
+
+    def refresh_curve(self) -> dict[str, list[float]]:
+        project = self.state.project
+        points = learning_curve(project) if project is not None else {
+            "round": [], "reviewed patches": [], "dice": []}  # fmt: skip
+        axis = self.curve_axis.currentText()
+        self.curve.axes[-1].set_xlabel(CURVE_AXES[axis])
+        self.curve.set_series("dice", points[axis], points["dice"])
+        return points
+
+    # ---------------------------------------------------------------- burden
+    def compute_burden(self) -> bool:
+        project = self.state.project
+        if project is None:
+            self._report("open a project first (Project step)", "error")
+            return False
+        if self.job.is_running():
+            self._report("a count or export is already running", "error")
+            return False
+        self._job_kind = "burden"
+
+        def work(progress, cancel):
+            return project.burden(progress=progress, cancel=cancel)
+
+        return self.job.start(work, "Counting PVS per region")
+
+    def _show_burden(self, rows: list[dict]) -> None:
+        self.rows = rows
+        fill_table(
+            self.table,
+            [[r["volume"], r["region"], r["count"], f"{r['volume_mm3']:.1f}"] for r in rows],
+        )
+        volumes = {r["volume"] for r in rows}
+        self._report(f"counted PVS in {len(volumes)} volume(s) with model v"
+                     f"{rows[0]['model_version'] if rows else '?'}")  # fmt: skip
+
+    def burden_csv(self) -> str:
+        buffer = _io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(BURDEN_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+    def export_csv(self, path: str | Path) -> Path | None:
+        """Write the burden table (count first if needed) as CSV, asking before replacing."""
+        if not self.rows:
+            self._report("press Count PVS first: the table is empty", "error")
+            return None
+        path = Path(path)
+        if path.exists() and self.state.ask(
+            self, "Replace file?", f"{path} exists. Replace it?", ["Replace", "Cancel"]
+        ) != "Replace":
+            self._report(f"not saved: {path} is unchanged")
+            return None
+        try:
+            atomic.write_text(path, self.burden_csv())
+        except OSError as exc:
+            self._report(f"could not write {path}: {exc}", "error")
+            return None
+        self._report(f"saved the burden table to {path}")
+        return path
+
+    def _browse_csv(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export PVS burden", "pvs_burden.csv", "CSV (*.csv)",
+            options=QFileDialog.Option.DontConfirmOverwrite,
+        )  # fmt: skip
+        if path:
+            self.export_csv(path)
+
+    # ---------------------------------------------------------------- labels export
+    def export_labels(self, path: str | Path) -> bool:
+        """Export the chosen volume's labels to ``path`` in the background; asks first when it
+        would replace a file or a label image."""
+        project = self.state.project
+        vid = self.volume_combo.currentData()
+        if project is None or vid is None:
+            self._report("open a project with a volume first (Project step)", "error")
+            return False
+        if self.job.is_running():
+            self._report("a count or export is already running", "error")
+            return False
+        path, name = Path(path), self.label_name_edit.text().strip() or "pvs_corrected"
+        replaced = existing_label_target(path, name)
+        if replaced is not None and self.state.ask(
+            self, "Replace labels?", f"Exporting replaces {replaced}. Replace it?",
+            ["Replace", "Cancel"],
+        ) != "Replace":  # fmt: skip
+            self._report(f"not exported: {replaced} is unchanged")
+            return False
+        kind = self.kind_combo.currentText()
+        volume = project.open_volume(int(vid))
+        meta = {"name": name, "metadata": {"affine": np.asarray(volume.affine)},
+                "scale": tuple(volume.spacing)}  # fmt: skip
+        self._job_kind = "export"
+
+        def work(progress, cancel):
+            progress(0, 0, "building the labels")
+            labels = corrected_labels(project, int(vid), kind)
+            progress(0, 0, f"writing {path.name}")
+            return save_labels(path, labels, meta)
+
+        return self.job.start(work, f"Exporting {kind}")
+
+    def _browse_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export labels", "", "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)",
+            options=QFileDialog.Option.DontConfirmOverwrite,
+        )  # fmt: skip
+        if path:
+            self.export_labels(path)
+
+    def _on_done(self, value) -> None:
+        if self._job_kind == "burden":
+            self._show_burden(value)
+        else:
+            self._report(f"exported labels to {value}")
