@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import dask.array as da
 import nibabel as nib
 import numpy as np
 import pytest
@@ -247,3 +248,184 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
     # the Project step lists what was reviewed
     assert step.table.item(0, 2).text() == "3"
+
+    # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
+    train = workflow.train_step
+    train.steps_spin.setValue(4)
+    train.batch_spin.setValue(1)
+    train.patch_spin.setValue(12)
+    train.device_combo.setCurrentText("cpu")
+    with Heartbeat() as beat:
+        train.start_button.click()
+        assert train.is_running() and not train.start_button.isEnabled()
+        qtbot.waitUntil(lambda: train.outcome is not None, timeout=180000)
+        wait(qtbot, seg.is_running)  # the new version's layers replace the old ones
+    assert train.outcome["kind"] == "done", train.outcome
+    assert beat.longest < 0.2, f"the GUI waited {beat.longest * 1000:.0f} ms during a round"
+    assert project.current_version().version == 1
+    assert train.versions_table.rowCount() == 2
+    assert train.versions_table.item(1, 0).text() == "v1*"
+    assert train.versions_table.item(1, 1).text() == "v0"
+    loss_steps, losses = train.plot.series("loss")
+    assert loss_steps and loss_steps[-1] == 4 and all(np.isfinite(losses))
+    assert train.plot.series("dice")[0], "validation Dice was plotted"
+    assert "v1" in train.status_label.text()
+    # the queue and the Segment step follow the new version
+    assert {p.model_version for p in review.queue.patches if p.status == "new"} == {1}
+    assert seg.version_combo.currentText() == "v1 (current)"
+    assert segmentation.metadata["model_version"] == "v1"
+    assert segmentation.metadata["prediction"] == str(project.prediction_path(vid, 1))
+
+    # -- compare, roll back (nothing deleted), roll forward
+    train.versions_table.selectAll()
+    rows = train.compare()
+    assert [r["version"] for r in rows] == [0, 1] and "v1:" in train.compare_label.text()
+    train.versions_table.clearSelection()
+    train.versions_table.selectRow(0)
+    train.rollback_button.click()
+    assert project.current_version().version == 0
+    assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
+
+    # -- Report: the burden table and its CSV, the learning curve, labels export
+    report = workflow.report_step
+    report.burden_button.click()
+    wait(qtbot, report.job.is_running)
+    expected = project.burden()
+    assert report.table.rowCount() == len(expected) > 1
+    assert report.table.item(0, 2).text() == str(expected[0]["count"])
+    csv_path = report.export_csv(tmp_path / "burden.csv")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "volume,region,count,volume_mm3,model_version" and len(lines) == 1 + len(
+        expected
+    )
+    assert report.export_csv(csv_path) is None  # exists: the policy says Cancel
+    assert "Replace" in workflow.answers.asked[-1][1]
+    report.curve_axis.setCurrentText("reviewed patches")
+    curve = report.refresh_curve()
+    assert curve["reviewed patches"][-1] == 3 and len(curve["dice"]) >= 1
+    report.volume_combo.setCurrentIndex(report.volume_combo.findData(vid))
+    target = tmp_path / "corrected.nii.gz"
+    assert report.export_labels(target)
+    wait(qtbot, report.job.is_running)
+    exported = np.asarray(nib.load(str(target)).dataobj)
+    reviewed = np.asarray(project.labels(vid)["labels"][...])
+    prediction = zarr.open_group(str(project.prediction_path(vid, 0)), mode="r")["segmentation"]
+    want = np.where(reviewed != 255, reviewed, np.asarray(prediction[...]) > 0)
+    np.testing.assert_array_equal(exported, want)
+    before = target.stat().st_mtime_ns
+    assert not report.export_labels(target)  # asks; the policy keeps the file
+    assert target.stat().st_mtime_ns == before
+
+
+class Heartbeat:
+    """A 50 ms QTimer; ``longest`` is the longest wait between two of its ticks (s)."""
+
+    def __enter__(self):
+        self.longest, self._last = 0.0, time.perf_counter()
+        self.timer = QTimer()
+        self.timer.timeout.connect(self._tick)
+        self.timer.start(50)
+        return self
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self._last)
+        self._last = now
+
+    def __exit__(self, *exc) -> None:
+        self.timer.stop()
+
+
+def test_heartbeat_during_prediction_and_result_layers(workflow, qtbot, tmp_path, scans):
+    """Prediction in its thread, the PVS count, then five result layers one turn apiece."""
+    image = open_scan(workflow, scans[1])
+    seg = workflow.segment_step
+    seg.model_edit.setText("default")
+    seg.mc_spin.setValue(2)
+    seg.output_edit.setText(str(tmp_path / "beat.zarr"))
+    with Heartbeat() as beat:
+        segment(workflow, qtbot, image)
+    assert set(seg.result_layers) == {"segmentation", "probability", "entropy",
+                                      "mutual_information", "variance"}  # fmt: skip
+    assert beat.longest < 0.2, f"the GUI waited {beat.longest * 1000:.0f} ms"
+
+
+def test_resegment_never_overwrites_painted_corrections(workflow, qtbot, tmp_path, checkpoint,
+                                                        scans):  # fmt: skip
+    image = open_scan(workflow, scans[0])
+    seg = workflow.segment_step
+    seg.model_edit.setText(str(checkpoint))
+    seg.output_edit.setText(str(tmp_path / "scan.zarr"))
+    segment(workflow, qtbot, image)
+    layer = seg.result_layers["segmentation"]
+    assert isinstance(layer.data, da.Array)
+    layer.paint((20, 20, 20), 1)
+    corrected = np.asarray(layer.data).copy()
+    seg.overwrite_check.setChecked(True)
+    assert not seg.segment()  # the policy answers Cancel: nothing starts, nothing changes
+    assert "corrections you painted" in workflow.answers.asked[-1][0]
+    workflow.answers.queue = ["New layers"]
+    assert seg.segment()
+    wait(qtbot, seg.is_running)
+    assert layer in workflow.viewer.layers and isinstance(layer.data, np.ndarray)
+    np.testing.assert_array_equal(layer.data, corrected)  # a copy kept before the rewrite
+    fresh = seg.result_layers["segmentation"]
+    assert fresh is not layer and fresh.name.endswith("(new)")
+    assert "ranked patch" not in workflow.viewer.layers
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (1280, 800)])
+def test_layout_keeps_the_canvas_and_fits_the_screen(workflow, qtbot, size):
+    window = workflow.viewer.window._qt_window
+    window.resize(*size)
+    window.show()
+    qtbot.waitExposed(window)
+    qtbot.wait(50)
+    canvas = workflow.viewer.window._qt_viewer.canvas.native
+    if size[0] == 1920:
+        assert canvas.width() >= 0.6 * window.width(), (canvas.width(), window.width())
+    # every step fits the window's height (its page scrolls), none is wider than the dock
+    for index in range(workflow.tabs.count()):
+        workflow.tabs.setCurrentIndex(index)
+        qtbot.wait(10)
+        page = workflow.tabs.widget(index)
+        assert page.height() <= window.height()
+        assert page.widget().width() <= page.viewport().width()
+    assert workflow.width() <= 1.6 * 340
+
+
+def test_bad_input_comes_as_clear_messages(workflow, tmp_path):
+    step = workflow.project_step
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("not a project")
+    step.folder_edit.setText(str(tmp_path / "stuff"))
+    assert not step.open_project()
+    assert "stuff" in step.status_label.text()
+    assert not step.create_project() and "already holds" in step.status_label.text()
+    review = workflow.review_step
+    assert not review.rank() and "Project step" in review.status_label.text()
+    assert not workflow.train_step.start() and "open a project" in (
+        workflow.train_step.status_label.text()
+    )
+
+
+def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, scans, tmp_path):
+    import shutil
+
+    path = shutil.copytree(scans[0], tmp_path / "copy.zarr")
+    viewer = make_napari_viewer()
+    answers = Answers()
+    panel = VolumePanel(viewer, ask=answers)
+    viewer.window.add_dock_widget(panel)
+    panel.path_edit.setText(str(path))
+    panel.open_path()
+    assert panel.labels_combo.currentText() == "copy pvs"  # not the hidden region map
+    truth = io.open_labels(path, "pvs").data.compute()
+    viewer.add_labels(np.zeros(SHAPE, np.uint8), name="edits", scale=(SPACING,) * 3)
+    panel.labels_combo.setCurrentText("edits")
+    assert panel.save_labels_to_volume() is None  # the policy says Cancel
+    assert "labels/pvs" in answers.asked[-1][0]
+    np.testing.assert_array_equal(io.open_labels(path, "pvs").data.compute(), truth)
+    answers.queue = ["Replace"]
+    assert panel.save_labels_to_volume() is not None
+    assert not io.open_labels(path, "pvs").data.compute().any()

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.theme import get_theme
+from qtpy.QtCore import QTimer
 
 if TYPE_CHECKING:
     import napari
 
 SERIES_COLOURS = ("#e6a23c", "#5dade2", "#58d68d", "#ec7063")
+#: At most one redraw per this many ms: a draw costs 50-100 ms of GUI time on 2 busy cores.
+REDRAW_MS = 1000
 
 
 class LivePlot(FigureCanvasQTAgg):
@@ -32,7 +35,10 @@ class LivePlot(FigureCanvasQTAgg):
     ) -> None:
         theme = get_theme(viewer.theme)
         text, background = theme.text.as_hex(), theme.background.as_hex()
-        figure = Figure(figsize=(3.2, height), dpi=100, facecolor=background, layout="constrained")
+        # fixed margins: a constrained layout re-measures every tick label on each draw
+        # (hundreds of ms on 2 cores), which the heartbeat would feel
+        figure = Figure(figsize=(3.2, height), dpi=100, facecolor=background)
+        figure.subplots_adjust(left=0.2, right=0.96, top=0.97, bottom=0.16, hspace=0.12)
         super().__init__(figure)
         self.axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
         self.lines = {}
@@ -40,11 +46,16 @@ class LivePlot(FigureCanvasQTAgg):
             axis.set_facecolor(background)
             axis.set_ylabel(ylabel, color=text, fontsize=8)
             axis.tick_params(colors=text, labelsize=7)
+            axis.locator_params(nbins=4)  # few ticks: each is text to lay out on every draw
             for spine in axis.spines.values():
                 spine.set_color(text)
             (self.lines[name],) = axis.plot([], [], color=colour, marker=".", linewidth=1.2)
         self.axes[-1].set_xlabel(xlabel, color=text, fontsize=8)
         self.setMinimumHeight(int(height * 70))
+        self._redraw = QTimer(self)
+        self._redraw.setSingleShot(True)
+        self._redraw.setInterval(REDRAW_MS)
+        self._redraw.timeout.connect(self.draw_idle)
 
     def set_series(self, name: str, x: Sequence[float], y: Sequence[float]) -> None:
         line = self.lines[name]
@@ -52,6 +63,12 @@ class LivePlot(FigureCanvasQTAgg):
         axis = line.axes
         axis.relim()
         axis.autoscale_view()
+        if not self._redraw.isActive():  # coalesce: one draw per REDRAW_MS at most
+            self._redraw.start()
+
+    def flush(self) -> None:
+        """Draw what is pending at the next event-loop turn (a round's last point)."""
+        self._redraw.stop()
         self.draw_idle()
 
     def clear(self) -> None:

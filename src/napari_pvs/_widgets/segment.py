@@ -286,6 +286,7 @@ class SegmentPanel(QWidget):
         self.state.project_changed.connect(self._on_layer_changed)
         self.state.volumes_changed.connect(self._on_layer_changed)
         self.state.versions_changed.connect(self._refresh_versions)
+        self.state.versions_changed.connect(self._follow_current_version)
         self.state.settings_changed.connect(self._apply_settings)
         self._refresh_layers()
         self._apply_settings()
@@ -333,11 +334,11 @@ class SegmentPanel(QWidget):
             lambda text: self.state.update_settings(device=text)
         )
         form.addRow("Device", self.device_combo)
-        self.uncertainty_check = QCheckBox("Uncertainty layers (hidden until shown)")
+        self.uncertainty_check = QCheckBox("Uncertainty layers")
         self.uncertainty_check.setChecked(True)
         self.uncertainty_check.setToolTip(
-            "Add entropy / mutual information / variance layers when the run has them "
-            "(MC samples or test-time flips)"
+            "Add entropy / mutual information / variance layers (hidden until shown) when the "
+            "run has them (MC samples or test-time flips)"
         )
         form.addRow(self.uncertainty_check)
 
@@ -376,7 +377,10 @@ class SegmentPanel(QWidget):
         row.addWidget(self.output_edit, 1)
         row.addWidget(self.output_button)
         adv.addRow("Output", self.output_row)
-        self.overwrite_check = QCheckBox("Overwrite a prediction made with other settings")
+        self.overwrite_check = QCheckBox("Overwrite")
+        self.overwrite_check.setToolTip(
+            "Replace a prediction store made with other settings (otherwise it is refused)"
+        )
         adv.addRow(self.overwrite_check)
         self.advanced = collapsed("Advanced", advanced)
         form.addRow(self.advanced)
@@ -495,6 +499,23 @@ class SegmentPanel(QWidget):
             label = f"v{version.version}" + (" (current)" if version.version == current else "")
             self.version_combo.addItem(label, version.version)
         self.version_combo.setCurrentIndex(max(0, self.version_combo.findData(current)))
+
+    def _follow_current_version(self) -> None:
+        """After a round or a roll back: show the current version's prediction of the volume
+        whose result is on screen, when it has one (a finished store: nothing is recomputed)."""
+        project, result = self.state.project, self.result
+        if project is None or result is None or result.version is None or self.is_running():
+            return
+        layer = find_layer(self.viewer, self._geometry.get("name", ""))
+        volume = self.state.volume_for_layer(layer)
+        current = project.current_version().version
+        if volume is None or current == result.version or not project.has_prediction(
+            volume.id, current
+        ):
+            return
+        self.layer_combo.setCurrentText(layer.name)
+        self.version_combo.setCurrentIndex(max(0, self.version_combo.findData(current)))
+        self.segment()
 
     def _apply_settings(self) -> None:
         settings = self.state.settings()

@@ -11,6 +11,7 @@ the other steps hear ``versions_changed`` / ``predictions_changed`` / ``queue_ch
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from qtpy.QtCore import QTimer
@@ -33,6 +34,7 @@ from napari_pvs._widgets._common import collapsed, compact_table, fill_table, no
 from napari_pvs._widgets._jobs import JobProgress
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.rounds import RoundConfig, start_round
 
 #: How often round events are drained (ms): a few Hz keeps the plot live and the GUI idle.
 POLL_MS = 200
@@ -61,6 +63,11 @@ class TrainStep(QWidget):
         self.handle = None
         self.events: list[dict] = []
         self.outcome: dict | None = None
+        # start_round and handle.poll run here, one at a time, never on the GUI thread
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-pvs-round")
+        self._pending: Future | None = None
+        self._starting = False
+        self._cancel_asked = False
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -112,9 +119,11 @@ class TrainStep(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICE_CHOICES)
         adv.addRow("Device", self.device_combo)
-        self.scratch_check = QCheckBox("From scratch (not from the current version)")
+        self.scratch_check = QCheckBox("From scratch")
+        self.scratch_check.setToolTip("Train a fresh model instead of the current version")
         adv.addRow(self.scratch_check)
-        self.rerank_check = QCheckBox("Predict and re-rank with the new version")
+        self.rerank_check = QCheckBox("Re-rank after the round")
+        self.rerank_check.setToolTip("Predict every volume with the new version and re-rank")
         self.rerank_check.setChecked(True)
         adv.addRow(self.rerank_check)
         form.addRow(collapsed("Advanced", advanced))
@@ -191,7 +200,8 @@ class TrainStep(QWidget):
         )
 
     def is_running(self) -> bool:
-        return self.handle is not None and bool(self.handle.running)
+        """A round starting or running (until its outcome is in the ledger)."""
+        return self._starting or (self.handle is not None and bool(self.handle.running))
 
     def refresh_versions(self) -> None:
         project = self.state.project
@@ -224,9 +234,7 @@ class TrainStep(QWidget):
         return [versions[r].version for r in rows if r < len(versions)]
 
     # ---------------------------------------------------------------- a round
-    def config(self):
-        from napari_pvs.rounds import RoundConfig
-
+    def config(self) -> RoundConfig:
         return RoundConfig(
             steps=self.steps_spin.value(),
             batch_size=self.batch_spin.value(),
@@ -239,9 +247,7 @@ class TrainStep(QWidget):
         )
 
     def start(self) -> bool:
-        """Start a round in its worker process; its events are drained by the poll timer."""
-        from napari_pvs.rounds import start_round
-
+        """Start a round: the snapshot is frozen and the worker spawned off the GUI thread."""
         project = self.state.project
         if project is None:
             self._report("open a project first (Project step)", "error")
@@ -250,34 +256,64 @@ class TrainStep(QWidget):
             self._report("a round is already running; cancel it or wait", "error")
             return False
         try:
-            self.handle = start_round(project, self.config())
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            self._report(f"{exc}", "error")
+            config = self.config()
+        except ValueError as exc:
+            self._report(str(exc), "error")
             return False
-        self.events, self.outcome = [], None
+        self.handle, self.events, self.outcome = None, [], None
         self._loss: tuple[list[int], list[float]] = ([], [])
         self._dice: tuple[list[int], list[float]] = ([], [])
+        self._cancel_asked = False
         self.plot.clear()
-        self.progress.begin("starting the worker…")
+        self.progress.begin("freezing the snapshot, starting the worker…")
         self.start_button.setEnabled(False)
-        self._report("round started")
+        self._starting = True
+        self._pending = self._executor.submit(start_round, project, config)
+        self._report("round starting")
         self.timer.start()
         return True
 
     def cancel(self) -> None:
+        self._cancel_asked = True
         if self.handle is not None and self.handle.running:
             self.handle.cancel()
-            self.status_label.setText("cancelling the round…")
+        self.status_label.setText("cancelling the round…")
 
     def poll(self) -> None:
-        """Drain the round's events (GUI thread, a few times a second)."""
-        if self.handle is None:
-            self.timer.stop()
+        """Take the round's events (a QTimer tick on the GUI thread, a few times a second).
+
+        ``handle.poll()`` itself runs on a helper thread: when the worker finishes it commits
+        the round and joins the worker process, which takes seconds; the GUI only ever picks
+        up finished results here.
+        """
+        pending = self._pending
+        if pending is not None and not pending.done():
             return
-        try:
-            events = self.handle.poll()
-        except (ValueError, OSError) as exc:
-            events = [{"kind": "failed", "message": str(exc)}]
+        self._pending = None
+        if pending is not None:
+            try:
+                value = pending.result()
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                value = [{"kind": "failed", "message": str(exc)}]
+            except Exception as exc:  # a bug: name it, keep the GUI alive
+                value = [{"kind": "failed", "message": f"{type(exc).__name__}: {exc}"}]
+            if self._starting:
+                self._starting = False
+                if isinstance(value, list):  # start_round raised
+                    self._take(value)
+                    return
+                self.handle = value
+                self.progress.detail.setText(f"round {value.round}: worker started")
+                if self._cancel_asked:
+                    value.cancel()
+            else:
+                self._take(value)
+        if self.outcome is None and self.handle is not None:
+            self._pending = self._executor.submit(self.handle.poll)
+        elif self.outcome is not None:
+            self.timer.stop()
+
+    def _take(self, events: list[dict]) -> None:
         loss_changed = dice_changed = False
         for event in events:
             self.events.append(event)
@@ -293,15 +329,14 @@ class TrainStep(QWidget):
                 self._dice[0].append(int(event["step"]))
                 self._dice[1].append(float(event["dice"]))
                 dice_changed = True
-            elif kind in ("done", "failed", "cancelled"):
+            elif kind in ("done", "failed", "cancelled") and self.outcome is None:
                 self._finish(event)
         if loss_changed:
             self.plot.set_series("loss", *self._loss)
         if dice_changed:
             self.plot.set_series("dice", *self._dice)
-        if self.outcome is None and self.handle is not None and not self.handle.running:
-            # the worker ended without a final event (killed): say so, once
-            self._finish({"kind": "failed", "message": "the round's worker process ended"})
+        if self.outcome is not None:
+            self.plot.flush()
 
     def _finish(self, event: dict) -> None:
         self.timer.stop()
@@ -331,11 +366,18 @@ class TrainStep(QWidget):
     def teardown(self) -> None:
         """Stop polling and cancel a running round (its worker must not outlive the viewer)."""
         self.timer.stop()
+        self._cancel_asked = True
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                value = self._pending.result(timeout=60)
+                if self._starting:
+                    self.handle = value
         if self.handle is not None and self.handle.running:
             self.handle.cancel()
             # the worker is going anyway; the parent must not hang on it
             with contextlib.suppress(Exception):
                 self.handle.wait(timeout=30)
+        self._executor.shutdown(wait=False)
 
     # ---------------------------------------------------------------- versions
     def compare(self) -> list[dict]:
