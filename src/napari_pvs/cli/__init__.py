@@ -17,6 +17,8 @@ from napari_pvs import __version__
 from napari_pvs.cli._common import UserError
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
+from napari_pvs.cli.project import add_project
+from napari_pvs.cli.rounds import add_round
 from napari_pvs.cli.train import add_train
 from napari_pvs.cli.volumes import add_convert, add_evaluate, add_frangi, add_phantom
 
@@ -32,6 +34,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_frangi,
     add_predict,
     add_rank,
+    add_project,
+    add_round,
 ]
 
 
