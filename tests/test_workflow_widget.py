@@ -303,18 +303,16 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     report.curve_axis.setCurrentText("reviewed patches")
     curve = report.refresh_curve()
     assert curve["reviewed patches"][-1] == 3 and len(curve["dice"]) >= 1
-    report.volume_combo.setCurrentIndex(report.volume_combo.findData(vid))
-    target = tmp_path / "corrected.nii.gz"
-    assert report.export_labels(target)
+    assert report.export()  # into the project's exports/v0, NIfTI
     wait(qtbot, report.job.is_running)
-    exported = np.asarray(nib.load(str(target)).dataobj)
-    reviewed = np.asarray(project.labels(vid)["labels"][...])
-    prediction = zarr.open_group(str(project.prediction_path(vid, 0)), mode="r")["segmentation"]
-    want = np.where(reviewed != 255, reviewed, np.asarray(prediction[...]) > 0)
-    np.testing.assert_array_equal(exported, want)
-    before = target.stat().st_mtime_ns
-    assert not report.export_labels(target)  # asks; the policy keeps the file
-    assert target.stat().st_mtime_ns == before
+    folder = project.path / "exports" / "v0"
+    assert report.exported["folder"] == folder
+    exported = np.asarray(nib.load(str(folder / "sub-01_T2w_labels.nii.gz")).dataobj)
+    np.testing.assert_array_equal(exported, np.asarray(project.labels(vid)["labels"][...]))
+    before = (folder / "burden.csv").stat().st_mtime_ns
+    assert not report.export()  # exists: asked, the policy keeps it
+    assert "Replace" in workflow.answers.asked[-1][1]
+    assert (folder / "burden.csv").stat().st_mtime_ns == before
 
 
 class Heartbeat:

@@ -3,10 +3,9 @@
 Thin over the project: ``project.burden`` (off the GUI thread) fills the table, which is
 exported as CSV through :mod:`napari_pvs.atomic`; the learning curve is the validation Dice of
 each round's new version against the round or the number of reviewed patches it was trained
-on (``project.rounds``, ``project.versions``); labels export writes a volume's corrected
-segmentation (reviewed labels over the current version's segmentation) or its reviewed labels
-alone to NIfTI or OME-Zarr through :func:`napari_pvs._writer.save_labels`, asking before it
-replaces anything.
+on (``project.rounds``, ``project.versions``); the export is ``project.export`` (every
+volume's reviewed labels and current segmentation as NIfTI or OME-Zarr, the burden and the
+annotation provenance as CSV), asking before it replaces an earlier export.
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ import csv
 import io as _io
 from pathlib import Path
 
-import numpy as np
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLineEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -34,13 +31,9 @@ from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
 from napari_pvs._widgets.train import validation_dice
-from napari_pvs._writer import existing_label_target, save_labels
 
 BURDEN_COLUMNS = ("volume", "region", "count", "volume_mm3", "model_version")
-EXPORT_KINDS = {
-    "corrected segmentation": "reviewed labels where reviewed, the current model elsewhere",
-    "reviewed labels only": "0/1 where reviewed, 255 where nobody has looked",
-}
+EXPORT_FORMATS = {"NIfTI": "nifti", "OME-Zarr": "ome-zarr"}
 CURVE_AXES = {"round": "round", "reviewed patches": "reviewed patches"}
 
 
@@ -65,29 +58,6 @@ def learning_curve(project) -> dict[str, list[float]]:
     return points
 
 
-def corrected_labels(project, vid: int, kind: str) -> np.ndarray:
-    """The labels a volume's export holds (see :data:`EXPORT_KINDS`)."""
-    import zarr
-
-    from napari_pvs.project import UNREVIEWED
-
-    stored = np.asarray(project.labels(vid)["labels"][...])
-    if kind == "reviewed labels only":
-        return stored
-    path = project.prediction_path(vid)
-    if not project.has_prediction(vid):
-        raise ValueError(
-            f"volume {project.volume(vid).name!r} has no prediction of the current version; "
-            "segment it (Segment step) or rank it (Review step) first"
-        )
-    labels = (np.asarray(zarr.open_group(str(path), mode="r")["segmentation"][...]) > 0).astype(
-        np.uint8
-    )
-    reviewed = stored != UNREVIEWED
-    labels[reviewed] = stored[reviewed]
-    return labels
-
-
 class ReportStep(QWidget):
     """Burden table + CSV, the learning curve, labels export."""
 
@@ -96,6 +66,7 @@ class ReportStep(QWidget):
         self.state = state
         self.viewer = state.viewer
         self.rows: list[dict] = []
+        self.exported: dict | None = None
         self.job = BackgroundJob(self)
         self.job.succeeded.connect(self._on_done)
         self.job.failed.connect(lambda message: self._report(message, "error"))
@@ -111,7 +82,6 @@ class ReportStep(QWidget):
         layout.addStretch(1)
         state.project_changed.connect(self.refresh)
         state.versions_changed.connect(self.refresh)
-        state.volumes_changed.connect(self._refresh_volumes)
         self.refresh()
 
     def _build_burden_box(self) -> QGroupBox:
@@ -157,18 +127,18 @@ class ReportStep(QWidget):
     def _build_export_box(self) -> QGroupBox:
         box = QGroupBox("Export labels")
         form = QFormLayout(box)
-        self.volume_combo = QComboBox()
-        form.addRow("Volume", self.volume_combo)
-        self.kind_combo = QComboBox()
-        for index, (kind, tip) in enumerate(EXPORT_KINDS.items()):
-            self.kind_combo.addItem(kind)
-            self.kind_combo.setItemData(index, tip, 3)  # ToolTipRole
-        form.addRow("Labels", self.kind_combo)
-        self.label_name_edit = QLineEdit("pvs_corrected")
-        self.label_name_edit.setToolTip("Name under labels/ when exporting into an OME-Zarr")
-        form.addRow("Name", self.label_name_edit)
-        self.export_button = QPushButton("Export…")
-        self.export_button.setToolTip("NIfTI (.nii.gz) or OME-Zarr (.zarr: new, or the image's)")
+        self.format_combo = QComboBox()
+        self.format_combo.addItems(list(EXPORT_FORMATS))
+        self.format_combo.setToolTip(
+            "NIfTI: <volume>_labels.nii.gz (0/1, 255 = not reviewed) and <volume>_pvs.nii.gz; "
+            "OME-Zarr: <volume>.ome.zarr with labels/annotations and labels/pvs"
+        )
+        form.addRow("Format", self.format_combo)
+        self.export_button = QPushButton("Export project…")
+        self.export_button.setToolTip(
+            "Every volume's reviewed labels and current segmentation, burden.csv and "
+            "annotations.csv, into a new folder (default: the project's exports/v<N>)"
+        )
         self.export_button.clicked.connect(self._browse_export)
         form.addRow(self.export_button)
         return box
@@ -181,14 +151,7 @@ class ReportStep(QWidget):
         open_ = self.state.project is not None
         for widget in (self.burden_button, self.csv_button, self.export_button):
             widget.setEnabled(open_)
-        self._refresh_volumes()
         self.refresh_curve()
-
-    def _refresh_volumes(self) -> None:
-        project = self.state.project
-        self.volume_combo.clear()
-        for volume in project.volumes() if project is not None else []:
-            self.volume_combo.addItem(volume.name, volume.id)
 
     def refresh_curve(self) -> dict[str, list[float]]:
         project = self.state.project
@@ -259,50 +222,46 @@ class ReportStep(QWidget):
         if path:
             self.export_csv(path)
 
-    # ---------------------------------------------------------------- labels export
-    def export_labels(self, path: str | Path) -> bool:
-        """Export the chosen volume's labels to ``path`` in the background; asks first when it
-        would replace a file or a label image."""
+    # ---------------------------------------------------------------- export
+    def export(self, folder: str | Path | None = None) -> bool:
+        """``project.export`` into ``folder`` (default ``exports/v<N>``) in the background;
+        asks before replacing an earlier export there."""
         project = self.state.project
-        vid = self.volume_combo.currentData()
-        if project is None or vid is None:
-            self._report("open a project with a volume first (Project step)", "error")
+        if project is None:
+            self._report("open a project first (Project step)", "error")
             return False
         if self.job.is_running():
             self._report("a count or export is already running", "error")
             return False
-        path, name = Path(path), self.label_name_edit.text().strip() or "pvs_corrected"
-        replaced = existing_label_target(path, name)
-        if replaced is not None and self.state.ask(
-            self, "Replace labels?", f"Exporting replaces {replaced}. Replace it?",
-            ["Replace", "Cancel"],
-        ) != "Replace":  # fmt: skip
-            self._report(f"not exported: {replaced} is unchanged")
-            return False
-        kind = self.kind_combo.currentText()
-        volume = project.open_volume(int(vid))
-        meta = {"name": name, "metadata": {"affine": np.asarray(volume.affine)},
-                "scale": tuple(volume.spacing)}  # fmt: skip
+        version = project.current_version().version
+        out = Path(folder) if folder else project.path / "exports" / f"v{version}"
+        overwrite = False
+        if out.exists():
+            if self.state.ask(
+                self, "Replace export?", f"{out} exists. Replace it with a new export?",
+                ["Replace", "Cancel"],
+            ) != "Replace":  # fmt: skip
+                self._report(f"not exported: {out} is unchanged")
+                return False
+            overwrite = True
+        fmt = EXPORT_FORMATS[self.format_combo.currentText()]
         self._job_kind = "export"
 
         def work(progress, cancel):
-            progress(0, 0, "building the labels")
-            labels = corrected_labels(project, int(vid), kind)
-            progress(0, 0, f"writing {path.name}")
-            return save_labels(path, labels, meta)
+            return project.export(out, format=fmt, overwrite=overwrite, progress=progress,
+                                  cancel=cancel)  # fmt: skip
 
-        return self.job.start(work, f"Exporting {kind}")
+        return self.job.start(work, f"Exporting the project ({self.format_combo.currentText()})")
 
     def _browse_export(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export labels", "", "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)",
-            options=QFileDialog.Option.DontConfirmOverwrite,
-        )  # fmt: skip
-        if path:
-            self.export_labels(path)
+        folder = QFileDialog.getExistingDirectory(self, "Export into a new folder in…")
+        if folder:
+            version = self.state.require_project().current_version().version
+            self.export(Path(folder) / f"{self.state.project.path.name}-v{version}")
 
     def _on_done(self, value) -> None:
         if self._job_kind == "burden":
             self._show_burden(value)
         else:
-            self._report(f"exported labels to {value}")
+            self.exported = value
+            self._report(f"exported {len(value['files'])} files to {value['folder']}")
