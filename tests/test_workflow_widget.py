@@ -248,6 +248,10 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
     # the Project step lists what was reviewed
     assert step.table.item(0, 2).text() == "3"
+    # a round measures Dice on validation patches (about 1 accepted patch in 4 is one)
+    while not any(a.split == "validation" for a in project.annotations()):
+        assert review.accept()
+    reviewed_before_round = len(project.annotations())
 
     # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
     train = workflow.train_step
@@ -268,7 +272,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert train.versions_table.item(1, 1).text() == "v0"
     loss_steps, losses = train.plot.series("loss")
     assert loss_steps and loss_steps[-1] == 4 and all(np.isfinite(losses))
-    assert train.plot.series("dice")[0], "validation Dice was plotted"
+    assert train.plot.series("dice")[0] == [0, 4]  # before and after, on the validation patches
+    assert train.versions_table.item(0, 3).text() != "-"  # v0 as measured by the round
     assert "v1" in train.status_label.text()
     # the queue and the Segment step follow the new version
     assert {p.model_version for p in review.queue.patches if p.status == "new"} == {1}
@@ -302,7 +307,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "Replace" in workflow.answers.asked[-1][1]
     report.curve_axis.setCurrentText("reviewed patches")
     curve = report.refresh_curve()
-    assert curve["reviewed patches"][-1] == 3 and len(curve["dice"]) >= 1
+    assert curve["reviewed patches"] == [0, reviewed_before_round]
+    assert curve["dice"][-1] == pytest.approx(project.version(1).metrics["validation_dice"])
     assert report.export()  # into the project's exports/v0, NIfTI
     wait(qtbot, report.job.is_running)
     folder = project.path / "exports" / "v0"

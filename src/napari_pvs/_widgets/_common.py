@@ -82,8 +82,13 @@ def collapsed(title: str, content: QWidget) -> QCollapsible:
     return section
 
 
-def compact_table(headers: Sequence[str], tooltips: Sequence[str] | None = None) -> QTableWidget:
-    """A read-only, single-row-selection table whose columns share the dock's width."""
+def compact_table(
+    headers: Sequence[str],
+    tooltips: Sequence[str] | None = None,
+    fit: Sequence[int] = (),
+) -> QTableWidget:
+    """A read-only, single-row-selection table whose columns share the dock's width; the
+    ``fit`` columns (short numbers) take only what their contents need."""
     table = QTableWidget(0, len(headers))
     table.setHorizontalHeaderLabels(list(headers))
     if tooltips:
@@ -97,6 +102,8 @@ def compact_table(headers: Sequence[str], tooltips: Sequence[str] | None = None)
     table.setWordWrap(False)
     header = table.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    for column in fit:
+        header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
     header.setMinimumSectionSize(28)
     table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
     table.setMinimumHeight(140)

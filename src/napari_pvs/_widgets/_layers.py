@@ -140,6 +140,10 @@ class StagedLayers(QObject):
                 self.finished.emit()
 
 
+#: The box outline's width in voxels: thin enough to see the voxels along its edge.
+BOX_EDGE = 0.3
+
+
 def box_outline(start: Sequence[int], stop: Sequence[int]) -> list[np.ndarray]:
     """A 3D box as one rectangle per slice of its first axis (pixel edges, data coordinates)."""
     (z0, y0, x0), (z1, y1, x1) = start, stop
@@ -170,10 +174,11 @@ def show_box(
         if layer is not None:
             viewer.layers.remove(layer)
         layer = viewer.add_shapes(
-            name=name, ndim=3, scale=scale, translate=translate, units=("mm",) * 3, edge_width=1
-        )
+            name=name, ndim=3, scale=scale, translate=translate, units=("mm",) * 3,
+            edge_width=BOX_EDGE,
+        )  # fmt: skip
     layer.add_rectangles(
-        box_outline(start, stop), edge_color=color, face_color="transparent", edge_width=1
+        box_outline(start, stop), edge_color=color, face_color="transparent", edge_width=BOX_EDGE
     )
     return layer
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from napari.utils.theme import get_theme
 from qtpy.QtCore import QTimer
 
@@ -38,7 +39,9 @@ class LivePlot(FigureCanvasQTAgg):
         # fixed margins: a constrained layout re-measures every tick label on each draw
         # (hundreds of ms on 2 cores), which the heartbeat would feel
         figure = Figure(figsize=(3.2, height), dpi=100, facecolor=background)
-        figure.subplots_adjust(left=0.2, right=0.96, top=0.97, bottom=0.16, hspace=0.12)
+        # margins in inches (the tick labels and axis titles), whatever the height
+        figure.subplots_adjust(left=0.6 / 3.2, right=0.96, top=1 - 0.08 / height,
+                               bottom=0.42 / height, hspace=0.15)  # fmt: skip
         super().__init__(figure)
         self.axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
         self.lines = {}
@@ -46,7 +49,8 @@ class LivePlot(FigureCanvasQTAgg):
             axis.set_facecolor(background)
             axis.set_ylabel(ylabel, color=text, fontsize=8)
             axis.tick_params(colors=text, labelsize=7)
-            axis.locator_params(nbins=4)  # few ticks: each is text to lay out on every draw
+            axis.yaxis.set_major_locator(MaxNLocator(4))  # few ticks: text laid out on each draw
+            axis.xaxis.set_major_locator(MaxNLocator(5, integer=True))  # steps, rounds: whole
             for spine in axis.spines.values():
                 spine.set_color(text)
             (self.lines[name],) = axis.plot([], [], color=colour, marker=".", linewidth=1.2)

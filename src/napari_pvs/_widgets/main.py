@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QSize
 from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 
 from napari_pvs._widgets._common import Ask, scroll_page
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: The dock's width: wide enough for the tables, narrow enough that at 1920 px the canvas
 #: keeps well over 60% of the window beside napari's own layer list.
 DOCK_WIDTH = 340
+#: The narrowest the steps can be laid out in (the widest step's minimum plus a scroll bar).
+MIN_WIDTH = 310
 STEP_NAMES = ("Project", "Segment", "Review", "Train", "Report")
 
 
@@ -56,13 +58,15 @@ class PVSWorkflow(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
-        self.setMinimumWidth(DOCK_WIDTH)
+        self.setMinimumWidth(MIN_WIDTH)
         self.setMaximumWidth(int(DOCK_WIDTH * 1.6))
         self._torn_down = False
         self._was_docked = False
-        window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
-        if isinstance(window, QObject):
-            window.installEventFilter(self)
+        self._watched: QObject | None = None
+
+    def sizeHint(self) -> QSize:
+        """Ask the dock for its narrow width; the pages scroll, they do not widen it."""
+        return QSize(DOCK_WIDTH, super().sizeHint().height())
 
     def show_step(self, name: str) -> None:
         self.tabs.setCurrentIndex(STEP_NAMES.index(name))
@@ -73,12 +77,17 @@ class PVSWorkflow(QWidget):
         return False
 
     def event(self, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.ParentChange and self.parent() is None and (
-            self._was_docked
-        ):
+        kind = event.type()
+        if kind == QEvent.Type.ParentChange and self.parent() is None and self._was_docked:
             self.teardown()  # napari's remove_dock_widget takes the widget out this way
-        elif event.type() == QEvent.Type.ParentChange and self.parent() is not None:
+        elif kind in (QEvent.Type.ParentChange, QEvent.Type.Show) and self.parent() is not None:
             self._was_docked = True
+            top = self.window()  # the viewer's main window once docked: watch it close
+            if top is not self and top is not self._watched:
+                if self._watched is not None:
+                    self._watched.removeEventFilter(self)
+                top.installEventFilter(self)
+                self._watched = top
         return super().event(event)
 
     def teardown(self) -> None:
@@ -86,6 +95,9 @@ class PVSWorkflow(QWidget):
         if self._torn_down:
             return
         self._torn_down = True
+        if self._watched is not None:  # no reference to the viewer's window outlives it
+            self._watched.removeEventFilter(self)
+            self._watched = None
         self.train_step.teardown()
         self.review_step.teardown()
         for job in (self.segment_step.job, self.project_step.count_job, self.report_step.job):

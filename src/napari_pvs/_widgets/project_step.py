@@ -133,6 +133,7 @@ class ProjectStep(QWidget):
                 "patches accepted (reviewed) in it",
                 "PVS (26-connected clusters) in the current version's segmentation",
             ],
+            fit=(2, 3),
         )
         self.table.doubleClicked.connect(lambda _index: self.show_selected())
         form.addRow(self.table)
@@ -152,18 +153,17 @@ class ProjectStep(QWidget):
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(8, 256)
         self.patch_spin.setToolTip("Edge of a review patch, in voxels")
-        row = QHBoxLayout()
-        row.addWidget(QLabel("N"))
-        row.addWidget(self.n_spin)
-        row.addWidget(QLabel("patch"))
-        row.addWidget(self.patch_spin)
-        form.addRow("Queue", row)
+        self.n_spin.setToolTip("Patches per review queue")
+        self.n_spin.setSuffix(" patches")
+        self.patch_spin.setSuffix(" vx")
+        form.addRow("Queue", self.n_spin)
+        form.addRow("Patch edge", self.patch_spin)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICE_CHOICES)
         form.addRow("Device", self.device_combo)
         self.brush_spin = QSpinBox()
         self.brush_spin.setRange(1, 40)
-        self.brush_spin.setSuffix(" voxels")
+        self.brush_spin.setSuffix(" vx")
         self.brush_spin.setToolTip("Brush of the Review step's patch layer (PVS are 1-3 voxels)")
         form.addRow("Brush", self.brush_spin)
         self.strategy_combo.currentTextChanged.connect(self._save_settings)

@@ -38,20 +38,20 @@ CURVE_AXES = {"round": "round", "reviewed patches": "reviewed patches"}
 
 
 def learning_curve(project) -> dict[str, list[float]]:
-    """Validation Dice of the initial version and of each finished round's new version."""
-    metrics = {v.version: v.metrics for v in project.versions()}
-    points = {"round": [], "reviewed patches": [], "dice": []}
-    first = validation_dice(metrics.get(0, {}))
-    if first is not None:
-        points["round"].append(0)
-        points["reviewed patches"].append(0)
-        points["dice"].append(first)
+    """Validation Dice after each finished round (and of its starting version before it),
+    against the round and the reviewed patches it trained on."""
+    points: dict[str, list[float]] = {"round": [], "reviewed patches": [], "dice": []}
     for record in project.rounds():
         if record.status != "done" or record.new_version is None:
             continue
-        dice = validation_dice(metrics.get(record.new_version, {}))
+        metrics = project.version(record.new_version).metrics
+        dice = validation_dice(metrics)
         if dice is None:
             continue
+        if not points["dice"] and isinstance(metrics.get("base_validation_dice"), int | float):
+            points["round"].append(record.id - 1)  # the starting version, before this round
+            points["reviewed patches"].append(0)
+            points["dice"].append(float(metrics["base_validation_dice"]))
         points["round"].append(record.id)
         points["reviewed patches"].append(len(record.snapshot_annotation_ids))
         points["dice"].append(dice)
@@ -109,6 +109,7 @@ class ReportStep(QWidget):
                 "PVS (26-connected clusters); a PVS counts where most of its voxels are",
                 "PVS volume in mm³",
             ],
+            fit=(2, 3),
         )
         form.addRow(self.table)
         return box
@@ -120,7 +121,7 @@ class ReportStep(QWidget):
         self.curve_axis.addItems(list(CURVE_AXES))
         self.curve_axis.currentTextChanged.connect(lambda _t: self.refresh_curve())
         form.addRow("Against", self.curve_axis)
-        self.curve = LivePlot(self.viewer, [("dice", "validation Dice")], "round", height=1.8)
+        self.curve = LivePlot(self.viewer, [("dice", "validation Dice")], "round", height=2.0)
         form.addRow(self.curve)
         return box
 
@@ -182,8 +183,10 @@ class ReportStep(QWidget):
         self.rows = rows
         fill_table(
             self.table,
-            [[r["volume"], r["region"], r["count"], f"{r['volume_mm3']:.1f}"] for r in rows],
-        )
+            [[r["volume"], r["region"].replace("_", " "), r["count"], f"{r['volume_mm3']:.1f}"]
+             for r in rows],
+            [f"{r['volume']}: {r['region']}" for r in rows],
+        )  # fmt: skip
         volumes = {r["volume"] for r in rows}
         self._report(f"counted PVS in {len(volumes)} volume(s) with model v"
                      f"{rows[0]['model_version'] if rows else '?'}")  # fmt: skip

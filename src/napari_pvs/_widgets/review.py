@@ -123,6 +123,7 @@ class ReviewStep(QWidget):
                 "PVS the model predicts in the patch",
                 "new, reviewed (accepted) or skipped",
             ],
+            fit=(0, 2),
         )
         self.table.setMinimumHeight(180)
         self.table.itemSelectionChanged.connect(self._on_row_selected)
@@ -529,6 +530,7 @@ class ReviewStep(QWidget):
         self._prefill = labels.copy()
         layer.data = labels  # fresh history: what is saved is the new starting point
         self.queue.set_status(patch.id, "reviewed")
+        self.patch = self.queue.current()
         self._report(
             f"accepted patch {patch.rank} of {self.volume.name} "
             f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
@@ -552,6 +554,7 @@ class ReviewStep(QWidget):
         self.state.project.skip(patch.id)
         self._prefill = None  # skipping drops the edits on purpose: no question
         self.queue.set_status(patch.id, "skipped")
+        self.patch = self.queue.current()
         self._report(f"skipped patch {patch.rank}")
         self.state.queue_changed.emit(patch.volume_id)
         self._move(self.queue.next_index("new"), "no new patch after this one")

@@ -42,15 +42,26 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def validation_dice(metrics: dict[str, Any]) -> float | None:
-    """The validation Dice among a version's metrics (None when it has none)."""
-    for key in ("validation_dice", "val_dice", "dice"):
-        value = metrics.get(key)
-        if isinstance(value, int | float):
-            return float(value)
-    for key, value in metrics.items():
-        if "dice" in key and isinstance(value, int | float):
-            return float(value)
-    return None
+    """A version's Dice on the project's fixed validation patches (None: none to measure)."""
+    value = metrics.get("validation_dice")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def base_dice(project, version: int) -> tuple[float | None, int | None]:
+    """Dice of ``version`` on the validation patches, measured when a round started from it
+    (the initial model has no project metric of its own until then): (Dice, round)."""
+    for record in reversed(project.rounds()):
+        if record.base_version == version and record.status == "done":
+            value = dict(project.version(record.new_version).metrics).get("base_validation_dice")
+            if isinstance(value, int | float):
+                return float(value), record.id
+    return None, None
+
+
+def version_dice(project, version) -> float | None:
+    """The versions table's Dice: the version's own, else as measured at a later round."""
+    own = validation_dice(version.metrics)
+    return own if own is not None else base_dice(project, version.version)[0]
 
 
 class TrainStep(QWidget):
@@ -148,9 +159,11 @@ class TrainStep(QWidget):
                 "model version (* = current: it predicts and ranks)",
                 "the version it was trained from",
                 "the round that made it",
-                "Dice on the project's fixed validation patches",
+                "Dice on the project's fixed validation patches (for a version a round started "
+                "from, as measured then)",
                 "ready or failed",
             ],
+            fit=(0, 1, 2),
         )
         self.versions_table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         form.addRow(self.versions_table)
@@ -212,7 +225,7 @@ class TrainStep(QWidget):
         current = project.current_version().version
         rows, tips = [], []
         for version in project.versions():
-            dice = validation_dice(version.metrics)
+            dice = version_dice(project, version)
             rows.append([
                 f"v{version.version}" + ("*" if version.version == current else ""),
                 "-" if version.parent is None else f"v{version.parent}",
@@ -325,7 +338,8 @@ class TrainStep(QWidget):
                 self._loss[1].append(float(event["loss"]))
                 self.progress.update(int(event["step"]), int(event["total"]), "training")
                 loss_changed = True
-            elif kind == "validation":
+            elif kind == "validation" and event.get("source") != "fit":
+                # the project's fixed validation patches (fit's own split is another measure)
                 self._dice[0].append(int(event["step"]))
                 self._dice[1].append(float(event["dice"]))
                 dice_changed = True
@@ -346,7 +360,11 @@ class TrainStep(QWidget):
         self.progress.finish({"done": "done", "cancelled": "cancelled"}.get(kind, "failed"))
         if kind == "done":
             dice = validation_dice(event.get("metrics") or {})
-            score = "" if dice is None else f", validation Dice {dice:.3f}"
+            score = (
+                f", validation Dice {dice:.3f}"
+                if dice is not None
+                else " (no validation patch yet: about 1 accepted patch in 4 becomes one)"
+            )
             self._report(f"round done: new version v{event.get('version')}{score}")
         elif kind == "cancelled":
             self._report("round cancelled; the previous version stays current")
