@@ -433,3 +433,27 @@ def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, sc
     answers.queue = ["Replace"]
     assert panel.save_labels_to_volume() is not None
     assert not io.open_labels(path, "pvs").data.compute().any()
+
+
+def test_cli_gui_docks_the_workflow_with_a_project(checkpoint, make_napari_viewer, monkeypatch,
+                                                   tmp_path):  # fmt: skip
+    import napari
+
+    from napari_pvs.cli import main
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)
+    folder = tmp_path / "project"
+    assert main(["gui", "--project", str(folder), "--model", str(checkpoint)]) == 0
+    workflow = next(w for w in napari.current_viewer().window.dock_widgets.values()
+                    if isinstance(w, PVSWorkflow))  # fmt: skip
+    assert workflow.state.project.path == folder  # created, with the checkpoint as v0
+    workflow.teardown()  # releases the project's lock: it opens again
+    assert main(["gui", "--project", str(folder)]) == 0
+    second = [w for w in napari.current_viewer().window.dock_widgets.values()
+              if isinstance(w, PVSWorkflow)][-1]  # fmt: skip
+    assert second.state.project.current_version().version == 0
+    second.teardown()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    assert main(["gui", "--project", str(tmp_path / "other")]) == 2

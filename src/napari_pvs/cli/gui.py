@@ -25,7 +25,8 @@ def add_gui(subparsers: argparse._SubParsersAction) -> None:
         help="model for the Segment step: 'default' (bundled) or a .safetensors checkpoint",
     )
     parser.add_argument(
-        "--project", help="open (or, for a new or empty folder, create) this project folder"
+        "--project",
+        help="open this project folder (or create one there, with --model as version 0)",
     )
     parser.add_argument(
         "--segment",
@@ -61,6 +62,7 @@ def _run_gui(args: argparse.Namespace) -> int:
     segment_step.model_edit.setText(args.model)
     if args.project:
         workflow.project_step.folder_edit.setText(args.project)
+        workflow.project_step.model_edit.setText(args.model)  # a new project's version 0
         folder = Path(args.project)
         exists = (folder / "napari-pvs-project.json").exists()
         if not (workflow.project_step.open_project() if exists else (
