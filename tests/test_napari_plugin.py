@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QFileDialog
 
 from napari_pvs import io
 from napari_pvs._reader import napari_get_reader
-from napari_pvs._widgets import VolumePanel
+from napari_pvs._widgets import PVSWorkflow, VolumePanel
 
 pytestmark = pytest.mark.gui
 
@@ -246,7 +246,7 @@ def test_cli_gui_opens_viewer_with_panel_volume_and_sample(
     viewer = napari.current_viewer()
     names = [layer.name for layer in viewer.layers]
     assert names[0] == "PVS phantom T2w" and "sub-01_T2w" in names
-    assert any(isinstance(w, VolumePanel) for w in viewer.window.dock_widgets.values())
+    assert any(isinstance(w, PVSWorkflow) for w in viewer.window.dock_widgets.values())
     assert main(["gui", str(ome_zarr.parent / "missing.zarr")]) == 2
 
 

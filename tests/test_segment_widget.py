@@ -11,7 +11,7 @@ import torch
 import zarr
 from qtpy.QtCore import Qt
 
-from napari_pvs._widgets import SegmentPanel, VolumePanel
+from napari_pvs._widgets import PVSWorkflow, SegmentPanel
 from napari_pvs.inference import Predictor
 from napari_pvs.metrics import label_clusters
 from napari_pvs.models.checkpoint import load_checkpoint
@@ -174,7 +174,7 @@ def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
     expected = rank_patches(store, n=4, patch=16, strategy="entropy")
     assert panel.ranking == expected and panel.table.rowCount() == len(expected) > 1
     assert panel.table.item(1, 0).text() == "2"
-    assert panel.table.item(1, 4).text() == str(expected[1].predicted_pvs)
+    assert panel.table.item(1, 3).text() == str(expected[1].predicted_pvs)
     assert all(path.exists() for path in panel.ranking_files)
 
     panel.table.selectRow(1)
@@ -223,7 +223,7 @@ def test_missing_default_weights_and_bad_inputs_give_clear_messages(
     assert "3D volume" in panel.status_label.text()
 
 
-def test_cli_gui_segment_docks_both_panels_and_segments_the_sample(
+def test_cli_gui_segment_docks_the_workflow_and_segments_the_sample(
     checkpoint, make_napari_viewer, monkeypatch, qtbot
 ):
     import napari
@@ -236,8 +236,9 @@ def test_cli_gui_segment_docks_both_panels_and_segments_the_sample(
     assert main(["gui", "--sample", "T2", "--model", str(checkpoint), "--segment"]) == 0
     viewer = napari.current_viewer()
     widgets = list(viewer.window.dock_widgets.values())
-    assert any(isinstance(w, VolumePanel) for w in widgets)
-    panel = next(w for w in widgets if isinstance(w, SegmentPanel))
+    workflow = next(w for w in widgets if isinstance(w, PVSWorkflow))
+    panel = workflow.segment_step
+    assert isinstance(panel, SegmentPanel) and workflow.tabs.currentIndex() == 1
     qtbot.waitUntil(lambda: panel.result is not None, timeout=30000)
     sample = viewer.layers["PVS phantom T2w"]
     probability = viewer.layers["PVS phantom T2w PVS probability"]

@@ -131,7 +131,9 @@ def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerD
                     "name": f"{name} {label_name}",
                     "multiscale": len(labels.levels) > 1,
                     "metadata": {**volume_metadata(volume), "label_name": label_name},
+                    # one label image at a time over the MRI: the PVS one, the rest on request
                     "opacity": 0.6,
+                    "visible": label_name == "pvs",
                     **geometry,
                 },
                 "labels",

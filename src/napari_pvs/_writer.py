@@ -59,6 +59,26 @@ def save_labels(path: str | Path, data: Any, meta: dict) -> str:
     )
 
 
+def existing_label_target(path: str | Path, name: str) -> str | None:
+    """What :func:`save_labels` would replace at ``path``: a sentence, or None if nothing.
+
+    Callers ask the user before replacing (a phantom's ground truth, earlier corrections).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.name.lower().endswith(io.NIFTI_SUFFIXES):
+        return f"the file {path}"
+    if path.name.lower().endswith(".zarr"):
+        try:
+            names = io.open_volume(path, check_finite=False).label_names
+        except (ValueError, FileNotFoundError):
+            return f"{path}"
+        label = _safe_name(name)
+        return f"the label image labels/{label} in {path}" if label in names else None
+    return f"{path}"
+
+
 def _label_dtype(data) -> np.dtype:
     return np.dtype(np.uint8) if data.dtype == np.bool_ else np.dtype(data.dtype)
 

@@ -371,3 +371,40 @@ def save_ranking(
         )  # fmt: skip
     atomic.write_text(csv_path, handle.getvalue(), overwrite=overwrite)
     return csv_path, json_path
+
+
+#: What a ranking score means, per strategy (shown as the score column's tooltip and in help).
+SCORE_MEANINGS = {
+    "entropy": "mean predictive entropy over the patch's voxels, in bits: 0 = the model is sure "
+    "everywhere, 1 = p = 0.5 everywhere; most patches score far below 0.1 because most voxels "
+    "are surely background",
+    "bald": "mean mutual information (BALD) over the patch's voxels, in bits: how much the "
+    "model's samples disagree; 0 = they all agree",
+    "stratified": "mean predictive entropy in bits (0 = sure, 1 = p = 0.5 everywhere); patches "
+    "with and without predicted PVS are ranked separately and taken in turn",
+    "fg-random": "a random draw among patches with predicted PVS (the score orders the draw; "
+    "it measures nothing)",
+    "random": "a random draw among all patches (the score orders the draw; it measures nothing)",
+}
+
+
+def shortfall_message(
+    found: int, asked: int, shape: Sequence[int], patch: int, image_given: bool = True
+) -> str | None:
+    """Why fewer than ``asked`` patches came back (``None`` when none are missing).
+
+    Patches never overlap, keep their centres 1.5 patch sizes apart, skip labelled voxels and
+    (with the image) air, so a volume holds far fewer than ``volume / patch**3`` of them.
+    """
+    if found >= asked:
+        return None
+    grid = PatchGrid(shape, int(patch), int(patch))
+    positions = int(np.prod(grid.n))
+    reasons = "not overlapping, centres at least 1.5 patch sizes apart"
+    reasons += ", mostly tissue" if image_given else ""
+    reasons += " and without reviewed voxels"
+    return (
+        f"only {found} of {asked} patches: a {' x '.join(map(str, shape))} volume has "
+        f"{positions} positions for a {patch}-voxel patch and only {found} of them qualify "
+        f"({reasons}); use a smaller patch size to get more"
+    )

@@ -1,6 +1,11 @@
-"""Qt dock widgets, one module per panel (napari-only; the core never imports this)."""
+"""Qt dock widgets (napari-only; the core never imports this).
 
+``PVSWorkflow`` is the front door (the annotation loop as steps); ``VolumePanel`` and
+``SegmentPanel`` stay available on their own from the Plugins menu.
+"""
+
+from napari_pvs._widgets.main import PVSWorkflow
 from napari_pvs._widgets.segment import SegmentPanel
 from napari_pvs._widgets.volume import VolumePanel
 
-__all__ = ["SegmentPanel", "VolumePanel"]
+__all__ = ["PVSWorkflow", "SegmentPanel", "VolumePanel"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QHBoxLayout, QPushButton
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_pvs.io import damaged_file_error
 from napari_pvs.progress import Cancelled, CancelToken, ProgressCallback
@@ -34,6 +35,7 @@ Work = Callable[[ProgressCallback, CancelToken], Any]
 class BackgroundJob(QObject):
     """One background call at a time; ``start`` refuses a second while one runs."""
 
+    started = Signal(str)
     progress = Signal(int, int, str)
     succeeded = Signal(object)
     failed = Signal(str)
@@ -76,6 +78,7 @@ class BackgroundJob(QObject):
         self._worker = create_worker(run)
         self._worker.returned.connect(self._on_returned)
         self._worker.start()
+        self.started.emit(description)
         return True
 
     def cancel(self) -> None:
@@ -122,3 +125,91 @@ def run_cancel_row(
     row.addWidget(run_button)
     row.addWidget(cancel_button)
     return row, run_button, cancel_button
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``1 h 2 min``: a time left that reads at a glance."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class JobProgress(QWidget):
+    """The panel's own progress: a bar, "12/40 windows · 8 s left", and a Cancel button.
+
+    Follows a :class:`BackgroundJob` (:meth:`follow`) or is driven directly (:meth:`begin`,
+    :meth:`update`, :meth:`finish`, e.g. by a training round's events). The time left is
+    extrapolated from the rate since the current phase (its message) began. ``cancel_requested``
+    fires on Cancel.
+    """
+
+    cancel_requested = Signal()
+
+    def __init__(self, unit: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.unit = unit
+        self.bar = QProgressBar()
+        self.bar.setTextVisible(True)
+        self.detail = QLabel("")
+        self.detail.setWordWrap(True)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self._on_cancel)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.detail)
+        self._phase: tuple[str, float, int] | None = None
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+
+    def follow(self, job: BackgroundJob) -> None:
+        """Show ``job``'s runs here; Cancel cancels it."""
+        job.started.connect(self.begin)
+        job.progress.connect(self.update)
+        job.succeeded.connect(lambda _value: self.finish("done"))
+        job.failed.connect(lambda _message: self.finish("failed"))
+        job.cancelled.connect(lambda: self.finish("cancelled"))
+        self.cancel_requested.connect(job.cancel)
+
+    def begin(self, description: str = "") -> None:
+        self._phase = None
+        self.bar.setRange(0, 0)  # busy until the first report with a total
+        self.detail.setText(description)
+        self.cancel_button.setEnabled(True)
+
+    def update(self, done: int, total: int, message: str) -> None:
+        now = time.perf_counter()
+        if self._phase is None or self._phase[0] != message or done < self._phase[2]:
+            self._phase = (message, now, done)
+        if total <= 0:
+            self.bar.setRange(0, 0)
+            self.detail.setText(message)
+            return
+        self.bar.setRange(0, total)
+        self.bar.setValue(min(done, total))
+        text = f"{message}: {done}/{total}" + (f" {self.unit}" if self.unit else "")
+        _, since, first = self._phase
+        if done > first and done < total:
+            left = (now - since) / (done - first) * (total - done)
+            text += f" · {format_seconds(left)} left"
+        self.detail.setText(text)
+
+    def finish(self, text: str) -> None:
+        self._phase = None
+        self.bar.setRange(0, 1)
+        self.bar.setValue(1 if text == "done" else 0)
+        self.detail.setText(text)
+        self.cancel_button.setEnabled(False)
+
+    def _on_cancel(self) -> None:
+        self.cancel_button.setEnabled(False)
+        self.detail.setText("cancelling…")
+        self.cancel_requested.emit()

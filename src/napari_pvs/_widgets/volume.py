@@ -27,8 +27,9 @@ from qtpy.QtWidgets import (
 
 from napari_pvs import io
 from napari_pvs._reader import volume_layer_data
+from napari_pvs._widgets._common import Ask, ask_with_dialog
 from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
-from napari_pvs._writer import save_labels
+from napari_pvs._writer import existing_label_target, save_labels
 
 if TYPE_CHECKING:
     import napari
@@ -39,9 +40,11 @@ MODALITY_CHOICES = ("T1", "T2", "unknown")
 class VolumePanel(QWidget):
     """Dock widget for opening, inspecting, converting volumes and saving labels."""
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer, ask: Ask | None = None) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        #: how the panel asks before replacing a label image (a policy in tests)
+        self.ask: Ask = ask or ask_with_dialog
         self.job = BackgroundJob(self)
         self.job.succeeded.connect(self._on_convert_finished)
         self.job.failed.connect(self._on_convert_failed)
@@ -163,6 +166,12 @@ class VolumePanel(QWidget):
             combo.addItems(names)
             if current in names:
                 combo.setCurrentText(current)
+            elif combo is self.labels_combo:
+                # the layer a user saves is one they see and edit, never a hidden region map
+                visible = [layer.name for layer in layers if layer.visible]
+                edited = [n for n in visible if "segmentation" in n or "patch" in n]
+                choice = (edited or visible or names or [""])[-1]
+                combo.setCurrentText(choice)
             combo.blockSignals(False)
         self._show_volume_info()
 
@@ -170,7 +179,7 @@ class VolumePanel(QWidget):
         layer = self.viewer.layers.selection.active
         if isinstance(layer, Image):
             self.volume_combo.setCurrentText(layer.name)
-        elif isinstance(layer, Labels):
+        elif isinstance(layer, Labels) and layer.visible:
             self.labels_combo.setCurrentText(layer.name)
 
     def _layer_named(self, name: str):
@@ -342,12 +351,27 @@ class VolumePanel(QWidget):
             self._report("no labels layer to save", error=True)
             return None
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save labels", "", "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)"
+            self,
+            "Save labels",
+            "",
+            "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)",
+            options=QFileDialog.Option.DontConfirmOverwrite,  # the panel asks, naming what
         )
         return self._save(labels, path) if path else None
 
     def _save(self, labels: Labels, path: str) -> str | None:
         name = self.label_name_edit.text().strip() or labels.name
+        replaced = existing_label_target(path, name)
+        if replaced is not None:
+            choice = self.ask(
+                self,
+                "Replace labels?",
+                f"Saving '{labels.name}' replaces {replaced}. Replace it?",
+                ["Replace", "Cancel"],
+            )
+            if choice != "Replace":
+                self._report(f"not saved: {replaced} is unchanged")
+                return None
         try:
             written = save_labels(path, labels.data, self._labels_meta(labels, name))
         except (ValueError, OSError) as exc:  # bad labels, refused or failed write: nothing lost

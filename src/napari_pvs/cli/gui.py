@@ -11,8 +11,9 @@ from napari_pvs.cli._common import UserError
 def add_gui(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "gui",
-        help="open napari with the napari-pvs panel, volumes and/or a sample phantom",
-        description="Open a napari viewer with the volume panel docked.",
+        help="open napari with the napari-pvs workflow, volumes and/or a sample phantom",
+        description="Open a napari viewer with the napari-pvs workflow docked (Project, Segment, "
+        "Review, Train, Report); the Volume and Segment PVS panels are in the Plugins menu.",
     )
     parser.add_argument("paths", nargs="*", help="volumes to open (.zarr, .nii, .nii.gz)")
     parser.add_argument(
@@ -21,7 +22,11 @@ def add_gui(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="model for the Segment PVS panel: 'default' (bundled) or a .safetensors checkpoint",
+        help="model for the Segment step: 'default' (bundled) or a .safetensors checkpoint",
+    )
+    parser.add_argument(
+        "--project",
+        help="open this project folder (or create one there, with --model as version 0)",
     )
     parser.add_argument(
         "--segment",
@@ -52,9 +57,18 @@ def _run_gui(args: argparse.Namespace) -> int:
             "napari is not installed; install the GUI extra: pip install 'napari-pvs[gui]'"
         ) from exc
     viewer = napari.Viewer(title="napari-pvs")
-    viewer.window.add_plugin_dock_widget("napari-pvs", "Volume panel")
-    _, segment_panel = viewer.window.add_plugin_dock_widget("napari-pvs", "Segment PVS")
-    segment_panel.model_edit.setText(args.model)
+    _, workflow = viewer.window.add_plugin_dock_widget("napari-pvs", "PVS workflow")
+    segment_step = workflow.segment_step
+    segment_step.model_edit.setText(args.model)
+    if args.project:
+        workflow.project_step.folder_edit.setText(args.project)
+        workflow.project_step.model_edit.setText(args.model)  # a new project's version 0
+        folder = Path(args.project)
+        exists = (folder / "napari-pvs-project.json").exists()
+        if not (workflow.project_step.open_project() if exists else (
+            workflow.project_step.create_project()
+        )):
+            raise UserError(workflow.project_step.status_label.text())
     first_image = None
     if args.sample:
         layers = viewer.open_sample("napari-pvs", f"pvs_phantom_{args.sample.lower()}w")
@@ -63,7 +77,8 @@ def _run_gui(args: argparse.Namespace) -> int:
         layers = viewer.open(path, plugin="napari-pvs")
         first_image = first_image or layers[0].name
     if args.segment:
-        segment_panel.layer_combo.setCurrentText(first_image)
-        segment_panel.segment()
+        workflow.show_step("Segment")
+        segment_step.layer_combo.setCurrentText(first_image)
+        segment_step.segment()
     napari.run()
     return 0

@@ -1,0 +1,138 @@
+"""Small Qt pieces every panel and workflow step shares (one place each).
+
+- :func:`notify`: a napari notification plus the panel's own status line;
+- :data:`Ask` / :func:`ask_with_dialog`: the one way a widget asks the user to choose; the
+  workflow state holds the function, so tests swap in a policy instead of clicking dialogs;
+- :func:`scroll_page`, :func:`collapsed`, :func:`compact_table`: the layout pieces that keep
+  the dock narrow (scroll areas, advanced options collapsed, tables that fit their columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QFrame,
+    QHeaderView,
+    QLabel,
+    QMessageBox,
+    QScrollArea,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+#: ``ask(parent, title, question, choices) -> the chosen choice``; the last choice is the one
+#: that changes nothing (Escape / closing the dialog picks it).
+Ask = Callable[[QWidget | None, str, str, Sequence[str]], str]
+
+
+def ask_with_dialog(
+    parent: QWidget | None, title: str, question: str, choices: Sequence[str]
+) -> str:
+    """A modal question with one button per choice; Escape answers the last choice."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Question)
+    box.setWindowTitle(title)
+    box.setText(question)
+    buttons = [box.addButton(text, QMessageBox.ButtonRole.ActionRole) for text in choices]
+    box.setEscapeButton(buttons[-1])
+    box.setDefaultButton(buttons[-1])
+    box.exec()
+    clicked = box.clickedButton()
+    return choices[buttons.index(clicked)] if clicked in buttons else choices[-1]
+
+
+def notify(status: QLabel | None, message: str, level: str = "info") -> None:
+    """Show ``message`` in the status line and as a napari notification (info/warning/error)."""
+    if status is not None:
+        status.setText(message)
+    {"error": show_error, "warning": show_warning}.get(level, show_info)(message)
+
+
+def status_label() -> QLabel:
+    """A word-wrapped status line (the last message of a panel, selectable for copying)."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def scroll_page(content: QWidget) -> QScrollArea:
+    """``content`` in a vertical scroll area that never scrolls sideways (the dock stays narrow)."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(content)
+    return area
+
+
+def collapsed(title: str, content: QWidget) -> QCollapsible:
+    """An "Advanced" section, closed until asked for."""
+    section = QCollapsible(title)
+    section.setDuration(0)
+    section.addWidget(content)
+    section.collapse(animate=False)
+    return section
+
+
+def compact_table(
+    headers: Sequence[str],
+    tooltips: Sequence[str] | None = None,
+    fit: Sequence[int] = (),
+) -> QTableWidget:
+    """A read-only, single-row-selection table whose columns share the dock's width; the
+    ``fit`` columns (short numbers) take only what their contents need."""
+    table = QTableWidget(0, len(headers))
+    table.setHorizontalHeaderLabels(list(headers))
+    if tooltips:
+        for column, tip in enumerate(tooltips):
+            if tip:
+                table.horizontalHeaderItem(column).setToolTip(tip)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.verticalHeader().setVisible(False)
+    table.setWordWrap(False)
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+    for column in fit:
+        header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+    header.setMinimumSectionSize(28)
+    table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    table.setMinimumHeight(140)
+    return table
+
+
+def fill_table(
+    table: QTableWidget, rows: Sequence[Sequence[object]], tips: Sequence[str | None] = ()
+) -> None:
+    """Replace the table's rows (cells as text; ``tips[row]`` as that row's tooltip)."""
+    table.blockSignals(True)
+    table.clearContents()
+    table.setRowCount(len(rows))
+    for r, cells in enumerate(rows):
+        for c, value in enumerate(cells):
+            item = QTableWidgetItem("" if value is None else str(value))
+            if r < len(tips) and tips[r]:
+                item.setToolTip(tips[r])
+            table.setItem(r, c, item)
+    table.blockSignals(False)
+
+
+def page(*widgets: QWidget, stretch: bool = True) -> QWidget:
+    """A column of sections (what one step's scroll area holds)."""
+    content = QWidget()
+    layout = QVBoxLayout(content)
+    layout.setContentsMargins(4, 4, 4, 4)
+    for widget in widgets:
+        layout.addWidget(widget)
+    if stretch:
+        layout.addStretch(1)
+    return content

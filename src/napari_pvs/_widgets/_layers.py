@@ -1,0 +1,212 @@
+"""Layer helpers the panels share: an image layer as a core ``Volume``, where its prediction
+goes, layers added in pieces so the canvas keeps drawing, patch boxes and zooming to them.
+
+Adding a napari layer builds its controls and its vispy visual on the GUI thread (about
+100-250 ms each on 2 cores); adding a segmentation's four or five result layers in one go
+stalled the viewer for 0.6-1 s. :class:`StagedLayers` adds one per event-loop turn instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.layers import Image, Labels, Layer, Shapes
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from napari_pvs import io
+from napari_pvs.cohort import output_name
+
+if TYPE_CHECKING:
+    import napari
+
+#: Metadata key marking layers made from a prediction store (value: the store path).
+PREDICTION_KEY = "prediction"
+#: Metadata key set on a labels layer once the user painted into it (unsaved corrections).
+EDITED_KEY = "napari_pvs_edited"
+
+
+def find_layer(viewer: napari.viewer.Viewer, name: str) -> Layer | None:
+    return next((layer for layer in viewer.layers if layer.name == name), None)
+
+
+def layer_source(layer: Layer) -> str | None:
+    """The file or folder the layer was read from (our reader's metadata, else napari's)."""
+    source = layer.metadata.get("source") or layer.source.path
+    return str(source).rstrip("/") if source else None
+
+
+def layer_volume(layer: Image, modality: str) -> io.Volume:
+    """The image layer as an :class:`io.Volume` (finest level, geometry from its metadata)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    if layer.rgb or getattr(data, "ndim", 0) != 3:
+        raise ValueError(
+            f"layer {layer.name!r} has shape {tuple(data.shape)}; PVS segmentation needs a "
+            "single-channel 3D volume (open one with the napari-pvs reader)"
+        )
+    meta = layer.metadata
+    scale = [float(s) for s in layer.scale[-3:]]
+    affine = meta.get("affine")
+    if affine is None:
+        affine = np.diag([*scale, 1.0])
+        affine[:3, 3] = layer.translate[-3:]
+    return io.Volume(
+        data=data,
+        spacing=tuple(float(s) for s in meta.get("spacing", scale)),  # type: ignore[arg-type]
+        affine=np.asarray(affine, dtype=np.float64),
+        modality=io.normalize_modality(modality),
+        source=layer_source(layer),
+        axes=tuple(meta.get("axes", ("z", "y", "x"))),  # type: ignore[arg-type]
+    )
+
+
+def default_output(layer: Image, scratch: Path) -> Path:
+    """``<name>_pvs.zarr`` next to the layer's file, or in ``scratch`` for in-memory layers."""
+    source = layer_source(layer)
+    if source:
+        path = Path(source)
+        return path.parent / (output_name(path)[: -len(".zarr")] + "_pvs.zarr")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", layer.name).strip("_") or "image"
+    return scratch / f"{safe}_pvs.zarr"
+
+
+def track_edits(layer: Labels) -> None:
+    """Mark the layer as holding unsaved corrections as soon as the user paints into it."""
+
+    def mark(event=None) -> None:
+        layer.metadata[EDITED_KEY] = True
+
+    layer.events.paint.connect(mark)
+
+
+def has_unsaved_edits(layer: Layer | None) -> bool:
+    return isinstance(layer, Labels) and bool(layer.metadata.get(EDITED_KEY))
+
+
+def warm_up_labels_visuals() -> None:
+    """Compute now what vispy computes once per process for the first labels layer.
+
+    Its line visuals build 13 dash patterns in Python (about 0.1 s, cached after); doing it
+    when a panel is built keeps that out of the first result's layer-building turn.
+    """
+    try:
+        from vispy.visuals.line.dash_atlas import DashAtlas
+    except ImportError:  # a vispy without it: nothing to warm up
+        return
+    DashAtlas()
+
+
+class StagedLayers(QObject):
+    """Runs layer-building steps one per event-loop turn, so the viewer draws between them.
+
+    ``run`` replaces whatever was still pending (a newer result supersedes an older one);
+    ``finished`` fires after the last step.
+    """
+
+    finished = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._steps: list[Callable[[], object]] = []
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(0)
+        self._timer.timeout.connect(self._next)
+
+    def run(self, steps: Sequence[Callable[[], object]]) -> None:
+        self._steps = list(steps)
+        self._timer.start()
+
+    def is_running(self) -> bool:
+        return bool(self._steps) or self._timer.isActive()
+
+    def stop(self) -> None:
+        self._steps = []
+        self._timer.stop()
+
+    def _next(self) -> None:
+        if not self._steps:
+            return
+        step = self._steps.pop(0)
+        try:
+            step()
+        finally:
+            if self._steps:
+                self._timer.start()
+            else:
+                self.finished.emit()
+
+
+#: The box outline's width in voxels: thin enough to see the voxels along its edge.
+BOX_EDGE = 0.3
+
+
+def box_outline(start: Sequence[int], stop: Sequence[int]) -> list[np.ndarray]:
+    """A 3D box as one rectangle per slice of its first axis (pixel edges, data coordinates)."""
+    (z0, y0, x0), (z1, y1, x1) = start, stop
+    lo_y, hi_y, lo_x, hi_x = y0 - 0.5, y1 - 0.5, x0 - 0.5, x1 - 0.5
+    return [
+        np.array([[z, lo_y, lo_x], [z, lo_y, hi_x], [z, hi_y, hi_x], [z, hi_y, lo_x]], float)
+        for z in range(z0, z1)
+    ]
+
+
+def show_box(
+    viewer: napari.viewer.Viewer,
+    name: str,
+    start: Sequence[int],
+    stop: Sequence[int],
+    scale: Sequence[float],
+    translate: Sequence[float],
+    color: str = "yellow",
+) -> Shapes:
+    """Draw the box in a shapes layer ``name`` (made once, reused), on the volume's grid."""
+    layer = find_layer(viewer, name)
+    scale = np.asarray(scale[-3:], dtype=float)
+    translate = np.asarray(translate[-3:], dtype=float)
+    if isinstance(layer, Shapes):
+        layer.data = []
+        layer.scale, layer.translate = scale, translate
+    else:
+        if layer is not None:
+            viewer.layers.remove(layer)
+        layer = viewer.add_shapes(
+            name=name, ndim=3, scale=scale, translate=translate, units=("mm",) * 3,
+            edge_width=BOX_EDGE,
+        )  # fmt: skip
+    layer.add_rectangles(
+        box_outline(start, stop), edge_color=color, face_color="transparent", edge_width=BOX_EDGE
+    )
+    return layer
+
+
+def box_world(
+    start: Sequence[int], stop: Sequence[int], scale: Sequence[float], translate: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The box's first voxel's origin (world) and its centre (world), on a layer's grid."""
+    scale = np.asarray(scale[-3:], dtype=float)
+    translate = np.asarray(translate[-3:], dtype=float)
+    origin = np.asarray(start, dtype=float) * scale + translate
+    centre = (np.asarray(start) + np.asarray(stop) - 1) / 2 * scale + translate
+    return origin, centre
+
+
+def zoom_to(
+    viewer: napari.viewer.Viewer,
+    centre_world: Sequence[float],
+    extent_world: Sequence[float],
+    fraction: float = 0.45,
+) -> None:
+    """Put the slider on the centre and zoom so the extent fills ``fraction`` of the canvas."""
+    ndim = viewer.dims.ndim
+    viewer.dims.set_point(range(ndim - 3, ndim), tuple(float(c) for c in centre_world))
+    viewer.scene.camera.center = tuple(float(c) for c in centre_world)
+    size = np.asarray(viewer.canvas.size, dtype=float)  # (height, width) in pixels
+    shown = np.asarray(extent_world[-2:], dtype=float)
+    if viewer.dims.ndisplay == 3:
+        shown = np.full(2, float(np.max(extent_world)))
+    if np.all(size > 0) and np.all(shown > 0):
+        viewer.scene.camera.zoom = float(np.min(size * fraction / shown))

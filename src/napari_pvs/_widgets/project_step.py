@@ -1,0 +1,408 @@
+"""The workflow's Project step: create or open a project folder, add volumes, see their state,
+keep the settings.
+
+Thin over :class:`napari_pvs.project.Project`: ``create``/``open``, ``add_volume``,
+``status`` (predicted versions, reviewed patches per volume) and ``update_settings`` (strategy,
+patch size, device, brush size persist per project). PVS counts come from the current
+version's prediction, counted off the GUI thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari.layers import Image, Layer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
+from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._layers import PREDICTION_KEY, layer_source
+from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
+from napari_pvs.ranking import SCORE_MEANINGS, STRATEGIES
+
+if TYPE_CHECKING:
+    from napari_pvs.project import VolumeRecord
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class ProjectStep(QWidget):
+    """Create/open a project; its volumes with their state; its settings."""
+
+    def __init__(self, state: WorkflowState) -> None:
+        super().__init__()
+        self.state = state
+        self.viewer = state.viewer
+        self.count_job = BackgroundJob(self)
+        self.count_job.succeeded.connect(self._on_counted)
+        self.count_job.failed.connect(lambda message: notify(self.status_label, message, "error"))
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self._build_project_box())
+        layout.addWidget(self._build_volumes_box())
+        layout.addWidget(self._build_settings_box())
+        self.status_label = status_label()
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layer_choices)
+        state.project_changed.connect(self._show_project)
+        state.volumes_changed.connect(self.refresh_volumes)
+        state.predictions_changed.connect(lambda _vid: self.refresh_volumes())
+        state.queue_changed.connect(lambda _vid: self.refresh_volumes())
+        state.versions_changed.connect(self._show_project)
+        state.settings_changed.connect(self._apply_settings)
+        self._refresh_layer_choices()
+        self._show_project()
+        self._apply_settings()
+
+    # ---------------------------------------------------------------- building
+    def _build_project_box(self) -> QGroupBox:
+        box = QGroupBox("Project")
+        form = QFormLayout(box)
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("a new or empty folder, or a project folder")
+        browse = QPushButton("…")
+        browse.setToolTip("Choose the project folder")
+        browse.clicked.connect(self._browse_folder)
+        row = QHBoxLayout()
+        row.addWidget(self.folder_edit, 1)
+        row.addWidget(browse)
+        form.addRow("Folder", row)
+        self.model_edit = QLineEdit("default")
+        self.model_edit.setToolTip(
+            "Version 0 of a new project: 'default' (the bundled model) or a .safetensors file"
+        )
+        form.addRow("First model", self.model_edit)
+        row = QHBoxLayout()
+        self.create_button = QPushButton("Create")
+        self.create_button.setToolTip("Make a new project in the folder (new or empty)")
+        self.create_button.clicked.connect(self.create_project)
+        self.open_button = QPushButton("Open")
+        self.open_button.setToolTip("Open the project in the folder")
+        self.open_button.clicked.connect(self.open_project)
+        self.close_button = QPushButton("Close")
+        self.close_button.clicked.connect(self.close_project)
+        for button in (self.create_button, self.open_button, self.close_button):
+            row.addWidget(button)
+        form.addRow(row)
+        self.project_label = QLabel("no project open")
+        self.project_label.setWordWrap(True)
+        form.addRow(self.project_label)
+        return box
+
+    def _build_volumes_box(self) -> QGroupBox:
+        box = QGroupBox("Volumes")
+        form = QFormLayout(box)
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Open image layers read from a file (NIfTI, zarr, OME-Zarr)")
+        self.add_layer_button = QPushButton("Add")
+        self.add_layer_button.clicked.connect(self.add_current_layer)
+        row = QHBoxLayout()
+        row.addWidget(self.layer_combo, 1)
+        row.addWidget(self.add_layer_button)
+        form.addRow("Layer", row)
+        self.add_files_button = QPushButton("Add files…")
+        self.add_files_button.clicked.connect(self._browse_files)
+        self.show_button = QPushButton("Show in viewer")
+        self.show_button.setToolTip("Open the selected volume as layers (or select its layer)")
+        self.show_button.clicked.connect(self.show_selected)
+        row = QHBoxLayout()
+        row.addWidget(self.add_files_button)
+        row.addWidget(self.show_button)
+        form.addRow(row)
+        self.table = compact_table(
+            ["volume", "predicted", "reviewed", "PVS"],
+            [
+                "the volume's name in the project",
+                "model versions with a complete prediction of it (* = current)",
+                "patches accepted (reviewed) in it",
+                "PVS (26-connected clusters) in the current version's segmentation",
+            ],
+            fit=(2, 3),
+        )
+        self.table.doubleClicked.connect(lambda _index: self.show_selected())
+        form.addRow(self.table)
+        return box
+
+    def _build_settings_box(self) -> QGroupBox:
+        box = QGroupBox("Settings (kept in the project)")
+        form = QFormLayout(box)
+        self.strategy_combo = QComboBox()
+        self.strategy_combo.addItems(STRATEGIES)
+        for index, name in enumerate(STRATEGIES):
+            self.strategy_combo.setItemData(index, SCORE_MEANINGS[name], 3)  # ToolTipRole
+        self.strategy_combo.setToolTip("How the Review queue picks patches")
+        form.addRow("Strategy", self.strategy_combo)
+        self.n_spin = QSpinBox()
+        self.n_spin.setRange(1, 500)
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(8, 256)
+        self.patch_spin.setToolTip("Edge of a review patch, in voxels")
+        self.n_spin.setToolTip("Patches per review queue")
+        self.n_spin.setSuffix(" patches")
+        self.patch_spin.setSuffix(" vx")
+        form.addRow("Queue", self.n_spin)
+        form.addRow("Patch edge", self.patch_spin)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICE_CHOICES)
+        form.addRow("Device", self.device_combo)
+        self.brush_spin = QSpinBox()
+        self.brush_spin.setRange(1, 40)
+        self.brush_spin.setSuffix(" vx")
+        self.brush_spin.setToolTip("Brush of the Review step's patch layer (PVS are 1-3 voxels)")
+        form.addRow("Brush", self.brush_spin)
+        self.strategy_combo.currentTextChanged.connect(self._save_settings)
+        self.device_combo.currentTextChanged.connect(self._save_settings)
+        for spin in (self.n_spin, self.patch_spin, self.brush_spin):
+            spin.valueChanged.connect(self._save_settings)
+        self.settings_box = box
+        return box
+
+    # ---------------------------------------------------------------- helpers
+    def _report(self, message: str, level: str = "info") -> None:
+        notify(self.status_label, message, level)
+
+    def _image_layers(self) -> list[Image]:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image) and PREDICTION_KEY not in layer.metadata
+            and "patch_of" not in layer.metadata
+        ]
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        current = self.layer_combo.currentText()
+        names = [layer.name for layer in self._image_layers()]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+
+    def _browse_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Project folder", self.folder_edit.text())
+        if folder:
+            self.folder_edit.setText(folder)
+
+    def _folder(self) -> Path | None:
+        text = self.folder_edit.text().strip()
+        if not text:
+            self._report("enter or choose a project folder first", "error")
+            return None
+        return Path(text).expanduser()
+
+    # ---------------------------------------------------------------- project
+    def create_project(self) -> bool:
+        from napari_pvs.project import Project
+
+        folder = self._folder()
+        if folder is None:
+            return False
+        try:
+            project = Project.create(folder, model=self.model_edit.text().strip() or "default")
+        except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+            self._report(str(exc), "error")
+            return False
+        self.state.set_project(project)
+        self._report(f"created project {project.path}")
+        return True
+
+    def open_project(self) -> bool:
+        from napari_pvs.project import Project
+
+        folder = self._folder()
+        if folder is None:
+            return False
+        try:
+            project = Project.open(folder)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            self._report(
+                f"{exc} (to start a new project there, choose an empty folder and press Create)"
+                if "not a" in str(exc)
+                else str(exc),
+                "error",
+            )
+            return False
+        self.state.set_project(project)
+        self._report(f"opened project {project.path}")
+        return True
+
+    def close_project(self) -> None:
+        if self.state.project is not None:
+            path = self.state.project.path
+            self.state.set_project(None)
+            self._report(f"closed project {path}")
+
+    def _show_project(self) -> None:
+        project = self.state.project
+        open_ = project is not None
+        for widget in (self.add_layer_button, self.add_files_button, self.show_button,
+                       self.close_button, self.settings_box):  # fmt: skip
+            widget.setEnabled(open_)
+        if not open_:
+            self.project_label.setText("no project open")
+            fill_table(self.table, [])
+            return
+        self.folder_edit.setText(str(project.path))
+        current = project.current_version()
+        self.project_label.setText(
+            f"{project.path}\nmodel v{current.version} (current) of {len(project.versions())} "
+            f"version(s)"
+        )
+        self.refresh_volumes()
+
+    # ---------------------------------------------------------------- volumes
+    def add_current_layer(self) -> VolumeRecord | None:
+        """Add the chosen image layer's file to the project."""
+        layer = next((lyr for lyr in self._image_layers()
+                      if lyr.name == self.layer_combo.currentText()), None)  # fmt: skip
+        if layer is None:
+            self._report("no image layer chosen; open a volume first", "error")
+            return None
+        source = layer_source(layer)
+        if not source:
+            self._report(
+                f"layer {layer.name!r} has no file (it lives only in memory); save it as "
+                "OME-Zarr first (File > Save Selected Layers… as .zarr) and add that file",
+                "error",
+            )
+            return None
+        record = self._add(source, layer.metadata.get("modality"))
+        if record is not None:
+            layer.metadata[VOLUME_KEY] = record.id
+        return record
+
+    def _browse_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self, "Add volumes", "", "Volumes (*.nii *.nii.gz *.zarr);;All files (*)"
+        )
+        for path in paths:
+            self._add(path)
+
+    def add_paths(self, paths: list[str | Path]) -> list[VolumeRecord]:
+        """Add volume files (what 'Add files…' does after its dialog)."""
+        return [r for r in (self._add(p) for p in paths) if r is not None]
+
+    def _add(self, path: str | Path, modality: str | None = None) -> VolumeRecord | None:
+        try:
+            project = self.state.require_project()
+            if modality not in (None, "unknown"):
+                record = project.add_volume(path, modality=modality)
+            else:
+                record = project.add_volume(path)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            self._report(str(exc), "error")
+            return None
+        self._report(f"added {record.name} (volume {record.id}, {record.modality})")
+        self.state.volumes_changed.emit()
+        return record
+
+    def selected_volume(self) -> VolumeRecord | None:
+        project = self.state.project
+        rows = self.table.selectionModel().selectedRows()
+        if project is None or not rows:
+            return None
+        volumes = project.volumes()
+        return volumes[rows[0].row()] if rows[0].row() < len(volumes) else None
+
+    def show_selected(self) -> Layer | None:
+        """Select the volume's image layer, opening it first when it is not open."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return None
+        try:
+            layer = self.state.show_volume(volume)
+        except FileNotFoundError as exc:
+            self._report(str(exc), "error")
+            return None
+        self.viewer.layers.selection.active = layer
+        return layer
+
+    def refresh_volumes(self) -> None:
+        project = self.state.project
+        if project is None:
+            fill_table(self.table, [])
+            return
+        status = project.status()
+        current = status["current_version"]
+        rows, tips, to_count = [], [], []
+        for entry in status["volumes"]:
+            versions = entry["predicted_versions"]
+            predicted = ", ".join(f"v{v}" + ("*" if v == current else "") for v in versions)
+            key = (entry["id"], current)
+            if key in self.state.pvs_counts:
+                count = self.state.pvs_counts[key]
+                pvs = "too large" if count is None else count
+            elif project.has_prediction(entry["id"], current):
+                pvs, _ = "…", to_count.append(key)
+            else:
+                pvs = "-"
+            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs])
+            tips.append(
+                f"{entry['path']}\n{'x'.join(map(str, entry['shape']))} {entry['modality']}; "
+                f"{entry['annotations']} reviewed ({entry['validation']} validation), "
+                f"{entry['queue_new']} queued, {entry['skipped']} skipped"
+            )
+        selected = self.table.selectionModel().selectedRows()
+        fill_table(self.table, rows, tips)
+        if selected and selected[0].row() < len(rows):
+            self.table.selectRow(selected[0].row())
+        if to_count and not self.count_job.is_running():
+            paths = {key: project.prediction_path(*key) for key in to_count}
+
+            def work(progress, cancel):
+                from napari_pvs._widgets.segment import pvs_statistics
+
+                return {key: pvs_statistics(path)[2] for key, path in paths.items()}
+
+            self.count_job.start(work, "Counting PVS")
+
+    def _on_counted(self, counts: dict) -> None:
+        self.state.pvs_counts.update(counts)
+        self.refresh_volumes()
+
+    # ---------------------------------------------------------------- settings
+    def _apply_settings(self) -> None:
+        settings = self.state.settings()
+        widgets = (self.strategy_combo, self.device_combo, self.n_spin, self.patch_spin,
+                   self.brush_spin)  # fmt: skip
+        for widget in widgets:
+            widget.blockSignals(True)
+        self.strategy_combo.setCurrentText(str(settings["strategy"]))
+        self.device_combo.setCurrentText(str(settings["device"]))
+        self.n_spin.setValue(int(settings["n"]))
+        self.patch_spin.setValue(int(settings["patch"]))
+        self.brush_spin.setValue(int(settings["brush_size"]))
+        for widget in widgets:
+            widget.blockSignals(False)
+
+    def _save_settings(self, *args) -> None:
+        if self.state.project is None:
+            return
+        try:
+            self.state.update_settings(
+                strategy=self.strategy_combo.currentText(),
+                device=self.device_combo.currentText(),
+                n=self.n_spin.value(),
+                patch=self.patch_spin.value(),
+                brush_size=self.brush_spin.value(),
+            )
+        except ValueError as exc:
+            self._report(str(exc), "error")

@@ -1,0 +1,573 @@
+"""The workflow's Review step: the ranked queue and the patch being corrected.
+
+Thin over the project: ``project.rank`` (off the GUI thread; it predicts first when the
+current version has no prediction) records the queue, ``project.queue`` lists it,
+``project.accept`` / ``project.skip`` record what the user did. Selecting a patch zooms the
+view to it, draws its box and opens one in-memory labels layer for the patch at its offset
+(``translate`` = the box's first voxel in world coordinates, ``scale`` = the spacing),
+prefilled with the model's segmentation (or the accepted labels of a reviewed patch), active,
+with a 1-voxel brush and the PVS label. Painting uses the layer's own tools, so its undo works.
+The review keys are bound on that layer only (they go with it) and avoid napari's own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._layers import box_world, find_layer, show_box, zoom_to
+from napari_pvs._widgets.review_queue import ReviewQueue
+from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.ranking import SCORE_MEANINGS, shortfall_message
+
+if TYPE_CHECKING:
+    from napari_pvs.project import PatchRecord, VolumeRecord
+
+PATCH_LAYER = "patch under review"
+BOX_LAYER = "patch box"
+UNCERTAINTY_LAYER = "patch uncertainty"
+#: Review keys, bound on the patch layer only. napari's labels layer already uses 1-7, E, P,
+#: F, L, Z, M, X, B, -, =, [, ], Escape and Enter, the viewer V, the arrows and Space.
+KEYS = {"accept": "a", "skip": "s", "next": "n", "previous": "Shift-N"}
+KEY_HELP = (
+    "Keys on the patch layer: A accept · S skip · N next · Shift+N previous · "
+    "[ / ] brush smaller / larger · Ctrl+Z undo · Ctrl+Shift+Z redo"
+)
+STATUS_COLOURS = {"reviewed": QColor(60, 140, 80, 110), "skipped": QColor(120, 120, 120, 90)}
+#: What switching away from a patch with unsaved edits can do (the last changes nothing).
+UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
+
+
+class ReviewStep(QWidget):
+    """Rank a volume's patches, open them one by one, correct, accept or skip."""
+
+    def __init__(self, state: WorkflowState) -> None:
+        super().__init__()
+        self.state = state
+        self.viewer = state.viewer
+        self.queue = ReviewQueue()
+        self.queue.connect(self._show_queue)
+        self.job = BackgroundJob(self)
+        self.job.succeeded.connect(self._on_ranked)
+        self.job.failed.connect(lambda message: self._report(message, "error"))
+        self.job.cancelled.connect(lambda: self._report("ranking cancelled"))
+        self.job.started.connect(lambda _d: self.rank_button.setEnabled(False))
+        for signal in (self.job.succeeded, self.job.failed, self.job.cancelled):
+            signal.connect(lambda *_: self.rank_button.setEnabled(True))
+        #: the open patch: its record, volume, prefilled labels and when it was opened
+        self.patch: PatchRecord | None = None
+        self.volume: VolumeRecord | None = None
+        self._prefill: np.ndarray | None = None
+        self._opened_at = 0.0
+        self._asked_n = 0
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(self._build_queue_box())
+        layout.addWidget(self._build_patch_box())
+        self.status_label = status_label()
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        state.project_changed.connect(self._on_project_changed)
+        state.volumes_changed.connect(self._refresh_volumes)
+        state.queue_changed.connect(self._on_queue_changed)
+        state.versions_changed.connect(self.reload_queue)
+        state.settings_changed.connect(self._show_settings)
+        self._on_project_changed()
+
+    # ---------------------------------------------------------------- building
+    def _build_queue_box(self) -> QGroupBox:
+        box = QGroupBox("Queue")
+        form = QFormLayout(box)
+        self.volume_combo = QComboBox()
+        self.volume_combo.currentIndexChanged.connect(lambda _i: self.reload_queue())
+        form.addRow("Volume", self.volume_combo)
+        self.settings_label = QLabel("")
+        self.settings_label.setWordWrap(True)
+        form.addRow(self.settings_label)
+        self.rank_button = QPushButton("Rank patches")
+        self.rank_button.setToolTip(
+            "Rank this volume's patches with the current model (predicting first if needed); "
+            "reviewed voxels and skipped patches are left out"
+        )
+        self.rank_button.clicked.connect(self.rank)
+        form.addRow(self.rank_button)
+        self.progress = JobProgress("windows")
+        self.progress.follow(self.job)
+        form.addRow(self.progress)
+        self.table = compact_table(
+            ["#", "score", "PVS", "status"],
+            [
+                "rank in the queue",
+                "how much the model would gain from this patch (hover a row for the meaning)",
+                "PVS the model predicts in the patch",
+                "new, reviewed (accepted) or skipped",
+            ],
+            fit=(0, 2),
+        )
+        self.table.setMinimumHeight(180)
+        self.table.itemSelectionChanged.connect(self._on_row_selected)
+        form.addRow(self.table)
+        self.queue_label = QLabel("")
+        self.queue_label.setWordWrap(True)
+        form.addRow(self.queue_label)
+        return box
+
+    def _build_patch_box(self) -> QGroupBox:
+        box = QGroupBox("Patch")
+        layout = QVBoxLayout(box)
+        self.patch_label = QLabel("no patch open")
+        self.patch_label.setWordWrap(True)
+        layout.addWidget(self.patch_label)
+        grid = QGridLayout()
+        self.previous_button = QPushButton("◀ Previous")
+        self.previous_button.clicked.connect(self.previous)
+        self.next_button = QPushButton("Next ▶")
+        self.next_button.clicked.connect(self.next)
+        self.accept_button = QPushButton("Accept")
+        self.accept_button.setToolTip("Save this patch as reviewed (empty = no PVS) and move on")
+        self.accept_button.clicked.connect(self.accept)
+        self.skip_button = QPushButton("Skip")
+        self.skip_button.setToolTip("Leave this patch out of the queue and move on")
+        self.skip_button.clicked.connect(self.skip)
+        grid.addWidget(self.previous_button, 0, 0)
+        grid.addWidget(self.next_button, 0, 1)
+        grid.addWidget(self.accept_button, 1, 0)
+        grid.addWidget(self.skip_button, 1, 1)
+        layout.addLayout(grid)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Brush"))
+        self.brush_spin = QSpinBox()
+        self.brush_spin.setRange(1, 40)
+        self.brush_spin.setSuffix(" vx")
+        self.brush_spin.valueChanged.connect(self._set_brush)
+        row.addWidget(self.brush_spin)
+        self.contour_check = QCheckBox("Contour")
+        self.contour_check.setToolTip("Draw the labels as outlines, the image visible inside")
+        self.contour_check.toggled.connect(self._set_contour)
+        row.addWidget(self.contour_check)
+        row.addStretch(1)
+        layout.addLayout(row)
+        row = QHBoxLayout()
+        self.uncertainty_check = QCheckBox("Uncertainty")
+        self.uncertainty_check.setToolTip("Overlay the patch's predictive entropy (bits)")
+        self.uncertainty_check.toggled.connect(self._show_uncertainty)
+        row.addWidget(self.uncertainty_check)
+        self.view3d_check = QCheckBox("3D view")
+        self.view3d_check.toggled.connect(self._set_3d)
+        row.addWidget(self.view3d_check)
+        row.addStretch(1)
+        layout.addLayout(row)
+        keys = QLabel(KEY_HELP)
+        keys.setWordWrap(True)
+        keys.setEnabled(False)  # drawn as a hint
+        layout.addWidget(keys)
+        self.patch_controls = [self.previous_button, self.next_button, self.accept_button,
+                               self.skip_button]  # fmt: skip
+        return box
+
+    # ---------------------------------------------------------------- helpers
+    def _report(self, message: str, level: str = "info") -> None:
+        notify(self.status_label, message, level)
+
+    def _on_project_changed(self) -> None:
+        self._close_patch()
+        self._refresh_volumes()
+        self._show_settings()
+
+    def _refresh_volumes(self) -> None:
+        project = self.state.project
+        current = self.volume_combo.currentData()
+        self.volume_combo.blockSignals(True)
+        self.volume_combo.clear()
+        for volume in project.volumes() if project is not None else []:
+            self.volume_combo.addItem(volume.name, volume.id)
+        index = self.volume_combo.findData(current)
+        self.volume_combo.setCurrentIndex(index if index >= 0 else 0)
+        self.volume_combo.blockSignals(False)
+        self.rank_button.setEnabled(project is not None and self.volume_combo.count() > 0)
+        self.reload_queue()
+
+    def _show_settings(self) -> None:
+        settings = self.state.settings()
+        self.settings_label.setText(
+            f"{settings['n']} patches of {settings['patch']}³ voxels by {settings['strategy']} "
+            "(change in the Project step)"
+        )
+        self.brush_spin.blockSignals(True)
+        self.brush_spin.setValue(int(settings["brush_size"]))
+        self.brush_spin.blockSignals(False)
+
+    def selected_volume(self) -> VolumeRecord | None:
+        project, vid = self.state.project, self.volume_combo.currentData()
+        if project is None or vid is None:
+            return None
+        return project.volume(int(vid))
+
+    def _on_queue_changed(self, vid: int) -> None:
+        if vid == self.volume_combo.currentData():
+            self.reload_queue()
+
+    def reload_queue(self) -> None:
+        volume = self.selected_volume()
+        patches = self.state.project.queue(volume.id) if volume is not None else []
+        self.queue.set_patches(patches)
+
+    def _show_queue(self) -> None:
+        rows, tips = [], []
+        for patch in self.queue.patches:
+            rows.append([patch.rank, f"{patch.score:.3g}", patch.predicted_pvs, patch.status])
+            meaning = SCORE_MEANINGS.get(patch.strategy, "")
+            tips.append(
+                f"{patch.strategy} score {patch.score:.6g}: {meaning}"
+                f"\nvoxels {list(patch.start)}..{list(patch.stop)}, model v{patch.model_version}"
+            )
+        fill_table(self.table, rows, tips)
+        for r, patch in enumerate(self.queue.patches):
+            colour = STATUS_COLOURS.get(patch.status)
+            if colour is not None:
+                for c in range(self.table.columnCount()):
+                    self.table.item(r, c).setBackground(colour)
+        self.table.blockSignals(True)
+        if self.queue.index >= 0:
+            self.table.selectRow(self.queue.index)
+        else:
+            self.table.clearSelection()
+        self.table.blockSignals(False)
+        counts = self.queue.counts()
+        self.queue_label.setText(
+            f"{counts['new']} new, {counts['reviewed']} reviewed, {counts['skipped']} skipped"
+            if self.queue.patches
+            else "no queue yet: press Rank patches"
+        )
+
+    # ---------------------------------------------------------------- ranking
+    def rank(self) -> bool:
+        """Rank the chosen volume's patches in the background (predicting first if needed)."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("open a project and add a volume first (Project step)", "error")
+            return False
+        if self.job.is_running():
+            self._report("a ranking is already running", "error")
+            return False
+        if not self.resolve_unsaved():
+            return False
+        project = self.state.project
+        settings = self.state.settings()
+        self._asked_n = int(settings["n"])
+        vid = volume.id
+
+        def work(progress, cancel):
+            return vid, project.rank(vid, progress=progress, cancel=cancel)
+
+        self.job.start(work, f"Ranking {volume.name}")
+        self.status_label.setText(f"ranking {volume.name} ({settings['strategy']})…")
+        return True
+
+    def _on_ranked(self, value) -> None:
+        vid, records = value
+        volume = self.state.project.volume(vid)
+        settings = self.state.settings()
+        message = f"{len(records)} patches queued for {volume.name}"
+        why = shortfall_message(len(records), self._asked_n, volume.shape, int(settings["patch"]))
+        self._report(f"{message}. {why}" if why else message, "warning" if why else "info")
+        self.state.predictions_changed.emit(vid)
+        self.state.queue_changed.emit(vid)
+        if self.volume_combo.currentData() == vid:
+            self.reload_queue()
+            first = self.queue.first_new()
+            if first >= 0:
+                self.open_patch(first)
+
+    # ---------------------------------------------------------------- the patch
+    def patch_layer(self) -> Labels | None:
+        layer = find_layer(self.viewer, PATCH_LAYER)
+        return layer if isinstance(layer, Labels) else None
+
+    def has_unsaved_edits(self) -> bool:
+        layer = self.patch_layer()
+        return (
+            self.patch is not None
+            and layer is not None
+            and self._prefill is not None
+            and not np.array_equal(np.asarray(layer.data), self._prefill)
+        )
+
+    def resolve_unsaved(self) -> bool:
+        """Before leaving a patch: ask what to do with unsaved edits; False = stay."""
+        if not self.has_unsaved_edits():
+            return True
+        choice = self.state.ask(
+            self,
+            "Unsaved corrections",
+            f"Patch {self.patch.rank} has corrections that are not accepted yet. Accept them, "
+            "discard them, or stay on this patch?",
+            list(UNSAVED_CHOICES),
+        )
+        if choice == "Accept":
+            return self._accept_current() is not None
+        return choice == "Discard"
+
+    def _on_row_selected(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if rows and rows[0].row() != self.queue.index and not self.open_patch(rows[0].row()):
+            self._show_queue()  # put the selection back on the open patch
+
+    def open_patch(self, index: int) -> bool:
+        """Show queue row ``index``: zoom, box, the prefilled patch layer. False if it stays."""
+        if index == self.queue.index and self.patch is not None:
+            return True
+        if not self.resolve_unsaved():
+            return False
+        patch = self.queue.select(index)
+        if patch is None:
+            return False
+        project = self.state.project
+        volume = project.volume(patch.volume_id)
+        try:
+            image = self.state.show_volume(volume)
+        except FileNotFoundError as exc:
+            self._report(str(exc), "error")
+            return False
+        self.patch, self.volume = patch, volume
+        scale = tuple(float(s) for s in image.scale[-3:])
+        translate = tuple(float(t) for t in image.translate[-3:])
+        prefill = self._prefill_labels(patch)
+        self._prefill = prefill.copy()
+        origin, centre = box_world(patch.start, patch.stop, scale, translate)
+        layer = self._put_patch_layer(prefill, origin, scale, patch)
+        show_box(self.viewer, BOX_LAYER, patch.start, patch.stop, scale, translate)
+        self._raise_to_top(layer)
+        extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
+        zoom_to(self.viewer, centre, extent)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        self._show_uncertainty(self.uncertainty_check.isChecked())
+        self._opened_at = time.monotonic()
+        self._show_queue()
+        size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
+        self.patch_label.setText(
+            f"patch {patch.rank} of {volume.name} ({patch.status}): {size} voxels at "
+            f"{list(patch.start)}; {patch.predicted_pvs} predicted PVS, {patch.strategy} score "
+            f"{patch.score:.3g} (model v{patch.model_version})"
+        )
+        for control in self.patch_controls:
+            control.setEnabled(True)
+        return True
+
+    def _box(self, patch: PatchRecord) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
+
+    def _prediction_group(self, patch: PatchRecord):
+        """The prediction store the patch was ranked on (else the current version's), or None."""
+        from napari_pvs.io import open_prediction
+
+        project = self.state.project
+        for version in (patch.model_version, None):
+            path = project.prediction_path(patch.volume_id, version)
+            if path.is_dir():
+                try:
+                    return open_prediction(path)
+                except ValueError:
+                    continue
+        return None
+
+    def _prefill_labels(self, patch: PatchRecord) -> np.ndarray:
+        """The model's segmentation of the box, with accepted labels where it was reviewed."""
+        from napari_pvs.project import UNREVIEWED
+
+        box = self._box(patch)
+        shape = tuple(b - a for a, b in zip(patch.start, patch.stop, strict=True))
+        group = self._prediction_group(patch)
+        labels = (
+            (np.asarray(group["segmentation"][box]) > 0).astype(np.uint8)
+            if group is not None
+            else np.zeros(shape, np.uint8)
+        )
+        stored = np.asarray(self.state.project.labels(patch.volume_id)["labels"][box])
+        reviewed = stored != UNREVIEWED
+        labels[reviewed] = stored[reviewed]
+        return labels
+
+    def _put_patch_layer(self, data: np.ndarray, origin, scale, patch: PatchRecord) -> Labels:
+        layer = self.patch_layer()
+        metadata = {"patch_of": patch.volume_id, "patch_id": patch.id}
+        if layer is None:
+            layer = self.viewer.add_labels(
+                data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
+                opacity=0.8, units=("mm",) * 3,
+            )  # fmt: skip
+            self._bind_keys(layer)
+        else:
+            layer.scale, layer.translate = scale, origin
+            layer.data = data  # a new array: the previous patch's undo history goes with it
+            layer.metadata = metadata
+            layer.visible = True
+        layer.selected_label = 1
+        layer.brush_size = self.brush_spin.value()
+        layer.contour = 1 if self.contour_check.isChecked() else 0
+        return layer
+
+    def _raise_to_top(self, layer) -> None:
+        index = self.viewer.layers.index(layer)
+        if index != len(self.viewer.layers) - 1:
+            self.viewer.layers.move(index, len(self.viewer.layers))
+
+    def _bind_keys(self, layer: Labels) -> None:
+        actions = {"accept": self.accept, "skip": self.skip, "next": self.next,
+                   "previous": self.previous}  # fmt: skip
+        for name, key in KEYS.items():
+            action = actions[name]
+            layer.bind_key(key, lambda _layer, action=action: action(), overwrite=True)
+
+    def _close_patch(self) -> None:
+        self.patch, self.volume, self._prefill = None, None, None
+        for name in (PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER):
+            layer = find_layer(self.viewer, name)
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+        self.patch_label.setText("no patch open")
+        for control in self.patch_controls:
+            control.setEnabled(False)
+
+    def teardown(self) -> None:
+        """Stop the ranking; the patch layer (and its keys) go with the viewer."""
+        self.job.cancel()
+
+    # ---------------------------------------------------------------- display options
+    def _set_brush(self, size: int) -> None:
+        layer = self.patch_layer()
+        if layer is not None:
+            layer.brush_size = size
+        try:
+            self.state.update_settings(brush_size=int(size))
+        except ValueError as exc:
+            self._report(str(exc), "error")
+
+    def _set_contour(self, on: bool) -> None:
+        layer = self.patch_layer()
+        if layer is not None:
+            layer.contour = 1 if on else 0
+
+    def _set_3d(self, on: bool) -> None:
+        self.viewer.dims.ndisplay = 3 if on else 2
+        layer = self.patch_layer()
+        if self.patch is not None and layer is not None:
+            scale, shape = np.asarray(layer.scale[-3:]), np.asarray(layer.data.shape)
+            centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
+            zoom_to(self.viewer, centre, shape * scale)
+
+    def _show_uncertainty(self, on: bool) -> None:
+        existing = find_layer(self.viewer, UNCERTAINTY_LAYER)
+        if not on or self.patch is None:
+            if existing is not None:
+                self.viewer.layers.remove(existing)
+            return
+        group = self._prediction_group(self.patch)
+        if group is None or "entropy" not in group:
+            self._report(
+                "this prediction has no uncertainty map; segment with MC samples or test-time "
+                "flips (Segment step, Advanced) to get one",
+                "warning",
+            )
+            return
+        data = np.asarray(group["entropy"][self._box(self.patch)], dtype=np.float32)
+        layer = self.patch_layer()
+        if isinstance(existing, Image):
+            existing.data = data
+            existing.scale, existing.translate = layer.scale, layer.translate
+        else:
+            existing = self.viewer.add_image(
+                data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
+                colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
+                metadata={"patch_of": self.patch.volume_id},
+            )  # fmt: skip
+        self._raise_to_top(layer)
+        self.viewer.layers.selection.active = layer
+
+    # ---------------------------------------------------------------- actions
+    def _accept_current(self):
+        layer = self.patch_layer()
+        if self.patch is None or layer is None:
+            self._report("no patch open; select one in the queue", "error")
+            return None
+        patch = self.patch
+        labels = (np.asarray(layer.data) > 0).astype(np.uint8)
+        try:
+            annotation = self.state.project.accept(
+                patch.volume_id,
+                patch.start,
+                patch.stop,
+                labels,
+                seconds=time.monotonic() - self._opened_at,
+                patch_id=patch.id,
+                model_version=patch.model_version,
+            )
+        except (ValueError, OSError) as exc:
+            self._report(f"could not accept patch {patch.rank}: {exc}", "error")
+            return None
+        self._prefill = labels.copy()
+        layer.data = labels  # fresh history: what is saved is the new starting point
+        self.queue.set_status(patch.id, "reviewed")
+        self.patch = self.queue.current()
+        self._report(
+            f"accepted patch {patch.rank} of {self.volume.name} "
+            f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
+        )
+        self.state.queue_changed.emit(patch.volume_id)
+        return annotation
+
+    def accept(self) -> bool:
+        """Accept the open patch (empty counts as reviewed background) and open the next new."""
+        if self._accept_current() is None:
+            return False
+        self._move(self.queue.next_index("new"), "all patches of this queue are done")
+        return True
+
+    def skip(self) -> bool:
+        """Leave the open patch out (without saving edits) and open the next new one."""
+        if self.patch is None:
+            self._report("no patch open; select one in the queue", "error")
+            return False
+        patch = self.patch
+        self.state.project.skip(patch.id)
+        self._prefill = None  # skipping drops the edits on purpose: no question
+        self.queue.set_status(patch.id, "skipped")
+        self.patch = self.queue.current()
+        self._report(f"skipped patch {patch.rank}")
+        self.state.queue_changed.emit(patch.volume_id)
+        self._move(self.queue.next_index("new"), "no new patch after this one")
+        return True
+
+    def next(self) -> bool:
+        return self._move(self.queue.next_index(), "this is the last patch of the queue")
+
+    def previous(self) -> bool:
+        return self._move(self.queue.previous_index(), "this is the first patch of the queue")
+
+    def _move(self, index: int, message: str) -> bool:
+        if index < 0:
+            self.status_label.setText(self.status_label.text() + f"; {message}")
+            return False
+        return self.open_patch(index)

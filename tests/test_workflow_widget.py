@@ -1,0 +1,459 @@
+"""The napari workflow driven through its widgets under Xvfb, on small phantoms with a tiny
+saved model: create a project, add volumes, segment, rank, open a patch, paint (the layer's own
+paint API), undo, accept, skip, the review keys on the patch layer, a training round, the new
+version listed, roll back, the burden table and exports; questions are answered by a policy
+(the ``ask`` hook) and recorded. Plus the layout at 1920x1080 / 1280x800 and a heartbeat: a
+50 ms QTimer during prediction, result-layer building and a training round never waits 200 ms.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dask.array as da
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+from qtpy.QtCore import Qt, QTimer
+
+from napari_pvs import io
+from napari_pvs._widgets import PVSWorkflow, VolumePanel
+from napari_pvs._widgets.review import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
+from napari_pvs.inference import Predictor
+from napari_pvs.models.checkpoint import load_checkpoint
+from napari_pvs.phantom import make_phantom
+from tiny_models import tiny_checkpoint
+
+pytestmark = pytest.mark.gui
+
+SPACING = 1.5
+SHAPE = (40, 48, 40)
+
+
+class Answers:
+    """The ask policy: answers in order (then the last choice: change nothing), recorded."""
+
+    def __init__(self) -> None:
+        self.queue: list[str] = []
+        self.asked: list[tuple[str, list[str]]] = []
+
+    def __call__(self, parent, title, question, choices) -> str:
+        self.asked.append((question, list(choices)))
+        return self.queue.pop(0) if self.queue else choices[-1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", dropout=0.3)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """Two phantom T2w scans as OME-Zarr with ground truth and a region map."""
+    folder = tmp_path_factory.mktemp("scans")
+    paths = []
+    for seed in (1, 2):
+        phantom = make_phantom(SHAPE, SPACING, "T2", seed=seed, severity=1.0)
+        paths.append(
+            io.save_ome_zarr(
+                folder / f"sub-0{seed}_T2w.zarr",
+                phantom.image,
+                phantom.spacing,
+                labels={"pvs": phantom.pvs, "regions": phantom.regions},
+                modality="T2",
+                levels=1,
+                chunks=16,
+            )
+        )
+    return paths
+
+
+@pytest.fixture
+def workflow(make_napari_viewer):
+    viewer = make_napari_viewer()
+    answers = Answers()
+    widget = PVSWorkflow(viewer, ask=answers)
+    viewer.window.add_dock_widget(widget, area="right")
+    widget.answers = answers
+    yield widget
+    widget.teardown()
+
+
+def wait(qtbot, busy, timeout=60000) -> None:
+    qtbot.waitUntil(lambda: not busy(), timeout=timeout)
+
+
+def create_project(workflow, tmp_path, checkpoint):
+    step = workflow.project_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    step.create_button.click()
+    project = workflow.state.project
+    assert project is not None and project.path == tmp_path / "project"
+    # fast, small settings for 40^3 phantoms (the Project step persists them)
+    step.patch_spin.setValue(12)
+    step.n_spin.setValue(20)
+    workflow.state.update_settings(predict_mc=2, predict_tta=1, device="cpu")
+    return project
+
+
+def open_scan(workflow, path):
+    return workflow.viewer.open(str(path), plugin="napari-pvs")[0]
+
+
+def segment(workflow, qtbot, layer) -> None:
+    step = workflow.segment_step
+    step.layer_combo.setCurrentText(layer.name)
+    step.window_spin.setValue(32)
+    step.batch_spin.setValue(2)
+    step.device_combo.setCurrentText("cpu")
+    step.segment_button.click()
+    wait(qtbot, step.is_running)
+
+
+def canvas_key(workflow, qtbot, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
+    """A real key press on the canvas (what napari dispatches to the active layer)."""
+    qtbot.keyClick(workflow.viewer.window._qt_viewer.canvas.native, key, modifier)
+
+
+def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, scans):
+    viewer = workflow.viewer
+    project = create_project(workflow, tmp_path, checkpoint)
+    assert project.settings()["patch"] == 12 and project.settings()["n"] == 20
+
+    # -- Project step: add an open layer (with its file) and a file; their state is listed
+    image = open_scan(workflow, scans[0])
+    assert [lyr.visible for lyr in viewer.layers] == [True, True, False]  # regions hidden
+    step = workflow.project_step
+    step.layer_combo.setCurrentText(image.name)
+    step.add_layer_button.click()
+    assert step.add_paths([scans[1]])[0].name == "sub-02_T2w"
+    assert step.table.rowCount() == 2 and step.table.item(0, 1).text() == "-"
+    viewer.add_image(np.zeros(SHAPE, np.float32), name="in memory")
+    step.layer_combo.setCurrentText("in memory")
+    assert step.add_current_layer() is None and "no file" in step.status_label.text()
+    vid = project.volumes()[0].id
+
+    # -- Segment step: the project's model version, a result equal to a direct prediction
+    seg = workflow.segment_step
+    seg.layer_combo.setCurrentText(image.name)
+    assert seg.model_row.isHidden() and not seg.version_combo.isHidden()
+    assert seg.version_combo.currentText() == "v0 (current)" and seg.mc_spin.value() == 2
+    segment(workflow, qtbot, image)
+    segmentation = viewer.layers[f"{image.name} PVS segmentation"]
+    assert segmentation.metadata["model_version"] == "v0" and segmentation.visible
+    assert "model v0" in seg.summary_label.text()
+    store = project.prediction_path(vid, 0)
+    assert segmentation.metadata["prediction"] == str(store)
+    model, _ = load_checkpoint(checkpoint)
+    reference = tmp_path / "direct.zarr"
+    Predictor(model, window=32, batch=2, device="cpu", mc_samples=2, tta=1,
+              modality="T2").predict(io.open_volume(scans[0]), reference)  # fmt: skip
+    direct = zarr.open_group(str(reference), mode="r")
+    np.testing.assert_array_equal(segmentation.data.compute(), direct["segmentation"][...])
+    assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
+    assert step.table.item(0, 1).text() == "v0*"
+    assert step.table.item(0, 3).text() == str(seg.result.pvs_count)
+
+    # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
+    review = workflow.review_step
+    review.volume_combo.setCurrentIndex(review.volume_combo.findData(vid))
+    review.rank_button.click()
+    wait(qtbot, review.job.is_running)
+    queued = project.queue(vid, status="new")
+    assert review.table.rowCount() == len(queued) >= 3
+    assert f"only {len(queued)} of 20 patches" in review.status_label.text()
+    patch = review.patch
+    assert patch is not None and patch.id == review.queue.patches[0].id
+    layer = viewer.layers[PATCH_LAYER]
+    box = tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
+    np.testing.assert_allclose(layer.scale, image.scale)
+    np.testing.assert_allclose(layer.translate, np.asarray(image.translate)
+                               + np.asarray(patch.start) * np.asarray(image.scale))  # fmt: skip
+    np.testing.assert_array_equal(layer.data, direct["segmentation"][box] > 0)
+    assert viewer.layers.selection.active is layer and layer.mode == "paint"
+    assert layer.brush_size == 1 and layer.selected_label == 1
+    assert viewer.layers[-1] is layer and BOX_LAYER in viewer.layers
+    centre = (np.asarray(patch.start) + patch.stop - 1) / 2 * SPACING + image.translate
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre[-2:])
+    np.testing.assert_allclose(viewer.dims.point[0], centre[0], atol=SPACING / 2 + 1e-6)
+    extent = np.asarray(viewer.canvas.size) * 0.45 / (12 * SPACING)
+    assert viewer.scene.camera.zoom == pytest.approx(extent.min())
+    # the score's meaning is a tooltip; the keys are shown in the panel
+    assert "bits" in review.table.item(0, 1).toolTip()
+    review.uncertainty_check.setChecked(True)
+    overlay = viewer.layers[UNCERTAINTY_LAYER]
+    np.testing.assert_allclose(overlay.data, direct["entropy"][box], atol=1e-3)
+    assert viewer.layers.selection.active is layer
+
+    # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently
+    background = [tuple(v) for v in np.argwhere(np.asarray(layer.data) == 0)[[0, -1]]]
+    layer.paint(background[0], 1)
+    layer.paint(background[1], 1)
+    assert review.has_unsaved_edits() and layer.data[background[1]] == 1
+    layer.undo()
+    layer.undo()
+    assert not review.has_unsaved_edits()
+    layer.paint(background[0], 1)
+    painted = np.asarray(layer.data).copy()
+    assert review.has_unsaved_edits()
+    review.table.selectRow(1)  # the policy answers "Cancel": stay on the patch
+    question, choices = workflow.answers.asked[-1]
+    assert "not accepted" in question and choices == ["Accept", "Discard", "Cancel"]
+    assert review.patch.id == patch.id and review.queue.index == 0
+
+    # -- Accept (button): written through project.accept, shown as reviewed, next one opens
+    review.accept_button.click()
+    annotations = project.annotations(vid)
+    assert len(annotations) == 1 and annotations[0].patch_id == patch.id
+    stored = np.asarray(project.labels(vid)["labels"][box])
+    np.testing.assert_array_equal(stored, painted)
+    assert review.queue.patches[0].status == "reviewed" == review.table.item(0, 3).text()
+    assert review.patch.id == review.queue.patches[1].id
+
+    # -- an emptied patch counts as reviewed; the keys are the patch layer's (A, S, N, Shift+N)
+    layer.n_edit_dimensions = 3
+    layer.brush_size = 40
+    layer.paint(np.asarray(layer.data.shape) // 2, 0)
+    assert not layer.data.any()
+    second = review.patch
+    canvas_key(workflow, qtbot, Qt.Key.Key_A)
+    empty = project.annotations(vid)[-1]
+    assert empty.patch_id == second.id and empty.empty and len(project.annotations(vid)) == 2
+    third = review.patch
+    canvas_key(workflow, qtbot, Qt.Key.Key_S)
+    assert project.queue(vid, status="skipped")[0].id == third.id
+    fourth = review.patch
+    canvas_key(workflow, qtbot, Qt.Key.Key_N, Qt.KeyboardModifier.ShiftModifier)
+    assert review.patch.id == third.id
+    canvas_key(workflow, qtbot, Qt.Key.Key_N)
+    assert review.patch.id == fourth.id
+    # the keys go with the patch layer: with the image active, A accepts nothing
+    viewer.layers.selection.active = image
+    canvas_key(workflow, qtbot, Qt.Key.Key_A)
+    assert len(project.annotations(vid)) == 2
+    viewer.layers.selection.active = layer
+    # "Discard" drops the edit on purpose; "Accept" from the question saves it
+    layer.paint(np.argwhere(np.asarray(layer.data) == 0)[0], 1)
+    workflow.answers.queue = ["Discard"]
+    review.next()
+    assert len(project.annotations(vid)) == 2
+    layer.paint(np.argwhere(np.asarray(layer.data) == 0)[0], 1)
+    workflow.answers.queue = ["Accept"]
+    accepted = review.patch
+    review.previous()
+    assert project.annotations(vid)[-1].patch_id == accepted.id
+    assert review.queue.counts() == {"new": len(queued) - 4, "reviewed": 3, "skipped": 1}
+    assert "3 reviewed" in workflow.train_step.labelled_label.text()
+    # the Project step lists what was reviewed
+    assert step.table.item(0, 2).text() == "3"
+    # a round measures Dice on validation patches (about 1 accepted patch in 4 is one)
+    while not any(a.split == "validation" for a in project.annotations()):
+        assert review.accept()
+    reviewed_before_round = len(project.annotations())
+
+    # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
+    train = workflow.train_step
+    train.steps_spin.setValue(4)
+    train.batch_spin.setValue(1)
+    train.patch_spin.setValue(12)
+    train.device_combo.setCurrentText("cpu")
+    with Heartbeat() as beat:
+        train.start_button.click()
+        assert train.is_running() and not train.start_button.isEnabled()
+        qtbot.waitUntil(lambda: train.outcome is not None, timeout=180000)
+        wait(qtbot, seg.is_running)  # the new version's layers replace the old ones
+    assert train.outcome["kind"] == "done", train.outcome
+    assert beat.longest < 0.2, f"the GUI waited {beat.longest * 1000:.0f} ms during a round"
+    assert project.current_version().version == 1
+    assert train.versions_table.rowCount() == 2
+    assert train.versions_table.item(1, 0).text() == "v1*"
+    assert train.versions_table.item(1, 1).text() == "v0"
+    loss_steps, losses = train.plot.series("loss")
+    assert loss_steps and loss_steps[-1] == 4 and all(np.isfinite(losses))
+    assert train.plot.series("dice")[0] == [0, 4]  # before and after, on the validation patches
+    assert train.versions_table.item(0, 3).text() != "-"  # v0 as measured by the round
+    assert "v1" in train.status_label.text()
+    # the queue and the Segment step follow the new version
+    assert {p.model_version for p in review.queue.patches if p.status == "new"} == {1}
+    assert seg.version_combo.currentText() == "v1 (current)"
+    assert segmentation.metadata["model_version"] == "v1"
+    assert segmentation.metadata["prediction"] == str(project.prediction_path(vid, 1))
+
+    # -- compare, roll back (nothing deleted), roll forward
+    train.versions_table.selectAll()
+    rows = train.compare()
+    assert [r["version"] for r in rows] == [0, 1] and "v1:" in train.compare_label.text()
+    train.versions_table.clearSelection()
+    train.versions_table.selectRow(0)
+    train.rollback_button.click()
+    assert project.current_version().version == 0
+    assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
+
+    # -- Report: the burden table and its CSV, the learning curve, labels export
+    report = workflow.report_step
+    report.burden_button.click()
+    wait(qtbot, report.job.is_running)
+    expected = project.burden()
+    assert report.table.rowCount() == len(expected) > 1
+    assert report.table.item(0, 2).text() == str(expected[0]["count"])
+    csv_path = report.export_csv(tmp_path / "burden.csv")
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "volume,region,count,volume_mm3,model_version" and len(lines) == 1 + len(
+        expected
+    )
+    assert report.export_csv(csv_path) is None  # exists: the policy says Cancel
+    assert "Replace" in workflow.answers.asked[-1][1]
+    report.curve_axis.setCurrentText("reviewed patches")
+    curve = report.refresh_curve()
+    assert curve["reviewed patches"] == [0, reviewed_before_round]
+    assert curve["dice"][-1] == pytest.approx(project.version(1).metrics["validation_dice"])
+    assert report.export()  # into the project's exports/v0, NIfTI
+    wait(qtbot, report.job.is_running)
+    folder = project.path / "exports" / "v0"
+    assert report.exported["folder"] == folder
+    exported = np.asarray(nib.load(str(folder / "sub-01_T2w_labels.nii.gz")).dataobj)
+    np.testing.assert_array_equal(exported, np.asarray(project.labels(vid)["labels"][...]))
+    before = (folder / "burden.csv").stat().st_mtime_ns
+    assert not report.export()  # exists: asked, the policy keeps it
+    assert "Replace" in workflow.answers.asked[-1][1]
+    assert (folder / "burden.csv").stat().st_mtime_ns == before
+
+
+class Heartbeat:
+    """A 50 ms QTimer; ``longest`` is the longest wait between two of its ticks (s)."""
+
+    def __enter__(self):
+        self.longest, self._last = 0.0, time.perf_counter()
+        self.timer = QTimer()
+        self.timer.timeout.connect(self._tick)
+        self.timer.start(50)
+        return self
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self._last)
+        self._last = now
+
+    def __exit__(self, *exc) -> None:
+        self.timer.stop()
+
+
+def test_heartbeat_during_prediction_and_result_layers(workflow, qtbot, tmp_path, scans):
+    """Prediction in its thread, the PVS count, then five result layers one turn apiece."""
+    image = open_scan(workflow, scans[1])
+    seg = workflow.segment_step
+    seg.model_edit.setText("default")
+    seg.mc_spin.setValue(2)
+    seg.output_edit.setText(str(tmp_path / "beat.zarr"))
+    with Heartbeat() as beat:
+        segment(workflow, qtbot, image)
+    assert set(seg.result_layers) == {"segmentation", "probability", "entropy",
+                                      "mutual_information", "variance"}  # fmt: skip
+    assert beat.longest < 0.2, f"the GUI waited {beat.longest * 1000:.0f} ms"
+
+
+def test_resegment_never_overwrites_painted_corrections(workflow, qtbot, tmp_path, checkpoint,
+                                                        scans):  # fmt: skip
+    image = open_scan(workflow, scans[0])
+    seg = workflow.segment_step
+    seg.model_edit.setText(str(checkpoint))
+    seg.output_edit.setText(str(tmp_path / "scan.zarr"))
+    segment(workflow, qtbot, image)
+    layer = seg.result_layers["segmentation"]
+    assert isinstance(layer.data, da.Array)
+    layer.paint((20, 20, 20), 1)
+    corrected = np.asarray(layer.data).copy()
+    seg.overwrite_check.setChecked(True)
+    assert not seg.segment()  # the policy answers Cancel: nothing starts, nothing changes
+    assert "corrections you painted" in workflow.answers.asked[-1][0]
+    workflow.answers.queue = ["New layers"]
+    assert seg.segment()
+    wait(qtbot, seg.is_running)
+    assert layer in workflow.viewer.layers and isinstance(layer.data, np.ndarray)
+    np.testing.assert_array_equal(layer.data, corrected)  # a copy kept before the rewrite
+    fresh = seg.result_layers["segmentation"]
+    assert fresh is not layer and fresh.name.endswith("(new)")
+    assert "ranked patch" not in workflow.viewer.layers
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (1280, 800)])
+def test_layout_keeps_the_canvas_and_fits_the_screen(workflow, qtbot, size):
+    window = workflow.viewer.window._qt_window
+    window.resize(*size)
+    window.show()
+    qtbot.waitExposed(window)
+    qtbot.wait(50)
+    canvas = workflow.viewer.window._qt_viewer.canvas.native
+    if size[0] == 1920:
+        assert canvas.width() >= 0.6 * window.width(), (canvas.width(), window.width())
+    # every step fits the window's height (its page scrolls), none is wider than the dock
+    for index in range(workflow.tabs.count()):
+        workflow.tabs.setCurrentIndex(index)
+        qtbot.wait(10)
+        page = workflow.tabs.widget(index)
+        assert page.height() <= window.height()
+        assert page.widget().width() <= page.viewport().width()
+    assert workflow.width() <= 1.6 * 340
+
+
+def test_bad_input_comes_as_clear_messages(workflow, tmp_path):
+    step = workflow.project_step
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("not a project")
+    step.folder_edit.setText(str(tmp_path / "stuff"))
+    assert not step.open_project()
+    assert "stuff" in step.status_label.text()
+    assert not step.create_project() and "already holds" in step.status_label.text()
+    review = workflow.review_step
+    assert not review.rank() and "Project step" in review.status_label.text()
+    assert not workflow.train_step.start() and "open a project" in (
+        workflow.train_step.status_label.text()
+    )
+
+
+def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, scans, tmp_path):
+    import shutil
+
+    path = shutil.copytree(scans[0], tmp_path / "copy.zarr")
+    viewer = make_napari_viewer()
+    answers = Answers()
+    panel = VolumePanel(viewer, ask=answers)
+    viewer.window.add_dock_widget(panel)
+    panel.path_edit.setText(str(path))
+    panel.open_path()
+    assert panel.labels_combo.currentText() == "copy pvs"  # not the hidden region map
+    truth = io.open_labels(path, "pvs").data.compute()
+    viewer.add_labels(np.zeros(SHAPE, np.uint8), name="edits", scale=(SPACING,) * 3)
+    panel.labels_combo.setCurrentText("edits")
+    assert panel.save_labels_to_volume() is None  # the policy says Cancel
+    assert "labels/pvs" in answers.asked[-1][0]
+    np.testing.assert_array_equal(io.open_labels(path, "pvs").data.compute(), truth)
+    answers.queue = ["Replace"]
+    assert panel.save_labels_to_volume() is not None
+    assert not io.open_labels(path, "pvs").data.compute().any()
+
+
+def test_cli_gui_docks_the_workflow_with_a_project(checkpoint, make_napari_viewer, monkeypatch,
+                                                   tmp_path):  # fmt: skip
+    import napari
+
+    from napari_pvs.cli import main
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)
+    folder = tmp_path / "project"
+    assert main(["gui", "--project", str(folder), "--model", str(checkpoint)]) == 0
+    workflow = next(w for w in napari.current_viewer().window.dock_widgets.values()
+                    if isinstance(w, PVSWorkflow))  # fmt: skip
+    assert workflow.state.project.path == folder  # created, with the checkpoint as v0
+    workflow.teardown()  # releases the project's lock: it opens again
+    assert main(["gui", "--project", str(folder)]) == 0
+    second = [w for w in napari.current_viewer().window.dock_widgets.values()
+              if isinstance(w, PVSWorkflow)][-1]  # fmt: skip
+    assert second.state.project.current_version().version == 0
+    second.teardown()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    assert main(["gui", "--project", str(tmp_path / "other")]) == 2
