@@ -186,6 +186,14 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     overlay = viewer.layers[UNCERTAINTY_LAYER]
     np.testing.assert_allclose(overlay.data, direct["entropy"][box], atol=1e-3)
     assert viewer.layers.selection.active is layer
+    review.contour_check.setChecked(True)
+    assert layer.contour == 1
+    review.contour_check.setChecked(False)
+    review.view3d_check.setChecked(True)
+    assert viewer.dims.ndisplay == 3
+    np.testing.assert_allclose(viewer.scene.camera.center, centre)
+    review.view3d_check.setChecked(False)
+    assert viewer.dims.ndisplay == 2
 
     # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently
     background = [tuple(v) for v in np.argwhere(np.asarray(layer.data) == 0)[[0, -1]]]
