@@ -67,16 +67,22 @@ def main() -> None:
         with project:
             for index, truth in enumerate(truths):
                 record = project.add_volume(root / f"brain{index}.zarr")
-                queue = project.rank(record.id, n=per_volume, patch=32, strategy="stratified")
-                for patch in queue:
-                    if accepted == args.patches:
+                goal = min(args.patches, accepted + per_volume)
+                while accepted < goal:  # rank again until enough patches are reviewed
+                    queue = project.rank(record.id, n=goal - accepted, patch=32)
+                    if not queue:
                         break
-                    box = tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
-                    project.accept(
-                        record.id, patch.start, patch.stop, truth[box], patch_id=patch.id,
-                        annotator="bench",
-                    )  # fmt: skip
-                    accepted += 1
+                    for patch in queue:
+                        box = tuple(
+                            slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True)
+                        )
+                        project.accept(
+                            record.id, patch.start, patch.stop, truth[box], patch_id=patch.id,
+                            annotator="bench",
+                        )  # fmt: skip
+                        accepted += 1
+            if accepted < args.patches:
+                raise SystemExit(f"only {accepted} patches could be queued; use larger volumes")
             setup = time.perf_counter() - started
             splits = [a.split for a in project.annotations()]
             print(
@@ -84,9 +90,9 @@ def main() -> None:
                 f"{accepted} accepted 32^3 patches ({splits.count('validation')} validation), "
                 f"default model, {args.threads} threads"
             )
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             outcome = run_round(project, RoundConfig(steps=args.steps, device=args.device))
-            total = time.perf_counter() - t0
+            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             queue_sizes = [len(project.queue(v.id, status="new")) for v in project.volumes()]
             current = project.current_version().version
         log = root / "project" / "rounds" / f"r{outcome.round}" / "events.jsonl"
@@ -103,9 +109,11 @@ def main() -> None:
             f"{queue_sizes}; validation Dice {m.get('base_validation_dice')} -> "
             f"{m.get('validation_dice')}"
         )
+        load = os.getloadavg()[0]
         print(
-            f"ROUND TIME {total:.1f} s (from run_round to the new version current and the queue "
-            f"re-ranked; target < 120 s)"
+            f"ROUND TIME {total:.1f} s wall, {cpu:.1f} s CPU over {args.threads} threads (from "
+            f"run_round to the new version current and the queue re-ranked; target < 120 s); "
+            f"load average {load:.1f} on {os.cpu_count()} cores at the end"
         )
 
 

@@ -216,29 +216,48 @@ def main() -> int:
             problems_all += [f"accept trial {trial}: {p}" for p in problems]
         counts["acknowledged"] = len(acknowledged)
 
-        # Phase 2: kills while a round runs (in-process, or its worker process).
-        durations = [8.0]
-        for trial in range(args.round_kills):
+        # Phase 2: kills while a round runs (in-process, or its worker process). One round
+        # first runs to the end, to spread the kills over a whole round's duration.
+        started = time.monotonic()
+        process = child(CHILD_ROUND, str(folder), "inline", str(args.round_steps), "999")
+        read_lines(process, started + 600, stop_on="OUTCOME")
+        kill(process)
+        durations = [time.monotonic() - started]
+        print(f"an uninterrupted round took {durations[0]:.1f} s (process start to commit)")
+        trial = -1
+        while counts["round kills"] + counts["worker kills"] < args.round_kills:
+            trial += 1
             mode = "worker" if trial % 2 else "inline"
-            process = child(CHILD_ROUND, str(folder), mode, str(args.round_steps), str(trial))
             started = time.monotonic()
-            first = read_lines(process, started + 120, stop_on=("WORKER", "READY"))
-            delay = rng.uniform(0.0, 1.3 * float(np.median(durations)))
-            if mode == "worker" and first and first[-1].startswith("WORKER"):
-                worker = int(first[-1].split()[1])
-                lines = read_lines(process, time.monotonic() + delay, stop_on="OUTCOME")
-                if not any(line.startswith("OUTCOME") for line in lines):
+            process = child(CHILD_ROUND, str(folder), mode, str(args.round_steps), str(trial))
+            deadline = started + rng.uniform(0.0, 1.1 * float(np.median(durations)))
+            if mode == "worker":
+                first = read_lines(process, started + 120, stop_on="WORKER")
+                worker = (
+                    int(first[-1].split()[1]) if first and first[-1].startswith("WORKER") else 0
+                )
+                lines = first + read_lines(process, deadline, stop_on="OUTCOME")
+                killed = worker and not any(line.startswith("OUTCOME") for line in lines)
+                if killed:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker, signal.SIGKILL)
                     counts["worker kills"] += 1
                 lines += read_lines(process, time.monotonic() + 120, stop_on="OUTCOME")
                 kill(process)
+                outcome = [line for line in lines if line.startswith("OUTCOME")]
+                # a worker that finished just before the signal makes a done round, not a failure
+                if killed and not (outcome and outcome[-1].split()[1] in ("failed", "done")):
+                    problems_all.append(
+                        f"round trial {trial}: the parent did not report the killed worker's "
+                        f"round as failed: {lines[-1:]}"
+                    )
             else:
-                lines = read_lines(process, time.monotonic() + delay, stop_on="OUTCOME")
+                lines = read_lines(process, deadline, stop_on="OUTCOME")
+                finished = any(line.startswith("OUTCOME") for line in lines)
                 lines += kill(process)
-                counts["round kills"] += 1
+                counts["round kills"] += not finished
             if any(line.startswith("OUTCOME done") for line in lines):
-                counts["rounds done before the kill"] += 1
+                counts["rounds done before the kill"] += 1  # then this trial killed nothing
                 durations.append(time.monotonic() - started)
             problems = check(folder, acknowledged)
             counts["lost"] += sum("missing" in p for p in problems)

@@ -434,6 +434,7 @@ class Project:
         self._mutex = threading.RLock()
         self.readonly = lock is None
         self._closed = False
+        self._round_handles: list[Any] = []  # running rounds.RoundHandle objects
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -604,7 +605,11 @@ class Project:
         return project
 
     def close(self) -> None:
-        """Close the ledger and release the write lock (an open project's rounds stop)."""
+        """Close the ledger and release the write lock; a round still running is cancelled
+        (recorded as such) first."""
+        for handle in list(self._round_handles):
+            if handle.running:
+                handle.stop()
         with self._mutex:
             if self._closed:
                 return
@@ -697,7 +702,8 @@ class Project:
         # 1. Accepts whose intent committed: write the journalled labels again, then commit.
         pending = self._query("SELECT token FROM pending_accepts ORDER BY rowid")
         for (token,) in pending:
-            self._finish_pending(token, repaired=True)
+            with contextlib.suppress(ProjectError):  # a lost journal is logged (accept-lost)
+                self._finish_pending(token, repaired=True)
         # 2. Journal files without an intent row: their accept never got acknowledged.
         for item in journal.iterdir():
             item.unlink()

@@ -324,17 +324,21 @@ def execute_round(
     cancel: CancelToken | None = None,
     *,
     main: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any] | None:
     """Train, validate, write ``v<N>``, predict and rank as ``plan`` says; return the result.
 
     ``emit`` receives the round's events (plain dicts). Raises ``Cancelled`` when cancelled.
     With ``main=False`` (a non-zero ``torchrun`` rank) the process only trains its share.
+    ``device`` overrides the plan's (each torchrun process trains on its own GPU).
     """
     from napari_pvs.models.checkpoint import load_checkpoint, save_checkpoint
     from napari_pvs.training import TrainConfig, fit
 
     emit = emit or (lambda event: None)
     config = RoundConfig(**plan["config"])
+    if device is not None:
+        config.device = device
     started = time.perf_counter()
     emit({"kind": "stage", "message": f"round {plan['round']}: loading the snapshot"})
     train, validation = load_snapshot(plan["snapshot"])
@@ -672,6 +676,7 @@ class RoundHandle:
             daemon=True,
         )
         self.process.start()
+        project._round_handles.append(self)
 
     @property
     def running(self) -> bool:
@@ -686,6 +691,17 @@ class RoundHandle:
         if self.outcome is None and self._cancel_requested is None:
             self._cancel.set()
             self._cancel_requested = time.monotonic()
+
+    def stop(self, timeout: float = CANCEL_GRACE_S) -> RoundOutcome:
+        """Cancel and wait; terminate the worker if it does not stop within ``timeout``."""
+        self.cancel()
+        try:
+            return self.wait(timeout=timeout)
+        except TimeoutError:
+            self.process.terminate()
+            self.process.join(10)
+            self._abandon("cancelled", "cancelled (the worker was stopped)")
+            return self.outcome
 
     def _drain(self, timeout: float = 0.0) -> list[Event]:
         got = []
@@ -758,6 +774,8 @@ class RoundHandle:
         self._finish()
 
     def _finish(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.project._round_handles.remove(self)
         self.process.join(5)
         if self.process.is_alive():
             self.process.terminate()
@@ -948,7 +966,7 @@ def _run_distributed(folder: str, config: RoundConfig, context) -> int:
             return 2
         plan = holder[0]["plan"]
         if project is None:
-            execute_round(plan, main=False)
+            execute_round(plan, main=False, device=context.device)
             return 0
         log = _EventLog(Path(plan["folder"]) / "events.jsonl")
 
@@ -959,7 +977,8 @@ def _run_distributed(folder: str, config: RoundConfig, context) -> int:
                 print(line, flush=True)
 
         try:
-            outcome = commit_round(project, plan, execute_round(plan, emit))
+            result = execute_round(plan, emit, device=context.device)
+            outcome = commit_round(project, plan, result)
         except Cancelled:
             outcome = abandon_round(project, plan, "cancelled", "cancelled")
         except Exception as exc:
