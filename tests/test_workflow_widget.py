@@ -465,3 +465,12 @@ def test_cli_gui_docks_the_workflow_with_a_project(checkpoint, make_napari_viewe
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     assert main(["gui", "--project", str(tmp_path / "other")]) == 2
+
+
+def test_napari_w_opens_the_workflow_first(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pvs")  # what napari -w does
+    assert isinstance(widget, PVSWorkflow)
+    assert [widget.tabs.tabText(i) for i in range(widget.tabs.count())] == [
+        "Project", "Segment", "Review", "Train", "Report"]  # fmt: skip
+    widget.teardown()
