@@ -159,6 +159,10 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
     review = workflow.review_step
     review.volume_combo.setCurrentIndex(review.volume_combo.findData(vid))
+    # two steps never write one prediction store at once
+    assert workflow.state.claim(vid, "the Segment step") is None
+    assert not review.rank() and "Segment step is predicting" in review.status_label.text()
+    workflow.state.release(vid)
     review.rank_button.click()
     wait(qtbot, review.job.is_running)
     queued = project.queue(vid, status="new")
