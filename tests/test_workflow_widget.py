@@ -159,6 +159,10 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
     review = workflow.review_step
     review.volume_combo.setCurrentIndex(review.volume_combo.findData(vid))
+    # two steps never write one prediction store at once
+    assert workflow.state.claim(vid, "the Segment step") is None
+    assert not review.rank() and "Segment step is predicting" in review.status_label.text()
+    workflow.state.release(vid)
     review.rank_button.click()
     wait(qtbot, review.job.is_running)
     queued = project.queue(vid, status="new")
@@ -186,6 +190,14 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     overlay = viewer.layers[UNCERTAINTY_LAYER]
     np.testing.assert_allclose(overlay.data, direct["entropy"][box], atol=1e-3)
     assert viewer.layers.selection.active is layer
+    review.contour_check.setChecked(True)
+    assert layer.contour == 1
+    review.contour_check.setChecked(False)
+    review.view3d_check.setChecked(True)
+    assert viewer.dims.ndisplay == 3
+    np.testing.assert_allclose(viewer.scene.camera.center, centre)
+    review.view3d_check.setChecked(False)
+    assert viewer.dims.ndisplay == 2
 
     # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently
     background = [tuple(v) for v in np.argwhere(np.asarray(layer.data) == 0)[[0, -1]]]
@@ -457,3 +469,12 @@ def test_cli_gui_docks_the_workflow_with_a_project(checkpoint, make_napari_viewe
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     assert main(["gui", "--project", str(tmp_path / "other")]) == 2
+
+
+def test_napari_w_opens_the_workflow_first(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pvs")  # what napari -w does
+    assert isinstance(widget, PVSWorkflow)
+    assert [widget.tabs.tabText(i) for i in range(widget.tabs.count())] == [
+        "Project", "Segment", "Review", "Train", "Report"]  # fmt: skip
+    widget.teardown()

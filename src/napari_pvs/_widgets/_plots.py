@@ -1,12 +1,16 @@
 """Small live matplotlib plots in the napari theme (the Train and Report steps).
 
-One figure per plot, one ``Line2D`` per series, updated in place (``set_data``, ``relim``,
-``draw_idle``) rather than cleared and redrawn, so a plot fed a few times a second costs
-little on the GUI thread.
+One ``FigureCanvasQTAgg`` per plot and one ``Line2D`` per series, updated in place with
+``set_data``. A full draw (axes, ticks, labels) costs 50-150 ms of GUI time on 2 busy cores, so
+it happens only when the axis limits must grow (they grow in generous steps) or the canvas
+resizes; every other update restores the saved background and blits the lines (about a
+millisecond), the usual matplotlib animation technique. All values plotted here are >= 0
+(steps, rounds, losses, Dice), so every axis starts at 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -14,18 +18,24 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from napari.utils.theme import get_theme
-from qtpy.QtCore import QTimer
 
 if TYPE_CHECKING:
     import napari
 
 SERIES_COLOURS = ("#e6a23c", "#5dade2", "#58d68d", "#ec7063")
-#: At most one redraw per this many ms: a draw costs 50-100 ms of GUI time on 2 busy cores.
-REDRAW_MS = 1000
+
+
+def _room(value: float) -> float:
+    """A round upper limit comfortably above ``value`` (1, 2, 5 x 10^k), so limits rarely move."""
+    if value <= 0:
+        return 1.0
+    exponent = 10 ** math.floor(math.log10(value * 1.2))
+    return next(m * exponent for m in (1, 2, 5, 10) if m * exponent >= value * 1.2)
 
 
 class LivePlot(FigureCanvasQTAgg):
-    """Stacked axes sharing x; ``series`` names one line per axis, in order."""
+    """Stacked axes sharing x; ``series`` names one line per axis, in order; ``ylims`` fixes
+    an axis's range (e.g. Dice in [0, 1])."""
 
     def __init__(
         self,
@@ -33,11 +43,10 @@ class LivePlot(FigureCanvasQTAgg):
         series: Sequence[tuple[str, str]],
         xlabel: str,
         height: float = 2.6,
+        ylims: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         theme = get_theme(viewer.theme)
         text, background = theme.text.as_hex(), theme.background.as_hex()
-        # fixed margins: a constrained layout re-measures every tick label on each draw
-        # (hundreds of ms on 2 cores), which the heartbeat would feel
         figure = Figure(figsize=(3.2, height), dpi=100, facecolor=background)
         # margins in inches (the tick labels and axis titles), whatever the height
         figure.subplots_adjust(left=0.6 / 3.2, right=0.96, top=1 - 0.08 / height,
@@ -45,39 +54,75 @@ class LivePlot(FigureCanvasQTAgg):
         super().__init__(figure)
         self.axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
         self.lines = {}
+        self.fixed = dict(ylims or {})
         for (name, ylabel), axis, colour in zip(series, self.axes, SERIES_COLOURS, strict=False):
             axis.set_facecolor(background)
             axis.set_ylabel(ylabel, color=text, fontsize=8)
             axis.tick_params(colors=text, labelsize=7)
-            axis.yaxis.set_major_locator(MaxNLocator(4))  # few ticks: text laid out on each draw
-            axis.xaxis.set_major_locator(MaxNLocator(5, integer=True))  # steps, rounds: whole
+            axis.yaxis.set_major_locator(MaxNLocator(4))
+            axis.xaxis.set_major_locator(MaxNLocator(5, integer=True))
             for spine in axis.spines.values():
                 spine.set_color(text)
-            (self.lines[name],) = axis.plot([], [], color=colour, marker=".", linewidth=1.2)
+            (line,) = axis.plot([], [], color=colour, marker=".", linewidth=1.2, animated=True)
+            self.lines[name] = line
+            axis.set_xlim(0, 1)
+            axis.set_ylim(*self.fixed.get(name, (0, 1)))
         self.axes[-1].set_xlabel(xlabel, color=text, fontsize=8)
         self.setMinimumHeight(int(height * 70))
-        self._redraw = QTimer(self)
-        self._redraw.setSingleShot(True)
-        self._redraw.setInterval(REDRAW_MS)
-        self._redraw.timeout.connect(self.draw_idle)
+        self._background = None
+        self.full_draws = 0  # how often the axes were redrawn (the costly path)
+        self.mpl_connect("draw_event", self._on_draw)
+
+    def _on_draw(self, event) -> None:
+        """After a full draw: keep the background, draw the (animated) lines over it."""
+        self.full_draws += 1
+        self._background = self.copy_from_bbox(self.figure.bbox)
+        for line in self.lines.values():
+            line.axes.draw_artist(line)
+
+    def _blit(self) -> None:
+        self.restore_region(self._background)
+        for line in self.lines.values():
+            line.axes.draw_artist(line)
+        self.blit(self.figure.bbox)
+
+    def set_xmax(self, xmax: float) -> None:
+        """Set the shared x range up front (a round's step count), avoiding redraws later."""
+        self.axes[0].set_xlim(0, max(float(xmax), 1.0))
+        self._background = None
+        self.draw_idle()
 
     def set_series(self, name: str, x: Sequence[float], y: Sequence[float]) -> None:
         line = self.lines[name]
         line.set_data(list(x), list(y))
         axis = line.axes
-        axis.relim()
-        axis.autoscale_view()
-        if not self._redraw.isActive():  # coalesce: one draw per REDRAW_MS at most
-            self._redraw.start()
+        grow = False
+        if len(x) and max(x) > axis.get_xlim()[1]:
+            axis.set_xlim(0, _room(max(x)))
+            grow = True
+        if name not in self.fixed and len(y) and max(y) > axis.get_ylim()[1]:
+            axis.set_ylim(0, _room(max(y)))
+            grow = True
+        if grow or self._background is None:
+            self._background = None
+            self.draw_idle()  # axes change: one full draw; _on_draw puts the lines back
+        else:
+            self._blit()
 
     def flush(self) -> None:
-        """Draw what is pending at the next event-loop turn (a round's last point)."""
-        self._redraw.stop()
+        """Draw everything at the next event-loop turn (a screenshot, a finished round)."""
+        self._background = None
         self.draw_idle()
 
     def clear(self) -> None:
-        for name in self.lines:
-            self.set_series(name, [], [])
+        for line in self.lines.values():
+            line.set_data([], [])
+        for axis in self.axes:
+            axis.set_xlim(0, 1)
+        for name, line in self.lines.items():
+            if name not in self.fixed:
+                line.axes.set_ylim(0, 1)
+        self.flush()
 
     def series(self, name: str) -> tuple[list[float], list[float]]:
         x, y = self.lines[name].get_data()

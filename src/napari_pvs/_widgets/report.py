@@ -121,7 +121,8 @@ class ReportStep(QWidget):
         self.curve_axis.addItems(list(CURVE_AXES))
         self.curve_axis.currentTextChanged.connect(lambda _t: self.refresh_curve())
         form.addRow("Against", self.curve_axis)
-        self.curve = LivePlot(self.viewer, [("dice", "validation Dice")], "round", height=2.0)
+        self.curve = LivePlot(self.viewer, [("dice", "validation Dice")], "round", height=2.0,
+                              ylims={"dice": (0.0, 1.0)})  # fmt: skip
         form.addRow(self.curve)
         return box
 
@@ -160,7 +161,9 @@ class ReportStep(QWidget):
             "round": [], "reviewed patches": [], "dice": []}  # fmt: skip
         axis = self.curve_axis.currentText()
         self.curve.axes[-1].set_xlabel(CURVE_AXES[axis])
+        self.curve.axes[-1].set_xlim(0, 1)  # the other axis's range must not carry over
         self.curve.set_series("dice", points[axis], points["dice"])
+        self.curve.flush()  # the x label changed: one full draw (rare: a round, a choice)
         return points
 
     # ---------------------------------------------------------------- burden

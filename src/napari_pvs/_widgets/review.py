@@ -73,6 +73,8 @@ class ReviewStep(QWidget):
         self.job.started.connect(lambda _d: self.rank_button.setEnabled(False))
         for signal in (self.job.succeeded, self.job.failed, self.job.cancelled):
             signal.connect(lambda *_: self.rank_button.setEnabled(True))
+            signal.connect(lambda *_: self.state.release(self._ranking_vid))
+        self._ranking_vid: int | None = None
         #: the open patch: its record, volume, prefilled labels and when it was opened
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
@@ -277,6 +279,12 @@ class ReviewStep(QWidget):
         settings = self.state.settings()
         self._asked_n = int(settings["n"])
         vid = volume.id
+        holder = self.state.claim(vid, "the Review step")
+        if holder is not None:
+            self._report(f"{holder} is predicting this volume; rank when it has finished",
+                         "error")  # fmt: skip
+            return False
+        self._ranking_vid = vid
 
         def work(progress, cancel):
             return vid, project.rank(vid, progress=progress, cancel=cancel)

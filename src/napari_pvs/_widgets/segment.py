@@ -655,6 +655,12 @@ class SegmentPanel(QWidget):
         if names is None:
             self._report("segmentation not started: your corrections are untouched")
             return False
+        if request.volume_id is not None:
+            holder = self.state.claim(request.volume_id, "the Segment step")
+            if holder is not None:
+                self._report(f"{holder} is predicting this volume; wait for it to finish",
+                             error=True)  # fmt: skip
+                return False
         self._names = names
         if request.overwrite:
             # the store is about to be rewritten: layers reading it would show a half-run
@@ -693,16 +699,21 @@ class SegmentPanel(QWidget):
 
     def _on_succeeded(self, value: Any) -> None:
         if self._job_kind == "segment":
+            self.state.release(self._volume_id)
             self._show_segmentation(value)
         else:
             self._set_busy(False)
             self._show_ranking(*value)
 
     def _on_failed(self, message: str) -> None:
+        if self._job_kind == "segment":
+            self.state.release(self._volume_id)
         self._set_busy(False)
         self._report(message, error=True)
 
     def _on_cancelled(self) -> None:
+        if self._job_kind == "segment":
+            self.state.release(self._volume_id)
         self._set_busy(False)
         self._report("segmentation cancelled; finished chunks are kept, Segment resumes")
 

@@ -56,6 +56,9 @@ class WorkflowState(QObject):
         #: PVS counts already computed, by (volume id, model version): Segment fills it, the
         #: Project step shows it
         self.pvs_counts: dict[tuple[int, int], int | None] = {}
+        #: volumes a step is predicting right now (id -> what), so two steps never write one
+        #: prediction store at once
+        self.busy: dict[int, str] = {}
 
     # ---------------------------------------------------------------- project
     def set_project(self, project: Project | None) -> None:
@@ -68,6 +71,18 @@ class WorkflowState(QObject):
         self.volumes_changed.emit()
         self.versions_changed.emit()
         self.settings_changed.emit()
+
+    def claim(self, vid: int, what: str) -> str | None:
+        """Mark volume ``vid`` as being predicted by ``what``; returns who holds it, if taken."""
+        holder = self.busy.get(vid)
+        if holder is not None:
+            return holder
+        self.busy[vid] = what
+        return None
+
+    def release(self, vid: int | None) -> None:
+        if vid is not None:
+            self.busy.pop(vid, None)
 
     def close(self) -> None:
         """Release the project (its write lock) when the workflow goes away."""

@@ -145,7 +145,11 @@ class TrainStep(QWidget):
         self.progress.cancel_requested.connect(self.cancel)
         form.addRow(self.progress)
         self.plot = LivePlot(
-            self.viewer, [("loss", "loss"), ("dice", "validation Dice")], "step", height=2.6
+            self.viewer,
+            [("loss", "loss"), ("dice", "validation Dice")],
+            "step",
+            height=2.6,
+            ylims={"dice": (0.0, 1.0)},
         )
         form.addRow(self.plot)
         return box
@@ -278,6 +282,7 @@ class TrainStep(QWidget):
         self._dice: tuple[list[int], list[float]] = ([], [])
         self._cancel_asked = False
         self.plot.clear()
+        self.plot.set_xmax(config.steps)
         self.progress.begin("freezing the snapshot, starting the worker…")
         self.start_button.setEnabled(False)
         self._starting = True
@@ -349,8 +354,6 @@ class TrainStep(QWidget):
             self.plot.set_series("loss", *self._loss)
         if dice_changed:
             self.plot.set_series("dice", *self._dice)
-        if self.outcome is not None:
-            self.plot.flush()
 
     def _finish(self, event: dict) -> None:
         self.timer.stop()
