@@ -39,6 +39,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -57,6 +58,8 @@ SNAPSHOT_CONTEXT = 16
 STEPS_PER_EPOCH = 50
 #: Grace period for a cancelled worker before it is terminated.
 CANCEL_GRACE_S = 30.0
+# A spawned round worker runs this much nicer than the process that started it (a viewer).
+WORKER_NICENESS = 5
 
 Event = dict[str, Any]
 
@@ -634,6 +637,8 @@ def _worker_main(plan: dict[str, Any], events, cancel_event) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with contextlib.suppress(OSError):  # the viewer's thread keeps priority over training
+        os.nice(WORKER_NICENESS)
     log = _EventLog(Path(plan["folder"]) / "events.jsonl")
 
     def emit(event: Event) -> None:
@@ -652,6 +657,14 @@ def _worker_main(plan: dict[str, Any], events, cancel_event) -> None:
         events.put({"kind": "failed", "message": f"failed: {type(exc).__name__}: {exc}"})
     finally:
         log.close()
+
+
+def _reap(process, grace_s: float = 5.0) -> None:
+    """Wait for a worker that has sent its outcome to exit; stop it if it lingers."""
+    process.join(grace_s)
+    if process.is_alive():
+        process.terminate()
+        process.join(grace_s)
 
 
 class RoundHandle:
@@ -697,10 +710,13 @@ class RoundHandle:
             self._cancel_requested = time.monotonic()
 
     def stop(self, timeout: float = CANCEL_GRACE_S) -> RoundOutcome:
-        """Cancel and wait; terminate the worker if it does not stop within ``timeout``."""
+        """Cancel and wait until the worker is gone; terminate it if it does not stop within
+        ``timeout``."""
         self.cancel()
         try:
-            return self.wait(timeout=timeout)
+            outcome = self.wait(timeout=timeout)
+            _reap(self.process)
+            return outcome
         except TimeoutError:
             self.process.terminate()
             self.process.join(10)
@@ -780,11 +796,9 @@ class RoundHandle:
     def _finish(self) -> None:
         with contextlib.suppress(ValueError):
             self.project._round_handles.remove(self)
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
         self._log.close()
+        if self.process.is_alive():  # it has reported; reap it without blocking the caller
+            threading.Thread(target=_reap, args=(self.process,), daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> RoundOutcome:
         """Block until the round has finished and been applied; TimeoutError after ``timeout``."""
