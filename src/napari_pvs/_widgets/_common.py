@@ -15,6 +15,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QComboBox,
     QFrame,
     QHeaderView,
     QLabel,
@@ -26,6 +27,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 from superqt import QCollapsible
+
+from napari_pvs.ranking import SCORE_MEANINGS, STRATEGIES
 
 #: ``ask(parent, title, question, choices) -> the chosen choice``; the last choice is the one
 #: that changes nothing (Escape / closing the dialog picks it).
@@ -136,3 +139,13 @@ def page(*widgets: QWidget, stretch: bool = True) -> QWidget:
     if stretch:
         layout.addStretch(1)
     return content
+
+
+def strategy_combo(tooltip: str) -> QComboBox:
+    """The ranking strategies, each item's tooltip saying what its score means."""
+    combo = QComboBox()
+    combo.addItems(STRATEGIES)
+    for index, name in enumerate(STRATEGIES):
+        combo.setItemData(index, SCORE_MEANINGS[name], Qt.ItemDataRole.ToolTipRole)
+    combo.setToolTip(tooltip)
+    return combo

@@ -27,11 +27,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
+from napari_pvs._widgets._common import (
+    compact_table,
+    fill_table,
+    notify,
+    status_label,
+    strategy_combo,
+)
 from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._widgets._layers import PREDICTION_KEY, layer_source
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
-from napari_pvs.ranking import SCORE_MEANINGS, STRATEGIES
 
 if TYPE_CHECKING:
     from napari_pvs.project import VolumeRecord
@@ -142,11 +147,7 @@ class ProjectStep(QWidget):
     def _build_settings_box(self) -> QGroupBox:
         box = QGroupBox("Settings (kept in the project)")
         form = QFormLayout(box)
-        self.strategy_combo = QComboBox()
-        self.strategy_combo.addItems(STRATEGIES)
-        for index, name in enumerate(STRATEGIES):
-            self.strategy_combo.setItemData(index, SCORE_MEANINGS[name], 3)  # ToolTipRole
-        self.strategy_combo.setToolTip("How the Review queue picks patches")
+        self.strategy_combo = strategy_combo("How the Review queue picks patches")
         form.addRow("Strategy", self.strategy_combo)
         self.n_spin = QSpinBox()
         self.n_spin.setRange(1, 500)

@@ -44,6 +44,7 @@ from napari_pvs._widgets._common import (
     fill_table,
     notify,
     status_label,
+    strategy_combo,
 )
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets._layers import (
@@ -69,7 +70,6 @@ from napari_pvs.progress import CancelToken, ProgressCallback
 from napari_pvs.ranking import (
     DEFAULT_PATCH,
     SCORE_MEANINGS,
-    STRATEGIES,
     RankedPatch,
     rank_patches,
     save_ranking,
@@ -400,11 +400,7 @@ class SegmentPanel(QWidget):
     def _build_rank_box(self) -> QGroupBox:
         box = QGroupBox("Rank patches for review")
         form = QFormLayout(box)
-        self.strategy_combo = QComboBox()
-        self.strategy_combo.addItems(STRATEGIES)
-        for index, name in enumerate(STRATEGIES):
-            self.strategy_combo.setItemData(index, SCORE_MEANINGS[name], 3)  # ToolTipRole
-        self.strategy_combo.setToolTip("bald needs MC samples or flips at segmentation time")
+        self.strategy_combo = strategy_combo("bald needs MC samples or flips at segmentation time")
         form.addRow("Strategy", self.strategy_combo)
         self.n_spin = QSpinBox()
         self.n_spin.setRange(1, 500)
