@@ -142,6 +142,9 @@ def test_counts_grow_with_severity():
     ]
     assert counts[0] < counts[1] < counts[2]
     assert counts[0] >= 1
+    # pvs_per_brain: denser than severity 1 allows (300 per brain), scaled like it
+    dense = make_phantom(**SMALL, seed=1, pvs_per_brain=600).meta["counts"]
+    assert dense["pvs_requested"] == pytest.approx(2 * counts[2], abs=1)
 
 
 def test_confounders_disjoint_from_pvs_and_present():
@@ -236,6 +239,7 @@ def test_mni_anatomy():
         ({"snr": 0}, "snr"),
         ({"csf_ratio": 0}, "csf_ratio"),
         ({"pvs_diameter_mm": -1}, "pvs_diameter_mm"),
+        ({"pvs_per_brain": -5}, "pvs_per_brain"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

@@ -446,8 +446,9 @@ def _radial_direction(depth: np.ndarray, point_mm: np.ndarray, spacing) -> np.nd
     return -grad / norm if norm > 0 else np.array([1.0, 0.0, 0.0])
 
 
-def _pvs_count(severity: float, brain_mm3: float) -> int:
-    per_brain = _PVS_COUNT_RANGE[0] + severity * (_PVS_COUNT_RANGE[1] - _PVS_COUNT_RANGE[0])
+def _pvs_count(severity: float, brain_mm3: float, per_brain: float | None = None) -> int:
+    if per_brain is None:
+        per_brain = _PVS_COUNT_RANGE[0] + severity * (_PVS_COUNT_RANGE[1] - _PVS_COUNT_RANGE[0])
     return max(1, round(per_brain * brain_mm3 / _REFERENCE_BRAIN_MM3))
 
 
@@ -670,6 +671,7 @@ def make_phantom(
     confounders: bool = True,
     csf_ratio: float | None = None,
     pvs_diameter_mm: float | None = None,
+    pvs_per_brain: float | None = None,
 ) -> Phantom:
     """Make a synthetic brain volume with PVS and their exact ground truth.
 
@@ -678,8 +680,10 @@ def make_phantom(
     signal over the Rician noise sigma (default drawn from 15..60; ``math.inf`` disables noise).
     ``csf_ratio`` fixes the CSF-like (PVS, lacune, ventricle) intensity relative to white matter
     (default drawn from 2.4..3.6 on T2w, 0.35..0.5 on T1w); ``pvs_diameter_mm`` moves the median
-    PVS diameter (default 1.4 mm). Both exist to make data unlike the default model's training
-    data. The same arguments and ``seed`` always give the same phantom.
+    PVS diameter (default 1.4 mm); ``pvs_per_brain`` replaces severity's 20..300 PVS per
+    adult-size brain (still scaled by the brain volume; ``n_pvs`` overrides it), so PVS can be
+    denser than any severity gives. These exist to make data unlike the default model's
+    training data. The same arguments and ``seed`` always give the same phantom.
     """
     shape = _check_shape(shape)
     spacing = check_spacing(spacing)
@@ -692,6 +696,8 @@ def make_phantom(
         raise ValueError(f"snr must be positive (or None for a random 15..60), got {snr!r}")
     if n_pvs is not None and int(n_pvs) < 0:
         raise ValueError(f"n_pvs must be >= 0, got {n_pvs!r}")
+    if pvs_per_brain is not None and not float(pvs_per_brain) >= 0:
+        raise ValueError(f"pvs_per_brain must be >= 0 (or None), got {pvs_per_brain!r}")
     if csf_ratio is not None and not float(csf_ratio) > 0:
         raise ValueError(f"csf_ratio must be positive (or None to draw it), got {csf_ratio!r}")
     if pvs_diameter_mm is not None and not float(pvs_diameter_mm) > 0:
@@ -714,7 +720,9 @@ def make_phantom(
 
     placer = _Placer(shape, spacing)
     conf = _place_confounders(placer, anat, float(severity), brain_scale, rng, confounders)
-    target = _pvs_count(float(severity), brain_mm3) if n_pvs is None else int(n_pvs)
+    target = (
+        _pvs_count(float(severity), brain_mm3, pvs_per_brain) if n_pvs is None else int(n_pvs)
+    )
     pvs = _place_pvs(placer, anat, target if brain_mm3 > 0 else 0, rng, pvs_diameter_mm)
     del placer
     image, csf_ratio = _compose_image(
