@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from napari_pvs import __version__
 from napari_pvs.cli._common import UserError
+from napari_pvs.cli.benchmark import add_benchmark
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
 from napari_pvs.cli.train import add_train
@@ -32,6 +33,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_frangi,
     add_predict,
     add_rank,
+    add_benchmark,
 ]
 
 
