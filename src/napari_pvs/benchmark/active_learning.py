@@ -814,6 +814,7 @@ def run_benchmark(
         if atomic.overlaps(out, given):
             raise ValueError(f"--out {out} overlaps the input {given}; choose another folder")
     (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "projects").mkdir()
     started = time.perf_counter()
     progress(0, 0, "reading the pool and test volumes")
     pool = [
