@@ -40,10 +40,8 @@ def phantom():
     return make_phantom(SHAPE, spacing=(1.0, 1.0, 1.0), modality="T2", seed=3, severity=1.0)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, phantom):
+def build_assets(root: Path, phantom) -> dict[str, Path]:
     """A tiny phantom volume (OME-Zarr with labels/pvs and labels/regions) and a tiny model."""
-    root = tmp_path_factory.mktemp("assets")
     volume = root / "vol.zarr"
     save_ome_zarr(
         volume,
@@ -55,6 +53,11 @@ def assets(tmp_path_factory, phantom):
         chunks=32,
     )
     return {"volume": volume, "model": tiny_checkpoint(root / "tiny.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, phantom):
+    return build_assets(tmp_path_factory.mktemp("assets"), phantom)
 
 
 @pytest.fixture

@@ -55,6 +55,8 @@ UNREVIEWED = 255
 LABEL_CHUNK = 32
 SPLITS = ("train", "validation")
 PATCH_STATUSES = ("new", "reviewed", "skipped")
+#: A round whose validation Dice gains less than this did not improve (stopping hint).
+STOP_MIN_GAIN = 0.005
 
 #: Project settings with their defaults (``settings()`` merges stored values over these).
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -432,6 +434,7 @@ class Project:
         self._mutex = threading.RLock()
         self.readonly = lock is None
         self._closed = False
+        self._round_handles: list[Any] = []  # running rounds.RoundHandle objects
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -602,7 +605,11 @@ class Project:
         return project
 
     def close(self) -> None:
-        """Close the ledger and release the write lock (an open project's rounds stop)."""
+        """Close the ledger and release the write lock; a round still running is cancelled
+        (recorded as such) first."""
+        for handle in list(self._round_handles):
+            if handle.running:
+                handle.stop()
         with self._mutex:
             if self._closed:
                 return
@@ -695,7 +702,8 @@ class Project:
         # 1. Accepts whose intent committed: write the journalled labels again, then commit.
         pending = self._query("SELECT token FROM pending_accepts ORDER BY rowid")
         for (token,) in pending:
-            self._finish_pending(token, repaired=True)
+            with contextlib.suppress(ProjectError):  # a lost journal is logged (accept-lost)
+                self._finish_pending(token, repaired=True)
         # 2. Journal files without an intent row: their accept never got acknowledged.
         for item in journal.iterdir():
             item.unlink()
@@ -1531,20 +1539,27 @@ class Project:
         self._remove_orphans()
 
     def stop_hint(self, patience: int | None = None) -> str | None:
-        """A sentence when validation Dice has not improved for ``patience`` rounds, else None."""
+        """A sentence when the last ``patience`` rounds did not improve validation Dice.
+
+        Each round scores its base and its new model on the same validation patches (the set
+        may grow between rounds), so its gain is ``validation_dice - base_validation_dice``;
+        a gain under :data:`STOP_MIN_GAIN` is no improvement. None while rounds still pay.
+        """
         patience = int(patience or self.settings()["stop_patience"])
-        done = [v for v in self.versions() if v.round is not None and v.status == "ready"]
-        scores = [v.metrics.get("validation_dice") for v in done]
-        scores = [s for s in scores if s is not None]
-        if len(scores) <= patience:
+        gains = []
+        for version in self.versions():
+            new = version.metrics.get("validation_dice")
+            old = version.metrics.get("base_validation_dice")
+            if version.round is not None and version.status == "ready" and None not in (new, old):
+                gains.append(float(new) - float(old))
+        recent = gains[-patience:]
+        if len(recent) < patience or max(recent) >= STOP_MIN_GAIN:
             return None
-        best_before = max(scores[:-patience])
-        if max(scores[-patience:]) <= best_before + 1e-4:
-            return (
-                f"validation Dice has not improved for {patience} rounds (best {best_before:.3f}); "
-                "more labels of the same kind may no longer pay: review other regions or stop"
-            )
-        return None
+        return (
+            f"validation Dice has not improved for {patience} rounds (gains "
+            f"{', '.join(f'{g:+.3f}' for g in recent)}); more labels of the same kind may no "
+            "longer pay: review other regions or stop"
+        )
 
     # -- settings, events, status -------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -1705,6 +1720,88 @@ class Project:
                          "volume_mm3": round(float(sizes[1:][inside].sum()) * voxel_mm3, 3)}
                     )  # fmt: skip
         return rows
+
+    # -- export -------------------------------------------------------------------------------
+    def export(
+        self,
+        out: str | os.PathLike | None = None,
+        *,
+        format: str = "nifti",
+        overwrite: bool = False,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> dict[str, Any]:
+        """Write every volume's labels and current segmentation, a PVS burden table and the
+        annotation provenance into ``out`` (default ``exports/v<N>``), built under a temporary
+        name and renamed.
+
+        ``format`` ``nifti``: ``<name>_labels.nii.gz`` (0/1, 255 = not reviewed) and
+        ``<name>_pvs.nii.gz`` with the volume's affine; ``ome-zarr``: ``<name>.ome.zarr``, the
+        image with ``labels/annotations`` and ``labels/pvs``. Always ``burden.csv`` and
+        ``annotations.csv``. Returns ``{"folder", "files", "burden"}``.
+        """
+        import csv
+
+        import zarr
+
+        from napari_pvs.io import save_nifti, save_ome_zarr
+
+        if format not in ("nifti", "ome-zarr"):
+            raise ValueError(f"format must be 'nifti' or 'ome-zarr', got {format!r}")
+        number = self.current_version().version
+        out = Path(out) if out is not None else self.path / "exports" / f"v{number}"
+        if out.parent == self.path / "exports":
+            out.parent.mkdir(exist_ok=True)
+        inputs = [v.path for v in self.volumes()] + [self.path / LEDGER]
+        atomic.check_output(out, inputs=inputs, overwrite=overwrite)
+        rows = self.burden(version=number, progress=progress, cancel=cancel)
+        files = []
+        with atomic.atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
+            tmp.mkdir()
+            for record in self.volumes():
+                volume = self.open_volume(record.id)
+                labels = self.labels(record.id)["labels"][:]
+                segmentation = zarr.open_group(
+                    str(self.prediction_path(record.id, number)), mode="r"
+                )["segmentation"][:]
+                if format == "nifti":
+                    names = [f"{record.name}_labels.nii.gz", f"{record.name}_pvs.nii.gz"]
+                    save_nifti(tmp / names[0], labels, volume.affine)
+                    save_nifti(tmp / names[1], segmentation, volume.affine)
+                else:
+                    names = [f"{record.name}.ome.zarr"]
+                    save_ome_zarr(
+                        tmp / names[0],
+                        volume.data,
+                        volume.spacing,
+                        labels={"annotations": labels, "pvs": segmentation},
+                        modality=volume.modality,
+                        axes=volume.axes,
+                        affine=volume.affine,
+                        cancel=cancel,
+                    )
+                files += names
+            columns = ["volume", "volume_id", "model_version", "region", "region_id", "count",
+                       "volume_mm3"]  # fmt: skip
+            with open(tmp / "burden.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            names = {v.id: v.name for v in self._volume_rows(include_removed=True)}
+            with open(tmp / "annotations.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(
+                    ["id", "volume", "z0", "y0", "x0", "z1", "y1", "x1", "annotator", "created",
+                     "model_version", "seconds", "empty", "split", "pvs_voxels"]
+                )  # fmt: skip
+                for a in self.annotations():
+                    writer.writerow(
+                        [a.id, names.get(a.volume_id), *a.start, *a.stop, a.annotator, a.created,
+                         a.model_version, a.seconds, int(a.empty), a.split, a.pvs_voxels]
+                    )  # fmt: skip
+            files += ["burden.csv", "annotations.csv"]
+        self._event("export", {"folder": str(out), "format": format, "version": number})
+        return {"folder": out, "files": [out / f for f in files], "burden": rows}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from napari_pvs.cli._common import UserError
 from napari_pvs.cli.benchmark import add_benchmark
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
+from napari_pvs.cli.project import add_project
+from napari_pvs.cli.rounds import add_round
 from napari_pvs.cli.train import add_train
 from napari_pvs.cli.volumes import add_convert, add_evaluate, add_frangi, add_phantom
 
@@ -33,6 +35,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_frangi,
     add_predict,
     add_rank,
+    add_project,
+    add_round,
     add_benchmark,
 ]
 

@@ -64,9 +64,7 @@ def add_phantom(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("output", help="the OME-Zarr directory to create (e.g. OUT.zarr)")
     parser.add_argument("--modality", choices=["T1", "T2"], default="T2", help="contrast")
-    parser.add_argument(
-        "--shape", type=int, nargs=3, default=[64, 80, 64], metavar=("Z", "Y", "X")
-    )
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 80, 64], metavar=("Z", "Y", "X"))
     parser.add_argument(
         "--spacing",
         type=float,

@@ -1,0 +1,275 @@
+"""The project command group: init, add, status, queue, accept, versions, rollback, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from napari_pvs.cli._common import UserError
+
+
+def add_project(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "project",
+        help="an annotation project: volumes, reviewed patches, model versions (active learning)",
+        description=(
+            "An annotation project is a folder with a durable ledger of volumes, reviewed "
+            "patches and model versions. The loop: init, add volumes, queue (rank patches to "
+            "review), accept corrected patches, 'napari-pvs round' to fine-tune, repeat."
+        ),
+    )
+    commands = parser.add_subparsers(dest="project_command", metavar="ACTION", required=True)
+
+    init = commands.add_parser("init", help="create a project folder")
+    init.add_argument("project", metavar="DIR", help="new (or empty) folder")
+    init.add_argument("--model", default="default", help="'default' or a checkpoint (version 0)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the validation split rule")
+    init.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.25,
+        help="share of accepted patches kept for validation (0-0.5, default 0.25)",
+    )
+    init.add_argument(
+        "--validation-max", type=int, default=8, help="at most this many validation patches"
+    )
+    init.set_defaults(func=_init)
+
+    add = commands.add_parser("add", help="add volumes (NIfTI, zarr, OME-Zarr) by reference")
+    add.add_argument("project", metavar="DIR")
+    add.add_argument("volumes", nargs="+", metavar="VOLUME")
+    add.add_argument("--modality", choices=["T1", "T2"], help="override the files' modality")
+    add.set_defaults(func=_add)
+
+    status = commands.add_parser("status", help="volumes, reviewed patches, versions, rounds")
+    status.add_argument("project", metavar="DIR")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_status)
+
+    from napari_pvs.ranking import STRATEGIES
+
+    queue = commands.add_parser(
+        "queue", help="rank patches to review with the current model (predicts first if needed)"
+    )
+    queue.add_argument("project", metavar="DIR")
+    queue.add_argument("--strategy", choices=STRATEGIES, help="default: the project setting")
+    queue.add_argument("--n", type=int, help="patches per volume (default: project setting)")
+    queue.add_argument("--patch", type=int, help="patch edge in voxels (default: setting)")
+    queue.add_argument("--volume", nargs="+", help="volume names or ids (default: all)")
+    queue.add_argument("--seed", type=int, default=0, help="seed of the random strategies")
+    queue.set_defaults(func=_queue)
+
+    accept = commands.add_parser("accept", help="accept the reviewed labels of one patch")
+    accept.add_argument("project", metavar="DIR")
+    accept.add_argument("volume", metavar="VOLUME", help="volume name or id")
+    accept.add_argument(
+        "--box",
+        type=int,
+        nargs=6,
+        required=True,
+        metavar=("Z0", "Y0", "X0", "Z1", "Y1", "X1"),
+        help="start and stop voxel indices (stop exclusive), in the volume's axis order",
+    )
+    accept.add_argument(
+        "--labels", required=True, help="the patch: .npy or .nii/.nii.gz of 0 and 1, box-sized"
+    )
+    accept.add_argument("--annotator", default="", help="who reviewed it")
+    accept.add_argument("--seconds", type=float, help="time spent reviewing")
+    accept.add_argument("--patch-id", type=int, help="the queued patch this answers")
+    accept.set_defaults(func=_accept)
+
+    versions = commands.add_parser("versions", help="model versions with their metrics")
+    versions.add_argument("project", metavar="DIR")
+    versions.set_defaults(func=_versions)
+
+    rollback = commands.add_parser("rollback", help="make an earlier version current again")
+    rollback.add_argument("project", metavar="DIR")
+    rollback.add_argument("version", metavar="vN")
+    rollback.set_defaults(func=_rollback)
+
+    export = commands.add_parser(
+        "export", help="labels, segmentations and the PVS burden table (CSV) of every volume"
+    )
+    export.add_argument("project", metavar="DIR")
+    export.add_argument("--out", help="output folder (default DIR/exports/v<current>)")
+    export.add_argument("--format", choices=["nifti", "ome-zarr"], default="nifti")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.set_defaults(func=_export)
+
+
+def _open(path: str, readonly: bool = False):
+    from napari_pvs.project import Project
+
+    return Project.open(path, readonly=readonly)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from napari_pvs.project import Project
+
+    try:
+        project = Project.create(
+            args.project,
+            model=args.model,
+            seed=args.seed,
+            validation_fraction=args.validation_fraction,
+            validation_max=args.validation_max,
+        )
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from exc
+    with project:
+        print(f"created project {project.path} with {args.model} as v0")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    with _open(args.project) as project:
+        for path in args.volumes:
+            record = project.add_volume(path, modality=args.modality)
+            shape = "x".join(map(str, record.shape))
+            print(f"added volume {record.id} {record.name!r}: {shape}, {record.modality}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _open(args.project, readonly=True) as project:
+        status = project.status()
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+        return 0
+    print(f"project {status['path']} (schema {status['schema_version']})")
+    print(f"{'id':>3} {'volume':<24} {'shape':<14} {'reviewed':>8} {'val':>4} {'queue':>5}")
+    for v in status["volumes"]:
+        shape = "x".join(map(str, v["shape"]))
+        print(
+            f"{v['id']:>3} {v['name']:<24} {shape:<14} {v['annotations']:>8} "
+            f"{v['validation']:>4} {v['queue_new']:>5}"
+        )
+    print(_versions_table(status["versions"]))
+    for r in status["rounds"][-5:]:
+        print(f"round {r['id']}: {r['status']} ({r['annotations']} annotations): {r['message']}")
+    if status["stop_hint"]:
+        print(f"hint: {status['stop_hint']}")
+    return 0
+
+
+def _versions_table(rows: list[dict]) -> str:
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [f"  {'version':<8} {'parent':<7} {'round':<6} {'status':<7} {'val Dice':>9} "
+             f"{'base':>7} {'val':>4} {'train':>5}  created"]  # fmt: skip
+    for row in rows:
+        mark = "*" if row["current"] else " "
+        parent = "-" if row["parent"] is None else f"v{row['parent']}"
+        lines.append(
+            f"{mark} v{row['version']:<7} {parent:<7} {row['round'] or '-'!s:<6} "
+            f"{row['status']:<7} {number(row.get('validation_dice')):>9} "
+            f"{number(row.get('base_validation_dice')):>7} "
+            f"{row.get('validation_patches', '-')!s:>4} {row.get('train_patches', '-')!s:>5}  "
+            f"{row['created']}"
+        )
+    lines.append("  (* = current)")
+    return "\n".join(lines)
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from napari_pvs.progress import TerminalProgress
+
+    with _open(args.project) as project:
+        refs = args.volume or [v.id for v in project.volumes()]
+        if not refs:
+            raise UserError("the project has no volumes; add some with 'napari-pvs project add'")
+        version = project.current_version().version
+        for ref in refs:
+            record = project.volume(ref)
+            queue = project.rank(
+                record.id,
+                strategy=args.strategy,
+                n=args.n,
+                patch=args.patch,
+                seed=args.seed,
+                progress=TerminalProgress(),
+            )
+            print(f"{record.name}: {len(queue)} patches to review (v{version})")
+            print(f"  {'id':>5} {'rank':>4} {'score':>9} {'pvs':>4}  box (start..stop)")
+            for p in queue:
+                print(
+                    f"  {p.id:>5} {p.rank:>4} {p.score:>9.5f} {p.predicted_pvs:>4}  "
+                    f"{' '.join(map(str, p.start))} .. {' '.join(map(str, p.stop))}"
+                )
+    return 0
+
+
+def _load_patch(path: str):
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"labels file {file} does not exist")
+    name = file.name.lower()
+    if name.endswith(".npy"):
+        try:
+            return np.load(file, allow_pickle=False)
+        except ValueError as exc:
+            raise UserError(f"{file} is not a plain .npy array ({exc})") from exc
+    if name.endswith((".nii", ".nii.gz")):
+        from napari_pvs.io import open_labels
+
+        return np.asarray(open_labels(file).data)
+    raise UserError(f"{file}: --labels must be a .npy or .nii/.nii.gz file")
+
+
+def _accept(args: argparse.Namespace) -> int:
+    labels = _load_patch(args.labels)
+    with _open(args.project) as project:
+        annotation = project.accept(
+            args.volume,
+            args.box[:3],
+            args.box[3:],
+            labels,
+            annotator=args.annotator,
+            seconds=args.seconds,
+            patch_id=args.patch_id,
+        )
+    kind = "empty (background)" if annotation.empty else f"{annotation.pvs_voxels} PVS voxels"
+    print(f"accepted annotation {annotation.id} ({annotation.split}): {kind}")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    with _open(args.project, readonly=True) as project:
+        print(_versions_table(project.compare()))
+        hint = project.stop_hint()
+    if hint:
+        print(f"hint: {hint}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    with _open(args.project) as project:
+        before = project.current_version().version
+        project.rollback(args.version)
+        print(f"current version: v{project.current_version().version} (was v{before})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from napari_pvs.progress import TerminalProgress
+
+    with _open(args.project) as project:
+        try:
+            result = project.export(
+                args.out, format=args.format, overwrite=args.overwrite, progress=TerminalProgress()
+            )
+        except FileExistsError as exc:
+            raise UserError(str(exc)) from exc
+    print(f"exported to {result['folder']}:")
+    for file in result["files"]:
+        print(f"  {file.name}")
+    print(f"  {'volume':<20} {'region':<14} {'count':>6} {'volume mm3':>11}")
+    for row in result["burden"]:
+        print(
+            f"  {row['volume']:<20} {row['region']:<14} {row['count']:>6} {row['volume_mm3']:>11}"
+        )
+    return 0
