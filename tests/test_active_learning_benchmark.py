@@ -148,7 +148,7 @@ def test_strategy_specs_parse_and_refuse_bad_ones():
 
 
 def test_tissue_box_keeps_the_head_and_every_pvs_and_drops_air():
-    p = make_phantom((48, 64, 48), spacing=(3.0, 1.0, 1.0), seed=4, snr=10)
+    p = make_phantom((64, 48, 48), spacing=(4.0, 1.0, 1.0), seed=4, snr=10)  # air above, below
     start, stop = tissue_box(p.image, p.pvs.astype(bool))
     box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
     assert p.pvs[box].sum() == p.pvs.sum()

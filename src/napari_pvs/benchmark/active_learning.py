@@ -57,7 +57,8 @@ CSV_FIELDS = (
     "strategy", "seed", "round", "labelled_patches", "train_patches", "validation_patches",
     "pvs_patches", "dice", "cluster_f1", "cluster_precision", "cluster_recall",
     "dice_white_matter", "dice_basal_ganglia", "predicted_pvs", "true_pvs", "version",
-    "seconds_rank", "seconds_accept", "seconds_round", "seconds_score", "note",
+    "steps", "validation_dice", "seconds_rank", "seconds_accept", "seconds_round",
+    "seconds_score", "note",
 )  # fmt: skip
 
 
@@ -137,7 +138,7 @@ class BenchmarkConfig:
     patch: int = 32
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     init: str = "default"  # "default", "scratch" or a checkpoint path
-    steps: int = 60  # training steps per round
+    steps: int = 50  # training steps per round (rounds train in epochs of 50)
     batch_size: int = 2
     learning_rate: float = 3e-4
     initial: int = 4  # random patches every strategy starts with (validation ones included)
@@ -562,7 +563,7 @@ class _Runner:
                 ranked = time.perf_counter()
                 self.accept(project, records)
                 accepted = time.perf_counter()
-                self.run_round(
+                outcome = self.run_round(
                     project, c.steps, seed * 1000 + round_index, rerank=round_index < c.rounds
                 )
                 trained = time.perf_counter()
@@ -577,6 +578,8 @@ class _Runner:
                     seconds_accept=round(accepted - ranked, 2),
                     seconds_round=round(trained - accepted, 2),
                     seconds_score=round(seconds_score, 2),
+                    steps=outcome.metrics.get("steps"),
+                    validation_dice=outcome.metrics.get("validation_dice"),
                     note=note or ("" if len(records) == c.per_round else
                                   f"only {len(records)} patches left to queue"),
                 )  # fmt: skip
@@ -602,7 +605,9 @@ class _Runner:
                         vid, lo, hi, case.truth[box].astype(np.uint8), annotator=ANNOTATOR
                     )
             accepted = time.perf_counter()
-            self.run_round(project, int(c.full_steps), seed * 1000 + 999, rerank=False)
+            outcome = self.run_round(
+                project, int(c.full_steps), seed * 1000 + 999, rerank=False
+            )
             trained = time.perf_counter()
             metrics, seconds_score = self.score_current(project)
             self.row(
@@ -614,7 +619,8 @@ class _Runner:
                 seconds_accept=round(accepted - started, 2),
                 seconds_round=round(trained - accepted, 2),
                 seconds_score=round(seconds_score, 2),
-                note=f"{c.full_steps} steps",
+                steps=outcome.metrics.get("steps"),
+                validation_dice=outcome.metrics.get("validation_dice"),
             )
         self.step_done(f"seed {seed}: full supervision Dice {metrics['dice']:.3f}")
 
@@ -682,18 +688,23 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
             "curve": curve,
         }
     round_rows = [r for r in rows if r["strategy"] != FULL and r["round"] > 0]
-    costs = {
-        key: float(np.mean([r[key] for r in round_rows])) if round_rows else None
+
+    def mean_of(key: str, among) -> float | None:
+        values = [r[key] for r in among if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    costs: dict[str, float | None] = {
+        key: mean_of(key, round_rows)
         for key in ("seconds_rank", "seconds_accept", "seconds_round", "seconds_score")
     }
+    measured = [v for v in costs.values() if v is not None]
+    costs["seconds_per_round"] = sum(measured) if measured else None
     full_rows = [r for r in rows if r["strategy"] == FULL]
-    costs["seconds_per_round"] = (
-        sum(v for v in costs.values() if v is not None) if round_rows else None
-    )
+    full_costs = [mean_of(k, full_rows) for k in ("seconds_accept", "seconds_round",
+                                                  "seconds_score")]  # fmt: skip
     costs["seconds_full_supervision"] = (
-        float(np.mean([r["seconds_accept"] + r["seconds_round"] + r["seconds_score"]
-                       for r in full_rows])) if full_rows else None
-    )  # fmt: skip
+        sum(v for v in full_costs if v is not None) if any(full_costs) else None
+    )
     return {
         "full_supervision_dice": full_dice,
         "full_supervision_dice_per_seed": full,

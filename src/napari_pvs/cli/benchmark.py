@@ -67,7 +67,9 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
         help="start model: 'default' (the bundled one), 'scratch' (untrained, first trained on "
         "the initial patches) or a checkpoint",
     )
-    parser.add_argument("--steps", type=int, default=60, help="training steps per round")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="training steps per round (epochs of 50)"
+    )
     parser.add_argument(
         "--full-steps", type=int, help="steps of the full-supervision run (default rounds x steps)"
     )
