@@ -54,7 +54,7 @@ def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, caps
         "--strategies", "stratified:noise=1,random",
         "--rounds", "2", "--per-round", "2", "--patch", "16", "--seeds", "1",
         "--init", "scratch", "--scratch-model", "unet", "--scratch-config", TINY_UNET,
-        "--steps", "4", "--mc", "0", "--lr", "3e-3", "--out", str(out),
+        "--steps", "4", "--mc", "0", "--lr", "3e-3", "--retrain", "start", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -77,6 +77,7 @@ def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, caps
     assert len(starts) == 1  # every strategy starts from the same model
     (full,) = [r for r in rows if r["strategy"] == FULL]
     assert int(full["labelled_patches"]) > 8 and int(full["train_patches"]) > 6
+    assert int(full["steps"]) == 4  # the same steps as one round
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategies"]["random"]["curve"][-1]["labelled_patches"] == 8
@@ -92,6 +93,11 @@ def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, caps
         annotations = project.annotations()
         assert len(annotations) == 8 and {a.annotator for a in annotations} == {"simulated"}
         assert [v.status for v in project.versions()] == ["ready"] * 4
+        # --retrain start: the start round trained v1 from v0; every later round starts at v1
+        assert [(r.base_version, r.new_version) for r in project.rounds()] == [
+            (0, 1), (1, 2), (1, 3)
+        ]
+        assert project.current_version().version == 3
         for a in annotations:
             box = tuple(slice(s, e) for s, e in zip(a.start, a.stop, strict=True))
             volume = project.volume(a.volume_id)

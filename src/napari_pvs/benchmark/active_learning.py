@@ -11,10 +11,14 @@ through ``training.fit``, write the version, re-predict the pool) and scores the
 version on the test volumes with the product's segmentation rule (``Predictor`` defaults from
 the checkpoint: threshold and smallest cluster; ``test_tta`` mirrorings, 1 by default where
 the bundled rule says 4, for speed). Every strategy gets the same training steps per round and
-the same seeds.
+the same seeds. By default each round fine-tunes the current version, as the product's loop
+does (the model at round r has had r rounds of steps); with ``retrain="start"`` every round
+fine-tunes the start model on all patches labelled so far (via :meth:`Project.rollback`), so
+the curve measures labels alone.
 
 The reference is full supervision: per seed, every patch box of the pool grid is accepted and
-one round of ``full_steps`` (default: all rounds' steps together) fine-tunes the start model.
+one round of ``full_steps`` fine-tunes the start model (default: the steps the last round's
+model has had in all, ``rounds * steps``, or ``steps`` with ``retrain="start"``).
 Per strategy the benchmark reports N, the labelled patches at which the seed-mean Dice first
 reaches 95% of the seed-mean full-supervision Dice (``never`` if it does not), and "gap
 closed": the share of the Dice gap between the start model and full supervision closed,
@@ -33,6 +37,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -58,7 +63,7 @@ CSV_FIELDS = (
     "pvs_patches", "dice", "cluster_f1", "cluster_precision", "cluster_recall",
     "dice_white_matter", "dice_basal_ganglia", "predicted_pvs", "true_pvs", "version",
     "steps", "validation_dice", "seconds_rank", "seconds_accept", "seconds_round",
-    "seconds_score", "note",
+    "seconds_score", "cpu_seconds", "load", "note",
 )  # fmt: skip
 
 
@@ -141,6 +146,7 @@ class BenchmarkConfig:
     steps: int = 50  # training steps per round (rounds train in epochs of 50)
     batch_size: int = 2
     learning_rate: float = 3e-4
+    retrain: str = "current"  # each round fine-tunes the current version, or the "start" one
     initial: int = 4  # random patches every strategy starts with (validation ones included)
     validation: int = 2  # of which fixed validation patches
     full_steps: int | None = None  # full supervision: default rounds * steps
@@ -164,8 +170,10 @@ class BenchmarkConfig:
                 f"initial ({self.initial}) must be at least twice validation "
                 f"({self.validation}): half of the initial patches become validation patches"
             )
-        if self.full_steps is None:
-            self.full_steps = self.rounds * self.steps
+        if self.retrain not in ("current", "start"):
+            raise ValueError(f"retrain must be 'current' or 'start', got {self.retrain!r}")
+        if self.full_steps is None:  # the training the last round's model has had in all
+            self.full_steps = self.steps if self.retrain == "start" else self.rounds * self.steps
 
 
 @dataclass
@@ -553,15 +561,21 @@ class _Runner:
         folder = self.out / "projects" / f"{_slug(spec.label)}-seed{seed}"
         shutil.copytree(start, folder)
         with Project.open(folder) as project:
+            if spec.name in ("random", "fg-random"):  # they read no uncertainty: one pass
+                project.update_settings(predict_mc=0)
+            start_version = project.current_version().version
             self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
                      seconds_score=start_row["seconds_score"])  # fmt: skip
             for round_index in range(1, c.rounds + 1):
                 check_cancelled(self.cancel)
                 self.tick(f"seed {seed} {spec.label}: round {round_index}")
                 started = time.perf_counter()
+                cpu_started = time.process_time()
                 records, note = self.pick(project, spec, c.per_round, seed, round_index)
                 ranked = time.perf_counter()
                 self.accept(project, records)
+                if c.retrain == "start":  # every round from the start model: labels, not steps
+                    project.rollback(start_version)
                 accepted = time.perf_counter()
                 outcome = self.run_round(
                     project, c.steps, seed * 1000 + round_index, rerank=round_index < c.rounds
@@ -578,6 +592,8 @@ class _Runner:
                     seconds_accept=round(accepted - ranked, 2),
                     seconds_round=round(trained - accepted, 2),
                     seconds_score=round(seconds_score, 2),
+                    cpu_seconds=round(time.process_time() - cpu_started, 2),
+                    load=round(os.getloadavg()[0], 2),
                     steps=outcome.metrics.get("steps"),
                     validation_dice=outcome.metrics.get("validation_dice"),
                     note=note or ("" if len(records) == c.per_round else
@@ -596,6 +612,7 @@ class _Runner:
         self.tick(f"seed {seed}: full supervision")
         with Project.open(folder) as project:
             started = time.perf_counter()
+            cpu_started = time.process_time()
             for vid, case in enumerate(self.pool, start=1):
                 grid = PatchGrid(case.truth.shape, c.patch, c.patch)
                 for index in np.ndindex(*grid.n):
@@ -619,6 +636,8 @@ class _Runner:
                 seconds_accept=round(accepted - started, 2),
                 seconds_round=round(trained - accepted, 2),
                 seconds_score=round(seconds_score, 2),
+                cpu_seconds=round(time.process_time() - cpu_started, 2),
+                load=round(os.getloadavg()[0], 2),
                 steps=outcome.metrics.get("steps"),
                 validation_dice=outcome.metrics.get("validation_dice"),
             )
@@ -697,6 +716,7 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
         key: mean_of(key, round_rows)
         for key in ("seconds_rank", "seconds_accept", "seconds_round", "seconds_score")
     }
+    cpu, load = mean_of("cpu_seconds", round_rows), mean_of("load", round_rows)
     measured = [v for v in costs.values() if v is not None]
     costs["seconds_per_round"] = sum(measured) if measured else None
     full_rows = [r for r in rows if r["strategy"] == FULL]
@@ -705,6 +725,9 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
     costs["seconds_full_supervision"] = (
         sum(v for v in full_costs if v is not None) if any(full_costs) else None
     )
+    # This process's CPU seconds per round and the machine's 1-minute load average: on a shared
+    # machine the wall time above is longer than the work.
+    costs["cpu_seconds_per_round"], costs["load_average"] = cpu, load
     return {
         "full_supervision_dice": full_dice,
         "full_supervision_dice_per_seed": full,
@@ -886,6 +909,11 @@ def format_table(summary: dict[str, Any]) -> str:
             "(train + re-predict) {seconds_round:.1f} s, score {seconds_score:.1f} s".format(
                 **costs
             )
+        )
+    if costs.get("cpu_seconds_per_round") is not None:
+        lines.append(
+            f"this process used {costs['cpu_seconds_per_round']:.0f} CPU seconds per round; "
+            f"machine load average {costs['load_average']:.1f}"
         )
     return "\n".join(lines)
 

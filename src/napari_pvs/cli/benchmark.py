@@ -71,7 +71,17 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
         "--steps", type=int, default=50, help="training steps per round (epochs of 50)"
     )
     parser.add_argument(
-        "--full-steps", type=int, help="steps of the full-supervision run (default rounds x steps)"
+        "--retrain",
+        choices=["current", "start"],
+        default="current",
+        help="each round fine-tunes the current version (the product's loop, default) or the "
+        "start model on all patches so far (labels alone decide the curve)",
+    )
+    parser.add_argument(
+        "--full-steps",
+        type=int,
+        help="steps of the full-supervision run (default: rounds x steps, or steps with "
+        "--retrain start)",
     )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
@@ -161,6 +171,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         seeds=list(range(args.seeds)),
         init=args.init,
         steps=args.steps,
+        retrain=args.retrain,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         initial=args.initial,
