@@ -531,8 +531,10 @@ class _Runner:
             project.update_settings(
                 predict_tta=1, predict_mc=c.mc_samples, patch=c.patch, device=c.device
             )
-            for case in self.pool:
-                project.add_volume(case.path, modality=case.modality, name=case.name)
+            for index, case in enumerate(self.pool, start=1):
+                record = project.add_volume(case.path, modality=case.modality, name=case.name)
+                if record.id != index:  # the runner addresses pool volume i as id i
+                    raise RuntimeError(f"pool volume {index} got id {record.id} in {folder}")
             started = time.perf_counter()
             records, _ = self.pick(project, StrategySpec("random"), c.initial, seed, 0)
             self.accept(project, records)
