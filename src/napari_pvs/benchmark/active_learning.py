@@ -368,6 +368,7 @@ class _Runner:
         self.progress, self.cancel = progress, cancel
         self.rows: list[dict[str, Any]] = []
         self.score_cache: dict[str, dict[str, Any]] = {}
+        self.start_seconds: list[float] = []
         per_seed = 2 + len(config.strategies) * config.rounds
         self.total = per_seed * len(config.seeds)
         self.done = 0
@@ -521,6 +522,7 @@ class _Runner:
         c = self.config
         folder = self.out / "projects" / f"start-seed{seed}"
         self.tick(f"seed {seed}: start project")
+        began = time.perf_counter()
         with Project.create(
             folder,
             model=self.start_checkpoint(seed),
@@ -553,6 +555,7 @@ class _Runner:
                 "seconds_round": round(seconds_round, 2),
                 "seconds_score": round(seconds_score, 2),
             }
+        self.start_seconds.append(time.perf_counter() - began)
         self.step_done(f"seed {seed}: start Dice {metrics['dice']:.3f}")
         return folder, [start_row]
 
@@ -741,12 +744,14 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
 
 
 def estimate_minutes(
-    costs: dict[str, Any], strategies: int, seeds: int, rounds: int, start_seconds: float = 0.0
+    costs: dict[str, Any], strategies: int, seeds: int, rounds: int, full_scale: float = 1.0
 ) -> float:
-    """Wall time of a run of that size from measured per-round and per-seed costs."""
+    """Wall time of a run of that size from measured costs: per round, per start project and
+    per full-supervision run (scaled by ``full_scale``, e.g. the ratio of its steps)."""
     per_round = costs["seconds_per_round"] or 0.0
-    full = costs["seconds_full_supervision"] or 0.0
-    return (strategies * seeds * rounds * per_round + seeds * (full + start_seconds)) / 60
+    full = (costs["seconds_full_supervision"] or 0.0) * full_scale
+    start = costs.get("seconds_start") or 0.0
+    return (strategies * seeds * rounds * per_round + seeds * (full + start)) / 60
 
 
 def final_lines(summary: dict[str, Any]) -> list[str]:
@@ -873,6 +878,7 @@ def run_benchmark(
         "test": [{"shape": list(c.truth.shape), "crop": c.crop, "pvs_voxels": int(c.truth.sum())}
                  for c in test],
     }  # fmt: skip
+    summary["costs"]["seconds_start"] = float(np.mean(runner.start_seconds))
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     csv_path = write_csv(runner.rows, out / "learning_curve.csv")
     title = (

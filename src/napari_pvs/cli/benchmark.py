@@ -201,11 +201,13 @@ def _run_active_learning(args: argparse.Namespace) -> int:
     summary = result.summary
     print(format_table(summary))
     costs = summary["costs"]
-    minutes = estimate_minutes(costs, 5, 3, 5)
+    full_steps = 5 * config.steps if config.retrain == "current" else config.steps
+    minutes = estimate_minutes(costs, 5, 3, 5, full_scale=full_steps / config.full_steps)
     print(
         f"estimate for 5 strategies x 3 seeds x 5 rounds of {config.per_round} on these "
-        f"volumes: {minutes:.0f} min (from this run's mean round and full-supervision costs; "
-        f"this run took {summary['seconds_total'] / 60:.1f} min)"
+        f"volumes: {minutes:.0f} min (this run's mean costs per round, start and full "
+        f"supervision scaled to {full_steps} steps; this run took "
+        f"{summary['seconds_total'] / 60:.1f} min)"
     )
     print(f"wrote {result.csv_path}, {result.png_path}, {result.summary_path}")
     for line in result.lines:
