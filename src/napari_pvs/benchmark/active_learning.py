@@ -195,7 +195,8 @@ def tissue_box(image: np.ndarray, truth: np.ndarray, margin: int = CROP_MARGIN):
     """Bounding box (start, stop) of the head and every true PVS, grown by ``margin``.
 
     Air in magnitude images carries Rician noise, so the image is smoothed (on a 2x coarser
-    grid) before :func:`napari_pvs.intensity.tissue_mask` separates tissue from air.
+    grid) before :func:`napari_pvs.intensity.tissue_mask` separates tissue from air, and only
+    the largest connected piece (the head) counts.
     """
     from scipy import ndimage
 
@@ -204,6 +205,11 @@ def tissue_box(image: np.ndarray, truth: np.ndarray, margin: int = CROP_MARGIN):
     low, high = robust_range(image)
     coarse = ndimage.uniform_filter(np.asarray(image[::2, ::2, ::2], np.float32), 3)
     mask = tissue_mask(coarse, low, high)
+    labels, count = ndimage.label(mask)
+    if count > 1:  # noise specks in the air survive smoothing at low SNR: keep the head
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
     start = np.array(image.shape)
     stop = np.zeros(3, int)
     for points, scale in ((np.argwhere(mask), 2), (np.argwhere(truth), 1)):
