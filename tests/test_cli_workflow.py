@@ -10,6 +10,7 @@ import zarr
 from napari_pvs import io
 from napari_pvs.cli import main
 from napari_pvs.metrics import evaluate
+from napari_pvs.ranking import rank_patches
 from tiny_models import tiny_checkpoint
 
 
@@ -23,6 +24,14 @@ def test_phantom_predict_rank_evaluate(tmp_path, capsys):
     assert main(["predict", str(phantom), "--out", str(store), "--mc", "2", *common]) == 0
     assert main(["rank", str(store), "--n", "2", "--patch", "16",
                  "--strategy", "stratified"]) == 0
+    # decaying score noise and the stratum share reach rank_patches as given
+    assert main(["rank", str(store), "--n", "3", "--patch", "16", "--strategy", "stratified",
+                 "--noise", "1", "--noise-round", "1", "--foreground-share", "0.67",
+                 "--seed", "4"]) == 0
+    expected = rank_patches(str(store), n=3, patch=16, strategy="stratified", noise=1.0,
+                            noise_round=1, foreground_share=0.67, seed=4, image=str(phantom))
+    saved = json.loads((tmp_path / "t2_pvs.ranking-stratified.json").read_text())["patches"]
+    assert [p["bbox_start"] for p in saved] == [r.bbox_start for r in expected]
     metrics_path = tmp_path / "metrics.json"
     capsys.readouterr()
     assert main(["evaluate", str(store), str(phantom), "--regions", str(phantom),

@@ -112,12 +112,39 @@ def test_contrast_ratios_in_literature_range(t2_fine):
         assert lo <= ratio <= hi, (modality, ratio)
 
 
+def test_contrast_and_diameter_knobs_change_only_what_they_name(t2_fine):
+    """csf_ratio sets the measured PVS/WM contrast and leaves the anatomy and ground truth as
+    they were; pvs_diameter_mm moves the diameter distribution (thinner PVS, fainter voxels)."""
+    faint = make_phantom(
+        (72, 96, 80), 1.0, "T2", seed=7, severity=1.0, snr=math.inf, bias_field=False,
+        csf_ratio=1.6,
+    )  # fmt: skip
+    np.testing.assert_array_equal(faint.pvs, t2_fine.pvs)
+    np.testing.assert_array_equal(faint.regions, t2_fine.regions)
+    assert faint.meta["contrast"]["csf_pvs_over_wm"] == 1.6
+    wm = (faint.regions == WHITE_MATTER) & (faint.pvs_fraction == 0) & (faint.confounders == 0)
+    wm = ndimage.binary_erosion(wm, iterations=2)
+    core = faint.pvs_fraction >= 0.99
+    ratio = np.median(faint.image[core]) / np.median(faint.image[wm])
+    assert ratio == pytest.approx(1.6, rel=0.05)
+
+    thin = make_phantom(**FINE, pvs_diameter_mm=0.7)
+    diameters = [row["diameter_mm"] for row in thin.meta["pvs_table"]]
+    assert np.median(diameters) == pytest.approx(0.7, rel=0.15)
+    assert min(diameters) >= 0.3 - 1e-9 and max(diameters) <= 2.0 + 1e-9  # clipped in proportion
+    default = [row["diameter_mm"] for row in t2_fine.meta["pvs_table"]]
+    assert np.median(default) > 1.2
+
+
 def test_counts_grow_with_severity():
     counts = [
         make_phantom(**SMALL, seed=1, severity=s).meta["counts"]["pvs"] for s in (0.0, 0.5, 1.0)
     ]
     assert counts[0] < counts[1] < counts[2]
     assert counts[0] >= 1
+    # pvs_per_brain: denser than severity 1 allows (300 per brain), scaled like it
+    dense = make_phantom(**SMALL, seed=1, pvs_per_brain=600).meta["counts"]
+    assert dense["pvs_requested"] == pytest.approx(2 * counts[2], abs=1)
 
 
 def test_confounders_disjoint_from_pvs_and_present():
@@ -210,6 +237,9 @@ def test_mni_anatomy():
         ({"severity": 1.5}, "between 0 and 1"),
         ({"anatomy": "atlas"}, "procedural"),
         ({"snr": 0}, "snr"),
+        ({"csf_ratio": 0}, "csf_ratio"),
+        ({"pvs_diameter_mm": -1}, "pvs_diameter_mm"),
+        ({"pvs_per_brain": -5}, "pvs_per_brain"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):

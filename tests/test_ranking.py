@@ -166,3 +166,54 @@ def test_patches_in_the_air_are_skipped_given_the_image(tmp_path):
         rank_patches(store, image=image[:10])
     with pytest.raises(ValueError, match="tissue"):
         rank_patches(store, image=np.zeros(SHAPE, np.float32))
+
+
+def _scored_store(path, scores) -> str:
+    """A store of 8^3 patches in a row along x whose mean entropy is ``scores[i]``."""
+    shape = (8, 8, 8 * len(scores))
+    entropy = np.repeat(np.asarray(scores, np.float32), 8)[None, None, :] * np.ones(shape)
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("probability", data=np.full(shape, 0.1, np.float16))
+    group.create_array("segmentation", data=np.zeros(shape, np.uint8))
+    group.create_array("entropy", data=entropy.astype(np.float32))
+    return str(path)
+
+
+def test_decaying_noise_draws_in_proportion_to_the_scores(tmp_path):
+    scores = [0.4, 0.2, 0.12, 0.1, 0.07, 0.05, 0.04, 0.02]  # distinct: no ties to break
+    store = zarr.open_group(_scored_store(tmp_path / "s.zarr", scores), mode="r")
+    first = [
+        rank_patches(store, n=1, patch=8, min_distance=0, noise=1.0, seed=seed)[0].bbox_start[2]
+        // 8
+        for seed in range(300)
+    ]
+    frequency = np.bincount(first, minlength=len(scores)) / len(first)
+    # temperature 1: a draw with probability score / sum(scores) (power sampling)
+    np.testing.assert_allclose(frequency, np.array(scores) / sum(scores), atol=0.08)
+    # the table keeps the noiseless score of the patch drawn
+    row = rank_patches(store, n=1, patch=8, min_distance=0, noise=1.0, seed=3)[0]
+    assert row.score == pytest.approx(scores[row.bbox_start[2] // 8], abs=1e-3)
+    # seeded: same seed and round, same queue; another round draws again
+    again = [rank_patches(store, n=8, patch=8, min_distance=0, noise=1.0, seed=5,
+                          noise_round=r) for r in (0, 0, 1)]  # fmt: skip
+    starts = [[row.bbox_start for row in table] for table in again]
+    assert starts[0] == starts[1]
+    # the noise decays: by round 30 (temperature 1e-9) the queue is the noiseless order
+    noiseless = rank_patches(store, n=8, patch=8, min_distance=0)
+    late = rank_patches(store, n=8, patch=8, min_distance=0, noise=1.0, seed=5, noise_round=30)
+    assert [r.bbox_start for r in late] == [r.bbox_start for r in noiseless]
+    assert [r.bbox_start[2] // 8 for r in noiseless][:2] == [0, 1]
+    with pytest.raises(ValueError, match="noise must be"):
+        rank_patches(store, noise=-1)
+
+
+def test_stratified_foreground_share(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    table = rank_patches(store, n=6, patch=16, strategy="stratified", foreground_share=2 / 3)
+    kinds = [r.predicted_pvs_voxels > 0 for r in table]
+    assert kinds[:3] == [True, True, False]  # two thirds from the PVS stratum
+    default = rank_patches(store, n=6, patch=16, strategy="stratified")
+    half = rank_patches(store, n=6, patch=16, strategy="stratified", foreground_share=0.5)
+    assert [r.bbox_start for r in half] == [r.bbox_start for r in default]
+    with pytest.raises(ValueError, match="foreground_share"):
+        rank_patches(store, strategy="stratified", foreground_share=1.5)

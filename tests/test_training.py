@@ -15,6 +15,7 @@ from napari_pvs.training import (
     UNLABELLED,
     TrainConfig,
     TrainingVolume,
+    _batch,
     _Indexed,
     augment,
     fit,
@@ -333,3 +334,21 @@ def test_each_epoch_is_reported_as_soon_as_it_is_validated(phantom):
     # Epoch 0 arrives after its own steps and before epoch 1's, with the history's values.
     assert seen == [(0, per_epoch), (1, 2 * per_epoch)]
     assert [r["epoch"] for r in result.history] == [0, 1]
+
+
+def test_foreground_share_holds_when_most_items_hold_no_pvs():
+    """Nine empty reviewed patches and one with a PVS: foreground-centred draws still come
+    from the one with PVS, so the configured share of PVS patches is kept."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(10):
+        image = rng.normal(1.0, 0.05, (24, 24, 24)).astype(np.float32)
+        labels = np.zeros((24, 24, 24), np.uint8)
+        if i == 3:
+            labels[10:14, 10:14, 10:14] = 1
+        items.append(_Indexed(TrainingVolume(image, labels, "T2")))
+    config = TrainConfig(batch_size=50, patch=(8, 8, 8), foreground_fraction=0.6,
+                         hard_negative_fraction=0.0, augment=False)  # fmt: skip
+    _, labels, _ = _batch(items, np.random.default_rng(1), config, train=False)
+    with_pvs = np.mean([(patch == 1).any() for patch in labels])
+    assert with_pvs >= 0.45  # about 0.6; drawing the item first gave 0.04

@@ -52,6 +52,8 @@ _REFERENCE_BRAIN_MM3 = 1.2e6
 _BASAL_GANGLIA_SHARE = 0.35
 #: Tissue texture: correlation length (mm) and relative amplitude (standard deviation).
 _TEXTURE_MM, _TEXTURE_AMPLITUDE = 1.5, 0.04
+#: PVS diameters: log-normal around this median (mm), clipped to 0.6-4 mm at that median.
+_PVS_DIAMETER_MEDIAN_MM, _PVS_DIAMETER_CLIP_MM = 1.4, (0.6, 4.0)
 #: Finest sub-voxel sampling distance (mm) for partial-volume rendering.
 _SUBSAMPLE_MM = 0.35
 
@@ -444,8 +446,9 @@ def _radial_direction(depth: np.ndarray, point_mm: np.ndarray, spacing) -> np.nd
     return -grad / norm if norm > 0 else np.array([1.0, 0.0, 0.0])
 
 
-def _pvs_count(severity: float, brain_mm3: float) -> int:
-    per_brain = _PVS_COUNT_RANGE[0] + severity * (_PVS_COUNT_RANGE[1] - _PVS_COUNT_RANGE[0])
+def _pvs_count(severity: float, brain_mm3: float, per_brain: float | None = None) -> int:
+    if per_brain is None:
+        per_brain = _PVS_COUNT_RANGE[0] + severity * (_PVS_COUNT_RANGE[1] - _PVS_COUNT_RANGE[0])
     return max(1, round(per_brain * brain_mm3 / _REFERENCE_BRAIN_MM3))
 
 
@@ -537,8 +540,16 @@ class _PVS:
     table: list[dict]
 
 
-def _place_pvs(placer: _Placer, anat: _Anatomy, target: int, rng) -> _PVS:
-    """Radial tubes in the centrum semiovale, near-vertical ones in the basal ganglia."""
+def _place_pvs(
+    placer: _Placer, anat: _Anatomy, target: int, rng, diameter_mm: float | None = None
+) -> _PVS:
+    """Radial tubes in the centrum semiovale, near-vertical ones in the basal ganglia.
+
+    Diameters are log-normal around ``diameter_mm`` (default 1.4 mm), clipped in proportion.
+    """
+    median = _PVS_DIAMETER_MEDIAN_MM if diameter_mm is None else float(diameter_mm)
+    scale = median / _PVS_DIAMETER_MEDIAN_MM
+    low, high = (_PVS_DIAMETER_CLIP_MM[0] * scale, _PVS_DIAMETER_CLIP_MM[1] * scale)
     shape, spacing, regions = placer.shape, placer.spacing, anat.regions
     out = _PVS(
         mask=np.zeros(shape, np.uint8),
@@ -563,7 +574,7 @@ def _place_pvs(placer: _Placer, anat: _Anatomy, target: int, rng) -> _PVS:
         pool = bg_flat if in_bg else cso_flat
         if not len(pool):
             break
-        diameter = float(np.clip(rng.lognormal(np.log(1.4), 0.33), 0.6, 4.0))
+        diameter = float(np.clip(rng.lognormal(np.log(median), 0.33), low, high))
         length = float(np.clip(rng.lognormal(np.log(6.0 if in_bg else 9.0), 0.45), 2.0, 20.0))
         if attempt > 10 * target:  # crowded volume: try shorter tubes
             length = max(2.0, length / 2)
@@ -606,11 +617,16 @@ def _compose_image(
     rng,
     bias_field: bool,
     snr: float,
+    csf_ratio: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """MR-like intensities: tissue contrast with partial volume and texture, confounders and PVS
-    mixed in by their partial volume, then bias field and Rician noise. Returns (image, CSF/WM)."""
+    mixed in by their partial volume, then bias field and Rician noise. Returns (image, CSF/WM).
+
+    ``csf_ratio`` replaces the drawn CSF/PVS contrast (the draw is still made, so everything
+    else about the phantom stays the same)."""
     shape = regions.shape
-    csf_ratio = float(rng.uniform(*_CSF_RATIO_RANGE[modality]))
+    drawn = float(rng.uniform(*_CSF_RATIO_RANGE[modality]))
+    csf_ratio = drawn if csf_ratio is None else float(csf_ratio)
     lut = np.zeros(5, dtype=np.float32)
     for label, value in _TISSUE_CONTRAST[modality].items():
         lut[label] = value
@@ -653,13 +669,21 @@ def make_phantom(
     bias_field: bool = True,
     n_pvs: int | None = None,
     confounders: bool = True,
+    csf_ratio: float | None = None,
+    pvs_diameter_mm: float | None = None,
+    pvs_per_brain: float | None = None,
 ) -> Phantom:
     """Make a synthetic brain volume with PVS and their exact ground truth.
 
     ``severity`` (0..1) sets the PVS burden: 20 to 300 PVS per adult-size brain, scaled by the
     brain volume in the field of view (``n_pvs`` overrides it). ``snr`` is the white-matter
     signal over the Rician noise sigma (default drawn from 15..60; ``math.inf`` disables noise).
-    The same arguments and ``seed`` always give the same phantom.
+    ``csf_ratio`` fixes the CSF-like (PVS, lacune, ventricle) intensity relative to white matter
+    (default drawn from 2.4..3.6 on T2w, 0.35..0.5 on T1w); ``pvs_diameter_mm`` moves the median
+    PVS diameter (default 1.4 mm); ``pvs_per_brain`` replaces severity's 20..300 PVS per
+    adult-size brain (still scaled by the brain volume; ``n_pvs`` overrides it), so PVS can be
+    denser than any severity gives. These exist to make data unlike the default model's
+    training data. The same arguments and ``seed`` always give the same phantom.
     """
     shape = _check_shape(shape)
     spacing = check_spacing(spacing)
@@ -672,6 +696,14 @@ def make_phantom(
         raise ValueError(f"snr must be positive (or None for a random 15..60), got {snr!r}")
     if n_pvs is not None and int(n_pvs) < 0:
         raise ValueError(f"n_pvs must be >= 0, got {n_pvs!r}")
+    if pvs_per_brain is not None and not float(pvs_per_brain) >= 0:
+        raise ValueError(f"pvs_per_brain must be >= 0 (or None), got {pvs_per_brain!r}")
+    if csf_ratio is not None and not float(csf_ratio) > 0:
+        raise ValueError(f"csf_ratio must be positive (or None to draw it), got {csf_ratio!r}")
+    if pvs_diameter_mm is not None and not float(pvs_diameter_mm) > 0:
+        raise ValueError(
+            f"pvs_diameter_mm must be positive (or None for 1.4 mm), got {pvs_diameter_mm!r}"
+        )
 
     rng = np.random.default_rng(seed)
     snr_value = float(rng.uniform(15, 60)) if snr is None else float(snr)
@@ -688,11 +720,13 @@ def make_phantom(
 
     placer = _Placer(shape, spacing)
     conf = _place_confounders(placer, anat, float(severity), brain_scale, rng, confounders)
-    target = _pvs_count(float(severity), brain_mm3) if n_pvs is None else int(n_pvs)
-    pvs = _place_pvs(placer, anat, target if brain_mm3 > 0 else 0, rng)
+    target = (
+        _pvs_count(float(severity), brain_mm3, pvs_per_brain) if n_pvs is None else int(n_pvs)
+    )
+    pvs = _place_pvs(placer, anat, target if brain_mm3 > 0 else 0, rng, pvs_diameter_mm)
     del placer
     image, csf_ratio = _compose_image(
-        regions, modality, conf, pvs.fraction, spacing, rng, bias_field, snr_value
+        regions, modality, conf, pvs.fraction, spacing, rng, bias_field, snr_value, csf_ratio
     )
 
     n_bg = sum(1 for row in pvs.table if row["region"] == "basal_ganglia")

@@ -7,7 +7,8 @@ Patches are scored by block reduction, streamed slab by slab from zarr (memory i
   ``probability`` for a deterministic prediction);
 * ``bald``: mean mutual information (needs MC dropout, TTA or an ensemble at predict time);
 * ``stratified``: class-stratified predictive entropy: patches with and without predicted PVS
-  are ranked by entropy separately and picked alternately, so both kinds appear;
+  are ranked by entropy separately and picked alternately (``foreground_share`` of the picks
+  from the PVS stratum, default one half), so both kinds appear;
 * ``fg-random``: random among patches with predicted PVS (the strong 3D baseline of nnActive);
 * ``random``: random among all patches.
 
@@ -21,6 +22,12 @@ skipped. For stores where 0 means "not annotated", pass ``unlabelled_value=0``.
 Given the ``image``, patches that are mostly air (less than ``min_tissue`` of their voxels are
 tissue, see :func:`napari_pvs.intensity.tissue_mask`) are skipped: there is nothing to
 annotate there, however uncertain or random.
+
+Decaying noise on the scores (``noise``, nnActive's ClaSP PE): with ``noise`` T > 0 the score
+strategies rank by ``log(score) + T' * Gumbel`` with T' = T * ``noise_decay`` ** ``noise_round``,
+which draws patches with probability proportional to ``score ** (1 / T')`` (power sampling).
+Early rounds, whose model is least trustworthy, explore; later rounds follow the scores. The
+noise is seeded (by ``seed`` and ``noise_round``) and off by default.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ DEFAULT_PATCH = 32
 DEFAULT_MIN_DISTANCE = 1.5
 #: Default share of a patch's voxels that must be tissue (with an image given).
 DEFAULT_MIN_TISSUE = 0.5
+#: Default factor by which the score noise shrinks each round (see ``noise``).
+DEFAULT_NOISE_DECAY = 0.5
+#: Strategies ranked by a score (the ones ``noise`` perturbs).
+SCORE_STRATEGIES = ("entropy", "bald", "stratified")
 
 
 @dataclass
@@ -144,10 +155,12 @@ def _select(
     n: int,
     min_distance: float,
     interleave: bool = False,
+    first_share: float = 0.5,
 ) -> list[tuple[int, int, int]]:
     """Greedy non-maximum suppression over candidates in priority order.
 
-    With ``interleave`` ``order`` is a list of per-stratum orders taken from alternately.
+    With ``interleave`` ``order`` is a list of per-stratum orders taken from in turn; with two
+    strata, ``first_share`` of the turns go to the first (0.5: alternately, first one first).
     """
     streams = [list(o) for o in order] if interleave else [list(order)]
     positions = [0] * len(streams)
@@ -156,7 +169,7 @@ def _select(
     centres: list[np.ndarray] = []
     turn = 0
     while len(chosen) < n and any(p < len(s) for p, s in zip(positions, streams, strict=True)):
-        stream = turn % len(streams)
+        stream = _stream_for_turn(turn, len(streams), first_share)
         turn += 1
         while positions[stream] < len(streams[stream]):
             index = streams[stream][positions[stream]]
@@ -176,6 +189,26 @@ def _select(
     return chosen
 
 
+def _stream_for_turn(turn: int, n_streams: int, first_share: float) -> int:
+    """Which stratum picks at ``turn``: round robin, or for two strata the first one whenever
+    its share of the turns so far would otherwise fall below ``first_share``."""
+    if n_streams != 2:
+        return turn % n_streams
+    before = math.ceil(turn * first_share - 1e-9)
+    after = math.ceil((turn + 1) * first_share - 1e-9)
+    return 0 if after > before else 1
+
+
+def scheduled_noise(noise: float, noise_round: int, decay: float = DEFAULT_NOISE_DECAY) -> float:
+    """The score-noise temperature of round ``noise_round``: ``noise * decay ** noise_round``."""
+    if noise < 0 or not 0 < decay <= 1 or noise_round < 0:
+        raise ValueError(
+            f"noise must be >= 0, noise_decay in (0, 1] and noise_round >= 0, got {noise}, "
+            f"{decay} and {noise_round}"
+        )
+    return float(noise) * float(decay) ** int(noise_round)
+
+
 def rank_patches(
     prediction,
     n: int = 20,
@@ -189,18 +222,27 @@ def rank_patches(
     seed: int = 0,
     image=None,
     min_tissue: float = DEFAULT_MIN_TISSUE,
+    noise: float = 0.0,
+    noise_round: int = 0,
+    noise_decay: float = DEFAULT_NOISE_DECAY,
+    foreground_share: float = 0.5,
 ) -> list[RankedPatch]:
     """Rank patches of a prediction store (path or zarr group) for annotation.
 
     Returns at most ``n`` rows, fewer when exclusion, spacing and the tissue filter leave
     fewer candidates. ``min_distance`` defaults to 1.5 x ``patch`` (no face or edge
     neighbours). ``image`` (the predicted volume: array, path or ``Volume``) turns on the
-    tissue filter.
+    tissue filter. ``noise``, ``noise_round`` and ``noise_decay`` set the decaying score noise
+    of the module notes (score strategies only; the table keeps the noiseless scores);
+    ``foreground_share`` is the share of ``stratified`` picks with predicted PVS.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if not 0 <= foreground_share <= 1:
+        raise ValueError(f"foreground_share must be between 0 and 1, got {foreground_share}")
+    temperature = scheduled_noise(noise, noise_round, noise_decay)
     group = open_prediction(prediction) if isinstance(prediction, str | Path) else prediction
     probability = group["probability"]
     shape = tuple(int(s) for s in probability.shape)
@@ -258,14 +300,22 @@ def rank_patches(
                     "from; use --strategy entropy or random"
                 )
 
+    keys = scores
+    if temperature > 0 and strategy in SCORE_STRATEGIES:
+        # Gumbel-perturbed log scores: the top-k is a draw proportional to score ** (1 / T).
+        noise_rng = np.random.default_rng([seed, int(noise_round), 0x5EED])
+        keys = np.log(np.maximum(scores, 1e-12)) + temperature * noise_rng.gumbel(size=grid.n)
+
     def by_score(mask: np.ndarray) -> list[tuple[int, ...]]:
         idx = np.argwhere(mask)
-        order = np.argsort(-scores[mask], kind="stable")
+        order = np.argsort(-keys[mask], kind="stable")
         return [tuple(int(v) for v in idx[i]) for i in order]
 
     if strategy == "stratified":
         strata = [by_score(eligible & (foreground > 0)), by_score(eligible & (foreground == 0))]
-        chosen = _select(strata, grid, n, min_distance, interleave=True)
+        chosen = _select(
+            strata, grid, n, min_distance, interleave=True, first_share=foreground_share
+        )
     else:
         chosen = _select(by_score(eligible), grid, n, min_distance)
 

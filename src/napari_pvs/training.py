@@ -533,6 +533,13 @@ def _batch(
             kind = "hard"
         else:
             kind = "any"
+        # Many small items (reviewed patches) mostly hold no PVS: draw a foreground (or hard)
+        # centre from an item that has one, so the share stays what the config says.
+        pool = {"foreground": "foreground", "hard": "hard_negatives"}.get(kind)
+        if pool is not None and not len(getattr(item, pool)):
+            having = [other for other in items if len(getattr(other, pool))]
+            if having:
+                item = having[rng.integers(len(having))]
         centre = item.centre(rng, kind)
         centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
         image, label = item.patch(centre, config.patch)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from napari_pvs import __version__
 from napari_pvs.atomic import Locked, OutputError
 from napari_pvs.cli._common import UserError
+from napari_pvs.cli.benchmark import add_benchmark
 from napari_pvs.cli.gui import add_gui
 from napari_pvs.cli.predict import add_predict, add_rank
 from napari_pvs.cli.project import add_project
@@ -41,6 +42,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_rank,
     add_project,
     add_round,
+    add_benchmark,
 ]
 
 

@@ -190,7 +190,12 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def add_rank(subparsers: argparse._SubParsersAction) -> None:
-    from napari_pvs.ranking import DEFAULT_MIN_TISSUE, DEFAULT_PATCH, STRATEGIES
+    from napari_pvs.ranking import (
+        DEFAULT_MIN_TISSUE,
+        DEFAULT_NOISE_DECAY,
+        DEFAULT_PATCH,
+        STRATEGIES,
+    )
 
     parser = subparsers.add_parser(
         "rank",
@@ -235,6 +240,28 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MIN_TISSUE,
         help=f"share of a patch that must be tissue (default {DEFAULT_MIN_TISSUE}; 0 = off)",
     )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="score-noise temperature in round 0 (entropy, bald, stratified; default 0 = off): "
+        "patches are drawn in proportion to score^(1/T), exploring while the model is poor",
+    )
+    parser.add_argument(
+        "--noise-round", type=int, default=0, help="the round: the noise shrinks each round"
+    )
+    parser.add_argument(
+        "--noise-decay",
+        type=float,
+        default=DEFAULT_NOISE_DECAY,
+        help=f"factor the noise shrinks by per round (default {DEFAULT_NOISE_DECAY})",
+    )
+    parser.add_argument(
+        "--foreground-share",
+        type=float,
+        default=0.5,
+        help="stratified: share of patches with predicted PVS (default 0.5; nnActive 0.67)",
+    )
     parser.set_defaults(func=_run_rank)
 
 
@@ -263,6 +290,10 @@ def _run_rank(args: argparse.Namespace) -> int:
         seed=args.seed,
         image=image if args.min_tissue > 0 else None,
         min_tissue=args.min_tissue,
+        noise=args.noise,
+        noise_round=args.noise_round,
+        noise_decay=args.noise_decay,
+        foreground_share=args.foreground_share,
     )
     csv_path, json_path = save_ranking(
         table, args.prediction, strategy=args.strategy, overwrite=args.overwrite

@@ -1,0 +1,174 @@
+"""The labelling-efficiency benchmark: end to end on tiny phantoms, and its arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from napari_pvs import io
+from napari_pvs.benchmark.active_learning import (
+    FULL,
+    BenchmarkConfig,
+    final_lines,
+    parse_strategies,
+    summarise,
+    tissue_box,
+)
+from napari_pvs.benchmark.data import describe_shift, make_benchmark_data
+from napari_pvs.cli import main
+from napari_pvs.phantom import make_phantom
+
+TINY_UNET = '{"channels": [4, 8], "num_res_units": 1, "feature_channels": 4}'
+FINAL = re.compile(r"^(\S+): (\d+|never) patches to 95%$")
+GAP = re.compile(r"^(\S+): gap closed (-?\d+\.\d+|n/a)$")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("al-data")
+    paths = {}
+    for name, seed in (("pool-1", 1), ("pool-2", 2), ("test-1", 3)):
+        p = make_phantom((40, 48, 40), spacing=1.5, seed=seed, severity=1.0)
+        paths[name] = io.save_ome_zarr(
+            folder / f"{name}.zarr",
+            p.image,
+            p.spacing,
+            labels={"pvs": p.pvs, "regions": p.regions},
+            modality="T2",
+            levels=1,
+        )
+    return paths
+
+
+def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark", "active-learning",
+        "--pool-images", str(tiny_data["pool-1"]), str(tiny_data["pool-2"]),
+        "--test-images", str(tiny_data["test-1"]),
+        "--regions", f"{tiny_data['test-1']}/labels/regions",
+        "--strategies", "stratified:noise=1,random",
+        "--rounds", "2", "--per-round", "2", "--patch", "16", "--seeds", "1",
+        "--init", "scratch", "--scratch-model", "unet", "--scratch-config", TINY_UNET,
+        "--steps", "4", "--mc", "0", "--lr", "3e-3", "--retrain", "start", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # the last lines: per strategy, N to 95% then gap closed, in the order given
+    tail = lines[-4:]
+    assert [FINAL.match(tail[0])[1], GAP.match(tail[1])[1]] == ["stratified:noise=1"] * 2
+    assert [FINAL.match(tail[2])[1], GAP.match(tail[3])[1]] == ["random"] * 2
+
+    with open(out / "learning_curve.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for strategy in ("stratified:noise=1", "random"):
+        own = [r for r in rows if r["strategy"] == strategy]
+        assert [int(r["round"]) for r in own] == [0, 1, 2]
+        # 4 shared initial patches (2 of them validation), then 2 more per round
+        assert [int(r["labelled_patches"]) for r in own] == [4, 6, 8]
+        assert {int(r["validation_patches"]) for r in own} == {2}
+        assert [int(r["version"]) for r in own] == [1, 2, 3]  # scratch: v1 trained on the start
+        assert all(0 <= float(r["dice"]) <= 1 and r["dice_white_matter"] for r in own)
+    starts = {r["dice"] for r in rows if r["round"] == "0" and r["strategy"] != FULL}
+    assert len(starts) == 1  # every strategy starts from the same model
+    (full,) = [r for r in rows if r["strategy"] == FULL]
+    assert int(full["labelled_patches"]) > 8 and int(full["train_patches"]) > 6
+    assert int(full["steps"]) == 4  # the same steps as one round
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategies"]["random"]["curve"][-1]["labelled_patches"] == 8
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The annotator went through Project.accept: the label stores hold the ground truth of
+    # exactly the reviewed boxes, and the ledger has every round.
+    from napari_pvs.project import Project
+
+    truth = {vid: np.asarray(io.open_labels(tiny_data[f"pool-{vid}"], "pvs").data)
+             for vid in (1, 2)}  # fmt: skip
+    with Project.open(out / "projects" / "random-seed0", readonly=True) as project:
+        annotations = project.annotations()
+        assert len(annotations) == 8 and {a.annotator for a in annotations} == {"simulated"}
+        assert [v.status for v in project.versions()] == ["ready"] * 4
+        # --retrain start: the start round trained v1 from v0; every later round starts at v1
+        assert [(r.base_version, r.new_version) for r in project.rounds()] == [
+            (0, 1), (1, 2), (1, 3)
+        ]
+        assert project.current_version().version == 3
+        for a in annotations:
+            box = tuple(slice(s, e) for s, e in zip(a.start, a.stop, strict=True))
+            volume = project.volume(a.volume_id)
+            crop = summary["data"]["pool"][a.volume_id - 1]["crop"][0]
+            whole = tuple(slice(s + c, e + c) for s, e, c in
+                          zip(a.start, a.stop, crop, strict=True))  # fmt: skip
+            stored = np.asarray(project.labels(volume.id)["labels"][box])
+            np.testing.assert_array_equal(stored, truth[a.volume_id][whole])
+
+
+def test_summary_arithmetic_against_a_hand_computation():
+    config = BenchmarkConfig(parse_strategies("entropy,random"), rounds=2, per_round=4,
+                             seeds=[0, 1])  # fmt: skip
+
+    def row(strategy, seed, rnd, labelled, dice):
+        return {"strategy": strategy, "seed": seed, "round": rnd, "labelled_patches": labelled,
+                "dice": dice, "cluster_f1": dice}  # fmt: skip
+
+    rows = [row(FULL, 0, 2, 100, 0.78), row(FULL, 1, 2, 100, 0.82)]  # full: 0.80
+    for seed in (0, 1):
+        rows += [row("entropy", seed, 0, 4, 0.40), row("random", seed, 0, 4, 0.40)]
+    rows += [row("entropy", 0, 1, 8, 0.70), row("entropy", 1, 1, 8, 0.80),  # mean 0.75 < 0.76
+             row("entropy", 0, 2, 12, 0.76), row("entropy", 1, 2, 12, 0.78),  # 0.77 >= 0.76
+             row("random", 0, 1, 8, 0.50), row("random", 1, 1, 8, 0.50),
+             row("random", 0, 2, 12, 0.60), row("random", 1, 2, 12, 0.60)]  # fmt: skip
+    summary = summarise(rows, config)
+    assert summary["target_dice"] == pytest.approx(0.76)
+    entropy, rand = summary["strategies"]["entropy"], summary["strategies"]["random"]
+    assert entropy["patches_to_95"] == 12 and rand["patches_to_95"] is None
+    assert entropy["patches_to_95_per_seed"] == {"0": 12, "1": 8}
+    # gap 0.40 -> 0.80; entropy closes (0.35 + 0.37) / 2 / 0.40, random (0.1 + 0.2) / 2 / 0.40
+    assert entropy["gap_closed"] == pytest.approx(0.9)
+    assert rand["gap_closed"] == pytest.approx(0.375)
+    assert final_lines(summary) == [
+        "entropy: 12 patches to 95%",
+        "entropy: gap closed 0.900",
+        "random: never patches to 95%",
+        "random: gap closed 0.375",
+    ]
+
+
+def test_strategy_specs_parse_and_refuse_bad_ones():
+    clasp, plain = parse_strategies("stratified:noise=1:share=0.67,bald")
+    assert (clasp.name, clasp.noise, clasp.foreground_share) == ("stratified", 1.0, 0.67)
+    assert not clasp.product_defaults and plain.product_defaults
+    with pytest.raises(ValueError, match="unknown strategy"):
+        parse_strategies("margin")
+    with pytest.raises(ValueError, match="bad strategy option"):
+        parse_strategies("entropy:temperature=2")
+    with pytest.raises(ValueError, match="repeat"):
+        parse_strategies("random,random")
+    with pytest.raises(ValueError, match="twice validation"):
+        BenchmarkConfig([plain], initial=2, validation=2)
+
+
+def test_tissue_box_keeps_the_head_and_every_pvs_and_drops_air():
+    p = make_phantom((64, 48, 48), spacing=(4.0, 1.0, 1.0), seed=4, snr=10)  # air above, below
+    start, stop = tissue_box(p.image, p.pvs.astype(bool))
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    assert p.pvs[box].sum() == p.pvs.sum()
+    assert (p.regions[box] > 0).sum() == (p.regions > 0).sum()
+    assert np.prod(np.subtract(stop, start)) < 0.8 * p.image.size  # the air went
+
+
+def test_make_data_writes_shifted_phantoms_and_says_how_far(tmp_path):
+    description = make_benchmark_data(tmp_path / "d", shape=(32, 40, 32), pool=1, test=1)
+    assert json.loads((tmp_path / "d" / "data.json").read_text())["preset"] == "shifted"
+    image = io.open_volume(description["pool"][0])
+    assert image.spacing == (2.0, 0.8, 0.8)
+    assert io.open_labels(description["test"][0], "pvs").shape == image.shape
+    shift = " ".join(describe_shift("shifted"))
+    assert "25% below the lowest" in shift and "anisotropy 2.5:1" in shift
+    with pytest.raises(FileExistsError):
+        make_benchmark_data(tmp_path / "d", shape=(32, 40, 32))
