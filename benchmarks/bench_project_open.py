@@ -88,14 +88,19 @@ else:
     result["volume_seconds"] = time.perf_counter() - t0
     segment.layer_combo.setCurrentText(layer.name)
     assert segment.segment()
-    wait(lambda: segment.result is not None and not segment.is_running(), "the prediction")
+    # the layers are on screen when the run and its staged layers are done (PVS are counted
+    # after that, in the background)
+    wait(lambda: segment.result is not None and not segment.job.is_running()
+         and not segment.staged.is_running(), "the prediction layers")
     shown = [lyr for lyr in segment.result_layers.values() if lyr.visible]
     assert len(shown) == 2, shown
     assert drawn()
     result["seconds"] = time.perf_counter() - t0
 with open("/proc/self/status") as status:
     result["rss_mb"] = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
-print(json.dumps(result))
+print(json.dumps(result), flush=True)
+import os
+os._exit(0)  # a background count may still run: nothing is written, nothing to wait for
 """
 
 
