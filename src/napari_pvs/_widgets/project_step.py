@@ -369,9 +369,9 @@ class ProjectStep(QWidget):
             paths = {key: project.prediction_path(*key) for key in to_count}
 
             def work(progress, cancel):
-                from napari_pvs._widgets.segment import pvs_statistics
+                from napari_pvs._widgets.segment import pvs_cluster_count
 
-                return {key: pvs_statistics(path)[2] for key, path in paths.items()}
+                return {key: pvs_cluster_count(path) for key, path in paths.items()}
 
             self.count_job.start(work, "Counting PVS")
 

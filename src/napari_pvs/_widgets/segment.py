@@ -125,13 +125,17 @@ class SegmentRequest:
 
 @dataclass
 class SegmentResult:
-    """What a run produced: the store, the predictor's summary, PVS count/volume, notes."""
+    """What a run produced: the store, the predictor's summary, PVS count/volume, notes.
+
+    ``pvs_voxels``/``pvs_volume_mm3`` are None until counted: the panel counts after the
+    layers are on screen (streaming a 1024^3 segmentation takes tens of seconds).
+    """
 
     out: Path
     summary: PredictionSummary | None
     device: str
-    pvs_voxels: int
-    pvs_volume_mm3: float
+    pvs_voxels: int | None
+    pvs_volume_mm3: float | None
     pvs_count: int | None
     model: str = "default"  # what made it: "v3" (project version) or the checkpoint's name
     version: int | None = None  # the project's model version, for a project volume
@@ -166,6 +170,15 @@ def pvs_statistics(store: str | Path) -> tuple[int, float, int | None]:
     return voxels, voxels * voxel_mm3, count
 
 
+def pvs_cluster_count(store: str | Path) -> int | None:
+    """The number of PVS in a store, or None above :data:`MAX_COUNT_VOXELS` (without reading
+    the segmentation then: the voxel sum :func:`pvs_statistics` streams is not needed)."""
+    segmentation = open_prediction(store)["segmentation"]
+    if int(np.prod(segmentation.shape)) > MAX_COUNT_VOXELS:
+        return None
+    return pvs_statistics(store)[2]
+
+
 def _store_arrays(store: Path) -> tuple[str, ...]:
     group = open_prediction(store)
     names = ("probability", "segmentation", *UNCERTAINTY_DISPLAY)
@@ -173,9 +186,10 @@ def _store_arrays(store: Path) -> tuple[str, ...]:
 
 
 def run_segmentation(
-    request: SegmentRequest, progress: ProgressCallback, cancel: CancelToken
+    request: SegmentRequest, progress: ProgressCallback, cancel: CancelToken, count: bool = True
 ) -> SegmentResult:
-    """Load the model, predict into the store (resuming a compatible partial one), count PVS."""
+    """Load the model, predict into the store (resuming a compatible partial one), count PVS
+    (unless ``count`` is False: then the result's PVS figures are None)."""
     started = time.perf_counter()
     device, note = resolve_device_noting(request.device)
     notes = [note] if note else []
@@ -218,15 +232,17 @@ def run_segmentation(
             raise
         out = request.out
         model_name = "default" if request.model == "default" else Path(request.model).name
-    progress(0, 0, "counting PVS")
-    voxels, volume_mm3, count = pvs_statistics(out)
+    voxels = volume_mm3 = pvs_count = None
+    if count:
+        progress(0, 0, "counting PVS")
+        voxels, volume_mm3, pvs_count = pvs_statistics(out)
     return SegmentResult(
         out,
         summary,
         str(device),
         voxels,
         volume_mm3,
-        count,
+        pvs_count,
         model=model_name,
         seconds=time.perf_counter() - started,
         version=request.version,
@@ -257,6 +273,10 @@ class SegmentPanel(QWidget):
         self.job.succeeded.connect(self._on_succeeded)
         self.job.failed.connect(self._on_failed)
         self.job.cancelled.connect(self._on_cancelled)
+        #: counts PVS of a shown result (after its layers are on screen)
+        self.count_job = BackgroundJob(self)
+        self.count_job.succeeded.connect(self._on_counted)
+        self.count_job.failed.connect(self._on_count_failed)
         self.staged = StagedLayers(self)
         warm_up_labels_visuals()
         self._scratch: Path | None = None
@@ -571,8 +591,8 @@ class SegmentPanel(QWidget):
             self.rank_button.setEnabled(not busy)
 
     def is_running(self) -> bool:
-        """A run or its layers still being added."""
-        return self.job.is_running() or self.staged.is_running()
+        """A run, its layers still being added, or its PVS still being counted."""
+        return self.job.is_running() or self.staged.is_running() or self.count_job.is_running()
 
     # ---------------------------------------------------------------- segmentation
     def _result_names(self, base: str, suffix: str = "") -> dict[str, str]:
@@ -682,7 +702,7 @@ class SegmentPanel(QWidget):
         self._job_kind = "segment"
 
         def work(progress: ProgressCallback, cancel: CancelToken) -> SegmentResult:
-            return run_segmentation(request, progress, cancel)
+            return run_segmentation(request, progress, cancel, count=False)
 
         self.job.start(work, f"Segmenting {layer.name}")
         return True
@@ -821,28 +841,46 @@ class SegmentPanel(QWidget):
         self.staged.run(steps)
 
     def _finish_segmentation(self, result: SegmentResult) -> None:
-        self._set_busy(False)
+        """The layers are on screen: say so, then count PVS (the panel is busy until then)."""
         segmentation = self.result_layers.get("segmentation")
         if segmentation is not None:
             self.viewer.layers.selection.active = segmentation  # a visible layer, ready to paint
-        summary = result.summary
-        count = "not counted (volume too large)" if result.pvs_count is None else result.pvs_count
-        text = (
-            f"{count} PVS, {result.pvs_volume_mm3:.1f} mm³ ({result.pvs_voxels} voxels); "
-            f"model {result.model}, {result.seconds:.1f} s on {result.device}"
+        self._show_summary(result)
+        self._report(
+            f"segmented {self._geometry['name']} with model {result.model} -> {result.out}",
+            warning=bool(result.notes),
         )
+        out = result.out
+        self.count_job.start(lambda progress, cancel: pvs_statistics(out), "Counting PVS")
+
+    def _on_counted(self, counts: tuple[int, float, int | None]) -> None:
+        self._set_busy(False)
+        result = self.result
+        if result is None:
+            return
+        result.pvs_voxels, result.pvs_volume_mm3, result.pvs_count = counts
+        self._show_summary(result)
+        if self._volume_id is not None and result.version is not None:
+            self.state.pvs_counts[(self._volume_id, result.version)] = result.pvs_count
+            self.state.predictions_changed.emit(self._volume_id)
+
+    def _on_count_failed(self, message: str) -> None:
+        self._set_busy(False)
+        self._report(message, error=True)
+
+    def _show_summary(self, result: SegmentResult) -> None:
+        summary = result.summary
+        if result.pvs_voxels is None:
+            pvs = "counting PVS…"
+        else:
+            count = result.pvs_count if result.pvs_count is not None else "not counted (too large)"
+            pvs = f"{count} PVS, {result.pvs_volume_mm3:.1f} mm³ ({result.pvs_voxels} voxels)"
+        text = f"{pvs}; model {result.model}, {result.seconds:.1f} s on {result.device}"
         if summary is not None:
             text += f"; {summary.windows_run}/{summary.windows_total} windows"
             if summary.chunks_skipped:
                 text += f" (resumed: {summary.chunks_skipped}/{summary.chunks_total} chunks kept)"
         self.summary_label.setText("\n".join([text, *result.notes]))
-        self._report(
-            f"segmented {self._geometry['name']} with model {result.model} -> {result.out}",
-            warning=bool(result.notes),
-        )
-        if self._volume_id is not None and result.version is not None:
-            self.state.pvs_counts[(self._volume_id, result.version)] = result.pvs_count
-            self.state.predictions_changed.emit(self._volume_id)
 
     # ---------------------------------------------------------------- ranking (standalone)
     def _clear_ranking(self) -> None:

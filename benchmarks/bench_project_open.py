@@ -1,0 +1,208 @@
+"""Opening a project with a 1024^3 volume and its prediction in the workflow: time to the first
+drawn slice and peak resident memory, each in a fresh process under Xvfb.
+
+Goal (issue 10): first slice in under 2 s, resident memory under 1 GB.
+
+Built once and cached (``NAPARI_PVS_BENCH_DIR``, default ``$TMPDIR/napari-pvs-bench``):
+- the 1024^3 uint16 OME-Zarr of ``bench_open.bench_store`` (3 levels);
+- a project (``Project.create`` with the default model) holding that volume;
+- its prediction store at ``project.prediction_path(vid)``. The store is **synthetic**:
+  predicting 1024^3 on CPU takes far longer than this benchmark should, and opening does not
+  depend on the values. It has exactly the layout ``inference.Predictor`` writes (the
+  Predictor's own ``_signature`` and ``_create_store`` make it, with the project's predictor
+  options, so the run signature matches and ``has_prediction`` sees it complete); the arrays
+  are then filled slab by slab with cheap values (thin tubes of high probability), every
+  chunk is marked done and ``complete`` is set, as a finished run leaves it.
+
+Rows (a fresh ``xvfb-run`` process each; napari viewer with ``show=False``, the window grabbed
+once to lay it out before the clock starts; "drawn" = ``viewer.screenshot(canvas_only=True)``
+has non-black pixels; RSS is the process peak, ``VmHWM``, imports included):
+- ``napari viewer.open (reference)``: plain napari opening the OME-Zarr with the napari-pvs
+  reader, to its first drawn slice;
+- ``project: open -> volume drawn``: the workflow's Project step ``open_project`` on the
+  folder, the volume selected and "Show in viewer" pressed (opening a project shows no layers by
+  itself), to the volume's first drawn slice;
+- ``project: ... -> prediction drawn``: then the Segment step's Segment on that volume (with a
+  complete prediction it computes nothing: it counts PVS and shows the probability and
+  segmentation layers), to the slice with those layers drawn. Time from ``open_project``.
+
+Run: ``xvfb-run`` is started by the script itself (it must be installed):
+``.venv/bin/python benchmarks/bench_project_open.py [--size 1024] [--repeats 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_open import bench_store
+
+GOAL_SECONDS = 2.0
+GOAL_MB = 1024.0
+
+_CHILD = r"""
+import json, sys, time
+mode, path, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+
+def wait(condition, what, limit=120.0):
+    started = time.perf_counter()
+    while not condition():
+        QApplication.processEvents()
+        if time.perf_counter() - started > limit:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+def drawn():
+    pixels = viewer.screenshot(canvas_only=True, flash=False)
+    return bool(np.any(pixels[..., :3] > 0))
+
+viewer = napari.Viewer(show=False)
+result = {}
+if mode == "reference":
+    viewer.window._qt_window.grab()
+    t0 = time.perf_counter()
+    viewer.open(path, plugin="napari-pvs")
+    wait(drawn, "the first slice")
+    result["seconds"] = time.perf_counter() - t0
+else:
+    from napari_pvs._widgets.main import PVSWorkflow
+    workflow = PVSWorkflow(viewer)
+    viewer.window.add_dock_widget(workflow)
+    viewer.window._qt_window.grab()
+    step, segment = workflow.project_step, workflow.segment_step
+    t0 = time.perf_counter()
+    step.folder_edit.setText(folder)
+    assert step.open_project()
+    step.table.selectRow(0)
+    layer = step.show_selected()
+    assert layer is not None
+    wait(drawn, "the volume's first slice")
+    result["volume_seconds"] = time.perf_counter() - t0
+    segment.layer_combo.setCurrentText(layer.name)
+    assert segment.segment()
+    # the layers are on screen when the run and its staged layers are done (PVS are counted
+    # after that, in the background)
+    wait(lambda: segment.result is not None and not segment.job.is_running()
+         and not segment.staged.is_running(), "the prediction layers")
+    shown = [lyr for lyr in segment.result_layers.values() if lyr.visible]
+    assert len(shown) == 2, shown
+    assert drawn()
+    result["seconds"] = time.perf_counter() - t0
+with open("/proc/self/status") as status:
+    result["rss_mb"] = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+print(json.dumps(result), flush=True)
+import os
+os._exit(0)  # a background count may still run: nothing is written, nothing to wait for
+"""
+
+
+def bench_project(size: int) -> tuple[Path, Path]:
+    """Create (once) the volume, a project holding it and a synthetic complete prediction."""
+    import numpy as np
+
+    from napari_pvs.inference import DONE_ARRAY, Predictor, WindowPlan, _as_source
+    from napari_pvs.intensity import robust_range
+    from napari_pvs.io import ATTRS_KEY
+    from napari_pvs.project import Project
+
+    volume_path = bench_store(size)
+    folder = volume_path.parent / f"project_{size}"
+    if (folder / ".bench-complete").exists():
+        return volume_path, folder
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)  # an earlier build was interrupted: ours, start over
+    started = time.perf_counter()
+    with Project.create(folder, model="default") as project:
+        record = project.add_volume(volume_path)
+        out = project.prediction_path(record.id)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model, _ = project.load_model(device="cpu")
+        predictor = Predictor(model, modality=record.modality, **project.predictor_options())
+        volume = project.open_volume(record.id)
+        src = _as_source(volume)
+        plan = WindowPlan(src.data.shape, predictor.window, predictor.overlap, predictor.chunks)
+        signature = predictor._signature(plan.shape, src.modality, robust_range(src.data))
+        predictor._create_store(out, json.loads(json.dumps(signature)), plan, src)
+
+        import zarr
+
+        group = zarr.open_group(str(out), mode="r+")
+        slab = plan.chunks[0]
+        _, ny, nx = plan.shape
+        y, x = np.ogrid[:ny, :nx]
+        tubes = ((y % 40) < 2) & ((x % 40) < 2)  # thin tubes along z: PVS-like, compressible
+        for z0 in range(0, plan.shape[0], slab):
+            depth = min(slab, plan.shape[0] - z0)
+            probability = np.where(tubes, np.float16(0.9), np.float16(0.02))
+            probability = np.broadcast_to(probability, (depth, ny, nx))
+            box = slice(z0, z0 + depth)
+            group["probability"][box] = probability
+            group["segmentation"][box] = (probability >= predictor.threshold).astype(np.uint8)
+            for name in predictor.output_arrays[2:]:
+                group[name][box] = (probability * np.float16(0.1)).astype(np.float16)
+            print(f"synthetic prediction {z0 + depth}/{plan.shape[0]}", end="\r", file=sys.stderr)
+        group[DONE_ARRAY][...] = np.ones(plan.chunk_grid, np.uint8)
+        attrs = dict(group.attrs[ATTRS_KEY])
+        attrs["complete"] = True
+        group.attrs[ATTRS_KEY] = attrs
+        assert project.has_prediction(record.id), "the synthetic store is not seen as complete"
+    (folder / ".bench-complete").write_text("")
+    print(f"\nbuilt {folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return volume_path, folder
+
+
+def measure(mode: str, volume: Path, folder: Path, repeats: int) -> dict:
+    """Best times and the highest peak RSS over ``repeats`` fresh processes under Xvfb."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            ["xvfb-run", "-a", "-s", "-screen 0 1920x1080x24",
+             sys.executable, "-c", _CHILD, mode, str(volume), str(folder)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise SystemExit(f"{mode} run failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    merged = {key: min(r[key] for r in runs) for key in runs[0] if key != "rss_mb"}
+    merged["rss_mb"] = max(r["rss_mb"] for r in runs)
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="edge of the cube (default 1024)")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per row")
+    args = parser.parse_args()
+    volume, folder = bench_project(args.size)
+    reference = measure("reference", volume, folder, args.repeats)
+    project = measure("project", volume, folder, args.repeats)
+    rows = [
+        ("napari viewer.open (reference)", reference["seconds"], reference["rss_mb"], False),
+        ("project: open -> volume drawn", project["volume_seconds"], None, True),
+        ("project: ... -> prediction drawn", project["seconds"], project["rss_mb"], True),
+    ]
+    print(f"\n{args.size}^3 uint16 volume + synthetic prediction, best of {args.repeats} processes")
+    print(f"{'row':34s} {'seconds':>8s} {'peak RSS MB':>12s}  {'goal':18s} met")
+    for label, seconds, rss, goal in rows:
+        rss_text = f"{rss:12.0f}" if rss is not None else f"{'(same run)':>12s}"
+        if goal:
+            ok = seconds < GOAL_SECONDS and (rss if rss is not None else 0) < GOAL_MB
+            met = "yes" if ok else "NO"
+            goal_text = f"< {GOAL_SECONDS:g} s, < {GOAL_MB:g} MB"
+        else:
+            met, goal_text = "", ""
+        print(f"{label:34s} {seconds:8.2f} {rss_text}  {goal_text:18s} {met}")
+
+
+if __name__ == "__main__":
+    main()
