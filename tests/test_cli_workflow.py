@@ -27,7 +27,7 @@ def test_phantom_predict_rank_evaluate(tmp_path, capsys):
     # decaying score noise and the stratum share reach rank_patches as given
     assert main(["rank", str(store), "--n", "3", "--patch", "16", "--strategy", "stratified",
                  "--noise", "1", "--noise-round", "1", "--foreground-share", "0.67",
-                 "--seed", "4"]) == 0
+                 "--seed", "4", "--overwrite"]) == 0
     expected = rank_patches(str(store), n=3, patch=16, strategy="stratified", noise=1.0,
                             noise_round=1, foreground_share=0.67, seed=4, image=str(phantom))
     saved = json.loads((tmp_path / "t2_pvs.ranking-stratified.json").read_text())["patches"]
