@@ -149,3 +149,14 @@ def strategy_combo(tooltip: str) -> QComboBox:
         combo.setItemData(index, SCORE_MEANINGS[name], Qt.ItemDataRole.ToolTipRole)
     combo.setToolTip(tooltip)
     return combo
+
+
+def set_combo_items(combo: QComboBox, names: Sequence[str]) -> None:
+    """Refill ``combo`` without emitting signals, keeping the current choice when it remains."""
+    current = combo.currentText()
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(list(names))
+    if current in names:
+        combo.setCurrentText(current)
+    combo.blockSignals(False)

@@ -25,8 +25,21 @@ if TYPE_CHECKING:
 
 #: Metadata key marking layers made from a prediction store (value: the store path).
 PREDICTION_KEY = "prediction"
+#: metadata key of the layers that show one review patch (the volume id they belong to)
+PATCH_OF_KEY = "patch_of"
 #: Metadata key set on a labels layer once the user painted into it (unsaved corrections).
 EDITED_KEY = "napari_pvs_edited"
+
+
+def input_image_layers(viewer: napari.viewer.Viewer) -> list[Image]:
+    """Image layers a user may segment or add: not our results, not a review patch's overlay."""
+    return [
+        layer
+        for layer in viewer.layers
+        if isinstance(layer, Image)
+        and PREDICTION_KEY not in layer.metadata
+        and PATCH_OF_KEY not in layer.metadata
+    ]
 
 
 def find_layer(viewer: napari.viewer.Viewer, name: str) -> Layer | None:

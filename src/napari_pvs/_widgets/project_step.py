@@ -31,11 +31,12 @@ from napari_pvs._widgets._common import (
     compact_table,
     fill_table,
     notify,
+    set_combo_items,
     status_label,
     strategy_combo,
 )
 from napari_pvs._widgets._jobs import BackgroundJob
-from napari_pvs._widgets._layers import PREDICTION_KEY, layer_source
+from napari_pvs._widgets._layers import input_image_layers, layer_source
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
 
 if TYPE_CHECKING:
@@ -179,22 +180,10 @@ class ProjectStep(QWidget):
         notify(self.status_label, message, level)
 
     def _image_layers(self) -> list[Image]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image) and PREDICTION_KEY not in layer.metadata
-            and "patch_of" not in layer.metadata
-        ]
+        return input_image_layers(self.viewer)
 
     def _refresh_layer_choices(self, event=None) -> None:
-        current = self.layer_combo.currentText()
-        names = [layer.name for layer in self._image_layers()]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
+        set_combo_items(self.layer_combo, [layer.name for layer in self._image_layers()])
 
     def _browse_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Project folder", self.folder_edit.text())

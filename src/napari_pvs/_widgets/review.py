@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
-from napari_pvs._widgets._layers import box_world, find_layer, show_box, zoom_to
+from napari_pvs._widgets._layers import PATCH_OF_KEY, box_world, find_layer, show_box, zoom_to
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.state import WorkflowState
 from napari_pvs.ranking import SCORE_MEANINGS, shortfall_message
@@ -420,7 +420,7 @@ class ReviewStep(QWidget):
 
     def _put_patch_layer(self, data: np.ndarray, origin, scale, patch: PatchRecord) -> Labels:
         layer = self.patch_layer()
-        metadata = {"patch_of": patch.volume_id, "patch_id": patch.id}
+        metadata = {PATCH_OF_KEY: patch.volume_id, "patch_id": patch.id}
         if layer is None:
             layer = self.viewer.add_labels(
                 data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
@@ -509,7 +509,7 @@ class ReviewStep(QWidget):
             existing = self.viewer.add_image(
                 data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
                 colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
-                metadata={"patch_of": self.patch.volume_id},
+                metadata={PATCH_OF_KEY: self.patch.volume_id},
             )  # fmt: skip
         self._raise_to_top(layer)
         self.viewer.layers.selection.active = layer

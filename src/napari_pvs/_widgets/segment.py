@@ -43,6 +43,7 @@ from napari_pvs._widgets._common import (
     compact_table,
     fill_table,
     notify,
+    set_combo_items,
     status_label,
     strategy_combo,
 )
@@ -55,6 +56,7 @@ from napari_pvs._widgets._layers import (
     default_output,
     find_layer,
     has_unsaved_edits,
+    input_image_layers,
     layer_volume,
     show_box,
     track_edits,
@@ -455,23 +457,11 @@ class SegmentPanel(QWidget):
         notify(self.status_label, message, "error" if error else "warning" if warning else "info")
 
     def _input_layers(self) -> list[Image]:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if isinstance(layer, Image)
-            and PREDICTION_KEY not in layer.metadata
-            and "patch_of" not in layer.metadata
-        ]
+        return input_image_layers(self.viewer)
 
     def _refresh_layers(self, event=None) -> None:
         current = self.layer_combo.currentText()
-        names = [layer.name for layer in self._input_layers()]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if current in names:
-            self.layer_combo.setCurrentText(current)
-        self.layer_combo.blockSignals(False)
+        set_combo_items(self.layer_combo, [layer.name for layer in self._input_layers()])
         if self.layer_combo.currentText() != current:
             self._on_layer_changed()
 
