@@ -110,6 +110,7 @@ def test_validation_voxels_never_enter_training(project, phantom, monkeypatch):
     assert outcome.metrics["base_validation_dice"] is not None
 
 
+@pytest.mark.slow
 def test_round_in_worker_uses_its_frozen_snapshot(project, phantom):
     ids_at_start = [a.id for a in project.annotations()]
     handle = start_round(project, RoundConfig(**TINY))
@@ -150,6 +151,7 @@ def _wait_for_step(handle, timeout=240):
     raise AssertionError(f"no training step within {timeout} s: {handle.events}")
 
 
+@pytest.mark.slow
 def test_cancelled_round_leaves_previous_version_current(project):
     """Closing the project cancels its running round (handle.cancel, then the wait)."""
     handle = start_round(project, RoundConfig(**{**TINY, "steps": 100_000}))
@@ -165,6 +167,7 @@ def test_cancelled_round_leaves_previous_version_current(project):
         assert sorted(p.name for p in (proj.path / "models").iterdir()) == ["v0.safetensors"]
 
 
+@pytest.mark.slow
 def test_killed_worker_marks_round_failed(project):
     handle = start_round(project, RoundConfig(**{**TINY, "steps": 100_000}))
     _wait_for_step(handle)
@@ -191,6 +194,7 @@ run_round(project, RoundConfig(steps=100000, patch=16, device="cpu"), on_event=d
 """
 
 
+@pytest.mark.slow
 def test_process_killed_mid_round_is_repaired_on_reopen(project):
     folder = project.path
     project.close()
@@ -314,6 +318,7 @@ def test_cli_end_to_end(tmp_path, assets, phantom, capsys):
     assert set(group["labels"].group_keys()) == {"annotations", "pvs"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not hasattr(training, "distributed_context"), reason="training.fit has no torchrun support"
 )
