@@ -44,6 +44,7 @@ def tiny_data(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = [
