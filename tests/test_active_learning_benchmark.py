@@ -44,6 +44,7 @@ def tiny_data(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = [
@@ -154,12 +155,14 @@ def test_strategy_specs_parse_and_refuse_bad_ones():
 
 
 def test_tissue_box_keeps_the_head_and_every_pvs_and_drops_air():
-    p = make_phantom((64, 48, 48), spacing=(4.0, 1.0, 1.0), seed=4, snr=10)  # air above, below
+    # air above and below the head; at SNR 8 and faint CSF the smoothed air still has specks
+    # over the tissue level, which the largest-piece rule must ignore
+    p = make_phantom((96, 48, 48), spacing=(4.0, 1.0, 1.0), seed=4, snr=8, csf_ratio=1.8)
     start, stop = tissue_box(p.image, p.pvs.astype(bool))
     box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
     assert p.pvs[box].sum() == p.pvs.sum()
     assert (p.regions[box] > 0).sum() == (p.regions > 0).sum()
-    assert np.prod(np.subtract(stop, start)) < 0.8 * p.image.size  # the air went
+    assert np.prod(np.subtract(stop, start)) < 0.6 * p.image.size  # the air went
 
 
 def test_make_data_writes_shifted_phantoms_and_says_how_far(tmp_path):
