@@ -11,7 +11,8 @@ Built once and cached (``NAPARI_PVS_BENCH_DIR``, default ``$TMPDIR/napari-pvs-be
   depend on the values. It has exactly the layout ``inference.Predictor`` writes (the
   Predictor's own ``_signature`` and ``_create_store`` make it, with the project's predictor
   options, so the run signature matches and ``has_prediction`` sees it complete); the arrays
-  are then filled slab by slab with cheap values (thin tubes of high probability), every
+  are then filled slab by slab with cheap values (thin tubes of high probability), the
+  Predictor's ``write_display_levels`` writes the max-pooled display levels (512^3, 256^3), every
   chunk is marked done and ``complete`` is set, as a finished run leaves it.
 
 Rows (a fresh ``xvfb-run`` process each; napari viewer with ``show=False``, the window grabbed
@@ -94,6 +95,7 @@ else:
          and not segment.staged.is_running(), "the prediction layers")
     shown = [lyr for lyr in segment.result_layers.values() if lyr.visible]
     assert len(shown) == 2, shown
+    result["multiscale"] = all(lyr.multiscale for lyr in shown)
     assert drawn()
     result["seconds"] = time.perf_counter() - t0
 with open("/proc/self/status") as status:
@@ -108,14 +110,20 @@ def bench_project(size: int) -> tuple[Path, Path]:
     """Create (once) the volume, a project holding it and a synthetic complete prediction."""
     import numpy as np
 
-    from napari_pvs.inference import DONE_ARRAY, Predictor, WindowPlan, _as_source
+    from napari_pvs.inference import (
+        DONE_ARRAY,
+        Predictor,
+        WindowPlan,
+        _as_source,
+        write_display_levels,
+    )
     from napari_pvs.intensity import robust_range
     from napari_pvs.io import ATTRS_KEY
     from napari_pvs.project import Project
 
     volume_path = bench_store(size)
     folder = volume_path.parent / f"project_{size}"
-    if (folder / ".bench-complete").exists():
+    if (folder / ".bench-complete-levels").exists():
         return volume_path, folder
     if folder.exists():
         import shutil
@@ -151,12 +159,14 @@ def bench_project(size: int) -> tuple[Path, Path]:
             for name in predictor.output_arrays[2:]:
                 group[name][box] = (probability * np.float16(0.1)).astype(np.float16)
             print(f"synthetic prediction {z0 + depth}/{plan.shape[0]}", end="\r", file=sys.stderr)
+        print("\nwriting display levels", file=sys.stderr)
+        write_display_levels(group, predictor.output_arrays, predictor.display_edge)
         group[DONE_ARRAY][...] = np.ones(plan.chunk_grid, np.uint8)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
         group.attrs[ATTRS_KEY] = attrs
         assert project.has_prediction(record.id), "the synthetic store is not seen as complete"
-    (folder / ".bench-complete").write_text("")
+    (folder / ".bench-complete-levels").write_text("")  # (stores built before levels: rebuilt)
     print(f"\nbuilt {folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return volume_path, folder
 
@@ -202,6 +212,8 @@ def main() -> None:
         else:
             met, goal_text = "", ""
         print(f"{label:34s} {seconds:8.2f} {rss_text}  {goal_text:18s} {met}")
+    levels = "yes" if project.get("multiscale") else "no"
+    print(f"prediction layers drawn from their display levels (multiscale): {levels}")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from napari_pvs.inference import (
     DONE_ARRAY,
     Predictor,
     WindowPlan,
+    display_level_shapes,
     importance_map,
     min_cluster_voxels,
     remove_small_clusters,
     window_starts,
 )
 from napari_pvs.intensity import normalize, robust_range
+from napari_pvs.io import prediction_levels
 from napari_pvs.metrics import label_clusters
 from napari_pvs.progress import Cancelled
 
@@ -491,3 +493,60 @@ def test_segmentation_follows_the_models_calibrated_rule(tmp_path):
     assert Predictor(model, window=16, device="cpu", tta=False).tta == 1
     with pytest.raises(ValueError, match="min_cluster_mm3"):
         Predictor(model, window=16, device="cpu", min_cluster_mm3=-1)
+
+
+def block_max(array: np.ndarray) -> np.ndarray:
+    """Reference 2x2x2 max-pooling (floor), for the display levels."""
+    z, y, x = (s // 2 * 2 for s in array.shape)
+    a = array[:z, :y, :x]
+    return a.reshape(z // 2, 2, y // 2, 2, x // 2, 2).max(axis=(1, 3, 5))
+
+
+def test_large_predictions_get_max_pooled_display_levels(tmp_path):
+    model = tiny_unet(dropout=0.5)
+    volume = noisy_volume((70, 36, 33))  # odd edges: floor halving
+    Predictor(model, window=16, batch=2, device="cpu", mc_samples=2, display_edge=20).predict(
+        volume, tmp_path / "p.zarr"
+    )
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    assert display_level_shapes((70, 36, 33), 20) == [(35, 18, 16), (17, 9, 8)]
+    for name in ("probability", "segmentation", "entropy"):
+        levels = prediction_levels(group, name, tmp_path / "p.zarr")
+        assert [tuple(level.shape) for level in levels] == [(70, 36, 33), (35, 18, 16), (17, 9, 8)]
+        full = read(group, name)
+        np.testing.assert_array_equal(np.asarray(levels[1]), block_max(full), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(levels[2]), block_max(block_max(full)))
+        assert levels[1].dtype == full.dtype
+    # a thin tube one voxel wide is still there two halvings down (a stride would lose it)
+    assert np.asarray(prediction_levels(group, "segmentation", "p")[2]).any() == bool(
+        read(group, "segmentation").any()
+    )
+    # small predictions (the default edge) get none, and show at full resolution alone
+    Predictor(model, window=16, batch=2, device="cpu").predict(volume, tmp_path / "small.zarr")
+    small = zarr.open_group(str(tmp_path / "small.zarr"), mode="r")
+    assert len(prediction_levels(small, "probability", tmp_path / "small.zarr")) == 1
+
+
+def test_display_levels_are_used_only_once_complete(tmp_path):
+    """A cancel while the levels are written leaves the store drawable at full resolution,
+    not complete, and the rerun writes the levels again."""
+    model = tiny_unet()
+    volume = noisy_volume((48, 40, 40))
+    cancel = threading.Event()
+
+    def cancel_at_levels(done, total, message):
+        if message == "writing display levels":
+            cancel.set()
+
+    options = dict(window=16, batch=2, device="cpu", display_edge=16)
+    with pytest.raises(Cancelled):
+        Predictor(model, **options).predict(volume, tmp_path / "p.zarr", cancel_at_levels, cancel)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    assert group.attrs["napari_pvs"]["complete"] is False
+    assert len(prediction_levels(group, "probability", tmp_path / "p.zarr")) == 1
+    summary = Predictor(model, **options).predict(volume, tmp_path / "p.zarr")
+    assert summary.windows_run == 0  # every chunk was done: only the levels were missing
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    levels = prediction_levels(group, "probability", tmp_path / "p.zarr")
+    assert len(levels) == 3 and group.attrs["napari_pvs"]["complete"] is True  # 24, 12
+    np.testing.assert_array_equal(np.asarray(levels[1]), block_max(read(group, "probability")))

@@ -5,13 +5,14 @@ checkpoint, and ``napari-pvs gui --segment``. A tiny saved UNet stands in for th
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import zarr
 from qtpy.QtCore import Qt
 
-from napari_pvs._widgets import PVSWorkflow, SegmentPanel
+from napari_pvs._widgets import PVSWorkflow, SegmentPanel, VolumePanel
 from napari_pvs.inference import Predictor
 from napari_pvs.metrics import label_clusters
 from napari_pvs.models.checkpoint import load_checkpoint
@@ -94,6 +95,42 @@ def test_segment_matches_direct_predict(panel, qtbot, checkpoint, tmp_path):
     run(panel, qtbot)
     assert panel.result.summary.windows_run == 0
     assert [lyr.name for lyr in panel.viewer.layers].count("scan PVS probability") == 1
+
+
+def test_a_large_prediction_is_shown_from_its_display_levels(
+    panel, qtbot, checkpoint, tmp_path, monkeypatch
+):
+    """Over ``DISPLAY_EDGE`` the layers are multiscale over the store's max-pooled levels
+    (finest first, same world extent); the segmentation says it is read-only and why, and
+    saving it writes the full resolution."""
+    from napari_pvs import inference
+
+    monkeypatch.setattr(inference, "DISPLAY_EDGE", 24)  # stands in for 512 on a small volume
+    image = volume((40, 56, 48))
+    panel.viewer.add_image(image, name="scan", scale=SCALE, metadata={"modality": "T2"})
+    configure(panel, checkpoint)
+    run(panel, qtbot)
+    probability = panel.viewer.layers["scan PVS probability"]
+    segmentation = panel.viewer.layers["scan PVS segmentation"]
+    assert probability.multiscale and segmentation.multiscale
+    assert [tuple(level.shape) for level in probability.data] == [
+        (40, 56, 48), (20, 28, 24), (10, 14, 12)
+    ]  # fmt: skip
+    reference = zarr.open_group(str(panel.output_path()), mode="r")
+    np.testing.assert_array_equal(
+        np.asarray(segmentation.data[0]), reference["segmentation"][...]
+    )
+    full = reference["probability"][...].astype(np.float32)
+    pooled = full[:40, :56, :48].reshape(20, 2, 28, 2, 24, 2).max(axis=(1, 3, 5))
+    np.testing.assert_array_equal(np.asarray(probability.data[1]), pooled)
+    np.testing.assert_allclose(probability.scale, SCALE)  # level 0's scale: the same extent
+    assert not segmentation.editable
+    assert "too large to paint in place" in panel.status_label.text()
+    # the Volume panel saves the full resolution of a multiscale labels layer
+    saver = VolumePanel(panel.viewer, ask=lambda *args: "Replace")
+    written = saver._save(segmentation, str(tmp_path / "saved.nii.gz"))
+    saved = np.asarray(nib.load(written).dataobj)
+    np.testing.assert_array_equal(saved, reference["segmentation"][...])
 
 
 def test_test_time_flips_follow_the_model_rule_unless_chosen(panel, qtbot, tmp_path):

@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 import zarr
 
 from napari_pvs import atomic
 from napari_pvs.intensity import normalize, robust_range
-from napari_pvs.io import ATTRS_KEY
+from napari_pvs.io import ATTRS_KEY, PREDICTION_LEVELS, downsample, pyramid_shapes, store_chunked
 from napari_pvs.memory import check_policy, mapped_copy, memory_policy
 from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, MAX_MIN_CLUSTER_MM3
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
@@ -83,6 +84,11 @@ MAX_PENDING_WRITES = 4
 SYNC_EVERY_CHUNKS = 8
 #: Hidden sibling an ``overwrite`` run builds its store under until it is complete.
 OVERWRITE_MARK = f"{atomic.TEMP_MARK}overwrite-"
+#: Predictions larger than this edge (voxels) also get coarser display levels, halving until
+#: the largest edge is at most this: a 1024^3 probability is drawn from its 512^3 or 256^3
+#: level at the zoom that needs no more, instead of reading full-resolution slabs. Smaller
+#: ones are shown (and stay editable) at full resolution alone.
+DISPLAY_EDGE = 512
 
 
 def store_lock_path(store: str | Path) -> Path:
@@ -396,6 +402,59 @@ def _weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def display_level_shapes(shape: Sequence[int], display_edge: int = DISPLAY_EDGE) -> list:
+    """Shapes of the display levels below full resolution: halvings while the largest edge of
+    the level above is over ``display_edge`` (none for a volume within it)."""
+    shapes = [tuple(int(s) for s in shape)]
+    while max(shapes[-1]) > display_edge:
+        nxt = pyramid_shapes(shapes[-1], 2)
+        if len(nxt) < 2:
+            break
+        shapes.append(nxt[1])
+    return shapes[1:]
+
+
+def write_display_levels(
+    group: zarr.Group,
+    names: Sequence[str],
+    display_edge: int = DISPLAY_EDGE,
+    cancel: CancelToken | None = None,
+) -> int:
+    """Write max-pooled display levels ``levels/<name>/1, 2, ...`` of a prediction store.
+
+    Each level is computed chunk by chunk from the stored level above (memory bounded by a
+    few chunks); a level group is marked complete only once all its levels are written, and
+    readers (:func:`napari_pvs.io.prediction_levels`) ignore an incomplete one, so a cancel or
+    a kill leaves the store displayable at full resolution and a rerun writes the levels
+    again. Returns the number of levels per array.
+    """
+    shapes = display_level_shapes(group[names[0]].shape, display_edge)
+    if not shapes:
+        return 0
+    pyramid = group.require_group(PREDICTION_LEVELS)
+    for name in names:
+        source = group[name]
+        if name in pyramid:
+            del pyramid[name]  # an earlier, interrupted or older set: rewritten whole
+        stored = pyramid.create_group(name, attributes={"complete": False})
+        chunks = tuple(int(c) for c in source.chunks)
+        above = da.from_zarr(source)
+        for k, shape in enumerate(shapes, start=1):
+            level = downsample(above, chunks, "max")
+            assert tuple(level.shape) == shape, (level.shape, shape)
+            target = stored.create_array(
+                str(k),
+                shape=shape,
+                chunks=tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
+                dtype=source.dtype,
+                fill_value=0,
+            )
+            store_chunked(level, target, no_progress, cancel, [0], 0, f"{name} level {k}")
+            above = da.from_zarr(target)
+        stored.attrs["complete"] = True
+    return len(shapes)
+
+
 @dataclass
 class PredictionSummary:
     """What a :meth:`Predictor.predict` call did."""
@@ -429,6 +488,9 @@ class Predictor:
     :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
     ``memory`` is the C-heap policy of :func:`napari_pvs.memory.memory_policy` (``"reuse"``:
     fast and flat; ``"return"``: the lowest peak, slower; ``"system"``: untouched).
+    A prediction with an edge over ``display_edge`` voxels (default :data:`DISPLAY_EDGE`,
+    read when the predictor is made) also gets max-pooled display
+    levels (:func:`write_display_levels`), so the viewer draws it from a coarser level.
     """
 
     def __init__(
@@ -450,6 +512,7 @@ class Predictor:
         modality: str | None = None,
         seed: int = 0,
         memory: str = "reuse",
+        display_edge: int | None = None,
     ) -> None:
         from napari_pvs.models import autocast_dtype, resolve_device
 
@@ -469,6 +532,9 @@ class Predictor:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if mc_samples < 0:
             raise ValueError(f"mc_samples must be 0 (off) or a positive count, got {mc_samples}")
+        display_edge = DISPLAY_EDGE if display_edge is None else display_edge
+        if display_edge < 16:
+            raise ValueError(f"display_edge must be at least 16 voxels, got {display_edge}")
         if blending not in ("gaussian", "constant"):
             raise ValueError(f"blending must be 'gaussian' or 'constant', got {blending!r}")
         rule = {
@@ -508,6 +574,7 @@ class Predictor:
         self.modality = modality
         self.seed = int(seed)
         self.memory = check_policy(memory)
+        self.display_edge = int(display_edge)
         self.models = []
         for m in models:
             m = m.to(self.device).eval()
@@ -900,6 +967,9 @@ class Predictor:
         if min_voxels > 1:
             progress(total, total, f"removing clusters under {self.min_cluster_mm3:g} mm3")
             removed = remove_small_clusters(group["segmentation"], min_voxels, plan.chunks, cancel)
+        if display_level_shapes(plan.shape, self.display_edge):
+            progress(total, total, "writing display levels")
+            write_display_levels(group, self.output_arrays, self.display_edge, cancel)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
         group.attrs[ATTRS_KEY] = attrs  # zarr writes metadata by rename: atomic

@@ -571,6 +571,31 @@ def open_prediction(path: str | Path) -> zarr.Group:
     return group
 
 
+PREDICTION_LEVELS = "levels"
+"""Group of a prediction store holding coarser display levels: ``levels/<array>/<k>``, level
+``k`` halving level ``k - 1`` (level 0 is the array itself)."""
+
+
+def prediction_levels(group: zarr.Group, name: str, store: str | Path) -> list[da.Array]:
+    """One prediction array as a display pyramid, finest first: ``[name]`` plus the coarser
+    levels the store holds (a store without them, or a small one, gives one level).
+
+    Coarser levels exist for display only: they are max-pooled, so a PVS one voxel wide stays
+    visible at every zoom, and the full-resolution array stays the one every figure uses.
+    ``store`` is the store's path, named when a chunk turns out damaged.
+    """
+    levels = [guarded_from_zarr(group[name], store)]
+    pyramid = group.get(PREDICTION_LEVELS)
+    stored = pyramid.get(name) if isinstance(pyramid, zarr.Group) else None
+    if not isinstance(stored, zarr.Group) or not stored.attrs.get("complete"):
+        return levels  # none, or being (re)written: the full array alone is always right
+    k = 1
+    while isinstance(stored.get(str(k)), zarr.Array):
+        levels.append(guarded_from_zarr(stored[str(k)], store))
+        k += 1
+    return levels
+
+
 def is_prediction_store(path: str | Path) -> bool:
     """Whether ``path`` is a ``napari-pvs predict`` output store (without reading any data)."""
     path = Path(path)
@@ -788,26 +813,36 @@ def pyramid_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _downsample(level: da.Array, chunks: tuple[int, ...], is_label: bool) -> da.Array:
-    """Halve a level: block mean for images (cast back), nearest (stride) for labels."""
+def downsample(level: da.Array, chunks: tuple[int, ...], how: str) -> da.Array:
+    """Halve every axis longer than 1 (floor), chunked ``chunks``.
+
+    ``how``: ``"mean"`` block mean (images; integers rounded back), ``"stride"`` every other
+    voxel (label images: values stay valid labels), ``"max"`` block maximum (display levels of
+    sparse bright structures: a PVS one voxel wide survives every halving).
+    """
+    if how not in ("mean", "stride", "max"):
+        raise ValueError(f"how must be 'mean', 'stride' or 'max', got {how!r}")
     factors = _downsample_factors(level.shape)
     even = tuple(slice(0, (s // f) * f) for s, f in zip(level.shape, factors, strict=True))
     level = level[even]
-    if is_label:
+    if how == "stride":
         out = level[tuple(slice(None, None, f) for f in factors)]
     else:
         level = level.rechunk(
             tuple(min(c * f, s) for c, f, s in zip(chunks, factors, level.shape, strict=True))
         )
-        mean = da.coarsen(np.mean, level.astype(np.float32), dict(enumerate(factors)))
-        if np.issubdtype(level.dtype, np.integer):
-            info = np.iinfo(level.dtype)
-            mean = da.clip(da.round(mean), info.min, info.max)
-        out = mean.astype(level.dtype)
+        if how == "max":
+            out = da.coarsen(np.max, level, dict(enumerate(factors)))
+        else:
+            mean = da.coarsen(np.mean, level.astype(np.float32), dict(enumerate(factors)))
+            if np.issubdtype(level.dtype, np.integer):
+                info = np.iinfo(level.dtype)
+                mean = da.clip(da.round(mean), info.min, info.max)
+            out = mean.astype(level.dtype)
     return out.rechunk(tuple(min(c, s) for c, s in zip(chunks, out.shape, strict=True)))
 
 
-def _store_chunked(
+def store_chunked(
     source: da.Array,
     target: zarr.Array,
     progress: ProgressCallback,
@@ -897,7 +932,7 @@ def _write_multiscale(
     for i, shape in enumerate(shapes):
         if i > 0:
             above = da.from_zarr(group[str(i - 1)])
-            level = _downsample(above, chunks, is_label)
+            level = downsample(above, chunks, "stride" if is_label else "mean")
         assert tuple(level.shape) == shape
         target = group.create_array(
             str(i),
@@ -915,7 +950,7 @@ def _write_multiscale(
         # 2x2x2 input chunks plus their float32 copy (about 3 x 8 chunk sizes)
         in_flight = int(np.prod(target.chunks)) * level.dtype.itemsize * (1 if i == 0 else 24)
         batch = int(min(32, max(2, WRITE_BATCH_BYTES // in_flight)))
-        _store_chunked(
+        store_chunked(
             level, target, progress, cancel, counter, total, f"{message} level {i}", batch
         )
     return shapes

@@ -66,7 +66,7 @@ from napari_pvs._widgets._layers import (
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
 from napari_pvs.cohort import modality_warning
 from napari_pvs.inference import DEFAULT_WINDOW, PredictionSummary, Predictor
-from napari_pvs.io import open_prediction
+from napari_pvs.io import open_prediction, prediction_levels
 from napari_pvs.metrics import label_clusters
 from napari_pvs.progress import CancelToken, ProgressCallback
 from napari_pvs.ranking import (
@@ -179,6 +179,13 @@ def pvs_cluster_count(store: str | Path) -> int | None:
     if int(np.prod(segmentation.shape)) > MAX_COUNT_VOXELS:
         return None
     return pvs_statistics(store)[2]
+
+
+def as_float32(data: da.Array | list[da.Array]) -> da.Array | list[da.Array]:
+    """Float16 predictions as float32 for display (vispy has no float16 textures), per level."""
+    if isinstance(data, list):
+        return [level.astype(np.float32) for level in data]
+    return data.astype(np.float32)
 
 
 def _store_arrays(store: Path) -> tuple[str, ...]:
@@ -515,8 +522,10 @@ class SegmentPanel(QWidget):
         layer = find_layer(self.viewer, self._geometry.get("name", ""))
         volume = self.state.volume_for_layer(layer)
         current = project.current_version().version
-        if volume is None or current == result.version or not project.has_prediction(
-            volume.id, current
+        if (
+            volume is None
+            or current == result.version
+            or not project.has_prediction(volume.id, current)
         ):
             return
         self.layer_combo.setCurrentText(layer.name)
@@ -737,13 +746,17 @@ class SegmentPanel(QWidget):
         """
         existing = find_layer(self.viewer, name)
         kwargs["visible"] = False
-        if isinstance(existing, Labels if kind == "labels" else Image):
+        multiscale = isinstance(data, list)
+        kwargs["multiscale"] = multiscale
+        if isinstance(existing, Labels if kind == "labels" else Image) and (
+            existing.multiscale == multiscale
+        ):
             existing.visible = False
             existing.data = data
             existing.metadata = kwargs["metadata"]
             if "contrast_limits" in kwargs:
                 existing.contrast_limits = kwargs["contrast_limits"]
-            return existing
+            return existing  # (a layer cannot turn multiscale: then it is built anew)
         if existing is not None:
             self.viewer.layers.remove(existing)
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
@@ -782,7 +795,9 @@ class SegmentPanel(QWidget):
             self._clear_ranking()
 
         def add(array: str) -> None:
-            data = da.from_zarr(group[array])
+            # a large prediction is drawn from its display levels (see Predictor.display_edge)
+            levels = prediction_levels(group, array, result.out)
+            data = levels if len(levels) > 1 else levels[0]
             if array == "segmentation":
                 layer = self._put_layer(
                     names[array], data, "labels", metadata=dict(metadata), **common
@@ -794,7 +809,7 @@ class SegmentPanel(QWidget):
             elif array == "probability":
                 layer = self._put_layer(
                     names[array],
-                    data.astype(np.float32),
+                    as_float32(data),
                     "image",
                     metadata=dict(metadata),
                     contrast_limits=(0.0, 1.0),
@@ -807,7 +822,7 @@ class SegmentPanel(QWidget):
                 _, limits = UNCERTAINTY_DISPLAY[array]
                 layer = self._put_layer(
                     names[array],
-                    data.astype(np.float32),
+                    as_float32(data),
                     "image",
                     metadata=dict(metadata),
                     contrast_limits=limits,
@@ -836,10 +851,13 @@ class SegmentPanel(QWidget):
         if segmentation is not None:
             self.viewer.layers.selection.active = segmentation  # a visible layer, ready to paint
         self._show_summary(result)
-        self._report(
-            f"segmented {self._geometry['name']} with model {result.model} -> {result.out}",
-            warning=bool(result.notes),
-        )
+        message = f"segmented {self._geometry['name']} with model {result.model} -> {result.out}"
+        if segmentation is not None and segmentation.multiscale:
+            message += (
+                f"; shown at {len(segmentation.data)} scales, it is too large to paint in "
+                "place: correct it patch by patch in the Review step"
+            )
+        self._report(message, warning=bool(result.notes))
         out = result.out
         self.count_job.start(lambda progress, cancel: pvs_statistics(out), "Counting PVS")
 
@@ -889,8 +907,10 @@ class SegmentPanel(QWidget):
         if layer is None or store is None or not store.exists():
             self._report("no prediction for this image yet; press Segment first", error=True)
             return False
-        strategy, n, patch = self.strategy_combo.currentText(), self.n_spin.value(), (
-            self.patch_spin.value()
+        strategy, n, patch = (
+            self.strategy_combo.currentText(),
+            self.n_spin.value(),
+            (self.patch_spin.value()),
         )
         self.state.update_settings(strategy=strategy, patch=patch, n=n)
         self._ranking_geometry = {

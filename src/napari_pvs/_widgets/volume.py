@@ -373,7 +373,8 @@ class VolumePanel(QWidget):
                 self._report(f"not saved: {replaced} is unchanged")
                 return None
         try:
-            written = save_labels(path, labels.data, self._labels_meta(labels, name))
+            data = labels.data[0] if labels.multiscale else labels.data  # full resolution
+            written = save_labels(path, data, self._labels_meta(labels, name))
         except (ValueError, OSError) as exc:  # bad labels, refused or failed write: nothing lost
             self._report(str(exc), error=True)
             return None
