@@ -297,7 +297,8 @@ def test_cli_end_to_end(tmp_path, assets, phantom, capsys):
     export = tmp_path / "export"
     assert main(["project", "export", folder, "--out", str(export)]) == 0
     assert sorted(p.name for p in export.iterdir()) == [
-        "annotations.csv", "burden.csv", "vol_labels.nii.gz", "vol_pvs.nii.gz"
+        "annotations.csv", "burden.csv", "vol_corrected.nii.gz", "vol_labels.nii.gz",
+        "vol_pvs.nii.gz"
     ]  # fmt: skip
     with open(export / "burden.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -310,12 +311,19 @@ def test_cli_end_to_end(tmp_path, assets, phantom, capsys):
     box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
     np.testing.assert_array_equal(labels[box], truth(phantom, start, stop))
     assert (labels == 255).any()
+    # corrected: the accepted labels inside reviewed patches, the model's segmentation elsewhere
+    model = np.asarray(open_labels(export / "vol_pvs.nii.gz").data)
+    corrected = np.asarray(open_labels(export / "vol_corrected.nii.gz").data)
+    reviewed = labels != 255
+    np.testing.assert_array_equal(corrected[reviewed], labels[reviewed])
+    np.testing.assert_array_equal(corrected[~reviewed], model[~reviewed])
+    assert set(np.unique(corrected)) <= {0, 1}
     assert main(["project", "export", folder, "--out", str(export)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["project", "export", folder, "--out", str(tmp_path / "z"),
                  "--format", "ome-zarr"]) == 0  # fmt: skip
     group = zarr.open_group(str(tmp_path / "z" / "vol.ome.zarr"), mode="r")
-    assert set(group["labels"].group_keys()) == {"annotations", "pvs"}
+    assert set(group["labels"].group_keys()) == {"annotations", "pvs", "corrected"}
 
 
 @pytest.mark.slow

@@ -1735,10 +1735,12 @@ class Project:
         annotation provenance into ``out`` (default ``exports/v<N>``), built under a temporary
         name and renamed.
 
-        ``format`` ``nifti``: ``<name>_labels.nii.gz`` (0/1, 255 = not reviewed) and
-        ``<name>_pvs.nii.gz`` with the volume's affine; ``ome-zarr``: ``<name>.ome.zarr``, the
-        image with ``labels/annotations`` and ``labels/pvs``. Always ``burden.csv`` and
-        ``annotations.csv``. Returns ``{"folder", "files", "burden"}``.
+        ``format`` ``nifti``: ``<name>_labels.nii.gz`` (0/1, 255 = not reviewed),
+        ``<name>_pvs.nii.gz`` (the current model's segmentation) and ``<name>_corrected.nii.gz``
+        (that segmentation with every reviewed patch replaced by its accepted labels: the
+        researcher's best PVS map) with the volume's affine; ``ome-zarr``: ``<name>.ome.zarr``,
+        the image with ``labels/annotations``, ``labels/pvs`` and ``labels/corrected``. Always
+        ``burden.csv`` and ``annotations.csv``. Returns ``{"folder", "files", "burden"}``.
         """
         import csv
 
@@ -1764,17 +1766,22 @@ class Project:
                 segmentation = zarr.open_group(
                     str(self.prediction_path(record.id, number)), mode="r"
                 )["segmentation"][:]
+                corrected = corrected_segmentation(labels, segmentation)
                 if format == "nifti":
-                    names = [f"{record.name}_labels.nii.gz", f"{record.name}_pvs.nii.gz"]
-                    save_nifti(tmp / names[0], labels, volume.affine)
-                    save_nifti(tmp / names[1], segmentation, volume.affine)
+                    names = [f"{record.name}_{kind}.nii.gz" for kind in EXPORT_KINDS]
+                    for name, data in zip(names, (labels, segmentation, corrected), strict=True):
+                        save_nifti(tmp / name, data, volume.affine)
                 else:
                     names = [f"{record.name}.ome.zarr"]
                     save_ome_zarr(
                         tmp / names[0],
                         volume.data,
                         volume.spacing,
-                        labels={"annotations": labels, "pvs": segmentation},
+                        labels={
+                            "annotations": labels,
+                            "pvs": segmentation,
+                            "corrected": corrected,
+                        },
                         modality=volume.modality,
                         axes=volume.axes,
                         affine=volume.affine,
@@ -1805,6 +1812,17 @@ class Project:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+#: The label images an export writes per volume: accepted labels, model, both merged.
+EXPORT_KINDS = ("labels", "pvs", "corrected")
+
+
+def corrected_segmentation(labels: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
+    """The model's segmentation where nothing was reviewed, the accepted labels where it was
+    (0/1 everywhere: a reviewed voxel the annotator cleared is background, not the model's)."""
+    reviewed = labels != UNREVIEWED
+    return np.where(reviewed, labels, segmentation > 0).astype(np.uint8)
 
 
 def _parse_version(version: int | str) -> int:

@@ -132,8 +132,9 @@ class ReportStep(QWidget):
         self.format_combo = QComboBox()
         self.format_combo.addItems(list(EXPORT_FORMATS))
         self.format_combo.setToolTip(
-            "NIfTI: <volume>_labels.nii.gz (0/1, 255 = not reviewed) and <volume>_pvs.nii.gz; "
-            "OME-Zarr: <volume>.ome.zarr with labels/annotations and labels/pvs"
+            "NIfTI: <volume>_labels.nii.gz (0/1, 255 = not reviewed), <volume>_pvs.nii.gz "
+            "(the model) and <volume>_corrected.nii.gz (the model with your reviewed patches); "
+            "OME-Zarr: <volume>.ome.zarr with labels/annotations, labels/pvs, labels/corrected"
         )
         form.addRow("Format", self.format_combo)
         self.export_button = QPushButton("Export project…")
