@@ -907,11 +907,8 @@ class SegmentPanel(QWidget):
         if layer is None or store is None or not store.exists():
             self._report("no prediction for this image yet; press Segment first", error=True)
             return False
-        strategy, n, patch = (
-            self.strategy_combo.currentText(),
-            self.n_spin.value(),
-            (self.patch_spin.value()),
-        )
+        strategy = self.strategy_combo.currentText()
+        n, patch = self.n_spin.value(), self.patch_spin.value()
         self.state.update_settings(strategy=strategy, patch=patch, n=n)
         self._ranking_geometry = {
             "scale": tuple(layer.scale),
