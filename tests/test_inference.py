@@ -509,13 +509,20 @@ def test_large_predictions_get_max_pooled_display_levels(tmp_path):
         volume, tmp_path / "p.zarr"
     )
     group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
-    assert display_level_shapes((70, 36, 33), 20) == [(35, 18, 16), (17, 9, 8)]
+    assert display_level_shapes((70, 36, 33), 20) == [(35, 18, 16), (17, 9, 8), (8, 4, 4)]
+    assert display_level_shapes((20, 20, 20), 20) == []  # within the edge: full resolution only
     for name in ("probability", "segmentation", "entropy"):
         levels = prediction_levels(group, name, tmp_path / "p.zarr")
-        assert [tuple(level.shape) for level in levels] == [(70, 36, 33), (35, 18, 16), (17, 9, 8)]
+        assert [tuple(level.shape) for level in levels] == [
+            (70, 36, 33), (35, 18, 16), (17, 9, 8), (8, 4, 4)
+        ]  # fmt: skip
         full = read(group, name)
         np.testing.assert_array_equal(np.asarray(levels[1]), block_max(full), err_msg=name)
         np.testing.assert_array_equal(np.asarray(levels[2]), block_max(block_max(full)))
+        np.testing.assert_array_equal(np.asarray(levels[3]), block_max(block_max(block_max(full))))
+        shown = prediction_levels(group, name, tmp_path / "p.zarr", display=True)
+        for view, level in zip(shown, levels, strict=True):  # the same values, read directly
+            np.testing.assert_array_equal(np.asarray(view[3]), level[3].compute())
         assert levels[1].dtype == full.dtype
     # a thin tube one voxel wide is still there two halvings down (a stride would lose it)
     assert np.asarray(prediction_levels(group, "segmentation", "p")[2]).any() == bool(
@@ -548,5 +555,5 @@ def test_display_levels_are_used_only_once_complete(tmp_path):
     assert summary.windows_run == 0  # every chunk was done: only the levels were missing
     group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
     levels = prediction_levels(group, "probability", tmp_path / "p.zarr")
-    assert len(levels) == 3 and group.attrs["napari_pvs"]["complete"] is True  # 24, 12
+    assert len(levels) == 4 and group.attrs["napari_pvs"]["complete"] is True  # 24, 12, 6
     np.testing.assert_array_equal(np.asarray(levels[1]), block_max(read(group, "probability")))

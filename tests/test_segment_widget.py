@@ -13,6 +13,7 @@ import zarr
 from qtpy.QtCore import Qt
 
 from napari_pvs._widgets import PVSWorkflow, SegmentPanel, VolumePanel
+from napari_pvs.display import DisplayLevel
 from napari_pvs.inference import Predictor
 from napari_pvs.metrics import label_clusters
 from napari_pvs.models.checkpoint import load_checkpoint
@@ -114,8 +115,9 @@ def test_a_large_prediction_is_shown_from_its_display_levels(
     segmentation = panel.viewer.layers["scan PVS segmentation"]
     assert probability.multiscale and segmentation.multiscale
     assert [tuple(level.shape) for level in probability.data] == [
-        (40, 56, 48), (20, 28, 24), (10, 14, 12)
-    ]  # fmt: skip
+        (40, 56, 48), (20, 28, 24), (10, 14, 12), (5, 7, 6)
+    ]  # fmt: skip  (down to half of the edge)
+    assert all(isinstance(level, DisplayLevel) for level in probability.data)
     reference = zarr.open_group(str(panel.output_path()), mode="r")
     np.testing.assert_array_equal(
         np.asarray(segmentation.data[0]), reference["segmentation"][...]

@@ -1,7 +1,8 @@
 """npe2 reader: zarr / OME-Zarr directories and NIfTI files as lazy napari layers.
 
-A thin adapter over :func:`napari_pvs.io.open_volume`: the image becomes a (multiscale) dask
-image layer with the physical spacing as ``scale``, contrast limits from a strided sample of
+A thin adapter over :func:`napari_pvs.io.open_volume`: the image becomes a (multiscale) image
+layer of lazy :class:`napari_pvs.display.DisplayLevel` views (dask for a ``.nii.gz`` or a
+scaled NIfTI) with the physical spacing as ``scale``, contrast limits from a strided sample of
 the coarsest level (never a full level), axis names and the volume's geometry in
 ``metadata``; OME-Zarr label images become labels layers on the same grid.
 """
@@ -109,8 +110,9 @@ def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerD
     geometry = layer_geometry(volume)
     multiscale = len(volume.levels) > 1
     low, high = contrast_limits(volume)
+    shown = volume.display_levels()  # direct store reads when the file allows them
     image = (
-        volume.levels if multiscale else volume.data,
+        shown if multiscale else shown[0],
         {
             "name": name,
             "multiscale": multiscale,

@@ -17,10 +17,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from napari_pvs.inference import PredictionSummary, Predictor
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
+
+if TYPE_CHECKING:  # torch comes with inference: imported where a prediction runs
+    from napari_pvs.inference import PredictionSummary
 
 #: Seconds to wait for an existing scheduler to answer before giving up with a clear error.
 CONNECT_TIMEOUT = 10.0
@@ -98,6 +100,7 @@ def predict_volume(
     """Open one volume, load (or reuse) the model, predict into ``out``; the task body."""
     import torch
 
+    from napari_pvs.inference import Predictor
     from napari_pvs.io import open_volume
 
     if threads:

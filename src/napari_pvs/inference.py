@@ -55,7 +55,7 @@ from napari_pvs import atomic
 from napari_pvs.intensity import normalize, robust_range
 from napari_pvs.io import ATTRS_KEY, PREDICTION_LEVELS, downsample, pyramid_shapes, store_chunked
 from napari_pvs.memory import check_policy, mapped_copy, memory_policy
-from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, MAX_MIN_CLUSTER_MM3
+from napari_pvs.models import DEFAULT_SEGMENTATION_RULE, DEFAULT_WINDOW, MAX_MIN_CLUSTER_MM3
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 from napari_pvs.uncertainty import (
     UNCERTAINTY_NAMES,
@@ -69,7 +69,6 @@ from napari_pvs.uncertainty import (
 #: Version of the prediction store layout; bump when the layout changes.
 STORE_FORMAT = 1
 DONE_ARRAY = "_chunks_done"
-DEFAULT_WINDOW = 64
 DEFAULT_OVERLAP = 0.25
 #: Output chunks aim for about this many voxels per axis (rounded to a multiple of the stride).
 TARGET_CHUNK = 64
@@ -85,9 +84,10 @@ SYNC_EVERY_CHUNKS = 8
 #: Hidden sibling an ``overwrite`` run builds its store under until it is complete.
 OVERWRITE_MARK = f"{atomic.TEMP_MARK}overwrite-"
 #: Predictions larger than this edge (voxels) also get coarser display levels, halving until
-#: the largest edge is at most this: a 1024^3 probability is drawn from its 512^3 or 256^3
-#: level at the zoom that needs no more, instead of reading full-resolution slabs. Smaller
-#: ones are shown (and stay editable) at full resolution alone.
+#: the largest edge is at most half of it: a 1024^3 probability is drawn from its 512^3 or
+#: 256^3 level at the zoom that needs no more, and napari, which reads a plane of the coarsest
+#: level for the layer's thumbnail at every slice (and draws 3D from it), reads 256^2 there.
+#: Smaller ones are shown (and stay editable) at full resolution alone.
 DISPLAY_EDGE = 512
 
 
@@ -403,10 +403,12 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 
 def display_level_shapes(shape: Sequence[int], display_edge: int = DISPLAY_EDGE) -> list:
-    """Shapes of the display levels below full resolution: halvings while the largest edge of
-    the level above is over ``display_edge`` (none for a volume within it)."""
+    """Shapes of the display levels below full resolution: none for a volume within
+    ``display_edge``, else halvings until the largest edge is at most ``display_edge // 2``."""
     shapes = [tuple(int(s) for s in shape)]
-    while max(shapes[-1]) > display_edge:
+    if max(shapes[0]) <= display_edge:
+        return []
+    while max(shapes[-1]) > display_edge // 2:
         nxt = pyramid_shapes(shapes[-1], 2)
         if len(nxt) < 2:
             break

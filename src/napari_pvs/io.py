@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from napari_pvs import atomic
+from napari_pvs.display import DisplayLevel
 from napari_pvs.intensity import strided_sample
 from napari_pvs.progress import (
     CancelToken,
@@ -61,7 +62,9 @@ class Volume:
     ``data`` is ``levels[0]``; ``levels`` holds the multiscale pyramid finest first (one entry
     for single-resolution files). ``spacing`` is mm per array axis of ``data``; ``affine`` maps
     voxel indices (in array order) to world mm. ``label_names`` lists OME-Zarr label images
-    stored with the volume (open them with :func:`open_labels`).
+    stored with the volume (open them with :func:`open_labels`). ``display`` holds the same
+    levels as :class:`~napari_pvs.display.DisplayLevel` views when they are plain store reads
+    (zarr, OME-Zarr, an unscaled ``.nii``): what napari is given (see :meth:`display_levels`).
     """
 
     data: da.Array
@@ -72,10 +75,17 @@ class Volume:
     axes: tuple[str, str, str] = ("z", "y", "x")
     levels: list[da.Array] = field(default_factory=list)
     label_names: tuple[str, ...] = ()
+    display: list[DisplayLevel] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.levels:
             self.levels = [self.data]
+        if self.display and len(self.display) != len(self.levels):
+            raise ValueError(f"{len(self.display)} display levels for {len(self.levels)} levels")
+
+    def display_levels(self) -> list:
+        """The levels as napari should read them: direct store views when there are, else dask."""
+        return list(self.display) if self.display else list(self.levels)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -181,6 +191,7 @@ class _GuardedReads:
         self.shape = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = len(self.shape)
+        self.chunks = getattr(array, "chunks", None)  # (zarr) what one decode covers
 
     def __getitem__(self, key):
         try:
@@ -192,15 +203,30 @@ class _GuardedReads:
             raise damaged from exc
 
 
+def _guarded_reader(array: zarr.Array, store: str | Path) -> _GuardedReads:
+    part = f"a chunk of array {array.path}" if array.path else "a chunk"
+    return _GuardedReads(array, str(store), part)
+
+
+def _guarded_dask(reader: _GuardedReads, chunks: Sequence[int]) -> da.Array:
+    return da.from_array(
+        reader,
+        chunks=tuple(chunks),
+        name=f"napari-pvs-zarr-{uuid.uuid4().hex}",
+        meta=np.empty((0,) * reader.ndim, dtype=reader.dtype),
+    )
+
+
 def guarded_from_zarr(array: zarr.Array, store: str | Path) -> da.Array:
     """``da.from_zarr`` whose chunk reads name the store when a chunk is damaged."""
-    part = f"a chunk of array {array.path}" if array.path else "a chunk"
-    return da.from_array(
-        _GuardedReads(array, str(store), part),
-        chunks=array.chunks,
-        name=f"napari-pvs-zarr-{uuid.uuid4().hex}",
-        meta=np.empty((0,) * array.ndim, dtype=array.dtype),
-    )
+    return _guarded_dask(_guarded_reader(array, store), array.chunks)
+
+
+def guarded_display(array: zarr.Array, store: str | Path) -> DisplayLevel:
+    """A zarr array as napari should read it (direct reads, damaged chunks named), with its
+    guarded dask array for computations (:meth:`DisplayLevel.to_dask`)."""
+    reader = _guarded_reader(array, store)
+    return DisplayLevel(reader, lazy=_guarded_dask(reader, array.chunks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +353,17 @@ def modality_from_name(path: str | Path) -> str:
 
 def _as_3d(array, what: str, axis_names: Sequence[str] | None = None):
     """Return ``(array3d, names3d)``, squeezing singleton extra axes; clear errors otherwise."""
-    dtype = np.dtype(array.dtype)
+    index, names = _index_3d(array.shape, array.dtype, what, axis_names)
+    return (array if index is None else array[index]), names
+
+
+def _index_3d(
+    shape: Sequence[int], dtype, what: str, axis_names: Sequence[str] | None = None
+) -> tuple[tuple[int | slice, ...] | None, list]:
+    """The index that squeezes an array to 3D (None: it is 3D) and the kept axis names."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
         dtype, np.complexfloating
     ):
@@ -335,28 +371,40 @@ def _as_3d(array, what: str, axis_names: Sequence[str] | None = None):
             f"{what} has dtype {dtype}, which is not a real numeric type; store the image as "
             "an integer or float array"
         )
-    names = list(axis_names) if axis_names is not None else [None] * array.ndim
-    if array.ndim == 3:
-        return array, names
-    if array.ndim < 3:
+    names = list(axis_names) if axis_names is not None else [None] * ndim
+    if ndim == 3:
+        return None, names
+    if ndim < 3:
         raise ValueError(
-            f"{what} is {array.ndim}D with shape {tuple(array.shape)}; a 3D volume is expected "
+            f"{what} is {ndim}D with shape {shape}; a 3D volume is expected "
             "(stack 2D slices into one 3D array first)"
         )
-    singleton = [i for i, s in enumerate(array.shape) if s == 1]
-    if array.ndim - len(singleton) == 3:
-        keep = [i for i in range(array.ndim) if i not in singleton]
-    elif array.ndim - len(singleton) < 3:
-        keep = sorted(set(range(array.ndim)) - set(singleton[: array.ndim - 3]))
+    singleton = [i for i, s in enumerate(shape) if s == 1]
+    if ndim - len(singleton) == 3:
+        keep = [i for i in range(ndim) if i not in singleton]
+    elif ndim - len(singleton) < 3:
+        keep = sorted(set(range(ndim)) - set(singleton[: ndim - 3]))
     else:
         raise ValueError(
-            f"{what} is {array.ndim}D with shape {tuple(array.shape)}; only a 3D volume is "
+            f"{what} is {ndim}D with shape {shape}; only a 3D volume is "
             "supported (a 4D array is accepted when its extra channel/time axis has length 1, "
             "which is squeezed). Extract one channel or time point, e.g. with "
             "nibabel's image.slicer[..., 0]"
         )
-    index = tuple(slice(None) if i in keep else 0 for i in range(array.ndim))
-    return array[index], [names[i] for i in keep]
+    index = tuple(slice(None) if i in keep else 0 for i in range(ndim))
+    return index, [names[i] for i in keep]
+
+
+def _zarr_level_3d(
+    array: zarr.Array, store: str | Path, what: str, axis_names: Sequence[str] | None = None
+) -> tuple[da.Array, DisplayLevel, list]:
+    """One stored level squeezed to 3D: its dask array, its display view, its axis names."""
+    index, names = _index_3d(array.shape, array.dtype, what, axis_names)
+    reader = _guarded_reader(array, store)
+    lazy = _guarded_dask(reader, array.chunks)
+    if index is not None:
+        lazy = lazy[index]
+    return lazy, DisplayLevel(reader, lazy=lazy, index=index), names
 
 
 def _check_finite_sample(array: da.Array, what: str) -> None:
@@ -447,7 +495,7 @@ def open_volume(
 
 
 def _open_nifti_array(path: Path):
-    """Return ``(nibabel image, lazy 3D dask array)`` for a NIfTI file.
+    """Return ``(nibabel image, lazy dask array, direct reader or None)`` for a NIfTI file.
 
     Uncompressed ``.nii`` is wrapped as a true ``numpy.memmap`` (zero-copy random access).
     ``.nii.gz`` cannot be random-accessed: reading a chunk decompresses the file from its start
@@ -472,6 +520,7 @@ def _open_nifti_array(path: Path):
     inter = float(getattr(image.dataobj, "inter", 0.0))
     scaled = (slope, inter) != (1.0, 0.0)
     compressed = path.name.lower().endswith(".gz")
+    reader = None  # a .nii.gz decompresses from its start for every read: dask slabs suit it
     if compressed:
         proxy = _GuardedReads(image.dataobj, str(path))
         out_dtype = proxy[(slice(0, 1),) * len(shape)].dtype
@@ -497,7 +546,9 @@ def _open_nifti_array(path: Path):
         array = da.from_array(memmap, chunks=_default_chunks(shape, on_disk.itemsize))
         if scaled:  # apply the header's intensity scaling lazily, per chunk, in float32
             array = (array * np.float32(slope) + np.float32(inter)).astype(np.float32)
-    return image, array
+        else:
+            reader = memmap  # napari reads the plane it draws straight from the mapping
+    return image, array, reader
 
 
 def _default_chunks(shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
@@ -508,8 +559,11 @@ def _default_chunks(shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
 def _open_nifti(path: Path) -> Volume:
     import nibabel as nib
 
-    image, array = _open_nifti_array(path)
-    array, _ = _as_3d(array, f"NIfTI {path.name}")
+    image, array, reader = _open_nifti_array(path)
+    index, _ = _index_3d(array.shape, array.dtype, f"NIfTI {path.name}")
+    if index is not None:
+        array = array[index]
+    display = [] if reader is None else [DisplayLevel(reader, lazy=array, index=index)]
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing = tuple(float(v) for v in nib.affines.voxel_sizes(affine)[:3])
     return Volume(
@@ -519,6 +573,7 @@ def _open_nifti(path: Path) -> Volume:
         modality=modality_from_name(path),
         source=str(path),
         axes=("i", "j", "k"),
+        display=display,
     )
 
 
@@ -576,22 +631,27 @@ PREDICTION_LEVELS = "levels"
 ``k`` halving level ``k - 1`` (level 0 is the array itself)."""
 
 
-def prediction_levels(group: zarr.Group, name: str, store: str | Path) -> list[da.Array]:
+def prediction_levels(
+    group: zarr.Group, name: str, store: str | Path, display: bool = False
+) -> list:
     """One prediction array as a display pyramid, finest first: ``[name]`` plus the coarser
     levels the store holds (a store without them, or a small one, gives one level).
 
     Coarser levels exist for display only: they are max-pooled, so a PVS one voxel wide stays
     visible at every zoom, and the full-resolution array stays the one every figure uses.
-    ``store`` is the store's path, named when a chunk turns out damaged.
+    ``store`` is the store's path, named when a chunk turns out damaged. ``display``: the
+    levels as :class:`~napari_pvs.display.DisplayLevel` views (what napari should be given)
+    instead of dask arrays.
     """
-    levels = [guarded_from_zarr(group[name], store)]
+    read = guarded_display if display else guarded_from_zarr
+    levels = [read(group[name], store)]
     pyramid = group.get(PREDICTION_LEVELS)
     stored = pyramid.get(name) if isinstance(pyramid, zarr.Group) else None
     if not isinstance(stored, zarr.Group) or not stored.attrs.get("complete"):
         return levels  # none, or being (re)written: the full array alone is always right
     k = 1
     while isinstance(stored.get(str(k)), zarr.Array):
-        levels.append(guarded_from_zarr(stored[str(k)], store))
+        levels.append(read(stored[str(k)], store))
         k += 1
     return levels
 
@@ -617,7 +677,7 @@ def _open_zarr_dir(path: Path) -> Volume:
         return _plain_array_volume(node, path, modality, ours)
     ome = _ome_attrs(attrs)
     if "multiscales" in ome:
-        levels, spacing, affine, axes = _read_multiscales(node, ome, path)
+        levels, display, spacing, affine, axes = _read_multiscales(node, ome, path)
         if "affine" in ours:
             affine = np.asarray(ours["affine"], dtype=np.float64)
         return Volume(
@@ -629,6 +689,7 @@ def _open_zarr_dir(path: Path) -> Volume:
             axes=axes,
             levels=levels,
             label_names=_label_names(node),
+            display=display,
         )
     arrays = [name for name, _ in node.arrays()]
     if len(arrays) == 1:
@@ -647,7 +708,7 @@ def _open_zarr_dir(path: Path) -> Volume:
 
 
 def _plain_array_volume(array: zarr.Array, path: Path, modality: str, ours: Mapping) -> Volume:
-    data, _ = _as_3d(guarded_from_zarr(array, path), f"zarr array {path}")
+    data, display, _ = _zarr_level_3d(array, path, f"zarr array {path}")
     spacing = tuple(float(s) for s in ours.get("spacing", (1.0, 1.0, 1.0)))
     affine = (
         np.asarray(ours["affine"], dtype=np.float64)
@@ -661,6 +722,7 @@ def _plain_array_volume(array: zarr.Array, path: Path, modality: str, ours: Mapp
         modality=normalize_modality(modality),
         source=str(path),
         axes=tuple(ours.get("axes", ("z", "y", "x"))),
+        display=[display],
     )
 
 
@@ -697,17 +759,17 @@ def _read_multiscales(group: zarr.Group, ome: Mapping, path: Path):
     global_scale, global_translation = _transform(multiscale.get("coordinateTransformations"), ndim)
     scale, translation = scale * global_scale, translation * global_scale + global_translation
     unit_mm = np.array([_UNIT_TO_MM.get(a.get("unit"), 1.0) for a in axes_meta])
-    levels, kept = [], None
+    levels, display, kept = [], [], None
     for i, array in enumerate(arrays):
-        level, kept_names = _as_3d(
-            guarded_from_zarr(array, path), f"OME-Zarr {path} level {i}", names
-        )
+        level, view, kept_names = _zarr_level_3d(array, path, f"OME-Zarr {path} level {i}", names)
         levels.append(level)
+        display.append(view)
         kept = kept_names
     keep_idx = [names.index(n) for n in kept]
     spacing = tuple(float(scale[i] * unit_mm[i]) for i in keep_idx)
     origin = tuple(float(translation[i] * unit_mm[i]) for i in keep_idx)
-    return levels, spacing, _diagonal_affine(spacing, origin), tuple(str(n) for n in kept)
+    axes = tuple(str(n) for n in kept)
+    return levels, display, spacing, _diagonal_affine(spacing, origin), axes
 
 
 def _label_names(image_group: zarr.Group) -> tuple[str, ...]:

@@ -1371,14 +1371,13 @@ class Project:
         Resumes an interrupted run; a store made with other settings is refused by the
         Predictor (never mixed or overwritten).
         """
-        from napari_pvs.inference import Predictor
-
         self._require_writable()
         record = self.volume(ref)
         number = self.current_version().version if version is None else _parse_version(version)
         out = self.prediction_path(record.id, number)
         if self.has_prediction(record.id, number):
-            return out
+            return out  # (before torch is imported: showing a stored prediction needs none)
+        from napari_pvs.inference import Predictor
         out.parent.mkdir(parents=True, exist_ok=True)
         options = self.predictor_options(**predictor_options)
         if model is None:

@@ -19,6 +19,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_pvs import io
 from napari_pvs.cohort import output_name
+from napari_pvs.display import as_dask
 
 if TYPE_CHECKING:
     import napari
@@ -54,7 +55,7 @@ def layer_source(layer: Layer) -> str | None:
 
 def layer_volume(layer: Image, modality: str) -> io.Volume:
     """The image layer as an :class:`io.Volume` (finest level, geometry from its metadata)."""
-    data = layer.data[0] if layer.multiscale else layer.data
+    data = as_dask(layer.data[0] if layer.multiscale else layer.data)
     if layer.rgb or getattr(data, "ndim", 0) != 3:
         raise ValueError(
             f"layer {layer.name!r} has shape {tuple(data.shape)}; PVS segmentation needs a "

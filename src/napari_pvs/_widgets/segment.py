@@ -65,9 +65,10 @@ from napari_pvs._widgets._layers import (
 )
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
 from napari_pvs.cohort import modality_warning
-from napari_pvs.inference import DEFAULT_WINDOW, PredictionSummary, Predictor
+from napari_pvs.display import as_dask
 from napari_pvs.io import open_prediction, prediction_levels
 from napari_pvs.metrics import label_clusters
+from napari_pvs.models import DEFAULT_WINDOW
 from napari_pvs.progress import CancelToken, ProgressCallback
 from napari_pvs.ranking import (
     DEFAULT_PATCH,
@@ -80,6 +81,8 @@ from napari_pvs.ranking import (
 
 if TYPE_CHECKING:
     import napari
+
+    from napari_pvs.inference import PredictionSummary
 
 __all__ = ["SegmentPanel", "default_output", "layer_volume"]
 
@@ -135,7 +138,7 @@ class SegmentResult:
 
     out: Path
     summary: PredictionSummary | None
-    device: str
+    device: str  # "" when the version's stored prediction was shown (nothing ran)
     pvs_voxels: int | None
     pvs_volume_mm3: float | None
     pvs_count: int | None
@@ -200,7 +203,11 @@ def run_segmentation(
     """Load the model, predict into the store (resuming a compatible partial one), count PVS
     (unless ``count`` is False: then the result's PVS figures are None)."""
     started = time.perf_counter()
-    device, note = resolve_device_noting(request.device)
+    stored = request.project is not None and request.project.has_prediction(
+        request.volume_id, request.version
+    )
+    # a version's complete prediction is shown as stored: no device, no torch import
+    device, note = ("", "") if stored else resolve_device_noting(request.device)
     notes = [note] if note else []
     options = {
         "window": request.window,
@@ -223,6 +230,7 @@ def run_segmentation(
         )
         model_name = f"v{request.version}"
     else:
+        from napari_pvs.inference import Predictor  # (torch: only once a prediction runs)
         from napari_pvs.models.checkpoint import load_model
 
         progress(0, 0, "loading model")
@@ -796,8 +804,10 @@ class SegmentPanel(QWidget):
 
         def add(array: str) -> None:
             # a large prediction is drawn from its display levels (see Predictor.display_edge)
-            levels = prediction_levels(group, array, result.out)
-            data = levels if len(levels) > 1 else levels[0]
+            levels = prediction_levels(group, array, result.out, display=True)
+            # one level: dask, which a labels layer can be painted over (on the first stroke
+            # it becomes numpy); several: display views napari reads directly (read-only)
+            data = levels if len(levels) > 1 else levels[0].to_dask()
             if array == "segmentation":
                 layer = self._put_layer(
                     names[array], data, "labels", metadata=dict(metadata), **common
@@ -883,7 +893,10 @@ class SegmentPanel(QWidget):
         else:
             count = result.pvs_count if result.pvs_count is not None else "not counted (too large)"
             pvs = f"{count} PVS, {result.pvs_volume_mm3:.1f} mm³ ({result.pvs_voxels} voxels)"
-        text = f"{pvs}; model {result.model}, {result.seconds:.1f} s on {result.device}"
+        if result.device:
+            text = f"{pvs}; model {result.model}, {result.seconds:.1f} s on {result.device}"
+        else:
+            text = f"{pvs}; model {result.model}, its stored prediction (nothing recomputed)"
         if summary is not None:
             text += f"; {summary.windows_run}/{summary.windows_total} windows"
             if summary.chunks_skipped:
@@ -922,7 +935,7 @@ class SegmentPanel(QWidget):
         self.status_label.setText(f"ranking {n} patches by {strategy}…")
         self._job_kind = "rank"
 
-        image = layer.data[0] if layer.multiscale else layer.data  # skips patches of air
+        image = as_dask(layer.data[0] if layer.multiscale else layer.data)  # skips air
 
         def work(progress: ProgressCallback, cancel: CancelToken):
             table = rank_patches(store, n=n, patch=patch, strategy=strategy, image=image)

@@ -30,6 +30,7 @@ from napari_pvs._reader import volume_layer_data
 from napari_pvs._widgets._common import Ask, ask_with_dialog
 from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
 from napari_pvs._writer import existing_label_target, save_labels
+from napari_pvs.display import as_dask
 
 if TYPE_CHECKING:
     import napari
@@ -373,7 +374,7 @@ class VolumePanel(QWidget):
                 self._report(f"not saved: {replaced} is unchanged")
                 return None
         try:
-            data = labels.data[0] if labels.multiscale else labels.data  # full resolution
+            data = as_dask(labels.data[0] if labels.multiscale else labels.data)  # full resolution
             written = save_labels(path, data, self._labels_meta(labels, name))
         except (ValueError, OSError) as exc:  # bad labels, refused or failed write: nothing lost
             self._report(str(exc), error=True)

@@ -34,6 +34,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "mednext_m": ("napari_pvs.models.baselines", "build_mednext_m", "MedNeXt-M (MONAI)"),
 }
 
+#: Edge (voxels) of the sliding window every model predicts with unless told otherwise (here,
+#: torch-free, so the GUI can show it without importing torch).
+DEFAULT_WINDOW = 64
+
 #: Modalities every model understands; anything else is treated as "unknown".
 MODALITIES = ("T1", "T2", "unknown")
 

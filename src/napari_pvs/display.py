@@ -1,0 +1,270 @@
+"""Arrays as napari reads them: lazy views that read their store once, when napari draws.
+
+napari slices a layer in two steps (the displayed extent, then the current plane) and then
+asks numpy for the values. Given a dask array, every store chunk the plane touches becomes a
+task, and the decoded chunks stay in napari's dask cache (a quarter of the machine's memory by
+default): at 1024^3 a plane of 48^3 chunks costs three times the read itself and hundreds of
+MB. Given a zarr array, napari's first step would read the whole displayed extent, every plane
+of it. A :class:`DisplayLevel` only composes indices until the values are asked for, then reads
+its reader once (zarr decodes the touched chunks concurrently and keeps none of them).
+
+Scrolling reads the next plane, which lies in the same chunks: every store chunk is decoded
+whole, so a plane of 48^3 chunks costs as much as the 48 planes around it. When a second plane
+is asked for from the same chunk slab, the whole slab (the drawn extent, one chunk deep) is
+read once and kept in a small shared cache (:data:`SLAB_CACHE_BYTES`, least recently used out
+first), and the planes after it are copies from memory. The first plane of a layer reads that
+plane alone: opening stays as fast and as small as one read.
+
+Computations (prediction, ranking, saving) use :meth:`DisplayLevel.to_dask` or :func:`as_dask`,
+which give the same values as a dask array chunked like the store.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+#: A view is materialised for an index napari's slicing never uses (arrays, ``None``) only up to
+#: this size; a bigger one asks for the dask array instead of reading a whole level unasked.
+MAX_FANCY_BYTES = 256 << 20
+#: Decoded slabs kept for scrolling, all layers together; a slab bigger than this is never kept
+#: (its planes are read one by one, as on first display).
+SLAB_CACHE_BYTES = 192 << 20
+
+
+class _SlabCache:
+    """Decoded chunk slabs by (reader, slab key), least recently used evicted past a budget.
+
+    An entry holds its reader, so a reader's ``id`` cannot be reused while its slabs are here.
+    ``_last`` remembers, per reader, the slab of the plane read before: a slab is read and kept
+    only when a second plane falls in it (scrolling), never for a single look.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._slabs: OrderedDict[tuple, tuple[Any, np.ndarray]] = OrderedDict()
+        self._last: dict[int, tuple[Any, tuple]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, reader: Any, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            entry = self._slabs.get((id(reader), key))
+            if entry is None or entry[0] is not reader:
+                return None
+            self._slabs.move_to_end((id(reader), key))
+            return entry[1]
+
+    def second_look(self, reader: Any, key: tuple) -> bool:
+        """Record a plane read from slab ``key``; True when the plane before was from it too."""
+        with self._lock:
+            last = self._last.get(id(reader))
+            self._last[id(reader)] = (reader, key)
+            return last is not None and last[0] is reader and last[1] == key
+
+    def put(self, reader: Any, key: tuple, slab: np.ndarray) -> None:
+        if slab.nbytes > self.budget:
+            return
+        with self._lock:
+            old = self._slabs.pop((id(reader), key), None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            self._slabs[(id(reader), key)] = (reader, slab)
+            self._bytes += slab.nbytes
+            while self._bytes > self.budget:
+                _, (_, evicted) = self._slabs.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slabs.clear()
+            self._last.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+#: The one cache every display view shares (see the module docstring).
+slab_cache = _SlabCache(SLAB_CACHE_BYTES)
+
+
+class DisplayLevel:
+    """A lazy, read-only view of one pyramid level for napari (integer and slice indexing).
+
+    ``reader`` returns numpy values for a basic index (a zarr array or a NIfTI memmap behind
+    :mod:`napari_pvs.io`'s damaged-file guard); ``index`` selects the view of it shown (a
+    squeezed channel axis); ``lazy`` is that view as a dask array chunked like the store, for
+    computations (None: one is built from the reader on demand). ``dtype`` casts what is read
+    (float16 predictions are drawn as float32: vispy has no float16 textures).
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        lazy: da.Array | None = None,
+        dtype: np.dtype | type | None = None,
+        index: Sequence[int | slice] | None = None,
+    ) -> None:
+        self.reader = reader
+        axes: tuple[int | range, ...] = tuple(range(int(n)) for n in reader.shape)
+        if index is not None:
+            axes = _compose(axes, _expand(index, len(axes)))
+        self._set_view(axes, np.dtype(dtype if dtype is not None else reader.dtype), lazy)
+
+    def _set_view(self, axes: tuple[int | range, ...], dtype: np.dtype, lazy) -> None:
+        self._axes = axes
+        self.shape = tuple(len(axis) for axis in axes if isinstance(axis, range))
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * dtype.itemsize
+        if lazy is not None and tuple(lazy.shape) != self.shape:
+            raise ValueError(f"lazy array of shape {lazy.shape} for a view of shape {self.shape}")
+        self._lazy = lazy
+
+    def _view(self, axes: tuple[int | range, ...], dtype: np.dtype, lazy=None) -> DisplayLevel:
+        view = DisplayLevel.__new__(DisplayLevel)
+        view.reader = self.reader
+        view._set_view(axes, dtype, lazy)
+        return view
+
+    def __repr__(self) -> str:
+        return f"DisplayLevel(shape={self.shape}, dtype={self.dtype})"
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d view")
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> DisplayLevel | np.ndarray:
+        try:
+            expanded = _expand(key, self.ndim)
+        except TypeError:  # arrays, None, booleans: not what napari's slicing sends
+            if self.nbytes > MAX_FANCY_BYTES:
+                raise TypeError(
+                    f"a display view of {self.nbytes >> 20} MB takes only integer and slice "
+                    "indices; index its to_dask() array instead"
+                ) from None
+            return np.asarray(self)[key]
+        view = self._view(_compose(self._axes, expanded), self.dtype)
+        if view.ndim == 0:  # a single voxel (napari's status bar): the value itself
+            return np.asarray(view)[()]
+        return view
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        key, flip, out_axis = [], [], 0
+        for axis in self._axes:
+            if isinstance(axis, int):
+                key.append(axis)
+                continue
+            if axis.step < 0:  # stores read forward: read the same voxels, then reverse
+                flip.append(out_axis)
+                axis = axis[::-1]
+            key.append(slice(axis.start, axis.start + len(axis) * axis.step, axis.step))
+            out_axis += 1
+        values = self._read(tuple(key))
+        if flip:
+            values = np.flip(values, axis=tuple(flip))
+        values = values.astype(dtype or self.dtype, copy=False)
+        return np.array(values, copy=True) if copy else values
+
+    def _read(self, key: tuple) -> np.ndarray:
+        """``reader[key]``; a plane of a chunked store through the slab cache."""
+        slab = self._slab_of(key)
+        if slab is None:
+            return np.asarray(self.reader[key])
+        axis, plane, start, stop, slab_key = slab
+        cached = slab_cache.get(self.reader, slab_key)
+        if cached is None:
+            if not slab_cache.second_look(self.reader, slab_key):
+                return np.asarray(self.reader[key])  # one look: read the plane alone
+            wide = list(key)
+            wide[axis] = slice(start, stop)
+            cached = np.asarray(self.reader[tuple(wide)])
+            slab_cache.put(self.reader, slab_key, cached)
+        position = sum(isinstance(k, slice) for k in key[:axis])  # the slab axis in `cached`
+        # an integer drops the axis, a one-long slice (napari's) keeps it
+        which = plane - start if isinstance(key[axis], int) else [plane - start]
+        return np.take(cached, which, axis=position)
+
+    def _slab_of(self, key: tuple) -> tuple[int, int, int, int, tuple] | None:
+        """For a plane (one voxel deep along exactly one axis chunked deeper than 1, written
+        as an integer or as napari's one-long slice): that axis, the plane, the chunk's bounds
+        along the axis and the slab's cache key; None for anything else."""
+        chunks = getattr(self.reader, "chunks", None)
+        if not chunks or len(chunks) != len(key):
+            return None
+        shape = [int(n) for n in self.reader.shape]
+        bounds = [
+            k if isinstance(k, int) else k.indices(n) for k, n in zip(key, shape, strict=True)
+        ]
+        lengths = [1 if isinstance(b, int) else len(range(*b)) for b in bounds]
+        thin = [i for i, n in enumerate(lengths) if n == 1 and int(chunks[i]) > 1]
+        if len(thin) != 1 or sum(n > 1 for n in lengths) < 2:
+            return None
+        axis = thin[0]
+        plane = bounds[axis] if isinstance(bounds[axis], int) else bounds[axis][0]
+        depth = int(chunks[axis])
+        start = plane // depth * depth
+        stop = min(start + depth, shape[axis])
+        voxels = (stop - start) * int(np.prod(lengths)) // lengths[axis]
+        if voxels * np.dtype(self.reader.dtype).itemsize > slab_cache.budget:
+            return None  # never kept: read plane by plane
+        return axis, plane, start, stop, (axis, start, tuple(bounds[:axis] + bounds[axis + 1 :]))
+
+    def astype(self, dtype: Any) -> DisplayLevel:
+        """The same view, read as ``dtype``."""
+        lazy = self._lazy.astype(dtype) if self._lazy is not None else None
+        return self._view(self._axes, np.dtype(dtype), lazy)
+
+    def to_dask(self) -> da.Array:
+        """The same values as a dask array, for computations that go through every chunk."""
+        if self._lazy is not None:
+            return self._lazy
+        meta = np.empty((0,) * self.ndim, self.dtype)
+        return da.from_array(self, chunks="auto", asarray=True, meta=meta)
+
+
+def as_dask(data: Any) -> da.Array:
+    """A layer's data (dask, :class:`DisplayLevel` or numpy) as a dask array."""
+    if isinstance(data, da.Array):
+        return data
+    if isinstance(data, DisplayLevel):
+        return data.to_dask()
+    return da.asarray(data)
+
+
+def _expand(key: Any, ndim: int) -> tuple[int | slice, ...]:
+    """A basic index as one int or slice per axis; TypeError for anything else."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if sum(part is Ellipsis for part in parts) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    out: list[int | slice] = []
+    for part in parts:
+        if part is Ellipsis:
+            out.extend([slice(None)] * (ndim - (len(parts) - 1)))
+        elif isinstance(part, slice):
+            out.append(part)
+        elif isinstance(part, bool | np.bool_):
+            raise TypeError("boolean index")
+        else:
+            out.append(operator.index(part))  # TypeError for arrays, None, floats
+    if len(out) > ndim:
+        raise IndexError(f"too many indices: {len(out)} for a {ndim}-d view")
+    return (*out, *[slice(None)] * (ndim - len(out)))
+
+
+def _compose(axes: tuple[int | range, ...], key: tuple[int | slice, ...]):
+    kept = [i for i, axis in enumerate(axes) if isinstance(axis, range)]
+    out = list(axes)
+    for i, part in zip(kept, key, strict=True):
+        out[i] = out[i][part]
+    return tuple(out)

@@ -1,0 +1,190 @@
+"""DisplayLevel: the lazy views napari is given, against numpy on the same indices."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from napari_pvs import io
+from napari_pvs.display import MAX_FANCY_BYTES, DisplayLevel, as_dask, slab_cache
+
+
+@pytest.fixture(autouse=True)
+def empty_slab_cache():
+    slab_cache.clear()
+    yield
+    slab_cache.clear()
+
+
+class CountingReader:
+    """A numpy array that records every read (the key); ``chunks`` as a store would have."""
+
+    def __init__(self, array: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.chunks = chunks
+        self.reads: list[tuple] = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+def random_part(rng: np.random.Generator, n: int):
+    kind = rng.integers(4)
+    if kind == 0 and n > 0:
+        return int(rng.integers(-n, n))
+    start, stop = (int(v) if rng.random() < 0.8 else None for v in rng.integers(-n - 2, n + 2, 2))
+    step = int(rng.choice([1, 1, 2, 3, -1, -2]))
+    return slice(start, stop, step)
+
+
+def random_key(rng: np.random.Generator, shape: tuple[int, ...]):
+    parts = [random_part(rng, n) for n in shape]
+    if rng.random() < 0.3 and len(parts) > 1:  # an Ellipsis in place of the trailing parts
+        cut = int(rng.integers(0, len(parts)))
+        return (*parts[:cut], Ellipsis)
+    return tuple(parts)
+
+
+def test_views_compose_like_numpy_and_read_only_what_is_drawn():
+    rng = np.random.default_rng(0)
+    array = rng.random((9, 11, 7)).astype(np.float16)
+    for _ in range(400):
+        reader = CountingReader(array)
+        view, expected = DisplayLevel(reader), array
+        for _ in range(int(rng.integers(1, 4))):  # napari indexes twice: extent, then plane
+            if view.ndim == 0:
+                break
+            key = random_key(rng, view.shape)
+            view, expected = view[key], expected[key]
+            assert not reader.reads or np.ndim(view) == 0  # nothing read before values are asked
+            if np.ndim(expected) == 0:
+                break
+            assert view.shape == expected.shape and view.ndim == expected.ndim
+        np.testing.assert_array_equal(np.asarray(view), expected)
+        assert len(reader.reads) == 1  # one store read per drawn view
+        read = np.asarray(array[reader.reads[0]])
+        assert read.size == np.asarray(expected).size  # and only the voxels shown
+
+
+def test_napari_two_step_slice_reads_one_plane_of_the_store(tmp_path):
+    data = np.arange(24 * 20 * 16, dtype=np.uint16).reshape(24, 20, 16)
+    store = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=data.shape, chunks=(8, 8, 8),
+                            dtype=data.dtype)  # fmt: skip
+    store[...] = data
+    view = io.guarded_display(store, tmp_path / "a.zarr")
+    extent = view[:, 2:18, 0:16]  # napari: the displayed extent first (lazy) ...
+    plane = np.asarray(extent[5])  # ... then the plane at the dims point
+    np.testing.assert_array_equal(plane, data[5, 2:18, 0:16])
+    np.testing.assert_array_equal(view.to_dask().compute(), data)  # computations: dask, same
+    assert view.to_dask().chunks == ((8, 8, 8), (8, 8, 4), (8, 8))  # the store's chunks
+    assert view[3, 4, 5] == data[3, 4, 5]  # a single voxel (the status bar) is its value
+
+
+def test_astype_casts_reads_and_dask(tmp_path):
+    data = np.linspace(0, 1, 4 * 5 * 6, dtype=np.float16).reshape(4, 5, 6)
+    view = DisplayLevel(data, lazy=da.from_array(data, chunks=2)).astype(np.float32)
+    assert view.dtype == np.float32 and np.asarray(view[1:3]).dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(view[1:3]), data[1:3].astype(np.float32))
+    assert view.to_dask().dtype == np.float32
+    np.testing.assert_array_equal(view.to_dask().compute(), data.astype(np.float32))
+
+
+def test_as_dask_for_every_layer_data_kind():
+    data = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    for layer_data in (data, da.from_array(data, chunks=2), DisplayLevel(data)[1:, ::2]):
+        expected = data if not isinstance(layer_data, DisplayLevel) else data[1:, ::2]
+        out = as_dask(layer_data)
+        assert isinstance(out, da.Array)
+        np.testing.assert_array_equal(out.compute(), expected)
+
+
+def test_fancy_indices_read_small_views_and_refuse_large_ones():
+    data = np.arange(60).reshape(3, 4, 5)
+    view = DisplayLevel(data)
+    np.testing.assert_array_equal(view[[0, 2]], data[[0, 2]])
+    np.testing.assert_array_equal(view[data > 30], data[data > 30])
+    with pytest.raises(IndexError):
+        view[3]
+    with pytest.raises(IndexError, match="too many indices"):
+        view[0, 0, 0, 0]
+
+    class Huge:
+        shape, dtype = (4096, 4096, 4096), np.dtype(np.uint16)
+
+    assert DisplayLevel(Huge()).nbytes > MAX_FANCY_BYTES
+    with pytest.raises(TypeError, match="to_dask"):
+        DisplayLevel(Huge())[[1, 2]]
+
+
+def test_squeezed_channel_axis_and_opened_volumes_match_their_levels(tmp_path):
+    image = np.random.default_rng(3).integers(0, 900, (1, 20, 24, 28)).astype(np.uint16)
+    store = zarr.open_array(str(tmp_path / "c.zarr"), mode="w", shape=image.shape,
+                            chunks=(1, 8, 8, 8), dtype=image.dtype)  # fmt: skip
+    store[...] = image
+    volume = io.open_volume(tmp_path / "c.zarr")
+    (view,) = volume.display_levels()
+    assert isinstance(view, DisplayLevel) and view.shape == (20, 24, 28)
+    np.testing.assert_array_equal(np.asarray(view[:, 3]), image[0, :, 3])
+    assert view.to_dask() is volume.data  # computations get the volume's own dask array
+
+    pyramid = io.save_ome_zarr(tmp_path / "p.ome.zarr", image[0], levels=3, chunks=8)
+    opened = io.open_volume(pyramid)
+    assert len(opened.display) == 3
+    for shown, level in zip(opened.display_levels(), opened.levels, strict=True):
+        np.testing.assert_array_equal(np.asarray(shown[2]), level[2].compute())
+
+
+def test_a_damaged_chunk_is_named_when_napari_reads_it(tmp_path):
+    store = io.save_ome_zarr(tmp_path / "d.ome.zarr", np.ones((16, 16, 16), np.uint16) * 7,
+                             levels=1, chunks=8)  # fmt: skip
+    chunk = next(p for p in sorted((store / "0").rglob("*")) if p.is_file() and "." not in p.name)
+    chunk.write_bytes(b"x" * 40)
+    (view,) = io.open_volume(store).display_levels()
+    with pytest.raises(io.DamagedFileError, match=r"d\.ome\.zarr is damaged"):
+        np.asarray(view[0])
+
+
+def test_scrolling_reads_a_chunk_slab_once_then_planes_from_memory():
+    data = np.random.default_rng(5).random((20, 30, 26)).astype(np.float16)
+    reader = CountingReader(data, chunks=(8, 8, 8))
+    view = DisplayLevel(reader).astype(np.float32)
+    extent = (slice(None), slice(2, 28), slice(0, 26))  # napari: the drawn extent, then planes
+    for z in (9, 10, 11, 15):  # all in the chunk slab 8..16
+        np.testing.assert_array_equal(np.asarray(view[extent][z]), data[z, 2:28].astype(np.float32))
+    assert reader.reads[0] == (9, slice(2, 28, 1), slice(0, 26, 1))  # first look: the plane alone
+    assert reader.reads[1] == (slice(8, 16), slice(2, 28, 1), slice(0, 26, 1))  # second: the slab
+    assert len(reader.reads) == 2  # every later plane of the slab comes from memory
+    np.asarray(view[extent][16])  # the next slab: one plane first again
+    assert reader.reads[-1][0] == 16 and len(reader.reads) == 3
+    # another view axis (a sagittal plane) and a panned extent are other slabs
+    for x in (3, 4, 5):
+        np.testing.assert_array_equal(np.asarray(view[:, 1:20, x]), data[:, 1:20, x])
+    assert reader.reads[-1] == (slice(0, 20, 1), slice(1, 20, 1), slice(0, 8))
+    assert len(reader.reads) == 5
+    # napari asks for its plane as a one-long slice (the axis kept): the same cache serves it
+    for z in (17, 18, 19):
+        plane = np.asarray(view[extent][z : z + 1])
+        np.testing.assert_array_equal(plane, data[z : z + 1, 2:28].astype(np.float32))
+    assert reader.reads[-2] == (slice(17, 18, 1), slice(2, 28, 1), slice(0, 26, 1))  # a look
+    assert reader.reads[-1] == (slice(16, 20), slice(2, 28, 1), slice(0, 26, 1))  # scrolling
+    assert len(reader.reads) == 7  # and 19 came from memory
+
+
+def test_slabs_over_the_budget_are_never_read_and_the_cache_stays_within_it(monkeypatch):
+    data = np.arange(16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16)
+    monkeypatch.setattr(slab_cache, "budget", 3 * 8 * 16 * 16 * 4)  # three 8-deep slabs
+    readers = [CountingReader(data, chunks=(8, 8, 8)) for _ in range(5)]
+    for reader in readers:
+        for z in (0, 1, 2):
+            np.testing.assert_array_equal(np.asarray(DisplayLevel(reader)[z]), data[z])
+    assert slab_cache.nbytes <= slab_cache.budget  # the oldest slabs went
+    assert slab_cache.get(readers[0], (0, 0, ((0, 16, 1), (0, 16, 1)))) is None
+    assert slab_cache.get(readers[-1], (0, 0, ((0, 16, 1), (0, 16, 1)))) is not None
+    monkeypatch.setattr(slab_cache, "budget", 8 * 16 * 16 * 4 - 1)  # one slab is too big now
+    big = CountingReader(data, chunks=(8, 8, 8))
+    for z in (0, 1, 2):
+        np.asarray(DisplayLevel(big)[z])
+    assert all(isinstance(read[0], int) for read in big.reads)  # planes only, never the slab
