@@ -193,6 +193,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     review.uncertainty_check.setChecked(True)
     overlay = viewer.layers[UNCERTAINTY_LAYER]
     np.testing.assert_allclose(overlay.data, direct["entropy"][box], atol=1e-3)
+    assert overlay.units == layer.units  # (mixed units would make napari drop them, and warn)
     assert viewer.layers.selection.active is layer
     review.contour_check.setChecked(True)
     assert layer.contour == 1

@@ -508,7 +508,7 @@ class ReviewStep(QWidget):
         else:
             existing = self.viewer.add_image(
                 data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
-                colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
+                units=layer.units, colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
                 metadata={PATCH_OF_KEY: self.patch.volume_id},
             )  # fmt: skip
         self._raise_to_top(layer)
