@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -188,3 +190,15 @@ def test_slabs_over_the_budget_are_never_read_and_the_cache_stays_within_it(monk
     for z in (0, 1, 2):
         np.asarray(DisplayLevel(big)[z])
     assert all(isinstance(read[0], int) for read in big.reads)  # planes only, never the slab
+
+
+def test_a_layer_that_goes_takes_its_slabs_with_it():
+    data = np.ones((16, 16, 16), np.float32)
+    reader = CountingReader(data, chunks=(8, 8, 8))
+    view = DisplayLevel(reader)
+    for z in (0, 1):
+        np.asarray(view[z])
+    assert slab_cache.nbytes == 8 * 16 * 16 * 4  # kept for scrolling
+    del view, reader
+    gc.collect()
+    assert slab_cache.nbytes == 0  # the reader is gone, and its decoded slab with it

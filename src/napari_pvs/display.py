@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -41,45 +42,58 @@ SLAB_CACHE_BYTES = 192 << 20
 class _SlabCache:
     """Decoded chunk slabs by (reader, slab key), least recently used evicted past a budget.
 
-    An entry holds its reader, so a reader's ``id`` cannot be reused while its slabs are here.
-    ``_last`` remembers, per reader, the slab of the plane read before: a slab is read and kept
-    only when a second plane falls in it (scrolling), never for a single look.
+    Readers are held weakly: when a layer goes and its reader with it, so do its slabs (and
+    its ``id`` can only be reused after that). ``_last`` remembers, per reader, the slab of the
+    plane read before: a slab is read and kept only when a second plane falls in it
+    (scrolling), never for a single look.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._slabs: OrderedDict[tuple, tuple[Any, np.ndarray]] = OrderedDict()
-        self._last: dict[int, tuple[Any, tuple]] = {}
+        self._slabs: OrderedDict[tuple[int, tuple], np.ndarray] = OrderedDict()
+        self._last: dict[int, tuple] = {}
+        self._watched: set[int] = set()
         self._bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    def _watch(self, reader: Any) -> int:
+        ident = id(reader)
+        if ident not in self._watched:
+            self._watched.add(ident)
+            weakref.finalize(reader, self._forget, ident)
+        return ident
+
+    def _forget(self, ident: int) -> None:
+        with self._lock:
+            self._watched.discard(ident)
+            self._last.pop(ident, None)
+            for key in [k for k in self._slabs if k[0] == ident]:
+                self._bytes -= self._slabs.pop(key).nbytes
 
     def get(self, reader: Any, key: tuple) -> np.ndarray | None:
         with self._lock:
-            entry = self._slabs.get((id(reader), key))
-            if entry is None or entry[0] is not reader:
-                return None
-            self._slabs.move_to_end((id(reader), key))
-            return entry[1]
+            slab = self._slabs.get((id(reader), key))
+            if slab is not None:
+                self._slabs.move_to_end((id(reader), key))
+            return slab
 
     def second_look(self, reader: Any, key: tuple) -> bool:
         """Record a plane read from slab ``key``; True when the plane before was from it too."""
         with self._lock:
-            last = self._last.get(id(reader))
-            self._last[id(reader)] = (reader, key)
-            return last is not None and last[0] is reader and last[1] == key
+            ident = self._watch(reader)
+            last, self._last[ident] = self._last.get(ident), key
+            return last == key
 
     def put(self, reader: Any, key: tuple, slab: np.ndarray) -> None:
         if slab.nbytes > self.budget:
             return
         with self._lock:
-            old = self._slabs.pop((id(reader), key), None)
-            if old is not None:
-                self._bytes -= old[1].nbytes
-            self._slabs[(id(reader), key)] = (reader, slab)
-            self._bytes += slab.nbytes
+            ident = self._watch(reader)
+            old = self._slabs.pop((ident, key), None)
+            self._bytes += slab.nbytes - (old.nbytes if old is not None else 0)
+            self._slabs[(ident, key)] = slab
             while self._bytes > self.budget:
-                _, (_, evicted) = self._slabs.popitem(last=False)
-                self._bytes -= evicted.nbytes
+                self._bytes -= self._slabs.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         with self._lock:
