@@ -508,8 +508,8 @@ class ReviewStep(QWidget):
         else:
             existing = self.viewer.add_image(
                 data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
-                units=layer.units, colormap="magma", blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0),
-                metadata={PATCH_OF_KEY: self.patch.volume_id},
+                units=layer.units, colormap="magma", blending="additive", opacity=0.6,
+                contrast_limits=(0.0, 1.0), metadata={PATCH_OF_KEY: self.patch.volume_id},
             )  # fmt: skip
         self._raise_to_top(layer)
         self.viewer.layers.selection.active = layer
