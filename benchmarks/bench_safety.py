@@ -488,7 +488,7 @@ def cases(p: dict[str, Path]) -> None:
         from napari_pvs.metrics import evaluate
 
         as_before = evaluate(pred, (gt != 0).astype(np.uint8))["dice"]  # 255 counted as PVS
-        return f"{said(result)}; Dice {dice} (255 counted as PVS, as before: {as_before:.3f})", "no"
+        return f"{said(result)}; Dice {dice} (the old scoring, 255 as PVS: {as_before:.3f})", "no"
 
     @row("train: labels 0/255 only")
     def _():
