@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from napari_pvs import io
+from napari_pvs.display import as_dask
 from napari_pvs.progress import Cancelled
 
 OBLIQUE_AFFINE = np.array(
@@ -253,6 +254,9 @@ def test_nan_found_on_sample_at_open_and_lazily_per_chunk(tmp_path):
     assert float(volume.data[40:, 40:, 40:].sum().compute()) == 0.0  # clean chunk: fine
     with pytest.raises(ValueError, match="NaN or infinite voxels in a chunk"):
         volume.data.sum().compute()
+    (shown,) = volume.display_levels()  # what napari draws: computations from it are checked too
+    with pytest.raises(ValueError, match="NaN or infinite voxels in a chunk"):
+        as_dask(shown).sum().compute()
     assert io.open_volume(tmp_path / "inf.zarr", check_finite=False).shape == (80, 80, 80)
 
 

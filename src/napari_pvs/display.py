@@ -239,6 +239,10 @@ class DisplayLevel:
         lazy = self._lazy.astype(dtype) if self._lazy is not None else None
         return self._view(self._axes, np.dtype(dtype), lazy)
 
+    def with_lazy(self, lazy: da.Array) -> DisplayLevel:
+        """The same view whose computations use ``lazy`` (the same values, e.g. checked)."""
+        return self._view(self._axes, self.dtype, lazy)
+
     def to_dask(self) -> da.Array:
         """The same values as a dask array, for computations that go through every chunk."""
         if self._lazy is not None:

@@ -491,6 +491,10 @@ def open_volume(
         _check_finite_sample(volume.levels[-1], f"volume {path}")
         volume.levels = [finite_guard(level) for level in volume.levels]
         volume.data = volume.levels[0]
+        # what napari is given reads the store directly; computations through it stay checked
+        if volume.display:
+            pairs = zip(volume.display, volume.levels, strict=True)
+            volume.display = [view.with_lazy(level) for view, level in pairs]
     return volume
 
 
