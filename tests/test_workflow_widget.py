@@ -158,6 +158,10 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     np.testing.assert_array_equal(segmentation.data.compute(), direct["segmentation"][...])
     assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
     assert step.table.item(0, 1).text() == "v0*"
+    assert " s on cpu" in seg.summary_label.text()  # it ran
+    segment(workflow, qtbot, image)  # again: the version's stored prediction, nothing recomputed
+    assert "its stored prediction (nothing recomputed)" in seg.summary_label.text()
+    segmentation = viewer.layers[f"{image.name} PVS segmentation"]
     assert step.table.item(0, 3).text() == str(seg.result.pvs_count)
 
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
