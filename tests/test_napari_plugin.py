@@ -62,8 +62,7 @@ def test_reader_declines_unsupported_paths(tmp_path):
 
 def test_the_workflow_opens_without_importing_torch():
     """Opening, reviewing and reporting need no torch (rounds train in a worker process): it is
-    imported when the first prediction runs, so the plugin opens a second sooner and 250 MB
-    smaller."""
+    imported when the first prediction runs, so the plugin opens sooner and smaller."""
     code = "import sys, napari_pvs._widgets, napari_pvs._reader; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False

@@ -10,10 +10,11 @@ its reader once (zarr decodes the touched chunks concurrently and keeps none of 
 
 Scrolling reads the next plane, which lies in the same chunks: every store chunk is decoded
 whole, so a plane of 48^3 chunks costs as much as the 48 planes around it. When a second plane
-is asked for from the same chunk slab, the whole slab (the drawn extent, one chunk deep) is
-read once and kept in a small shared cache (:data:`SLAB_CACHE_BYTES`, least recently used out
-first), and the planes after it are copies from memory. The first plane of a layer reads that
-plane alone: opening stays as fast and as small as one read.
+is asked for from the same chunk slab (or, scrolling on, the first plane of the next slab), the
+whole slab (the drawn extent, one chunk deep) is read once and kept in a small shared cache
+(:data:`SLAB_CACHE_BYTES`, least recently used out first), and the planes after it are copies
+from memory. The first plane of a layer reads that plane alone: opening stays as fast and as
+small as one read.
 
 Computations (prediction, ranking, saving) use :meth:`DisplayLevel.to_dask` or :func:`as_dask`,
 which give the same values as a dask array chunked like the store.
@@ -44,8 +45,8 @@ class _SlabCache:
 
     Readers are held weakly: when a layer goes and its reader with it, so do its slabs (and
     its ``id`` can only be reused after that). ``_last`` remembers, per reader, the slab of the
-    plane read before: a slab is read and kept only when a second plane falls in it
-    (scrolling), never for a single look.
+    plane read before: a slab is read and kept only when the user scrolls (a second plane in
+    it, or the first plane of the next slab right after the last one), never for a single look.
     """
 
     def __init__(self, budget: int) -> None:
@@ -77,12 +78,17 @@ class _SlabCache:
                 self._slabs.move_to_end((id(reader), key))
             return slab
 
-    def second_look(self, reader: Any, key: tuple) -> bool:
-        """Record a plane read from slab ``key``; True when the plane before was from it too."""
+    def scrolling(self, reader: Any, key: tuple, depth: int) -> bool:
+        """Record a plane read from slab ``key`` (``(axis, start, extent)``, ``depth`` planes);
+        True when the plane before was from the same slab or the next one along the same axis
+        and extent: the user is scrolling, not taking a single look."""
         with self._lock:
             ident = self._watch(reader)
             last, self._last[ident] = self._last.get(ident), key
-            return last == key
+            if last is None:
+                return False
+            same_way = last[0] == key[0] and last[2] == key[2]
+            return same_way and abs(last[1] - key[1]) in (0, depth)
 
     def put(self, reader: Any, key: tuple, slab: np.ndarray) -> None:
         if slab.nbytes > self.budget:
@@ -196,9 +202,10 @@ class DisplayLevel:
         if slab is None:
             return np.asarray(self.reader[key])
         axis, plane, start, stop, slab_key = slab
+        scrolling = slab_cache.scrolling(self.reader, slab_key, int(self.reader.chunks[axis]))
         cached = slab_cache.get(self.reader, slab_key)
         if cached is None:
-            if not slab_cache.second_look(self.reader, slab_key):
+            if not scrolling:
                 return np.asarray(self.reader[key])  # one look: read the plane alone
             wide = list(key)
             wide[axis] = slice(start, stop)
