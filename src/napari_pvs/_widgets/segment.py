@@ -184,8 +184,9 @@ def pvs_cluster_count(store: str | Path) -> int | None:
     return pvs_statistics(store)[2]
 
 
-def as_float32(data: da.Array | list[da.Array]) -> da.Array | list[da.Array]:
-    """Float16 predictions as float32 for display (vispy has no float16 textures), per level."""
+def as_float32(data: Any) -> Any:
+    """Float16 predictions as float32 for display (vispy has no float16 textures), per level
+    (a dask array, a :class:`~napari_pvs.display.DisplayLevel`, or a list of either)."""
     if isinstance(data, list):
         return [level.astype(np.float32) for level in data]
     return data.astype(np.float32)
