@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -569,3 +570,63 @@ def test_label_names_from_a_store_must_be_plain(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert io.open_labels(victim).shape == pvs_labels().shape
+
+
+def _with_optimizer_state(checkpoint: Path, path: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``checkpoint``'s weights plus ``state`` under ``optimizer/``, with a matching digest."""
+    from napari_pvs.models.checkpoint import OPTIMIZER_PREFIX, tensor_digest
+
+    tensors, meta = read_checkpoint(checkpoint)
+    tensors.update({OPTIMIZER_PREFIX + k: v for k, v in state.items()})
+    meta["tensor_digest"] = tensor_digest(tensors)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def test_optimizer_tensors_are_checked_against_the_model_before_reading(tmp_path, checkpoint):
+    first = next(iter(load_checkpoint(checkpoint)[0].parameters())).shape
+    fitting = _with_optimizer_state(checkpoint, tmp_path / "ok.safetensors", {
+        "0.step": torch.tensor(3.0), "0.exp_avg": torch.zeros(first),
+    })
+    load_checkpoint(fitting)  # a real resumable layout loads
+    cases = {
+        "shape": ({"0.exp_avg": torch.zeros(512, 512)}, "of shape (512, 512), but parameter 0"),
+        "index": ({"999.exp_avg": torch.zeros(2)}, "belongs to no parameter"),
+        "name": ({"exp_avg": torch.zeros(2)}, "belongs to no parameter"),
+    }
+    for name, (state, message) in cases.items():
+        path = _with_optimizer_state(checkpoint, tmp_path / f"{name}.safetensors", state)
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            load_checkpoint(path)
+        assert f"{name}.safetensors" in str(error.value)
+
+
+def test_a_checkpoint_declaring_gigabytes_of_optimizer_state_is_refused_in_bounded_memory(
+    tmp_path, checkpoint
+):
+    """A sparse file whose header declares a 16 GiB optimizer tensor: refused from the header,
+    under a 2 GB address-space cap (reading it would need 16 GiB)."""
+    tensors, meta = read_checkpoint(checkpoint)
+    header: dict = {"__metadata__": {METADATA_KEY: json.dumps(meta)}}
+    offset = 0
+    blobs = []
+    for name, tensor in sorted(tensors.items()):
+        data = tensor.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    huge = 4 * 65536 * 65536
+    header["optimizer/0.exp_avg"] = {"dtype": "F32", "shape": [65536, 65536],
+                                     "data_offsets": [offset, offset + huge]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "huge-optimizer.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+        handle.truncate(8 + len(text) + offset + huge)  # sparse: no disk, no memory
+    process = child(HOSTILE_LOAD, str(path), memory_mb=2000)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("REFUSED") and "huge-optimizer.safetensors" in stdout, stdout
+    assert "(65536, 65536)" in stdout

@@ -329,7 +329,47 @@ def _skeleton(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: 
             f"{MAX_PARAMETERS:,} napari-pvs loads; the file is damaged or not a napari-pvs model"
         )
     _compare_state(skeleton, shapes, source)
+    _check_optimizer_shapes(skeleton, shapes, source)
     return skeleton
+
+
+#: Tensors the optimizer may keep per parameter (AdamW: step, exp_avg, exp_avg_sq).
+MAX_OPTIMIZER_TENSORS_PER_PARAMETER = 4
+
+
+def _check_optimizer_shapes(model, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Every ``optimizer/INDEX.KEY`` tensor is a scalar or has the shape of parameter INDEX.
+
+    The optimizer state is read from the file like the weights, so its declared sizes are
+    bounded by the model's before anything is allocated (a file declaring gigabytes of
+    "optimizer state" is refused, not read).
+    """
+    parameters = [tuple(p.shape) for p in model.parameters()]
+    per_index: dict[int, int] = {}
+    for name, shape in shapes.items():
+        if not name.startswith(OPTIMIZER_PREFIX):
+            continue
+        index_text, _, key = name[len(OPTIMIZER_PREFIX):].partition(".")
+        if not index_text.isdigit() or not key or int(index_text) >= len(parameters):
+            raise ValueError(
+                f"{source} holds an optimizer tensor {name!r} that belongs to no parameter of "
+                f"the {model.name!r} model ({len(parameters)} parameters); the file is damaged "
+                "or was not written by napari-pvs"
+            )
+        index = int(index_text)
+        per_index[index] = per_index.get(index, 0) + 1
+        if math.prod(shape) > 1 and tuple(shape) != parameters[index]:
+            raise ValueError(
+                f"{source} holds an optimizer tensor {name!r} of shape {tuple(shape)}, but "
+                f"parameter {index} has shape {parameters[index]}; the file is damaged or was "
+                "not written by napari-pvs"
+            )
+        if per_index[index] > MAX_OPTIMIZER_TENSORS_PER_PARAMETER:
+            raise ValueError(
+                f"{source} holds more than {MAX_OPTIMIZER_TENSORS_PER_PARAMETER} optimizer "
+                f"tensors for parameter {index}; the file is damaged or was not written by "
+                "napari-pvs"
+            )
 
 
 def _compare_state(model, shapes: dict[str, tuple[int, ...]], source: str) -> None:
@@ -357,12 +397,58 @@ def _compare_state(model, shapes: dict[str, tuple[int, ...]], source: str) -> No
         )
 
 
+def _read_header(path: Path, source: str) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The checkpoint metadata and the declared tensor shapes, read from the file's header alone.
+
+    A safetensors file starts with an 8-byte header length and a JSON header; reading it
+    ourselves (bounded by :data:`MAX_METADATA_BYTES`) lets every declared size be checked
+    before the file is mapped, so a header declaring terabytes is refused, not mapped.
+    """
+    not_safetensors = (
+        f"{source} is not a readable safetensors checkpoint (truncated or corrupt header); "
+        "re-copy or re-train it"
+    )
+    with open(path, "rb") as handle:
+        length_bytes = handle.read(8)
+        if len(length_bytes) != 8:
+            raise ValueError(not_safetensors)
+        length = int.from_bytes(length_bytes, "little")
+        if length > 2 * MAX_METADATA_BYTES:
+            raise ValueError(
+                f"{source} has a safetensors header of {length:,} bytes, more than napari-pvs "
+                "reads; the file is damaged or was not written by napari-pvs"
+            )
+        text = handle.read(length)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(not_safetensors) from None
+    if not isinstance(header, dict):
+        raise ValueError(not_safetensors)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{source} is a safetensors file but not a napari-pvs checkpoint (no "
+            f"'{METADATA_KEY}' metadata); import plain state dicts with import_state_dict()"
+        )
+    shapes = {}
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise ValueError(not_safetensors)
+        shapes[name] = tuple(shape)
+    return _parse_metadata(metadata[METADATA_KEY], source), shapes
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """All tensors and the metadata of a checkpoint, verified; clear errors for bad files.
 
-    Order matters: the metadata is parsed and checked, and the model it declares is built on
-    the ``meta`` device and compared with the header's tensor shapes, before any tensor is
-    read; then the tensors are read and their digest verified.
+    Order matters: the header is read and checked (metadata, and the model it declares built
+    on the ``meta`` device and compared with every declared tensor shape, optimizer state
+    included) before the file is mapped or any tensor read; then the tensors are read and
+    their digest verified.
     """
     path = Path(path)
     source = repr(str(path))
@@ -371,21 +457,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             f"checkpoint {str(path)!r} does not exist; pass the path of a .safetensors file "
             "written by napari-pvs (or 'default' for the bundled model)"
         )
+    meta, shapes = _read_header(path, source)
+    _skeleton(meta, shapes, source)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            if METADATA_KEY not in header:
-                raise ValueError(
-                    f"{source} is a safetensors file but not a napari-pvs checkpoint (no "
-                    f"'{METADATA_KEY}' metadata); import plain state dicts with "
-                    "import_state_dict()"
-                )
-            meta = _parse_metadata(header[METADATA_KEY], source)
-            names = list(handle.keys())
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
-            _skeleton(meta, shapes, source)
-            tensors = {name: handle.get_tensor(name) for name in names}
-    except (SafetensorError, OSError, RuntimeError) as exc:
+            if sorted(handle.keys()) != sorted(shapes):
+                raise ValueError(f"{source}: its header changed while it was read; try again")
+            tensors = {name: handle.get_tensor(name) for name in shapes}
+    except (SafetensorError, OSError, RuntimeError, MemoryError) as exc:
         raise ValueError(
             f"{source} is not a readable safetensors checkpoint (truncated or corrupt: "
             f"{exc}); re-copy or re-train it"
