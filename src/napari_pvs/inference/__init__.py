@@ -1,0 +1,43 @@
+"""Chunked sliding-window prediction over lazy volumes (see :mod:`.predictor`)."""
+
+from napari_pvs.inference.predictor import (
+    DEFAULT_OVERLAP,
+    DISPLAY_EDGE,
+    DONE_ARRAY,
+    MAX_PENDING_WRITES,
+    PredictionSummary,
+    Predictor,
+    WindowPlan,
+    default_batch,
+    default_chunks,
+    display_level_shapes,
+    importance_map,
+    min_cluster_voxels,
+    overwrite_staging_path,
+    predict,
+    remove_small_clusters,
+    store_lock_path,
+    window_starts,
+    write_display_levels,
+)
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "DISPLAY_EDGE",
+    "DONE_ARRAY",
+    "MAX_PENDING_WRITES",
+    "PredictionSummary",
+    "Predictor",
+    "WindowPlan",
+    "default_batch",
+    "default_chunks",
+    "display_level_shapes",
+    "importance_map",
+    "min_cluster_voxels",
+    "overwrite_staging_path",
+    "predict",
+    "remove_small_clusters",
+    "store_lock_path",
+    "window_starts",
+    "write_display_levels",
+]
