@@ -190,7 +190,7 @@ class WindowPlan:
 
 @dataclass
 class RemainingWork:
-    """What a run still has to do, given the chunks already done (all of them on a fresh run).
+    """What a run still has to do, given the chunks already done (none on a fresh run).
 
     ``batches`` are ``(batch index, windows)`` pairs from the full run's batching, keeping only
     the batches with a window that feeds an unfinished chunk: a resumed run computes those
