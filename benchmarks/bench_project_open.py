@@ -162,13 +162,9 @@ def bench_project(size: int) -> tuple[Path, Path]:
     """Create (once) the volume, a project holding it and a synthetic complete prediction."""
     import numpy as np
 
-    from napari_pvs.inference import (
-        DONE_ARRAY,
-        Predictor,
-        WindowPlan,
-        _as_source,
-        write_display_levels,
-    )
+    from napari_pvs.inference import DONE_ARRAY, Predictor, WindowPlan, write_display_levels
+    from napari_pvs.inference.inputs import as_source
+    from napari_pvs.inference.store import create_store
     from napari_pvs.intensity import robust_range
     from napari_pvs.io import ATTRS_KEY
     from napari_pvs.project import Project
@@ -189,10 +185,10 @@ def bench_project(size: int) -> tuple[Path, Path]:
         model, _ = project.load_model(device="cpu")
         predictor = Predictor(model, modality=record.modality, **project.predictor_options())
         volume = project.open_volume(record.id)
-        src = _as_source(volume)
+        src = as_source(volume)
         plan = WindowPlan(src.data.shape, predictor.window, predictor.overlap, predictor.chunks)
         signature = predictor._signature(plan.shape, src.modality, robust_range(src.data))
-        predictor._create_store(out, json.loads(json.dumps(signature)), plan, src)
+        create_store(out, json.loads(json.dumps(signature)), plan, src, predictor.output_arrays)
 
         import zarr
 

@@ -291,13 +291,13 @@ def test_bad_arguments_have_clear_messages():
 def test_heap_policies_change_memory_use_not_results(tmp_path):
     """Frontier cells live in their own mappings and the C heap policy only decides what is
     kept for reuse: every policy writes the same bytes."""
-    import napari_pvs.inference as inference
+    from napari_pvs.inference import blending
     from napari_pvs.memory import MEMORY_POLICIES
 
     model = tiny_unet(dropout=0.3)
     volume = noisy_volume((40, 30, 36))
     mapped = []
-    original = inference.mapped_copy
+    original = blending.mapped_copy
 
     def tracking_copy(array):
         copy = original(array)
@@ -311,11 +311,11 @@ def test_heap_policies_change_memory_use_not_results(tmp_path):
         predictor = Predictor(model, window=16, chunks=12, device="cpu", mc_samples=2,
                               memory=policy)  # fmt: skip
         if policy == "reuse":
-            inference.mapped_copy = tracking_copy
+            blending.mapped_copy = tracking_copy
         try:
             predictor.predict(volume, tmp_path / f"{policy}.zarr")
         finally:
-            inference.mapped_copy = original
+            blending.mapped_copy = original
         stores[policy] = zarr.open_group(str(tmp_path / f"{policy}.zarr"), mode="r")
     assert mapped  # the run kept its frontier cells in mappings
     for name in ("probability", "segmentation", "entropy", "mutual_information", "variance"):

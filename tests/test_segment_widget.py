@@ -104,9 +104,9 @@ def test_a_large_prediction_is_shown_from_its_display_levels(
     """Over ``DISPLAY_EDGE`` the layers are multiscale over the store's max-pooled levels
     (finest first, same world extent); the segmentation says it is read-only and why, and
     saving it writes the full resolution."""
-    from napari_pvs import inference
+    from napari_pvs.inference import levels
 
-    monkeypatch.setattr(inference, "DISPLAY_EDGE", 24)  # stands in for 512 on a small volume
+    monkeypatch.setattr(levels, "DISPLAY_EDGE", 24)  # stands in for 512 on a small volume
     image = volume((40, 56, 48))
     panel.viewer.add_image(image, name="scan", scale=SCALE, metadata={"modality": "T2"})
     configure(panel, checkpoint)
