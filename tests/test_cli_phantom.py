@@ -92,9 +92,9 @@ def test_clear_errors(phantom_zarr, tmp_path, capsys):
 def test_mni_without_nilearn_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     import sys
 
-    from napari_pvs import phantom as phantom_module
+    from napari_pvs.phantom import anatomy
 
-    phantom_module._load_mni.cache_clear()
+    anatomy._load_mni.cache_clear()
     monkeypatch.setitem(sys.modules, "nilearn", None)
     assert main(["phantom", str(tmp_path / "m.zarr"), "--anatomy", "mni"]) == 2
     assert "napari-pvs[mni]" in capsys.readouterr().err

@@ -248,9 +248,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_mni_without_nilearn_names_the_extra(monkeypatch):
-    from napari_pvs import phantom as phantom_module
+    from napari_pvs.phantom import anatomy
 
-    phantom_module._load_mni.cache_clear()
+    anatomy._load_mni.cache_clear()
     monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn now fails
     with pytest.raises(ImportError, match=r"pip install 'napari-pvs\[mni\]'"):
         make_phantom((32, 32, 32), anatomy="mni")
