@@ -3,9 +3,10 @@
 Each concept is one module of this package, and each part runs SQL only on its own tables:
 ``ledger`` (the connection, transactions, meta, events, migrations), ``volumes``,
 ``annotations`` (the durable accept), ``queue``, ``versions`` (checkpoints and predictions),
-``round_log``, ``settings``, ``export`` (burden, export), ``status`` and ``repair``. ``Project``
-is the one public API over them (``docs/project.md``); each method is documented on the part
-it delegates to. No Qt, no napari: the CLI and the napari widgets are thin adapters over it.
+``round_log``, ``settings``, ``export`` (burden, export), ``status``, ``repair`` and
+``create``. ``Project`` is the one public API over them (``docs/project.md``); each method is
+documented on the part it delegates to. No Qt, no napari: the CLI and the napari widgets are
+thin adapters over it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the project hands out: the ledger's rows as frozen records, and its errors."""
+"""What the project hands out: the ledger's rows as frozen records, its errors, and the
+timestamp every record and event carries."""
 
 from __future__ import annotations
 
