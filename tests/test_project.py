@@ -26,8 +26,8 @@ from napari_pvs.project import (
     Project,
     ProjectError,
     ProjectLocked,
-    _statements,
 )
+from napari_pvs.project.schema import statements
 from tiny_models import tiny_checkpoint
 
 SHAPE = (32, 48, 40)
@@ -217,9 +217,9 @@ def test_shipped_schema_1_is_the_fixture():
         }
 
     fixture = [
-        s for s in _statements((FIXTURES / "ledger_v1.sql").read_text()) if "CREATE TABLE" in s
+        s for s in statements((FIXTURES / "ledger_v1.sql").read_text()) if "CREATE TABLE" in s
     ]
-    assert tables(_statements(SCHEMA_1)) == tables(fixture)
+    assert tables(statements(SCHEMA_1)) == tables(fixture)
 
 
 def test_damaged_or_foreign_ledger_is_reported_never_recreated(tmp_path, assets):
@@ -294,10 +294,11 @@ def test_accept_is_idempotent(project):
 CHILD_ACCEPT = """
 import os, sys, numpy as np
 from napari_pvs.project import Project
+from napari_pvs.project.annotations import Annotations
 project = Project.open(sys.argv[1])
 mode = sys.argv[2]
 if mode != "after-return":
-    original = Project._write_labels
+    original = Annotations._write_labels
     def write(self, *args):
         if mode == "after-labels":
             original(self, *args)
@@ -306,7 +307,7 @@ if mode != "after-return":
             half = (start[0] + (stop[0] - start[0]) // 2, *stop[1:])
             original(self, volume_id, start, half, patch[: half[0] - start[0]])
         os.kill(os.getpid(), 9)
-    Project._write_labels = write
+    Annotations._write_labels = write
 patch = np.zeros((16, 16, 16), np.uint8)
 patch[4:12, 8, 8] = 1
 annotation = project.accept(1, (8, 16, 16), (24, 32, 32), patch, annotator="kill")

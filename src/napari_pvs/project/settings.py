@@ -1,0 +1,56 @@
+"""Project settings: defaults merged with what the user stored in the ledger's ``meta``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from napari_pvs.project.ledger import Ledger
+
+#: Project settings with their defaults (``settings()`` merges stored values over these).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "strategy": "stratified",  # queue strategy (napari_pvs.ranking.STRATEGIES)
+    "n": 20,  # patches per queue
+    "patch": 32,  # patch edge in voxels
+    "predict_tta": 1,  # test-time mirrorings for project predictions (1: one pass, fast)
+    "predict_mc": 8,  # MC-dropout samples: uncertainty maps for every strategy (bald too)
+    "device": "auto",
+    "brush_size": 1,  # the napari Review step's brush, in voxels
+    "stop_patience": 2,  # rounds without validation gain before the stopping hint
+}
+
+
+class Settings:
+    """The ``setting.*`` keys of the ledger's ``meta`` table."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def settings(self) -> dict[str, Any]:
+        stored = self._ledger.meta_with_prefix("setting.")
+        return {**DEFAULT_SETTINGS, **stored}
+
+    def update_settings(self, **values: Any) -> dict[str, Any]:
+        """Persist settings (known ones are checked; others are kept for the GUI as given)."""
+        from napari_pvs.models import FLIP_COUNTS
+        from napari_pvs.ranking import STRATEGIES
+
+        checks = {
+            "strategy": lambda v: v in STRATEGIES,
+            "n": lambda v: isinstance(v, int) and v >= 1,
+            "patch": lambda v: isinstance(v, int) and v >= 8,
+            "predict_tta": lambda v: v in FLIP_COUNTS,
+            "predict_mc": lambda v: isinstance(v, int) and v >= 0,
+            "device": lambda v: isinstance(v, str) and bool(v),
+            "brush_size": lambda v: isinstance(v, int) and v >= 1,
+            "stop_patience": lambda v: isinstance(v, int) and v >= 1,
+        }
+        for key, value in values.items():
+            if key in checks and not checks[key](value):
+                raise ValueError(f"setting {key}={value!r} is not valid")
+            json.dumps(value)
+        with self._ledger.transaction() as db:
+            for key, value in values.items():
+                self._ledger.set_meta(db, f"setting.{key}", value)
+            self._ledger.event("settings", values, db)
+        return self.settings()
