@@ -415,8 +415,9 @@ def _read_header(path: Path, source: str) -> tuple[dict[str, Any], dict[str, tup
         length = int.from_bytes(length_bytes, "little")
         if length > 2 * MAX_METADATA_BYTES:
             raise ValueError(
-                f"{source} has a safetensors header of {length:,} bytes, more than napari-pvs "
-                "reads; the file is damaged or was not written by napari-pvs"
+                f"{source} is not a readable safetensors checkpoint: its header declares "
+                f"{length:,} bytes, more than napari-pvs reads (damaged, or not written by "
+                "napari-pvs); re-copy or re-train it"
             )
         text = handle.read(length)
     try:
