@@ -52,6 +52,7 @@ __all__ = ["SegmentPanel"]
 #: Metadata key naming the model (version) a result layer came from.
 MODEL_KEY = "model_version"
 
+
 def as_float32(data: Any) -> Any:
     """Float16 predictions as float32 for display (vispy has no float16 textures), per level
     (a dask array, a :class:`~napari_pvs.display.DisplayLevel`, or a list of either)."""
@@ -138,11 +139,10 @@ class SegmentPanel(SegmentOptions):
 
     def is_running(self) -> bool:
         """A run, its layers still being added, its PVS still being counted, or a ranking."""
-        ranking = self.ranking_box is not None and self.ranking_box.job.is_running()
-        return (
-            self.job.is_running() or self.staged.is_running() or self.count_job.is_running()
-            or ranking
-        )  # fmt: skip
+        jobs = [self.job, self.count_job]
+        if self.ranking_box is not None:
+            jobs.append(self.ranking_box.job)
+        return self.staged.is_running() or any(job.is_running() for job in jobs)
 
     def _follow_current_version(self) -> None:
         """After a round or a roll back: show the current version's prediction of the volume
