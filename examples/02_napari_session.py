@@ -49,13 +49,14 @@ def main() -> None:
     panel.segment()
     wait_for(panel)
     print(f"segmented in {time.perf_counter() - started:.1f} s: {panel.summary_label.text()}")
-    panel.strategy_combo.setCurrentText(args.strategy)
-    panel.n_spin.setValue(10)
-    panel.patch_spin.setValue(16)  # the sample is a small (96 x 112 x 96) volume
-    panel.rank()
+    ranking = panel.ranking_box
+    ranking.strategy_combo.setCurrentText(args.strategy)
+    ranking.n_spin.setValue(10)
+    ranking.patch_spin.setValue(16)  # the sample is a small (96 x 112 x 96) volume
+    ranking.rank()
     wait_for(panel)
-    panel.table.selectRow(0)
-    for row in panel.ranking[:5]:
+    ranking.table.selectRow(0)
+    for row in ranking.ranking[:5]:
         print(f"patch {row.rank}: score {row.score:.4f}, centre {row.centre}, "
               f"{row.predicted_pvs} predicted PVS")
 

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow
-from napari_pvs._widgets.review import PATCH_LAYER
+from napari_pvs._widgets.review_layers import PATCH_LAYER
 from napari_pvs.phantom import make_phantom
 
 SIZE = (1920, 1080)

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 
 from napari_pvs import io
-from napari_pvs.benchmark.active_learning import (
+from napari_pvs.benchmark import (
     FULL,
     BenchmarkConfig,
+    describe_shift,
     final_lines,
+    make_benchmark_data,
     parse_strategies,
     summarise,
     tissue_box,
 )
-from napari_pvs.benchmark.data import describe_shift, make_benchmark_data
 from napari_pvs.cli import main
 from napari_pvs.phantom import make_phantom
 

@@ -205,18 +205,19 @@ def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
     for name in ("entropy", "mutual information", "variance"):
         assert panel.viewer.layers[f"scan PVS {name}"].data.shape == image.shape
 
-    panel.strategy_combo.setCurrentText("entropy")
-    panel.n_spin.setValue(4)
-    panel.patch_spin.setValue(16)
-    run(panel, qtbot, panel.rank_button)
+    box = panel.ranking_box
+    box.strategy_combo.setCurrentText("entropy")
+    box.n_spin.setValue(4)
+    box.patch_spin.setValue(16)
+    run(panel, qtbot, box.rank_button)
     store = panel.output_path()
     expected = rank_patches(store, n=4, patch=16, strategy="entropy")
-    assert panel.ranking == expected and panel.table.rowCount() == len(expected) > 1
-    assert panel.table.item(1, 0).text() == "2"
-    assert panel.table.item(1, 3).text() == str(expected[1].predicted_pvs)
-    assert all(path.exists() for path in panel.ranking_files)
+    assert box.ranking == expected and box.table.rowCount() == len(expected) > 1
+    assert box.table.item(1, 0).text() == "2"
+    assert box.table.item(1, 3).text() == str(expected[1].predicted_pvs)
+    assert all(path.exists() for path in box.ranking_files)
 
-    panel.table.selectRow(1)
+    box.table.selectRow(1)
     patch = expected[1]
     world = np.asarray(patch.centre) * SCALE + TRANSLATE
     np.testing.assert_allclose(panel.viewer.dims.point, world, atol=max(SCALE) / 2 + 1e-6)
@@ -228,9 +229,9 @@ def test_uncertainty_ranking_and_navigation(panel, qtbot, checkpoint):
     np.testing.assert_allclose(corners.max(axis=0), np.asarray(patch.bbox_stop) - [1, 0.5, 0.5])
     np.testing.assert_allclose(outline.scale, SCALE)
 
-    panel.strategy_combo.setCurrentText("bald")  # fine: MC samples were drawn
-    run(panel, qtbot, panel.rank_button)
-    assert panel.ranking[0].strategy == "bald"
+    box.strategy_combo.setCurrentText("bald")  # fine: MC samples were drawn
+    run(panel, qtbot, box.rank_button)
+    assert box.ranking[0].strategy == "bald"
 
 
 def test_missing_default_weights_and_bad_inputs_give_clear_messages(
@@ -239,7 +240,7 @@ def test_missing_default_weights_and_bad_inputs_give_clear_messages(
     from napari_pvs.models import checkpoint as checkpoints
 
     monkeypatch.setattr(checkpoints, "default_checkpoint_path", lambda: tmp_path / "gone.st")
-    panel.rank_button.click()
+    panel.ranking_box.rank_button.click()
     assert "no image layer" in panel.status_label.text() or "Segment first" in (
         panel.status_label.text()
     )
@@ -253,7 +254,7 @@ def test_missing_default_weights_and_bad_inputs_give_clear_messages(
     panel.model_edit.setText(str(tmp_path / "typo.safetensors"))
     run(panel, qtbot)
     assert "does not exist" in panel.status_label.text()
-    panel.rank_button.click()
+    panel.ranking_box.rank_button.click()
     assert "press Segment first" in panel.status_label.text()
 
     panel.viewer.add_image(np.zeros((8, 8), np.float32), name="flat")

@@ -23,7 +23,7 @@ from qtpy.QtCore import Qt, QTimer
 
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow, VolumePanel
-from napari_pvs._widgets.review import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
+from napari_pvs._widgets.review_layers import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
 from napari_pvs.inference import Predictor
 from napari_pvs.models.checkpoint import load_checkpoint
 from napari_pvs.phantom import make_phantom

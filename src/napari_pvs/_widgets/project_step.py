@@ -358,7 +358,7 @@ class ProjectStep(QWidget):
             paths = {key: project.prediction_path(*key) for key in to_count}
 
             def work(progress, cancel):
-                from napari_pvs._widgets.segment import pvs_cluster_count
+                from napari_pvs._widgets.segment_run import pvs_cluster_count
 
                 return {key: pvs_cluster_count(path) for key, path in paths.items()}
 

@@ -6,8 +6,9 @@ current version has no prediction) records the queue, ``project.queue`` lists it
 view to it, draws its box and opens one in-memory labels layer for the patch at its offset
 (``translate`` = the box's first voxel in world coordinates, ``scale`` = the spacing),
 prefilled with the model's segmentation (or the accepted labels of a reviewed patch), active,
-with a 1-voxel brush and the PVS label. Painting uses the layer's own tools, so its undo works.
-The review keys are bound on that layer only (they go with it) and avoid napari's own.
+with a 1-voxel brush and the PVS label (those layers: :mod:`.review_layers`; the queue's table:
+:mod:`.patch_table`). Painting uses the layer's own tools, so its undo works. The review keys
+are bound on that layer only (they go with it) and avoid napari's own.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from napari.layers import Image, Labels
-from qtpy.QtGui import QColor
+from napari.layers import Labels
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -32,19 +32,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
+from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
-from napari_pvs._widgets._layers import PATCH_OF_KEY, box_world, find_layer, show_box, zoom_to
+from napari_pvs._widgets.patch_table import queue_table, show_queue
+from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.state import WorkflowState
-from napari_pvs.ranking import SCORE_MEANINGS, shortfall_message
+from napari_pvs.ranking import shortfall_message
 
 if TYPE_CHECKING:
     from napari_pvs.project import PatchRecord, VolumeRecord
 
-PATCH_LAYER = "patch under review"
-BOX_LAYER = "patch box"
-UNCERTAINTY_LAYER = "patch uncertainty"
 #: Review keys, bound on the patch layer only. napari's labels layer already uses 1-7, E, P,
 #: F, L, Z, M, X, B, -, =, [, ], Escape and Enter, the viewer V, the arrows and Space.
 KEYS = {"accept": "a", "skip": "s", "next": "n", "previous": "Shift-N"}
@@ -52,7 +50,6 @@ KEY_HELP = (
     "Keys on the patch layer: A accept · S skip · N next · Shift+N previous · "
     "[ / ] brush smaller / larger · Ctrl+Z undo · Ctrl+Shift+Z redo"
 )
-STATUS_COLOURS = {"reviewed": QColor(60, 140, 80, 110), "skipped": QColor(120, 120, 120, 90)}
 #: What switching away from a patch with unsaved edits can do (the last changes nothing).
 UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
 
@@ -64,6 +61,8 @@ class ReviewStep(QWidget):
         super().__init__()
         self.state = state
         self.viewer = state.viewer
+        #: the patch's layers on the canvas (the review keys are bound on its labels layer)
+        self.layers = PatchLayers(state, self._bind_keys)
         self.queue = ReviewQueue()
         self.queue.connect(self._show_queue)
         self.job = BackgroundJob(self)
@@ -117,17 +116,7 @@ class ReviewStep(QWidget):
         self.progress = JobProgress("windows")
         self.progress.follow(self.job)
         form.addRow(self.progress)
-        self.table = compact_table(
-            ["#", "score", "PVS", "status"],
-            [
-                "rank in the queue",
-                "how much the model would gain from this patch (hover a row for the meaning)",
-                "PVS the model predicts in the patch",
-                "new, reviewed (accepted) or skipped",
-            ],
-            fit=(0, 2),
-        )
-        self.table.setMinimumHeight(180)
+        self.table = queue_table()
         self.table.itemSelectionChanged.connect(self._on_row_selected)
         form.addRow(self.table)
         self.queue_label = QLabel("")
@@ -236,26 +225,7 @@ class ReviewStep(QWidget):
         self.queue.set_patches(patches)
 
     def _show_queue(self) -> None:
-        rows, tips = [], []
-        for patch in self.queue.patches:
-            rows.append([patch.rank, f"{patch.score:.3g}", patch.predicted_pvs, patch.status])
-            meaning = SCORE_MEANINGS.get(patch.strategy, "")
-            tips.append(
-                f"{patch.strategy} score {patch.score:.6g}: {meaning}"
-                f"\nvoxels {list(patch.start)}..{list(patch.stop)}, model v{patch.model_version}"
-            )
-        fill_table(self.table, rows, tips)
-        for r, patch in enumerate(self.queue.patches):
-            colour = STATUS_COLOURS.get(patch.status)
-            if colour is not None:
-                for c in range(self.table.columnCount()):
-                    self.table.item(r, c).setBackground(colour)
-        self.table.blockSignals(True)
-        if self.queue.index >= 0:
-            self.table.selectRow(self.queue.index)
-        else:
-            self.table.clearSelection()
-        self.table.blockSignals(False)
+        show_queue(self.table, self.queue)
         counts = self.queue.counts()
         self.queue_label.setText(
             f"{counts['new']} new, {counts['reviewed']} reviewed, {counts['skipped']} skipped"
@@ -309,12 +279,8 @@ class ReviewStep(QWidget):
                 self.open_patch(first)
 
     # ---------------------------------------------------------------- the patch
-    def patch_layer(self) -> Labels | None:
-        layer = find_layer(self.viewer, PATCH_LAYER)
-        return layer if isinstance(layer, Labels) else None
-
     def has_unsaved_edits(self) -> bool:
-        layer = self.patch_layer()
+        layer = self.layers.labels()
         return (
             self.patch is not None
             and layer is not None
@@ -359,18 +325,10 @@ class ReviewStep(QWidget):
             self._report(str(exc), "error")
             return False
         self.patch, self.volume = patch, volume
-        scale = tuple(float(s) for s in image.scale[-3:])
-        translate = tuple(float(t) for t in image.translate[-3:])
-        prefill = self._prefill_labels(patch)
+        prefill = self.layers.prefill_labels(patch)
         self._prefill = prefill.copy()
-        origin, centre = box_world(patch.start, patch.stop, scale, translate)
-        layer = self._put_patch_layer(prefill, origin, scale, patch)
-        show_box(self.viewer, BOX_LAYER, patch.start, patch.stop, scale, translate)
-        self._raise_to_top(layer)
-        extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
-        zoom_to(self.viewer, centre, extent)
-        self.viewer.layers.selection.active = layer
-        layer.mode = "paint"
+        self.layers.show(patch, prefill, image, self.brush_spin.value(),
+                         self.contour_check.isChecked())  # fmt: skip
         self._show_uncertainty(self.uncertainty_check.isChecked())
         self._opened_at = time.monotonic()
         self._show_queue()
@@ -384,64 +342,6 @@ class ReviewStep(QWidget):
             control.setEnabled(True)
         return True
 
-    def _box(self, patch: PatchRecord) -> tuple[slice, slice, slice]:
-        return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
-
-    def _prediction_group(self, patch: PatchRecord):
-        """The prediction store the patch was ranked on (else the current version's), or None."""
-        from napari_pvs.io import open_prediction
-
-        project = self.state.project
-        for version in (patch.model_version, None):
-            path = project.prediction_path(patch.volume_id, version)
-            if path.is_dir():
-                try:
-                    return open_prediction(path)
-                except ValueError:
-                    continue
-        return None
-
-    def _prefill_labels(self, patch: PatchRecord) -> np.ndarray:
-        """The model's segmentation of the box, with accepted labels where it was reviewed."""
-        from napari_pvs.project import UNREVIEWED
-
-        box = self._box(patch)
-        shape = tuple(b - a for a, b in zip(patch.start, patch.stop, strict=True))
-        group = self._prediction_group(patch)
-        labels = (
-            (np.asarray(group["segmentation"][box]) > 0).astype(np.uint8)
-            if group is not None
-            else np.zeros(shape, np.uint8)
-        )
-        stored = np.asarray(self.state.project.labels(patch.volume_id)["labels"][box])
-        reviewed = stored != UNREVIEWED
-        labels[reviewed] = stored[reviewed]
-        return labels
-
-    def _put_patch_layer(self, data: np.ndarray, origin, scale, patch: PatchRecord) -> Labels:
-        layer = self.patch_layer()
-        metadata = {PATCH_OF_KEY: patch.volume_id, "patch_id": patch.id}
-        if layer is None:
-            layer = self.viewer.add_labels(
-                data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
-                opacity=0.8, units=("mm",) * 3,
-            )  # fmt: skip
-            self._bind_keys(layer)
-        else:
-            layer.scale, layer.translate = scale, origin
-            layer.data = data  # a new array: the previous patch's undo history goes with it
-            layer.metadata = metadata
-            layer.visible = True
-        layer.selected_label = 1
-        layer.brush_size = self.brush_spin.value()
-        layer.contour = 1 if self.contour_check.isChecked() else 0
-        return layer
-
-    def _raise_to_top(self, layer) -> None:
-        index = self.viewer.layers.index(layer)
-        if index != len(self.viewer.layers) - 1:
-            self.viewer.layers.move(index, len(self.viewer.layers))
-
     def _bind_keys(self, layer: Labels) -> None:
         actions = {"accept": self.accept, "skip": self.skip, "next": self.next,
                    "previous": self.previous}  # fmt: skip
@@ -451,10 +351,7 @@ class ReviewStep(QWidget):
 
     def _close_patch(self) -> None:
         self.patch, self.volume, self._prefill = None, None, None
-        for name in (PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER):
-            layer = find_layer(self.viewer, name)
-            if layer is not None:
-                self.viewer.layers.remove(layer)
+        self.layers.remove()
         self.patch_label.setText("no patch open")
         for control in self.patch_controls:
             control.setEnabled(False)
@@ -465,58 +362,33 @@ class ReviewStep(QWidget):
 
     # ---------------------------------------------------------------- display options
     def _set_brush(self, size: int) -> None:
-        layer = self.patch_layer()
-        if layer is not None:
-            layer.brush_size = size
+        self.layers.set_brush(size)
         try:
             self.state.update_settings(brush_size=int(size))
         except ValueError as exc:
             self._report(str(exc), "error")
 
     def _set_contour(self, on: bool) -> None:
-        layer = self.patch_layer()
-        if layer is not None:
-            layer.contour = 1 if on else 0
+        self.layers.set_contour(on)
 
     def _set_3d(self, on: bool) -> None:
         self.viewer.dims.ndisplay = 3 if on else 2
-        layer = self.patch_layer()
-        if self.patch is not None and layer is not None:
-            scale, shape = np.asarray(layer.scale[-3:]), np.asarray(layer.data.shape)
-            centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
-            zoom_to(self.viewer, centre, shape * scale)
+        if self.patch is not None:
+            self.layers.frame()
 
     def _show_uncertainty(self, on: bool) -> None:
-        existing = find_layer(self.viewer, UNCERTAINTY_LAYER)
         if not on or self.patch is None:
-            if existing is not None:
-                self.viewer.layers.remove(existing)
-            return
-        group = self._prediction_group(self.patch)
-        if group is None or "entropy" not in group:
+            self.layers.hide_uncertainty()
+        elif not self.layers.show_uncertainty(self.patch):
             self._report(
                 "this prediction has no uncertainty map; segment with MC samples or test-time "
                 "flips (Segment step, Advanced) to get one",
                 "warning",
             )
-            return
-        data = np.asarray(group["entropy"][self._box(self.patch)], dtype=np.float32)
-        layer = self.patch_layer()
-        if isinstance(existing, Image):
-            existing.data = data
-            existing.scale, existing.translate = layer.scale, layer.translate
-        else:
-            existing = self.viewer.add_image(
-                data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
-                units=layer.units, colormap="magma", blending="additive", opacity=0.6,
-                contrast_limits=(0.0, 1.0), metadata={PATCH_OF_KEY: self.patch.volume_id},
-            )  # fmt: skip
-        self._raise_to_top(layer)
-        self.viewer.layers.selection.active = layer
 
     # ---------------------------------------------------------------- actions
     def _accept_current(self):
-        layer = self.patch_layer()
+        layer = self.layers.labels()
         if self.patch is None or layer is None:
             self._report("no patch open; select one in the queue", "error")
             return None

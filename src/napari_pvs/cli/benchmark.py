@@ -109,7 +109,7 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_make_data(commands: argparse._SubParsersAction) -> None:
-    from napari_pvs.benchmark.data import PRESETS
+    from napari_pvs.benchmark import PRESETS
 
     parser = commands.add_parser(
         "make-data",
@@ -145,7 +145,7 @@ class _StepLog:
 
 
 def _run_active_learning(args: argparse.Namespace) -> int:
-    from napari_pvs.benchmark.active_learning import (
+    from napari_pvs.benchmark import (
         BenchmarkConfig,
         estimate_minutes,
         format_table,
@@ -216,7 +216,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
 
 
 def _run_make_data(args: argparse.Namespace) -> int:
-    from napari_pvs.benchmark.data import make_benchmark_data
+    from napari_pvs.benchmark import make_benchmark_data
     from napari_pvs.progress import TerminalProgress
 
     try:

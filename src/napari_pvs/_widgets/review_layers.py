@@ -1,0 +1,174 @@
+"""The Review step's layers: the patch under review, its box and its uncertainty overlay.
+
+The patch is one in-memory labels layer at the box (``translate`` = the box's first voxel in
+world coordinates, ``scale`` = the spacing), prefilled with the model's segmentation of the
+box (the prediction the patch was ranked on, else the current version's) and, where the
+volume was reviewed, the accepted labels. The box is outlined in its own shapes layer; the
+overlay is the patch's predictive entropy from the same prediction store. All three carry
+the volume id (:data:`~napari_pvs._widgets._layers.PATCH_OF_KEY`) and are removed together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.layers import Image, Labels
+
+from napari_pvs._widgets._layers import PATCH_OF_KEY, box_world, find_layer, show_box, zoom_to
+from napari_pvs._widgets.state import WorkflowState
+
+if TYPE_CHECKING:
+    from napari_pvs.project import PatchRecord
+
+PATCH_LAYER = "patch under review"
+BOX_LAYER = "patch box"
+UNCERTAINTY_LAYER = "patch uncertainty"
+
+
+def patch_box(patch: PatchRecord) -> tuple[slice, slice, slice]:
+    """The patch's voxels in its volume, as slices."""
+    return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
+
+
+class PatchLayers:
+    """Puts the patch under review on the canvas, and takes it off.
+
+    ``bind_keys`` is called once on a newly made patch layer (the review keys go with it).
+    """
+
+    def __init__(self, state: WorkflowState, bind_keys: Callable[[Labels], None]) -> None:
+        self.state = state
+        self.viewer = state.viewer
+        self.bind_keys = bind_keys
+
+    def labels(self) -> Labels | None:
+        """The patch's labels layer, if it is open."""
+        layer = find_layer(self.viewer, PATCH_LAYER)
+        return layer if isinstance(layer, Labels) else None
+
+    def prediction_group(self, patch: PatchRecord):
+        """The prediction store the patch was ranked on (else the current version's), or None."""
+        from napari_pvs.io import open_prediction
+
+        project = self.state.project
+        for version in (patch.model_version, None):
+            path = project.prediction_path(patch.volume_id, version)
+            if path.is_dir():
+                try:
+                    return open_prediction(path)
+                except ValueError:
+                    continue
+        return None
+
+    def prefill_labels(self, patch: PatchRecord) -> np.ndarray:
+        """The model's segmentation of the box, with accepted labels where it was reviewed."""
+        from napari_pvs.project import UNREVIEWED
+
+        box = patch_box(patch)
+        shape = tuple(b - a for a, b in zip(patch.start, patch.stop, strict=True))
+        group = self.prediction_group(patch)
+        labels = (
+            (np.asarray(group["segmentation"][box]) > 0).astype(np.uint8)
+            if group is not None
+            else np.zeros(shape, np.uint8)
+        )
+        stored = np.asarray(self.state.project.labels(patch.volume_id)["labels"][box])
+        reviewed = stored != UNREVIEWED
+        labels[reviewed] = stored[reviewed]
+        return labels
+
+    def show(
+        self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
+    ) -> Labels:
+        """Zoom to the patch, outline it and open ``data`` as its labels layer on top, active,
+        in paint mode."""
+        scale = tuple(float(s) for s in image.scale[-3:])
+        translate = tuple(float(t) for t in image.translate[-3:])
+        origin, centre = box_world(patch.start, patch.stop, scale, translate)
+        layer = self._put(data, origin, scale, patch, brush, contour)
+        show_box(self.viewer, BOX_LAYER, patch.start, patch.stop, scale, translate)
+        self.raise_to_top(layer)
+        extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
+        zoom_to(self.viewer, centre, extent)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        return layer
+
+    def _put(
+        self, data: np.ndarray, origin, scale, patch: PatchRecord, brush: int, contour: bool
+    ) -> Labels:
+        layer = self.labels()
+        metadata = {PATCH_OF_KEY: patch.volume_id, "patch_id": patch.id}
+        if layer is None:
+            layer = self.viewer.add_labels(
+                data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
+                opacity=0.8, units=("mm",) * 3,
+            )  # fmt: skip
+            self.bind_keys(layer)
+        else:
+            layer.scale, layer.translate = scale, origin
+            layer.data = data  # a new array: the previous patch's undo history goes with it
+            layer.metadata = metadata
+            layer.visible = True
+        layer.selected_label = 1
+        layer.brush_size = brush
+        layer.contour = 1 if contour else 0
+        return layer
+
+    def raise_to_top(self, layer) -> None:
+        index = self.viewer.layers.index(layer)
+        if index != len(self.viewer.layers) - 1:
+            self.viewer.layers.move(index, len(self.viewer.layers))
+
+    def remove(self) -> None:
+        """Take the patch, its box and its overlay off the canvas."""
+        for name in (PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER):
+            layer = find_layer(self.viewer, name)
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+
+    def set_brush(self, size: int) -> None:
+        layer = self.labels()
+        if layer is not None:
+            layer.brush_size = size
+
+    def set_contour(self, on: bool) -> None:
+        layer = self.labels()
+        if layer is not None:
+            layer.contour = 1 if on else 0
+
+    def frame(self) -> None:
+        """Zoom the view to the open patch (after switching between 2D and 3D)."""
+        layer = self.labels()
+        if layer is not None:
+            scale, shape = np.asarray(layer.scale[-3:]), np.asarray(layer.data.shape)
+            centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
+            zoom_to(self.viewer, centre, shape * scale)
+
+    def hide_uncertainty(self) -> None:
+        existing = find_layer(self.viewer, UNCERTAINTY_LAYER)
+        if existing is not None:
+            self.viewer.layers.remove(existing)
+
+    def show_uncertainty(self, patch: PatchRecord) -> bool:
+        """Overlay the patch's entropy under its labels; False when the prediction has none."""
+        existing = find_layer(self.viewer, UNCERTAINTY_LAYER)
+        group = self.prediction_group(patch)
+        if group is None or "entropy" not in group:
+            return False
+        data = np.asarray(group["entropy"][patch_box(patch)], dtype=np.float32)
+        layer = self.labels()
+        if isinstance(existing, Image):
+            existing.data = data
+            existing.scale, existing.translate = layer.scale, layer.translate
+        else:
+            existing = self.viewer.add_image(
+                data, name=UNCERTAINTY_LAYER, scale=layer.scale, translate=layer.translate,
+                units=layer.units, colormap="magma", blending="additive", opacity=0.6,
+                contrast_limits=(0.0, 1.0), metadata={PATCH_OF_KEY: patch.volume_id},
+            )  # fmt: skip
+        self.raise_to_top(layer)
+        self.viewer.layers.selection.active = layer
+        return True

@@ -1,0 +1,110 @@
+"""What decides a benchmark run: the queue strategies compared and the run's configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari_pvs.ranking import DEFAULT_NOISE_DECAY, STRATEGIES
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A queue strategy with optional ranking options, written ``NAME[:key=value...]``.
+
+    Keys: ``noise`` (initial score-noise temperature), ``decay`` (its factor per round),
+    ``share`` (``stratified``: share of picks with predicted PVS). ``stratified:noise=1:share=0.67``
+    is nnActive's ClaSP PE (two thirds class-stratified, decaying noise).
+    """
+
+    name: str
+    noise: float = 0.0
+    noise_decay: float = DEFAULT_NOISE_DECAY
+    foreground_share: float = 0.5
+    label: str = ""
+
+    @property
+    def product_defaults(self) -> bool:
+        """True when ``Project.rank`` ranks exactly like this (no extra options)."""
+        return self.noise == 0 and self.foreground_share == 0.5
+
+
+def parse_strategies(text: str | Sequence[str]) -> list[StrategySpec]:
+    """``"bald,entropy,stratified:noise=1"`` (or a list of such items) -> specs, checked."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    keys = {"noise": "noise", "decay": "noise_decay", "share": "foreground_share"}
+    specs = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, *options = item.split(":")
+        if name not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {name!r} in {item!r}; choose from {', '.join(STRATEGIES)} "
+                "(options: NAME:noise=1:decay=0.5:share=0.67)"
+            )
+        values: dict[str, float] = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in keys or not value:
+                raise ValueError(
+                    f"bad strategy option {option!r} in {item!r}; use noise=T, decay=D or share=F"
+                )
+            try:
+                values[keys[key]] = float(value)
+            except ValueError as exc:
+                raise ValueError(f"strategy option {option!r} needs a number") from exc
+        spec = StrategySpec(name, label=item, **values)
+        if spec.noise < 0 or not 0 < spec.noise_decay <= 1 or not 0 <= spec.foreground_share <= 1:
+            raise ValueError(f"{item!r}: need noise >= 0, 0 < decay <= 1 and 0 <= share <= 1")
+        specs.append(spec)
+    if not specs:
+        raise ValueError("no strategy given; e.g. --strategies bald,entropy,stratified,random")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"strategies repeat: {', '.join(labels)}")
+    return specs
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything that decides a benchmark run (written to ``summary.json``)."""
+
+    strategies: list[StrategySpec]
+    rounds: int = 5
+    per_round: int = 8
+    patch: int = 32
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    init: str = "default"  # "default", "scratch" or a checkpoint path
+    steps: int = 50  # training steps per round (rounds train in epochs of 50)
+    batch_size: int = 2
+    learning_rate: float = 3e-4
+    retrain: str = "current"  # each round fine-tunes the current version, or the "start" one
+    initial: int = 4  # random patches every strategy starts with (validation ones included)
+    validation: int = 2  # of which fixed validation patches
+    full_steps: int | None = None  # full supervision: default rounds * steps
+    test_tta: int = 1  # mirrorings when scoring (the bundled rule says 4: slower)
+    mc_samples: int = 8  # MC-dropout samples of project predictions (BALD needs them)
+    crop: bool = True
+    scratch_model: str = "cross_modal"
+    scratch_config: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    modality: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.per_round < 1 or self.steps < 1:
+            raise ValueError("rounds, per_round and steps must be at least 1")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if self.validation < 1:
+            raise ValueError("need at least one validation patch (rounds validate on them)")
+        if self.initial < 2 * self.validation:
+            raise ValueError(
+                f"initial ({self.initial}) must be at least twice validation "
+                f"({self.validation}): half of the initial patches become validation patches"
+            )
+        if self.retrain not in ("current", "start"):
+            raise ValueError(f"retrain must be 'current' or 'start', got {self.retrain!r}")
+        if self.full_steps is None:  # the training the last round's model has had in all
+            self.full_steps = self.steps if self.retrain == "start" else self.rounds * self.steps

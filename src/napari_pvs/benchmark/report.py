@@ -1,0 +1,210 @@
+"""The benchmark's report: per-strategy figures from the rows, the CSV, the PNG curves, a table."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_pvs.benchmark.config import BenchmarkConfig
+
+#: Share of the full-supervision Dice a strategy must reach.
+TARGET_SHARE = 0.95
+#: Name of the full-supervision reference in the CSV.
+FULL = "full-supervision"
+CSV_FIELDS = (
+    "strategy", "seed", "round", "labelled_patches", "train_patches", "validation_patches",
+    "pvs_patches", "dice", "cluster_f1", "cluster_precision", "cluster_recall",
+    "dice_white_matter", "dice_basal_ganglia", "predicted_pvs", "true_pvs", "version",
+    "steps", "validation_dice", "seconds_rank", "seconds_accept", "seconds_round",
+    "seconds_score", "cpu_seconds", "load", "note",
+)  # fmt: skip
+
+
+
+def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[str, Any]:
+    """N to 95% and gap closed per strategy (seed-mean curves), plus costs, as a dict."""
+    full = [r["dice"] for r in rows if r["strategy"] == FULL]
+    full_dice = float(np.mean(full))
+    target = TARGET_SHARE * full_dice
+    strategies: dict[str, Any] = {}
+    first = config.strategies[0].label
+    start_dice = float(np.mean([r["dice"] for r in rows if r["strategy"] == first
+                                and r["round"] == 0]))  # fmt: skip
+    for spec in config.strategies:
+        own = [r for r in rows if r["strategy"] == spec.label]
+        rounds = sorted({r["round"] for r in own})
+        curve = []
+        for round_index in rounds:
+            at = [r for r in own if r["round"] == round_index]
+            curve.append(
+                {
+                    "round": round_index,
+                    "labelled_patches": float(np.mean([r["labelled_patches"] for r in at])),
+                    "dice": float(np.mean([r["dice"] for r in at])),
+                    "dice_sd": float(np.std([r["dice"] for r in at])),
+                    "cluster_f1": float(np.mean([r["cluster_f1"] for r in at])),
+                    "seeds": len(at),
+                }
+            )
+        reached = next((p["labelled_patches"] for p in curve if p["dice"] >= target), None)
+        gap = full_dice - start_dice
+        closed = (
+            float(np.mean([(p["dice"] - start_dice) / gap for p in curve[1:]]))
+            if gap > 0 and len(curve) > 1
+            else None
+        )
+        per_seed_n = {}
+        for seed in config.seeds:
+            seed_rows = sorted((r for r in own if r["seed"] == seed), key=lambda r: r["round"])
+            per_seed_n[str(seed)] = next(
+                (r["labelled_patches"] for r in seed_rows if r["dice"] >= target), None
+            )
+        strategies[spec.label] = {
+            "patches_to_95": None if reached is None else round(reached),
+            "gap_closed": closed,
+            "final_dice": curve[-1]["dice"],
+            "final_dice_sd": curve[-1]["dice_sd"],
+            "final_cluster_f1": curve[-1]["cluster_f1"],
+            "patches_to_95_per_seed": per_seed_n,
+            "curve": curve,
+        }
+    round_rows = [r for r in rows if r["strategy"] != FULL and r["round"] > 0]
+
+    def mean_of(key: str, among) -> float | None:
+        values = [r[key] for r in among if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    costs: dict[str, float | None] = {
+        key: mean_of(key, round_rows)
+        for key in ("seconds_rank", "seconds_accept", "seconds_round", "seconds_score")
+    }
+    cpu, load = mean_of("cpu_seconds", round_rows), mean_of("load", round_rows)
+    measured = [v for v in costs.values() if v is not None]
+    costs["seconds_per_round"] = sum(measured) if measured else None
+    full_rows = [r for r in rows if r["strategy"] == FULL]
+    full_costs = [mean_of(k, full_rows) for k in ("seconds_accept", "seconds_round",
+                                                  "seconds_score")]  # fmt: skip
+    costs["seconds_full_supervision"] = (
+        sum(v for v in full_costs if v is not None) if any(full_costs) else None
+    )
+    # This process's CPU seconds per round and the machine's 1-minute load average: on a shared
+    # machine the wall time above is longer than the work.
+    costs["cpu_seconds_per_round"], costs["load_average"] = cpu, load
+    return {
+        "full_supervision_dice": full_dice,
+        "full_supervision_dice_per_seed": full,
+        "start_dice": start_dice,
+        "target_dice": target,
+        "strategies": strategies,
+        "costs": costs,
+    }
+
+
+def estimate_minutes(
+    costs: dict[str, Any], strategies: int, seeds: int, rounds: int, full_scale: float = 1.0
+) -> float:
+    """Wall time of a run of that size from measured costs: per round, per start project and
+    per full-supervision run (scaled by ``full_scale``, e.g. the ratio of its steps)."""
+    per_round = costs["seconds_per_round"] or 0.0
+    full = (costs["seconds_full_supervision"] or 0.0) * full_scale
+    start = costs.get("seconds_start") or 0.0
+    return (strategies * seeds * rounds * per_round + seeds * (full + start)) / 60
+
+
+def final_lines(summary: dict[str, Any]) -> list[str]:
+    """The benchmark's last lines: per strategy, N to 95% then the gap closed."""
+    lines = []
+    for label, result in summary["strategies"].items():
+        n = result["patches_to_95"]
+        lines.append(f"{label}: {'never' if n is None else n} patches to 95%")
+        gap = result["gap_closed"]
+        lines.append(f"{label}: gap closed {'n/a' if gap is None else f'{gap:.3f}'}")
+    return lines
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    from napari_pvs import atomic
+
+    with atomic.atomic_output(path, overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+    return path
+
+
+def _fmt(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5f}"
+    return value
+
+
+def plot_learning_curve(summary: dict[str, Any], rows, path: Path, title: str = "") -> Path:
+    """Dice and cluster F1 against labelled patches: seed mean, min-max band, references."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from napari_pvs import atomic
+
+    figure = Figure(figsize=(11, 4.4), dpi=110)
+    axes = figure.subplots(1, 2)
+    for ax, key, name in ((axes[0], "dice", "voxel Dice"), (axes[1], "cluster_f1", "cluster F1")):
+        for label in summary["strategies"]:
+            own = [r for r in rows if r["strategy"] == label]
+            rounds = sorted({r["round"] for r in own})
+            x = [np.mean([r["labelled_patches"] for r in own if r["round"] == k]) for k in rounds]
+            values = [[r[key] for r in own if r["round"] == k] for k in rounds]
+            mean = [np.mean(v) for v in values]
+            ax.plot(x, mean, marker="o", ms=3, label=label)
+            ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+        full = [r[key] for r in rows if r["strategy"] == FULL]
+        if full:
+            ax.axhline(np.mean(full), color="black", ls="--", lw=1, label="full supervision")
+        if key == "dice":
+            ax.axhline(summary["target_dice"], color="grey", ls=":", lw=1, label="95% of full")
+        ax.set_xlabel("labelled patches")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic.atomic_output(path, overwrite=True) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A readable table of the summary (printed before the final lines)."""
+    lines = [
+        f"start Dice {summary['start_dice']:.3f}; full supervision Dice "
+        f"{summary['full_supervision_dice']:.3f} (target {summary['target_dice']:.3f})",
+        f"{'strategy':<34}{'N to 95%':>9}{'gap closed':>12}{'final Dice':>16}{'final F1':>10}",
+    ]
+    for label, r in summary["strategies"].items():
+        n = "never" if r["patches_to_95"] is None else str(r["patches_to_95"])
+        gap = "n/a" if r["gap_closed"] is None else f"{r['gap_closed']:.3f}"
+        dice = f"{r['final_dice']:.3f} ± {r['final_dice_sd']:.3f}"
+        lines.append(f"{label:<34}{n:>9}{gap:>12}{dice:>16}{r['final_cluster_f1']:>10.3f}")
+    costs = summary["costs"]
+    if costs.get("seconds_per_round") is not None:
+        lines.append(
+            "per round (mean): rank {seconds_rank:.1f} s, accept {seconds_accept:.1f} s, round "
+            "(train + re-predict) {seconds_round:.1f} s, score {seconds_score:.1f} s".format(
+                **costs
+            )
+        )
+    if costs.get("cpu_seconds_per_round") is not None:
+        lines.append(
+            f"this process used {costs['cpu_seconds_per_round']:.0f} CPU seconds per round; "
+            f"machine load average {costs['load_average']:.1f}"
+        )
+    return "\n".join(lines)
