@@ -238,3 +238,126 @@ def test_lock_refuses_a_second_writer_and_is_taken_over_after_a_kill(tmp_path):
         with pytest.raises(atomic.Locked), atomic.hold_lock(lock, "the store"):  # one process
             pass
     assert not lock.exists()  # released: removed
+
+
+# ------------------------------------------------------------------------------- mount points
+
+
+def _tree(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+OLD_TREE = {"a.txt": "old a", "b.txt": "old b", "sub/c.txt": "old c"}
+NEW_TREE = {"x.txt": "new x", "y.txt": "new y", "sub/d.txt": "new d", "z.txt": "new z"}
+
+
+def test_a_folder_that_cannot_be_moved_gets_its_contents_swapped(tmp_path, monkeypatch):
+    # A mount point: renameat2 and rename both answer EBUSY (simulated: mounting needs root).
+    def busy(a, b):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(b))
+
+    monkeypatch.setattr(atomic, "_exchange", busy)
+    target = _tree(tmp_path / "mnt", OLD_TREE)
+    with atomic.atomic_output(target, overwrite=True) as temp:
+        _tree(temp, NEW_TREE)
+    assert target.is_dir() and _contents(target) == NEW_TREE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]  # no temporary left anywhere
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    try:
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """A real mount point (a small tmpfs); skipped where mounting needs privileges we lack."""
+    folder = tmp_path / "mnt"
+    if not _mount_tmpfs(folder, "1m"):
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_init_onto_a_real_mount_point_keeps_the_mount_and_swaps_the_contents(mount_point):
+    target = _tree(mount_point, {"old.txt": "old"})
+    with atomic.atomic_output(target, overwrite=True) as temp:
+        _tree(temp, NEW_TREE)
+    assert os.path.ismount(target) and _contents(target) == NEW_TREE
+
+
+def test_a_full_disk_during_a_contents_swap_is_one_sentence_and_keeps_the_old(mount_point):
+    target = _tree(mount_point, OLD_TREE)
+    with pytest.raises(atomic.OutputError) as caught, atomic.atomic_output(
+        target, overwrite=True
+    ) as temp:
+        _tree(temp, {"small.txt": "s"})
+        (temp / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024))  # the tmpfs holds 1 MB
+    assert "no space left on the device" in str(caught.value)
+    assert f"the existing {target.name} is unchanged" in str(caught.value)
+    assert _contents(target) == OLD_TREE
+    assert [p.name for p in target.iterdir() if p.name.startswith(atomic.SWAP_MARK)] == []
+
+
+def test_sqlite_disk_errors_are_one_sentence():
+    import sqlite3
+
+    full = sqlite3.OperationalError("database or disk is full")
+    assert "no space left on the device" in atomic.os_error_message(full, "ledger.sqlite")
+    readonly = sqlite3.OperationalError("attempt to write a readonly database")
+    assert "read-only" in atomic.os_error_message(readonly, "ledger.sqlite")
+
+
+SWAPPER = """
+import os, sys, time
+from pathlib import Path
+from napari_pvs import atomic
+new, target, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+real_replace, real_copy = os.replace, atomic.shutil.copy2
+
+def pause():
+    print("ready", flush=True)
+    time.sleep(60)
+
+def replace(src, dst):
+    real_replace(src, dst)
+    if stage == "moving-old" and Path(dst).parent.name.endswith("-old"):
+        pause()
+    if stage == "moving-new" and Path(src).parent.name.endswith("-commit"):
+        pause()
+
+def copy(src, dst, **kwargs):
+    real_copy(src, dst, **kwargs)
+    if stage == "copying":
+        pause()
+
+os.replace, atomic.shutil.copy2 = replace, copy
+atomic.swap_contents(new, target)
+"""
+
+
+@pytest.mark.parametrize(
+    ("stage", "survivor"),
+    [("copying", OLD_TREE), ("moving-old", OLD_TREE), ("moving-new", NEW_TREE)],
+)
+def test_kill_during_a_contents_swap_leaves_old_or_new_whole(tmp_path, stage, survivor):
+    target = _tree(tmp_path / "mnt", OLD_TREE)
+    new = _tree(tmp_path / "new", NEW_TREE)
+    kill(start_child(SWAPPER, str(new), str(target), stage))
+    assert _contents(target) not in (OLD_TREE, NEW_TREE)  # caught half-way: a mix on disk...
+    atomic.check_output(target, overwrite=True)  # ...which the next write's check settles
+    assert _contents(target) == survivor
+    assert [p.name for p in target.iterdir() if p.name.startswith(atomic.SWAP_MARK)] == []

@@ -27,6 +27,8 @@ from pathlib import Path
 
 TEMP_MARK = ".napari-pvs-tmp-"
 OLD_MARK = ".napari-pvs-old-"
+#: Prefix of the folders a contents swap keeps inside a mount point (see :func:`swap_contents`).
+SWAP_MARK = ".napari-pvs-swap-"
 #: Name of the lock file :func:`hold_lock` creates (inside a store, or beside a file).
 LOCK_NAME = ".napari-pvs-lock"
 #: errno values that mean "the disk or the folder refused the write", not a bug.
@@ -37,6 +39,11 @@ _WRITE_ERRNOS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.EFBIG: "the file is too large for this file system",
+}
+#: What SQLite says (it carries no errno) for the errno it means.
+_SQLITE_TEXTS = {
+    "database or disk is full": errno.ENOSPC,
+    "attempt to write a readonly database": errno.EROFS,
 }
 _HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
@@ -193,6 +200,9 @@ def restore_interrupted(target: PathLike) -> Path | None:
     yet in place. Returns the restored path, or None when there was nothing to restore.
     """
     target = Path(target)
+    if target.is_dir() and not target.is_symlink():
+        settle_contents(target)
+        return None
     if target.exists() or target.is_symlink():
         return None
     parent = target.parent if str(target.parent) else Path(".")
@@ -320,6 +330,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+#: errno of a rename that cannot move a folder itself: a mount point (EBUSY), or the new
+#: folder on another file system than the old one (EXDEV, e.g. the parent of a mount point).
+_CANNOT_MOVE_FOLDER = (errno.EBUSY, errno.EXDEV)
+
+
 def commit(temp: PathLike, target: PathLike) -> Path:
     """fsync ``temp`` and rename it onto ``target``.
 
@@ -327,17 +342,32 @@ def commit(temp: PathLike, target: PathLike) -> Path:
     atomically too where the file system can swap two folders (Linux ``renameat2``; ext4, xfs,
     btrfs, tmpfs); elsewhere the old store first moves aside to a hidden name, and a crash
     between the two renames leaves it whole there, put back by :func:`restore_interrupted`
-    (which :func:`check_output` runs). Never a half-written store under the final name.
+    (which :func:`check_output` runs). A folder that cannot be moved at all (a mount point)
+    keeps its place and has its contents swapped instead (:func:`swap_contents`). Never a
+    half-written store under the final name.
     """
     temp, target = Path(temp), Path(target)
     fsync_path(temp)
     if temp.is_dir() and target.is_dir() and not target.is_symlink():
-        if _exchange(temp, target):
+        if os.path.ismount(target):
+            return swap_contents(temp, target)
+        try:
+            exchanged = _exchange(temp, target)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_MOVE_FOLDER:
+                raise
+            return swap_contents(temp, target)
+        if exchanged:
             fsync_folder(target.parent)
             _remove(temp)  # now the old store
         else:
             old = target.with_name(f"{OLD_MARK}{uuid.uuid4().hex[:12]}-{target.name}")
-            os.replace(target, old)
+            try:
+                os.replace(target, old)
+            except OSError as exc:
+                if exc.errno not in _CANNOT_MOVE_FOLDER:
+                    raise
+                return swap_contents(temp, target)
             os.replace(temp, target)
             fsync_folder(target.parent)
             _remove(old)
@@ -347,11 +377,129 @@ def commit(temp: PathLike, target: PathLike) -> Path:
     return target
 
 
+# --------------------------------------------------------------------------------------------
+# contents swap: replacing a folder that cannot be moved (a mount point)
+#
+# Everything happens inside the folder, on its own file system, under hidden SWAP_MARK names:
+#   1. copy the new tree into  <swap>-<id>-staging-<host>-<pid>   (a kill: swept, old whole)
+#   2. rename it to            <swap>-<id>-ready                  (complete and fsynced)
+#   3. move each old entry into <swap>-<id>-old                   (a kill: rolled back)
+#   4. rename ready to         <swap>-<id>-commit                 (the commit point)
+#   5. move each new entry out of commit, remove it, remove old   (a kill: rolled forward)
+# settle_contents (run by check_output through restore_interrupted) finishes or undoes a
+# swap a kill interrupted, so the folder always ends with the old or the new contents whole.
+
+
+def _swap_dir(target: Path, swap_id: str, state: str) -> Path:
+    return target / f"{SWAP_MARK}{swap_id}-{state}"
+
+
+def _user_entries(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if not name.startswith(SWAP_MARK))
+
+
+def _move_entries(source: Path, destination: Path) -> None:
+    """Move every entry of ``source`` (but our own swap folders) into ``destination``."""
+    for name in _user_entries(source):
+        os.replace(source / name, destination / name)
+    fsync_folder(source)
+    fsync_folder(destination)
+
+
+def _copy_tree(source: Path, destination: Path) -> None:
+    """Copy a folder tree; the first failure (a full disk) is raised as the ``OSError`` it is
+    (``shutil.copytree`` would gather failures into one error without an errno)."""
+    destination.mkdir()
+    for root, dirs, files in os.walk(source):
+        here = destination / Path(root).relative_to(source)
+        for name in dirs:
+            if (Path(root) / name).is_symlink():  # os.walk lists links to folders here
+                os.symlink(os.readlink(Path(root) / name), here / name)
+            else:
+                (here / name).mkdir()
+        for name in files:
+            shutil.copy2(Path(root) / name, here / name, follow_symlinks=False)
+
+
+def swap_contents(new: PathLike, target: PathLike) -> Path:
+    """Replace the contents of folder ``target`` with those of folder ``new``, crash-safe.
+
+    For a folder that cannot itself be renamed (a mount point, or one on another file system
+    than ``new``): the new tree is copied into a hidden folder inside ``target`` first, so a
+    full disk fails there, before anything old is touched (the copy is removed and the error
+    raised). ``new`` is removed on success. See the steps above.
+    """
+    new, target = Path(new), Path(target)
+    settle_contents(target)
+    swap_id = uuid.uuid4().hex[:12]
+    staging = _swap_dir(target, swap_id, f"staging-{_HOST_TAG}-{os.getpid()}")
+    try:
+        _copy_tree(new, staging)
+        fsync_path(staging)
+        ready = _swap_dir(target, swap_id, "ready")
+        os.replace(staging, ready)
+        fsync_folder(target)
+    except BaseException:
+        _remove(staging)
+        raise
+    old = _swap_dir(target, swap_id, "old")
+    old.mkdir()
+    _move_entries(target, old)
+    committing = _swap_dir(target, swap_id, "commit")
+    os.replace(ready, committing)
+    fsync_folder(target)
+    _finish_swap(target, committing, old)
+    _remove(new)
+    return target
+
+
+def _finish_swap(target: Path, committing: Path, old: Path) -> None:
+    _move_entries(committing, target)
+    committing.rmdir()
+    fsync_folder(target)
+    _remove(old)
+
+
+def settle_contents(target: PathLike) -> None:
+    """Finish or undo a contents swap of ``target`` that a killed process left half-way.
+
+    Before the commit point the old entries go back (a ``ready`` copy is dropped); after it
+    the new ones are moved in; a staging copy of a dead process and an old copy a finished
+    swap did not delete are removed. A no-op when nothing is left (one ``listdir``).
+    """
+    target = Path(target)
+    try:
+        names = [n for n in os.listdir(target) if n.startswith(SWAP_MARK)]
+    except OSError:
+        return
+    by_id: dict[str, dict[str, Path]] = {}
+    for name in names:
+        swap_id, _, state = name[len(SWAP_MARK) :].partition("-")
+        by_id.setdefault(swap_id, {})[state] = target / name
+    for swap_id, parts in by_id.items():
+        old = parts.get("old")
+        if "commit" in parts:  # past the commit point: the new contents win
+            _finish_swap(target, parts["commit"], old or _swap_dir(target, swap_id, "old"))
+            continue
+        if "ready" in parts:  # before it: the old contents go back
+            if old is not None:
+                _move_entries(old, target)
+            _remove(parts["ready"])
+        if old is not None:  # emptied just now, or a finished swap's old copy
+            _remove(old)
+        for state, path in parts.items():
+            if state.startswith("staging-"):
+                host, _, pid = state[len("staging-") :].partition("-")
+                if host == _HOST_TAG and pid.isdigit() and not _pid_alive(int(pid)):
+                    _remove(path)
+
+
 def os_error_message(exc: BaseException, path: PathLike | None = None) -> str | None:
     """One sentence for an error the disk or folder caused (full, read-only, denied), or None.
 
     Recognises ``OSError`` by errno and errors that only carry the OS text (safetensors'
-    ``SafetensorError: ... No space left on device (os error 28)``).
+    ``SafetensorError: ... No space left on device (os error 28)``, SQLite's ``database or disk
+    is full`` and ``attempt to write a readonly database``).
     """
     code = getattr(exc, "errno", None)
     reason = _WRITE_ERRNOS.get(code) if code is not None else None
@@ -361,6 +509,9 @@ def os_error_message(exc: BaseException, path: PathLike | None = None) -> str | 
             if f"os error {known})" in text or os.strerror(known) in text:
                 reason, code = what, known
                 break
+        for said, known in _SQLITE_TEXTS.items():
+            if reason is None and said in text.lower():
+                reason, code = _WRITE_ERRNOS[known], known
     if reason is None:
         return None
     where = path or getattr(exc, "filename", None)

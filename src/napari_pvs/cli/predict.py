@@ -95,6 +95,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     if args.mc < 0:
         raise UserError("--mc must be 0 (off) or a positive number of samples")
+    _check_sizes(args)
     options = {
         "window": args.window,
         "overlap": args.overlap,
@@ -189,6 +190,34 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """--batch and --window against the model and (one input) the volume, before any work.
+
+    With several inputs each volume's own shape is checked by the run of that volume, so one
+    bad volume is listed at the end and the others are still written.
+    """
+    from napari_pvs import io, limits
+
+    if args.batch is not None:
+        limits.check_count(args.batch, "--batch")
+    shape = None
+    if len(args.inputs) == 1 and not args.scheduler:
+        try:
+            shape = io.open_volume(args.inputs[0], check_finite=False).shape
+        except Exception:  # a missing or damaged input is reported by the run itself
+            shape = None
+    if shape is not None:
+        limits.check_volume_shape(shape, args.inputs[0])
+    model = args.model[0] if len(args.model) == 1 else args.model
+    limits.check_window(
+        args.window,
+        limits.model_size_divisor(model),
+        shape,
+        batch=args.batch or 1,
+        source=args.inputs[0],
+    )
+
+
 def add_rank(subparsers: argparse._SubParsersAction) -> None:
     from napari_pvs.ranking import (
         DEFAULT_MIN_TISSUE,
@@ -266,10 +295,17 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
-    from napari_pvs import atomic
+    from napari_pvs import atomic, limits
     from napari_pvs.io import ATTRS_KEY, open_prediction
     from napari_pvs.ranking import rank_patches, ranking_paths, save_ranking
 
+    limits.check_strategy(args.strategy)
+    limits.check_count(args.n)
+    if args.stride is not None:
+        limits.check_count(args.stride, "--stride")
+    shape = open_prediction(args.prediction)["probability"].shape
+    limits.check_volume_shape(shape, args.prediction)
+    limits.check_patch(args.patch, shape, source=args.prediction)
     for path in ranking_paths(args.prediction, args.strategy):
         atomic.check_output(path, inputs=[args.prediction], overwrite=args.overwrite)
     image = args.image

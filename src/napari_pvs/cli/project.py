@@ -1,4 +1,10 @@
-"""The project command group: init, add, status, queue, accept, versions, rollback, export."""
+"""The project command group: init, add, remove, status, queue, accept, versions, rollback,
+export.
+
+A volume is named by ``#ID`` (or ``--id ID``), by its name, or by the path it was added with
+(:func:`napari_pvs.volume_refs.find_volume`). Sizes and names are checked before any work
+(:mod:`napari_pvs.limits`).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,14 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--modality", choices=["T1", "T2"], help="override the files' modality")
     add.set_defaults(func=_add)
 
+    remove = commands.add_parser(
+        "remove",
+        help="take a volume out of the project (its reviewed labels and history are kept)",
+    )
+    remove.add_argument("project", metavar="DIR")
+    _volume_argument(remove)
+    remove.set_defaults(func=_remove)
+
     status = commands.add_parser("status", help="volumes, reviewed patches, versions, rounds")
     status.add_argument("project", metavar="DIR")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -56,13 +70,15 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     queue.add_argument("--strategy", choices=STRATEGIES, help="default: the project setting")
     queue.add_argument("--n", type=int, help="patches per volume (default: project setting)")
     queue.add_argument("--patch", type=int, help="patch edge in voxels (default: setting)")
-    queue.add_argument("--volume", nargs="+", help="volume names or ids (default: all)")
+    queue.add_argument(
+        "--volume", nargs="+", help="volumes: names, #ids or added paths (default: all)"
+    )
     queue.add_argument("--seed", type=int, default=0, help="seed of the random strategies")
     queue.set_defaults(func=_queue)
 
     accept = commands.add_parser("accept", help="accept the reviewed labels of one patch")
     accept.add_argument("project", metavar="DIR")
-    accept.add_argument("volume", metavar="VOLUME", help="volume name or id")
+    _volume_argument(accept)
     accept.add_argument(
         "--box",
         type=int,
@@ -98,6 +114,27 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_export)
 
 
+def _volume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "volume",
+        metavar="VOLUME",
+        nargs="?",
+        help="the volume's name, #ID, or the path it was added with",
+    )
+    parser.add_argument("--id", type=int, metavar="ID", help="the volume's id (instead of VOLUME)")
+
+
+def _volume_of(project, args: argparse.Namespace):
+    """The volume ``VOLUME`` or ``--id`` names (exactly one of them)."""
+    from napari_pvs.volume_refs import find_volume
+
+    if (args.volume is None) == (args.id is None):
+        raise UserError("name the volume: VOLUME (a name, #ID or its path) or --id ID, not both")
+    if args.id is not None:
+        return find_volume(project, args.id, by_id=True)
+    return find_volume(project, args.volume)
+
+
 def _open(path: str, readonly: bool = False):
     from napari_pvs.project import Project
 
@@ -123,11 +160,29 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
+    from napari_pvs import io, limits
+
+    for path in args.volumes:  # every volume checked before any is added
+        volume = io.open_volume(path, modality=args.modality, check_finite=False)
+        limits.check_volume_shape(volume.shape, path)
     with _open(args.project) as project:
         for path in args.volumes:
             record = project.add_volume(path, modality=args.modality)
             shape = "x".join(map(str, record.shape))
             print(f"added volume {record.id} {record.name!r}: {shape}, {record.modality}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    with _open(args.project) as project:
+        record = _volume_of(project, args)
+        reviewed = sum(1 for a in project.annotations() if a.volume_id == record.id)
+        project.remove_volume(record.id)
+    print(
+        f"removed volume #{record.id} {record.name!r} ({record.path}) from the project; its "
+        f"{reviewed} reviewed patch(es) and their labels stay in the project's history; add "
+        "the file again to work on it"
+    )
     return 0
 
 
@@ -174,23 +229,36 @@ def _versions_table(rows: list[dict]) -> str:
 
 
 def _queue(args: argparse.Namespace) -> int:
+    from napari_pvs import limits
+    from napari_pvs.cli import error_sentence
     from napari_pvs.progress import TerminalProgress
+    from napari_pvs.volume_refs import find_volume
 
+    if args.strategy is not None:
+        limits.check_strategy(args.strategy)
+    if args.n is not None:
+        limits.check_count(args.n)
     with _open(args.project) as project:
         refs = args.volume or [v.id for v in project.volumes()]
         if not refs:
             raise UserError("the project has no volumes; add some with 'napari-pvs project add'")
         version = project.current_version().version
-        for ref in refs:
-            record = project.volume(ref)
-            queue = project.rank(
-                record.id,
-                strategy=args.strategy,
-                n=args.n,
-                patch=args.patch,
-                seed=args.seed,
-                progress=TerminalProgress(),
-            )
+        records = [find_volume(project, ref) for ref in refs]
+        if args.patch is not None:  # every volume checked before any is ranked
+            divisor = limits.model_size_divisor(project.checkpoint_path())
+            for record in records:
+                limits.check_volume_shape(record.shape, record.name)
+                limits.check_patch(args.patch, record.shape, divisor, record.name)
+        skipped = []
+        for record in records:
+            try:
+                queue = _rank_one(project, record, args, TerminalProgress())
+            except Exception as exc:  # rank the others; name this one at the end
+                sentence = error_sentence(exc)
+                if sentence is None:
+                    raise
+                skipped.append((record, sentence))
+                continue
             print(f"{record.name}: {len(queue)} patches to review (v{version})")
             print(f"  {'id':>5} {'rank':>4} {'score':>9} {'pvs':>4}  box (start..stop)")
             for p in queue:
@@ -198,7 +266,23 @@ def _queue(args: argparse.Namespace) -> int:
                     f"  {p.id:>5} {p.rank:>4} {p.score:>9.5f} {p.predicted_pvs:>4}  "
                     f"{' '.join(map(str, p.start))} .. {' '.join(map(str, p.stop))}"
                 )
+    if skipped:
+        raise UserError(
+            f"{len(skipped)} of {len(records)} volume(s) could not be ranked (the others "
+            "were): " + "; ".join(f"#{r.id} {r.name}: {why}" for r, why in skipped)
+        )
     return 0
+
+
+def _rank_one(project, record, args: argparse.Namespace, progress):
+    return project.rank(
+        record.id,
+        strategy=args.strategy,
+        n=args.n,
+        patch=args.patch,
+        seed=args.seed,
+        progress=progress,
+    )
 
 
 def _load_patch(path: str):
@@ -224,7 +308,7 @@ def _accept(args: argparse.Namespace) -> int:
     labels = _load_patch(args.labels)
     with _open(args.project) as project:
         annotation = project.accept(
-            args.volume,
+            _volume_of(project, args).id,
             args.box[:3],
             args.box[3:],
             labels,

@@ -34,12 +34,15 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from napari_pvs import atomic, io
+    from napari_pvs import atomic, io, limits
     from napari_pvs.progress import TerminalProgress
 
     if not str(args.input).lower().endswith(io.NIFTI_SUFFIXES):
         raise UserError(f"{args.input}: convert reads .nii or .nii.gz files")
     atomic.check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
+    limits.check_volume_shape(io.open_volume(args.input, check_finite=False).shape, args.input)
+    limits.check_count(args.levels, "--levels")
+    limits.check_count(args.chunks, "--chunks")
     out = io.convert_to_ome_zarr(
         args.input,
         args.output,
@@ -89,10 +92,11 @@ def add_phantom(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_phantom(args: argparse.Namespace) -> int:
-    from napari_pvs import atomic, io
+    from napari_pvs import atomic, io, limits
     from napari_pvs.phantom import make_phantom
     from napari_pvs.progress import TerminalProgress
 
+    limits.check_volume_shape(args.shape, "--shape")
     if len(args.spacing) not in (1, 3):
         raise UserError("--spacing takes one value (isotropic) or three (z y x)")
     atomic.check_output(args.output, overwrite=args.overwrite)
@@ -226,13 +230,14 @@ def add_frangi(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_frangi(args: argparse.Namespace) -> int:
-    from napari_pvs import atomic, io
+    from napari_pvs import atomic, io, limits
     from napari_pvs.models.frangi import frangi_segment, white_matter_mask
     from napari_pvs.progress import TerminalProgress
 
     inputs = [args.input, args.mask]
     out = atomic.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     volume = io.open_volume(args.input, modality=args.modality)
+    limits.check_volume_shape(volume.shape, args.input)
     if volume.modality == "unknown":
         raise UserError(
             f"{args.input}: modality unknown; pass --modality T2 (bright PVS) or T1 (dark PVS)"

@@ -1,0 +1,76 @@
+"""What a user may write to name a volume of a project: ``#2`` (an id), a name, or its path.
+
+A volume named only with digits must never be mistaken for an id (that annotated the wrong
+scan), so an id is written ``#2`` (or given as a number, e.g. ``--id 2``); any other word is the
+volume's name, and the path a volume was added with names it too. For commands written before
+this rule, a bare number that is no volume's name nor a path still means the id, with a warning
+saying how to write it. Uses only the public :class:`~napari_pvs.project.Project` API.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+class VolumeRefWarning(UserWarning):
+    """A bare number was taken as a volume id (write ``#N`` or ``--id N``)."""
+
+
+def parse_id(text: str) -> int | None:
+    """The id of ``#N`` (``None`` for anything else)."""
+    text = str(text).strip()
+    if text.startswith("#") and text[1:].isdigit():
+        return int(text[1:])
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def find_volume(project: Any, ref: str | int, *, by_id: bool = False):
+    """The live volume ``ref`` names in ``project``: ``#N`` or an int (or ``by_id``) is an id,
+    else a name, else the path it was added with. ``ValueError`` (listing the volumes) when
+    none matches; a removed volume's sentence comes from ``project.volume``."""
+    if isinstance(ref, int) or by_id:
+        try:
+            return project.volume(int(ref))
+        except (TypeError, ValueError) as exc:
+            if isinstance(ref, int) or str(ref).isdigit():
+                raise
+            raise ValueError(f"--id must be a number, got {ref!r}") from exc
+    text = str(ref)
+    number = parse_id(text)
+    if number is not None:
+        return project.volume(number)
+    live = project.volumes()
+    for record in live:
+        if record.name == text:
+            return record
+    path = Path(text).expanduser().absolute()
+    for record in live:
+        if _same_file(record.path, path):
+            return record
+    if text.isdigit() and any(r.id == int(text) for r in live):
+        warnings.warn(
+            f"{text!r} names no volume; taken as the volume id {text} (write #{text} or "
+            f"--id {text} for an id: a bare word is a volume name)",
+            VolumeRefWarning,
+            stacklevel=2,
+        )
+        return project.volume(int(text))
+    live_ids = {r.id for r in live}
+    for record in project._volume_rows(include_removed=True):
+        if record.id not in live_ids and text in (record.name, str(record.path)):
+            return project.volume(record.id)  # raises the sentence saying it was removed
+    names = ", ".join(f"#{r.id} {r.name} ({r.path})" for r in live) or "none"
+    raise ValueError(
+        f"no volume {text!r} in the project (an id is written #N, a name as is, or the path "
+        f"it was added with); volumes: {names}"
+    )
