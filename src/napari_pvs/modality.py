@@ -114,6 +114,8 @@ def modality_hint(name: str | Path | None = None, header: str | None = None) -> 
     """"T1"/"T2" from a BIDS-like file name ("sub-01_T2w.nii.gz") or a header text, else ""."""
     from napari_pvs.io import modality_from_name
 
+    if header and str(header).strip().upper().rstrip("W") in _MODALITY_WORDS:
+        return str(header).strip().upper().rstrip("W")
     for text in (name, header):
         if text:
             hint = modality_from_name(Path(str(text)).name)
@@ -156,3 +158,14 @@ def guess_modality(
     if hint:
         return ModalityGuess(hint, NAME_CONFIDENCE, f"from the name; the image is unsure: {reason}")
     return ModalityGuess(image, confidence, f"unsure: {reason}")
+
+
+def guess_volume_modality(path: str | Path) -> ModalityGuess:
+    """:func:`guess_modality` of a volume file (NIfTI, zarr, OME-Zarr), from a bounded sample.
+
+    What the file itself says (our zarr attributes, else its name) is the hint.
+    """
+    from napari_pvs import io
+
+    volume = io.open_volume(path)
+    return guess_modality(volume.data, volume.spacing, name=path, header=volume.modality)
