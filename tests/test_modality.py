@@ -92,3 +92,22 @@ def test_noise_alone_is_not_a_confident_guess(seed):
     noise = np.random.default_rng(seed).random((64, 64, 64)).astype(np.float32)
     guess = guess_modality(noise, name="noise.nii.gz")
     assert not guess.confident and guess.confidence < CONFIDENT and "unsure" in guess.reason
+
+
+def test_project_add_records_the_guessed_contrast_or_names_the_option(tmp_path, capsys):
+    from napari_pvs import io
+    from napari_pvs.cli import main
+    from napari_pvs.project import Project
+
+    t1 = make_phantom((48, 56, 48), modality="T1", seed=4, snr=15.0)
+    scan = io.save_ome_zarr(tmp_path / "case_1.zarr", t1.image, t1.spacing, levels=1)
+    noise = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    unsure = io.save_ome_zarr(tmp_path / "case_2.zarr", noise, (1.0, 1.0, 1.0), levels=1)
+    folder = str(tmp_path / "project")
+    assert main(["project", "init", folder]) == 0
+    assert main(["project", "add", folder, str(scan), str(unsure)]) == 0
+    err = capsys.readouterr().err
+    assert "case_2.zarr: cannot tell T1 from T2" in err and "--modality T1" in err
+    assert "case_1" not in err
+    modalities = {v.name: v.modality for v in Project.open(folder).volumes()}
+    assert modalities == {"case_1": "T1", "case_2": "unknown"}
