@@ -294,3 +294,58 @@ def test_reader_contrast_of_large_single_level_reads_few_chunks(tmp_path, monkey
     assert image[1]["contrast_limits"] == pytest.approx((7.0, 300.0))
     with pytest.raises(Exception):  # noqa: B017 - proves the corrupted chunks would be noticed
         io.open_volume(path).data.compute()
+
+
+@pytest.fixture
+def napari_settings(tmp_path, monkeypatch):
+    """napari's settings in this test's folder, so no preference reaches the user's file."""
+    from napari import settings as napari_settings
+    from napari.settings import NapariSettings
+
+    fresh = NapariSettings(config_path=tmp_path / "napari-settings.yaml")
+    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    return fresh
+
+
+def _reactivate_plugin() -> None:
+    """What napari does on the first use of any napari-pvs command (widget, sample, reader)."""
+    from npe2 import PluginManager
+
+    manager = PluginManager.instance()
+    manager.deactivate("napari-pvs")
+    manager.activate("napari-pvs")
+
+
+def test_dropped_nifti_and_zarr_open_with_this_reader_once_the_plugin_is_active(
+    make_napari_viewer, napari_settings, nifti, ome_zarr, tmp_path
+):
+    import zarr
+    from napari.errors import MultipleReaderError
+
+    path = str(nifti[0])
+    plain = tmp_path / "plain.zarr"
+    zarr.open_array(str(plain), mode="w", shape=(8, 10, 12), dtype="f4")[:] = 1.0
+    viewer = make_napari_viewer()
+    napari_settings.plugins.extension2reader = {}
+    # napari's own rule: two readers and no preference, so a drop asks (builtins preselected).
+    with pytest.raises(MultipleReaderError):
+        viewer.open(path, plugin=None)
+
+    _reactivate_plugin()
+    for dropped in (path, str(ome_zarr), str(plain), str(ome_zarr) + "/"):
+        layers = viewer.open(dropped, plugin=None)  # no plugin named, as a drop on the canvas
+        assert layers and all(layer.metadata.get("napari_pvs") for layer in layers), dropped
+    assert set(napari_settings.plugins.extension2reader.values()) == {"napari-pvs"}
+
+
+def test_a_reader_preference_the_user_chose_is_kept(make_napari_viewer, napari_settings, nifti):
+    from napari_pvs._reader import READER_PATTERNS, prefer_this_reader
+
+    make_napari_viewer()
+    napari_settings.plugins.extension2reader = {"*.nii.gz": "napari", "*.nii": "napari"}
+    added = prefer_this_reader()
+    assert added == [p for p in READER_PATTERNS if not p.startswith("*.nii")]
+    chosen = napari_settings.plugins.extension2reader
+    assert chosen["*.nii.gz"] == chosen["*.nii"] == "napari"
+    assert chosen["*.zarr/"] == "napari-pvs"
+    assert prefer_this_reader() == []

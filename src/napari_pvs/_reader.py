@@ -21,6 +21,36 @@ from napari_pvs.intensity import robust_range
 
 LayerData = tuple[Any, dict, str]
 
+#: The plugin's name in napari's reader preferences.
+PLUGIN_NAME = "napari-pvs"
+#: napari's reader-preference patterns for what this reader opens. A dropped file that two
+#: readers accept (napari's builtins list ``*.nii``, ``*.nii.gz`` and ``*.zarr`` too) opens with
+#: the preferred one, else napari asks and preselects the alphabetically first ("napari
+#: builtins", which fails on them). napari matches a folder as ``path/``, hence ``*.zarr/``.
+READER_PATTERNS = ("*.nii", "*.nii.gz", "*.zarr", "*.zarr/")
+
+
+def prefer_this_reader(settings=None) -> list[str]:
+    """Make napari-pvs napari's reader for NIfTI and zarr wherever the user chose none yet.
+
+    A preference the user set (any reader, any of :data:`READER_PATTERNS`) is left alone;
+    returns the patterns added. ``settings`` defaults to napari's own (saved with them).
+    """
+    if settings is None:
+        from napari.settings import get_settings
+
+        settings = get_settings()
+    current = dict(settings.plugins.extension2reader)
+    added = [pattern for pattern in READER_PATTERNS if pattern not in current]
+    if added:
+        settings.plugins.extension2reader = {**current, **dict.fromkeys(added, PLUGIN_NAME)}
+    return added
+
+
+def activate(context: object) -> None:
+    """npe2's ``on_activate``: the first use of any napari-pvs command makes it the reader."""
+    prefer_this_reader()
+
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """Return a reader for supported paths, ``None`` otherwise (so other readers can try)."""

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 
 from napari_pvs import atomic
-from napari_pvs.io import ATTRS_KEY, open_prediction
 
 STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
 DEFAULT_PATCH = 32
@@ -236,6 +235,8 @@ def rank_patches(
     of the module notes (score strategies only; the table keeps the noiseless scores);
     ``foreground_share`` is the share of ``stratified`` picks with predicted PVS.
     """
+    from napari_pvs.io import ATTRS_KEY, open_prediction  # zarr: not at `--help` time
+
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if n < 1:

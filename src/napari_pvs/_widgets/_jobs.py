@@ -10,6 +10,7 @@ anything in the worker itself.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -30,6 +31,30 @@ from napari_pvs.progress import Cancelled, CancelToken, ProgressCallback
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, OSError)
 
 Work = Callable[[ProgressCallback, CancelToken], Any]
+
+#: At most this many progress reports a second cross to the GUI thread (each costs it a turn).
+PROGRESS_REPORTS_PER_SECOND = 5.0
+
+
+def throttled(report: ProgressCallback, per_second: float = PROGRESS_REPORTS_PER_SECOND):
+    """``report`` called at most ``per_second`` times a second, in the worker thread.
+
+    A new phase (another message), a step back and the last step (``done >= total``) always
+    pass, so the bar never ends short of its total nor shows a stale phase.
+    """
+    interval = 1.0 / per_second
+    last: list = [None, -math.inf, None]  # message, time, done
+
+    def report_now_and_then(done: int, total: int, message: str) -> None:
+        now = time.monotonic()
+        message_changed = message != last[0]
+        final = total > 0 and done >= total
+        backwards = last[2] is not None and done < last[2]
+        if message_changed or final or backwards or now - last[1] >= interval:
+            last[:] = [message, now, done]
+            report(done, total, message)
+
+    return report_now_and_then
 
 
 class BackgroundJob(QObject):
@@ -59,7 +84,7 @@ class BackgroundJob(QObject):
         self._running = True
         self._cancel = threading.Event()
         self._bar = napari_progress(total=0, desc=description)
-        cancel, emit = self._cancel, self.progress.emit
+        cancel, emit = self._cancel, throttled(self.progress.emit)
 
         def run() -> tuple[str, Any]:
             try:

@@ -45,6 +45,19 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+def _add_with_modality(project, path: str | Path, modality: str | None):
+    """``project.add_volume`` with ``modality``, else the image's confident guess (see
+    :mod:`napari_pvs.modality`); returns the record and the guess (None when one was given)."""
+    from napari_pvs.modality import guess_volume_modality
+
+    if modality not in (None, "unknown"):
+        return project.add_volume(path, modality=modality), None
+    guess = guess_volume_modality(path)
+    if guess.confident:
+        return project.add_volume(path, modality=guess.modality), guess
+    return project.add_volume(path), guess
+
+
 class ProjectStep(QWidget):
     """Create/open a project; its volumes with their state; its settings."""
 
@@ -55,6 +68,12 @@ class ProjectStep(QWidget):
         self.count_job = BackgroundJob(self)
         self.count_job.succeeded.connect(self._on_counted)
         self.count_job.failed.connect(lambda message: notify(self.status_label, message, "error"))
+        # Create and Add run here, off the GUI thread (Create imports torch; Add reads a sample)
+        self.project_job = BackgroundJob(self)
+        self.project_job.progress.connect(self._on_project_job_progress)
+        self.project_job.succeeded.connect(self._on_project_job_done)
+        self.project_job.failed.connect(self._on_project_job_failed)
+        self._after_project_job = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self._build_project_box())
@@ -196,6 +215,98 @@ class ProjectStep(QWidget):
             self._report("enter or choose a project folder first", "error")
             return None
         return Path(text).expanduser()
+
+    # ---------------------------------------------------------------- worker
+    def _busy_buttons(self) -> tuple[QPushButton, ...]:
+        return (self.create_button, self.open_button, self.close_button,
+                self.add_layer_button, self.add_files_button)  # fmt: skip
+
+    def is_busy(self) -> bool:
+        """Whether a Create or Add runs in the step's worker."""
+        return self.project_job.is_running()
+
+    def _start_project_job(self, work, description: str, after) -> bool:
+        """Run ``work`` in the step's worker, buttons disabled; ``after(result)`` on success."""
+        if self.project_job.is_running():
+            self._report("wait for the project step's current task to finish", "error")
+            return False
+        self._after_project_job = after
+        for button in self._busy_buttons():
+            button.setEnabled(False)
+        self.status_label.setText(f"{description}…")
+        return self.project_job.start(work, description)
+
+    def _end_project_job(self) -> None:
+        self.create_button.setEnabled(True)
+        self.open_button.setEnabled(True)
+        self._show_project()  # the project's own buttons follow whether one is open
+
+    def _on_project_job_progress(self, done: int, total: int, message: str) -> None:
+        # the status line only: a notification per report would flood napari's
+        self.status_label.setText(f"{message}: {done}/{total}" if total > 0 else f"{message}…")
+
+    def _on_project_job_done(self, result) -> None:
+        after, self._after_project_job = self._after_project_job, None
+        self._end_project_job()
+        if after is not None:
+            after(result)
+
+    def _on_project_job_failed(self, message: str) -> None:
+        self._after_project_job = None
+        self._end_project_job()
+        self._report(message, "error")
+
+    def start_create(self) -> bool:
+        """Create the project in the step's worker (torch and the first model load there)."""
+        folder = self._folder()
+        if folder is None:
+            return False
+        model = self.model_edit.text().strip() or "default"
+
+        def work(progress, cancel):
+            from napari_pvs.project import Project
+
+            return Project.create(folder, model=model)
+
+        return self._start_project_job(work, f"creating project {folder}", self._created)
+
+    def _created(self, project) -> None:
+        self.state.set_project(project)
+        self._report(f"created project {project.path}")
+
+    def start_add_paths(self, paths: list[str | Path], modality: str | None = None) -> bool:
+        """Add volume files in the step's worker, each with its modality guessed when unsaid."""
+        project = self.state.project
+        if project is None:
+            self._report("create or open a project first", "error")
+            return False
+        paths = list(paths)
+
+        def work(progress, cancel):
+            added, unsure = [], []
+            for done, path in enumerate(paths):
+                progress(done, len(paths), f"adding {Path(path).name}")
+                record, guess = _add_with_modality(project, path, modality)
+                added.append(record)
+                if guess is not None and not guess.confident:
+                    unsure.append(f"{record.name}: {guess.reason}")
+            progress(len(paths), len(paths), "added")
+            return added, unsure
+
+        return self._start_project_job(work, "adding volumes", self._added)
+
+    def _added(self, result) -> None:
+        added, unsure = result
+        self.state.volumes_changed.emit()
+        names = ", ".join(f"{r.name} ({r.modality})" for r in added)
+        if unsure:
+            self._report(
+                f"added {names}; contrast unsure, check it before segmenting: "
+                + "; ".join(unsure),
+                "warning",
+            )
+        else:
+            self._report(f"added {names}")
 
     # ---------------------------------------------------------------- project
     def create_project(self) -> bool:

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pvs._widgets._common import collapsed, compact_table, fill_table, notify, status_label
-from napari_pvs._widgets._jobs import JobProgress
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
 from napari_pvs.rounds import RoundConfig, start_round
@@ -92,6 +92,10 @@ class TrainStep(QWidget):
         state.project_changed.connect(self._on_project_changed)
         state.versions_changed.connect(self.refresh_versions)
         state.queue_changed.connect(lambda _vid: self._show_labelled())
+        # Make current (rollback reads the checkpoint: torch) runs off the GUI thread too
+        self.rollback_job = BackgroundJob(self)
+        self.rollback_job.succeeded.connect(self._rolled_back)
+        self.rollback_job.failed.connect(self._rollback_failed)
         self._on_project_changed()
 
     # ---------------------------------------------------------------- building
@@ -416,6 +420,38 @@ class TrainStep(QWidget):
             lines.append(f"v{row['version']}: " + ", ".join(parts))
         self.compare_label.setText("\n".join(lines))
         return rows
+
+    def start_rollback(self) -> bool:
+        """Make the selected version current in the step's worker, buttons disabled meanwhile."""
+        project = self.state.project
+        chosen = self.selected_versions()
+        if project is None or len(chosen) != 1:
+            self._report("select exactly one version to make current", "error")
+            return False
+        if self.is_running() or self.rollback_job.is_running():
+            self._report("wait for the round to end (or cancel it) before rolling back", "error")
+            return False
+        version = chosen[0]
+
+        def work(progress, cancel):
+            project.rollback(version)
+            return version
+
+        for button in (self.rollback_button, self.start_button):
+            button.setEnabled(False)
+        self.status_label.setText(f"making v{version} current…")
+        return self.rollback_job.start(work, f"making v{version} current")
+
+    def _rolled_back(self, version: int) -> None:
+        self.rollback_button.setEnabled(True)
+        self._on_project_changed()
+        self._report(f"v{version} is current: it predicts and ranks from now on")
+        self.state.versions_changed.emit()
+
+    def _rollback_failed(self, message: str) -> None:
+        self.rollback_button.setEnabled(True)
+        self._on_project_changed()
+        self._report(message, "error")
 
     def rollback(self) -> bool:
         project = self.state.project

@@ -13,6 +13,7 @@ of napari-pvs (e.g. labels without any PVS) print as ``napari-pvs CMD: warning: 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,8 +47,63 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends every option's help with its default, unless the help already says it.
+
+    One rule for every command, so no ``add_<name>`` has to remember ``%(default)s``; empty
+    defaults (None, False, "", []) say nothing and are left out.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        note = _default_note(action)
+        if note and not (action.help or "").strip():  # argparse skips an option without help
+            action = copy.copy(action)
+            action.help = note
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        note = _default_note(action)
+        if not note or note in text:
+            return text
+        return f"{text} {note}"
+
+
+def _default_note(action: argparse.Action) -> str:
+    """``(default: X)`` for an option whose help does not already name its default, else ""."""
+    default = action.default
+    text = action.help or ""
+    if (
+        not action.option_strings
+        or text == argparse.SUPPRESS
+        or default is argparse.SUPPRESS
+        or default is None
+        or isinstance(default, bool)
+        or (isinstance(default, str | list | tuple | dict) and not default)
+        or "default" in text.lower()
+        or f"({_shown(default)})" in text
+    ):
+        return ""
+    return "(default: " + _shown(default).replace("%", "%%") + ")"  # the help is %-formatted
+
+
+def _shown(default: object) -> str:
+    """A default as the user would type it: lists space-separated, no quotes."""
+    if isinstance(default, list | tuple):
+        return " ".join(str(v) for v in default)
+    return str(default)
+
+
+class Parser(argparse.ArgumentParser):
+    """The CLI's parser: every (sub)command's ``--help`` shows its defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="napari-pvs",
         description="Perivascular space (PVS) segmentation and annotation, headless.",
     )

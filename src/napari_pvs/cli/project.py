@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from napari_pvs.cli._common import UserError
@@ -45,7 +46,11 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     add = commands.add_parser("add", help="add volumes (NIfTI, zarr, OME-Zarr) by reference")
     add.add_argument("project", metavar="DIR")
     add.add_argument("volumes", nargs="+", metavar="VOLUME")
-    add.add_argument("--modality", choices=["T1", "T2"], help="override the files' modality")
+    add.add_argument(
+        "--modality",
+        choices=["T1", "T2"],
+        help="the volumes' contrast (default: guessed from each image, then its name)",
+    )
     add.set_defaults(func=_add)
 
     remove = commands.add_parser(
@@ -161,13 +166,26 @@ def _init(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     from napari_pvs import io, limits
+    from napari_pvs.modality import guess_volume_modality
 
     for path in args.volumes:  # every volume checked before any is added
         volume = io.open_volume(path, modality=args.modality, check_finite=False)
         limits.check_volume_shape(volume.shape, path)
     with _open(args.project) as project:
         for path in args.volumes:
-            record = project.add_volume(path, modality=args.modality)
+            modality = args.modality
+            if modality is None:  # never "unknown" in silence: the image, then the name
+                guess = guess_volume_modality(path)
+                if guess.confident:
+                    modality = guess.modality
+                    print(f"{path}: {guess.modality} ({guess.reason})")
+                else:
+                    print(
+                        f"napari-pvs project add: warning: {path}: cannot tell T1 from T2 "
+                        f"({guess.reason}); add it again with --modality T1 or --modality T2",
+                        file=sys.stderr,
+                    )
+            record = project.add_volume(path, modality=modality)
             shape = "x".join(map(str, record.shape))
             print(f"added volume {record.id} {record.name!r}: {shape}, {record.modality}")
     return 0

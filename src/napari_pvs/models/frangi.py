@@ -32,15 +32,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
-from scipy import ndimage
 
 from napari_pvs.intensity import normalize, robust_range
-from napari_pvs.io import check_spacing, normalize_modality
-from napari_pvs.metrics import evaluate
-from napari_pvs.phantom import BASAL_GANGLIA, WHITE_MATTER
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+# dask, scipy, zarr (through io) and metrics are imported where they are used, so that
+# `napari-pvs --help` can read the defaults below without paying ~1 s for them.
 
 #: Default scales in mm, spanning PVS radii of roughly 0.4-2 mm.
 DEFAULT_SIGMAS_MM: tuple[float, ...] = (0.5, 0.8, 1.2)
@@ -56,6 +58,8 @@ TRUNCATE = 4.0
 
 
 def _black_ridges(modality: str) -> bool:
+    from napari_pvs.io import normalize_modality
+
     key = normalize_modality(modality)
     if key == "unknown":
         raise ValueError(
@@ -85,6 +89,10 @@ def _check_image(image) -> None:
 
 def white_matter_mask(regions) -> np.ndarray | da.Array:
     """The usual restriction for PVS: white matter plus basal ganglia of a region map."""
+    import dask.array as da
+
+    from napari_pvs.phantom import BASAL_GANGLIA, WHITE_MATTER
+
     if isinstance(regions, da.Array):
         return da.isin(regions, [WHITE_MATTER, BASAL_GANGLIA])
     return np.isin(np.asarray(regions), [WHITE_MATTER, BASAL_GANGLIA])
@@ -106,6 +114,8 @@ def _vesselness_block(
     high: float,
 ) -> np.ndarray:
     """Multiscale vesselness of one in-memory block (max over scales; 0 outside ``mask``)."""
+    from scipy import ndimage
+
     image = normalize(block, low, high)
     if not black_ridges:  # normalise to dark ridges, as scikit-image does
         image = -image
@@ -161,6 +171,10 @@ def frangi_vesselness(
     stays bounded and the result equals the in-memory one. ``intensity_range`` (low, high)
     overrides the robust range taken from a strided sample of ``image``.
     """
+    import dask.array as da
+
+    from napari_pvs.io import check_spacing
+
     _check_image(image)
     spacing = check_spacing(spacing)
     sigmas = _check_sigmas(sigmas)
@@ -263,6 +277,8 @@ def best_threshold(
     """
     if objective not in ("dice", "f1"):
         raise ValueError(f"objective must be 'dice' or 'f1', got {objective!r}")
+    from napari_pvs.metrics import evaluate
+
     response = np.asarray(response)
     if thresholds is None:
         thresholds = np.geomspace(0.005, 0.8, 24)
