@@ -2,7 +2,7 @@
 export.
 
 A volume is named by ``#ID`` (or ``--id ID``), by its name, or by the path it was added with
-(:func:`napari_pvs.volume_refs.find_volume`). Sizes and names are checked before any work
+(:meth:`napari_pvs.project.Project.find_volume`). Sizes and names are checked before any work
 (:mod:`napari_pvs.limits`).
 """
 
@@ -131,13 +131,11 @@ def _volume_argument(parser: argparse.ArgumentParser) -> None:
 
 def _volume_of(project, args: argparse.Namespace):
     """The volume ``VOLUME`` or ``--id`` names (exactly one of them)."""
-    from napari_pvs.volume_refs import find_volume
-
     if (args.volume is None) == (args.id is None):
         raise UserError("name the volume: VOLUME (a name, #ID or its path) or --id ID, not both")
     if args.id is not None:
-        return find_volume(project, args.id, by_id=True)
-    return find_volume(project, args.volume)
+        return project.find_volume(args.id, by_id=True)
+    return project.find_volume(args.volume)
 
 
 def _open(path: str, readonly: bool = False):
@@ -250,7 +248,6 @@ def _queue(args: argparse.Namespace) -> int:
     from napari_pvs import limits
     from napari_pvs.cli import error_sentence
     from napari_pvs.progress import TerminalProgress
-    from napari_pvs.volume_refs import find_volume
 
     if args.strategy is not None:
         limits.check_strategy(args.strategy)
@@ -261,7 +258,7 @@ def _queue(args: argparse.Namespace) -> int:
         if not refs:
             raise UserError("the project has no volumes; add some with 'napari-pvs project add'")
         version = project.current_version().version
-        records = [find_volume(project, ref) for ref in refs]
+        records = [project.find_volume(ref) for ref in refs]
         if args.patch is not None:  # every volume checked before any is ranked
             divisor = limits.model_size_divisor(project.checkpoint_path())
             for record in records:

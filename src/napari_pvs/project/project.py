@@ -31,6 +31,7 @@ from napari_pvs.project.records import (
     RoundRecord,
     VolumeRecord,
 )
+from napari_pvs.project.refs import find_volume
 from napari_pvs.project.repair import repair
 from napari_pvs.project.round_log import RoundLog
 from napari_pvs.project.settings import Settings
@@ -161,6 +162,9 @@ class Project:
 
     def volume(self, ref: int | str | VolumeRecord) -> VolumeRecord:
         return self._volumes.volume(ref)
+
+    def find_volume(self, ref: int | str, *, by_id: bool = False) -> VolumeRecord:
+        return find_volume(self._volumes, ref, by_id=by_id)
 
     def open_volume(self, ref: int | str):
         return self._volumes.open_volume(ref)

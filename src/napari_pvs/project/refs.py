@@ -4,7 +4,7 @@ A volume named only with digits must never be mistaken for an id (that annotated
 scan), so an id is written ``#2`` (or given as a number, e.g. ``--id 2``); any other word is the
 volume's name, and the path a volume was added with names it too. For commands written before
 this rule, a bare number that is no volume's name nor a path still means the id, with a warning
-saying how to write it. Uses only the public :class:`~napari_pvs.project.Project` API.
+saying how to write it. Reached as :meth:`Project.find_volume`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from napari_pvs.project.volumes import Volumes
 
 
 class VolumeRefWarning(UserWarning):
@@ -34,10 +37,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def find_volume(project: Any, ref: str | int, *, by_id: bool = False):
+def find_volume(project: Volumes, ref: str | int, *, by_id: bool = False):
     """The live volume ``ref`` names in ``project``: ``#N`` or an int (or ``by_id``) is an id,
     else a name, else the path it was added with. ``ValueError`` (listing the volumes) when
-    none matches; a removed volume's sentence comes from ``project.volume``."""
+    none matches; a removed volume's sentence comes from ``Volumes.volume``."""
     if isinstance(ref, int) or by_id:
         try:
             return project.volume(int(ref))
@@ -49,7 +52,7 @@ def find_volume(project: Any, ref: str | int, *, by_id: bool = False):
     number = parse_id(text)
     if number is not None:
         return project.volume(number)
-    live = project.volumes()
+    live = project.rows()
     for record in live:
         if record.name == text:
             return record
@@ -66,7 +69,7 @@ def find_volume(project: Any, ref: str | int, *, by_id: bool = False):
         )
         return project.volume(int(text))
     live_ids = {r.id for r in live}
-    for record in project._volume_rows(include_removed=True):
+    for record in project.rows(include_removed=True):
         if record.id not in live_ids and text in (record.name, str(record.path)):
             return project.volume(record.id)  # raises the sentence saying it was removed
     names = ", ".join(f"#{r.id} {r.name} ({r.path})" for r in live) or "none"
