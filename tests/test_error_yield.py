@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_pvs.error_yield import error_yield, format_error_yield
+from napari_pvs.error_yield import error_yield, format_error_yield, pooled_error_yield
 
 
 def line_case():
@@ -43,6 +43,19 @@ def test_hand_made_case_two_boxes_of_different_sizes():
     assert result.cluster_share == pytest.approx(1.0)  # box 0-1 holds no wrong cluster
     assert result.cluster_random_share == pytest.approx(3 / 8 + 2 / 9)
     assert result.cluster_yield == pytest.approx(72 / 43)
+
+
+def test_pooled_over_two_volumes_places_random_patches_in_either():
+    pred, gt = line_case()
+    clean = np.zeros((1, 1, 5), np.uint8)  # no error; a 3-voxel window has 3 starts here
+    box = ((0, 0, 5), (1, 1, 8))
+    result = pooled_error_yield([(pred, gt, [box]), (clean, clean, [])])
+    assert result.voxel_share == pytest.approx(2 / 3)
+    # a random window lands in the first volume with probability 8 / (8 + 3)
+    assert result.voxel_random_share == pytest.approx(8 / 11 * (8 / 8 / 3))
+    assert result.voxel_yield == pytest.approx(2 / 3 / (8 / 11 / 3))
+    assert result.cluster_random_share == pytest.approx(8 / 11 * 3 / 8)
+    assert error_yield(pred, gt, [box]) == pooled_error_yield([(pred, gt, [box])])
 
 
 def test_analytic_reference_is_the_mean_over_every_placement():

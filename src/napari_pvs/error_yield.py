@@ -17,7 +17,9 @@ probability ``#starts whose box meets the cluster / #starts``. The reference for
 the sum of these expectations over its boxes (random patches are not kept apart, so for a
 queue of non-overlapping boxes it is the expected share of as many independent patches,
 overlaps counted twice; capped at 1). A yield of 2 means the queue holds twice the error that
-random patches of the same size would.
+random patches of the same size would. Over several volumes (:func:`pooled_error_yield`, the
+benchmark's pool) the shares are pooled and each random patch is placed uniformly over every
+position, in any volume, where it fits.
 """
 
 from __future__ import annotations
@@ -79,17 +81,14 @@ def _coverage_1d(length: int, size: int) -> np.ndarray:
     return (last - first + 1) / starts
 
 
-def _random_voxel_share(wrong: np.ndarray, size: Sequence[int]) -> float:
-    """Expected share of ``wrong`` voxels one random patch of ``size`` covers."""
-    total = int(wrong.sum())
-    if total == 0:
-        return 0.0
+def _random_voxels_covered(wrong: np.ndarray, size: Sequence[int]) -> float:
+    """Expected number of ``wrong`` voxels one random patch of ``size`` covers."""
     covered = wrong.astype(np.float64)
     for axis, (length, s) in enumerate(zip(wrong.shape, size, strict=True)):
         shape = [1] * wrong.ndim
         shape[axis] = length
         covered = covered * _coverage_1d(length, s).reshape(shape)
-    return float(covered.sum()) / total
+    return float(covered.sum())
 
 
 @dataclass(frozen=True)
@@ -141,16 +140,27 @@ def _random_cluster_hits(
     return hits
 
 
-def error_yield(pred, gt, boxes: Sequence[Box]) -> ErrorYield:
-    """The error yield of the queued ``boxes`` ((start, stop) voxel corners, stop exclusive)
-    for ``pred`` (0/1 mask or probability, 0.5) against ``gt`` (0/1/255); see the module notes.
-    """
+@dataclass
+class _VolumeErrors:
+    """One volume's wrong voxels and clusters, and which of them the queue's boxes hold."""
+
+    shape: tuple[int, ...]
+    wrong: np.ndarray
+    clusters: list[_Cluster]
+    wrong_inside: int
+    clusters_inside: int
+    sizes: list[tuple[int, ...]]
+
+    def positions(self, size: Sequence[int]) -> int:
+        """Starts at which a patch of ``size`` fits in this volume (0: it does not fit)."""
+        return int(np.prod([max(n - s + 1, 0) for n, s in zip(self.shape, size, strict=True)]))
+
+
+def _volume_errors(pred, gt, boxes: Sequence[Box]) -> _VolumeErrors:
     p = _prediction_mask(pred)
     g, labelled = _truth(gt)
     if p.shape != g.shape:
         raise ValueError(f"prediction shape {p.shape} does not match ground truth {g.shape}")
-    if not boxes:
-        raise ValueError("no queued boxes: the error yield of an empty queue is undefined")
     p = p & labelled
     wrong = (p != g) & labelled
     inside = np.zeros(p.shape, dtype=bool)
@@ -159,33 +169,63 @@ def error_yield(pred, gt, boxes: Sequence[Box]) -> ErrorYield:
         slices, size = _box_slices(box, p.shape)
         inside[slices] = True
         sizes.append(size)
-
     pred_labels, n_pred = label_clusters(p)
     gt_labels, n_gt = label_clusters(g)
     matches = match_clusters(pred_labels, n_pred, gt_labels, n_gt)
     false_ids = sorted(set(range(1, n_pred + 1)) - {m[0] for m in matches})
     missed_ids = sorted(set(range(1, n_gt + 1)) - {m[1] for m in matches})
     clusters = _clusters(pred_labels, false_ids) + _clusters(gt_labels, missed_ids)
-    clusters_inside = sum(bool((c.mask(c.box) & inside[c.box]).any()) for c in clusters)
-
-    n_wrong = int(wrong.sum())
-    wrong_inside = int((wrong & inside).sum())
-    voxel_random = min(1.0, sum(_random_voxel_share(wrong, s) for s in sizes))
-    cluster_random = (
-        min(1.0, sum(_random_cluster_hits(clusters, p.shape, s) for s in sizes) / len(clusters))
-        if clusters
-        else 0.0
+    return _VolumeErrors(
+        shape=p.shape,
+        wrong=wrong,
+        clusters=clusters,
+        wrong_inside=int((wrong & inside).sum()),
+        clusters_inside=sum(bool((c.mask(c.box) & inside[c.box]).any()) for c in clusters),
+        sizes=sizes,
     )
+
+
+def pooled_error_yield(volumes: Sequence[tuple[object, object, Sequence[Box]]]) -> ErrorYield:
+    """The error yield of a queue over several volumes: ``(pred, gt, boxes)`` per volume.
+
+    Shares are pooled (wrong voxels and clusters of all volumes together); each random patch of
+    the reference is placed uniformly over every position, in any volume, where it fits.
+    """
+    errors = [_volume_errors(pred, gt, boxes) for pred, gt, boxes in volumes]
+    sizes = [size for e in errors for size in e.sizes]
+    if not sizes:
+        raise ValueError("no queued boxes: the error yield of an empty queue is undefined")
+    n_wrong = sum(int(e.wrong.sum()) for e in errors)
+    n_clusters = sum(len(e.clusters) for e in errors)
+    expected_voxels = expected_clusters = 0.0
+    for size in sizes:
+        positions = [e.positions(size) for e in errors]
+        total = sum(positions)
+        for e, count in zip(errors, positions, strict=True):
+            if count:
+                expected_voxels += count / total * _random_voxels_covered(e.wrong, size)
+                expected_clusters += (
+                    count / total * _random_cluster_hits(e.clusters, e.shape, size)
+                )
+    wrong_inside = sum(e.wrong_inside for e in errors)
+    clusters_inside = sum(e.clusters_inside for e in errors)
     return ErrorYield(
         wrong_voxels=n_wrong,
         wrong_voxels_inside=wrong_inside,
         voxel_share=wrong_inside / n_wrong if n_wrong else 0.0,
-        voxel_random_share=voxel_random,
-        wrong_clusters=len(clusters),
-        wrong_clusters_inside=int(clusters_inside),
-        cluster_share=clusters_inside / len(clusters) if clusters else 0.0,
-        cluster_random_share=cluster_random,
+        voxel_random_share=min(1.0, expected_voxels / n_wrong) if n_wrong else 0.0,
+        wrong_clusters=n_clusters,
+        wrong_clusters_inside=clusters_inside,
+        cluster_share=clusters_inside / n_clusters if n_clusters else 0.0,
+        cluster_random_share=min(1.0, expected_clusters / n_clusters) if n_clusters else 0.0,
     )
+
+
+def error_yield(pred, gt, boxes: Sequence[Box]) -> ErrorYield:
+    """The error yield of the queued ``boxes`` ((start, stop) voxel corners, stop exclusive)
+    for ``pred`` (0/1 mask or probability, 0.5) against ``gt`` (0/1/255); see the module notes.
+    """
+    return pooled_error_yield([(pred, gt, boxes)])
 
 
 def format_error_yield(strategy: str, result: ErrorYield) -> str:
