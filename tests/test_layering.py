@@ -60,7 +60,7 @@ def test_core_imports_neither_qt_nor_napari():
 #: top-level module or package gets a floor here (docs/architecture.md draws the same picture).
 FLOORS = {
     "base": ("__init__", "atomic", "progress", "memory", "intensity"),
-    "data": ("display", "io", "modality", "phantom", "metrics", "validation"),
+    "data": ("display", "io", "modality", "phantom", "metrics", "validation", "error_yield"),
     "models": ("models",),
     "compute": ("uncertainty", "inference", "ranking", "training", "limits"),
     "workflow": ("project", "rounds", "cohort", "benchmark"),

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_pvs.ranking import PatchGrid, rank_patches, save_ranking
+from napari_pvs.ranking import (
+    DEFAULT_STRATEGY,
+    SCORE_MEANINGS,
+    STRATEGIES,
+    PatchGrid,
+    patch_features,
+    rank_patches,
+    resolve_strategy,
+    save_ranking,
+)
 
 SHAPE = (64, 64, 96)
 
@@ -217,3 +226,79 @@ def test_stratified_foreground_share(tmp_path):
     assert [r.bbox_start for r in half] == [r.bbox_start for r in default]
     with pytest.raises(ValueError, match="foreground_share"):
         rank_patches(store, strategy="stratified", foreground_share=1.5)
+
+
+def test_every_registered_name_ranks_and_unknown_names_are_refused(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    for name in STRATEGIES:
+        table = rank_patches(store, n=4, patch=16, strategy=name, seed=1)
+        assert len(table) == 4, name
+        assert {r.strategy for r in table} == {resolve_strategy(name)}
+    assert resolve_strategy("default") == DEFAULT_STRATEGY != "default"
+    assert set(SCORE_MEANINGS) == set(STRATEGIES)
+    default = rank_patches(store, n=6, patch=16, strategy="default")
+    alias = rank_patches(store, n=6, patch=16, strategy=DEFAULT_STRATEGY)
+    assert [r.bbox_start for r in default] == [r.bbox_start for r in alias]
+    with pytest.raises(ValueError, match="choose one of default, entropy, bald"):
+        rank_patches(store, strategy="coreset")
+
+
+def test_clasp_is_two_thirds_stratified_with_decaying_noise(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    noiseless = rank_patches(store, n=6, patch=16, strategy="clasp", noise=0)
+    assert [r.predicted_pvs_voxels > 0 for r in noiseless][:3] == [True, True, False]
+    plain = rank_patches(store, n=6, patch=16, strategy="stratified", foreground_share=2 / 3)
+    assert [r.bbox_start for r in noiseless] == [r.bbox_start for r in plain]
+    # round 0 carries noise 1: the queues drawn by different seeds differ ...
+    drawn = {
+        tuple(map(tuple, (r.bbox_start for r in rank_patches(store, n=6, patch=16,
+                                                             strategy="clasp", seed=s))))
+        for s in range(6)
+    }  # fmt: skip
+    assert len(drawn) > 1
+    # ... and the noise decays over rounds: late rounds follow the scores (the first picks;
+    # later ones tie on the flat background, where any noise reorders them)
+    late = [
+        rank_patches(store, n=2, patch=16, strategy="clasp", seed=s, noise_round=40)
+        for s in range(6)
+    ]
+    assert all([r.bbox_start for r in t] == [r.bbox_start for r in noiseless[:2]] for t in late)
+
+
+def test_fg_random_draws_in_proportion_to_predicted_pvs(tmp_path):
+    segmentation = np.zeros((8, 8, 16), np.uint8)
+    segmentation[:, :, :2] = 1  # 128 PVS voxels in patch 0
+    segmentation[0, 0, 8] = 1  # 1 in patch 1
+    group = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    group.create_array("probability", data=np.full(segmentation.shape, 0.1, np.float16))
+    group.create_array("segmentation", data=segmentation)
+    first = [
+        rank_patches(group, n=1, patch=8, strategy="fg-random", seed=s, min_distance=0)[0]
+        .bbox_start[2] // 8
+        for s in range(200)
+    ]
+    assert np.mean(np.array(first) == 0) > 0.95  # 128 / 129 expected; uniform would be 0.5
+
+
+def test_diverse_spreads_its_picks_over_unlike_patches(tmp_path):
+    store = make_store(tmp_path / "p.zarr")
+    diverse = rank_patches(store, n=4, patch=16, strategy="diverse")
+    entropy = rank_patches(store, n=4, patch=16, strategy="entropy")
+    assert diverse[0].bbox_start == entropy[0].bbox_start  # starts from the most uncertain
+    assert [r.bbox_start for r in diverse] != [r.bbox_start for r in entropy]
+    features = patch_features(
+        zarr.open_group(str(store), mode="r"), PatchGrid(SHAPE, 16, 16),
+        np.zeros((4, 4, 6)), np.zeros((4, 4, 6)),
+    )  # fmt: skip
+    assert features.shape == (4, 4, 6, 6)
+
+    def spread(table):
+        vectors = [features[tuple(np.array(r.bbox_start) // 16)] for r in table]
+        return min(
+            np.linalg.norm(a - b) for i, a in enumerate(vectors) for b in vectors[i + 1 :]
+        )
+
+    assert spread(diverse) > spread(entropy)
+    centres = np.array([r.centre for r in diverse])
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(centres)) * 99
+    assert gaps.min() >= 1.5 * 16  # the spacing rule still holds

@@ -9,8 +9,22 @@ Patches are scored by block reduction, streamed slab by slab from zarr (memory i
 * ``stratified``: class-stratified predictive entropy: patches with and without predicted PVS
   are ranked by entropy separately and picked alternately (``foreground_share`` of the picks
   from the PVS stratum, default one half), so both kinds appear;
-* ``fg-random``: random among patches with predicted PVS (the strong 3D baseline of nnActive);
-* ``random``: random among all patches.
+* ``clasp``: nnActive's ClaSP PE (Luth et al. 2026, arXiv 2601.13677): ``stratified`` with
+  two thirds of the picks from the PVS stratum and power noise on the log-scores that decays
+  over rounds (``noise`` 1 and ``noise_decay`` 0.5 unless given; pass the round as
+  ``noise_round``);
+* ``diverse``: entropy with a diversity term: greedy k-center in feature space (see
+  :func:`patch_features`) over the ``DIVERSE_POOL_FACTOR`` x ``n`` most uncertain spaced-out
+  candidates, starting from the most uncertain;
+* ``fg-random``: random among patches with predicted PVS, each drawn with probability
+  proportional to its predicted PVS voxels, i.e. the grid patch holding a uniformly drawn
+  predicted-PVS voxel (nnActive's strong 3D baseline, snapped to the patch grid; labelled
+  foreground never counts because labelled patches are excluded anyway);
+* ``random``: random among all patches;
+* ``default``: an alias for :data:`DEFAULT_STRATEGY`, the queue the product ships.
+
+:data:`STRATEGIES` is the one registry of names: the CLI, the project settings, the widgets
+and the benchmark read it, and :func:`resolve_strategy` refuses any other name with the list.
 
 Chosen patches never overlap and keep their centres at least ``min_distance`` voxels apart
 (greedy non-maximum suppression), so the queue does not crowd one spot. Already-labelled
@@ -44,7 +58,10 @@ import numpy as np
 
 from napari_pvs import atomic
 
-STRATEGIES = ("entropy", "bald", "stratified", "fg-random", "random")
+#: Every queue strategy by name (the one registry; ``default`` is an alias, see below).
+STRATEGIES = ("default", "entropy", "bald", "stratified", "clasp", "diverse", "fg-random", "random")
+#: What ``default`` stands for: the product's queue until the benchmark shows a better one.
+DEFAULT_STRATEGY = "stratified"
 DEFAULT_PATCH = 32
 #: Default minimum centre distance between chosen patches, in patch sizes.
 DEFAULT_MIN_DISTANCE = 1.5
@@ -53,7 +70,20 @@ DEFAULT_MIN_TISSUE = 0.5
 #: Default factor by which the score noise shrinks each round (see ``noise``).
 DEFAULT_NOISE_DECAY = 0.5
 #: Strategies ranked by a score (the ones ``noise`` perturbs).
-SCORE_STRATEGIES = ("entropy", "bald", "stratified")
+SCORE_STRATEGIES = ("entropy", "bald", "stratified", "clasp", "diverse")
+#: ClaSP PE's defaults: share of picks with predicted PVS, and round-0 noise temperature.
+CLASP_FOREGROUND_SHARE = 2 / 3
+CLASP_NOISE = 1.0
+#: ``diverse`` picks by k-center among this many times ``n`` most uncertain candidates.
+DIVERSE_POOL_FACTOR = 4
+
+
+def resolve_strategy(name: str) -> str:
+    """The concrete strategy ``name`` stands for (``default`` -> :data:`DEFAULT_STRATEGY`);
+    an unknown name is refused with the list."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return DEFAULT_STRATEGY if name == "default" else name
 
 
 @dataclass
@@ -221,10 +251,10 @@ def rank_patches(
     seed: int = 0,
     image=None,
     min_tissue: float = DEFAULT_MIN_TISSUE,
-    noise: float = 0.0,
+    noise: float | None = None,
     noise_round: int = 0,
     noise_decay: float = DEFAULT_NOISE_DECAY,
-    foreground_share: float = 0.5,
+    foreground_share: float | None = None,
 ) -> list[RankedPatch]:
     """Rank patches of a prediction store (path or zarr group) for annotation.
 
@@ -232,13 +262,19 @@ def rank_patches(
     fewer candidates. ``min_distance`` defaults to 1.5 x ``patch`` (no face or edge
     neighbours). ``image`` (the predicted volume: array, path or ``Volume``) turns on the
     tissue filter. ``noise``, ``noise_round`` and ``noise_decay`` set the decaying score noise
-    of the module notes (score strategies only; the table keeps the noiseless scores);
-    ``foreground_share`` is the share of ``stratified`` picks with predicted PVS.
+    of the module notes (score strategies only; the table keeps the noiseless scores; None:
+    1 for ``clasp``, else 0); ``foreground_share`` is the share of ``stratified`` and
+    ``clasp`` picks with predicted PVS (None: 2/3 for ``clasp``, else 1/2). Rows name the
+    concrete strategy (``default`` resolved).
     """
     from napari_pvs.io import ATTRS_KEY, open_prediction  # zarr: not at `--help` time
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    strategy = resolve_strategy(strategy)
+    clasp = strategy == "clasp"
+    if noise is None:
+        noise = CLASP_NOISE if clasp else 0.0
+    if foreground_share is None:
+        foreground_share = CLASP_FOREGROUND_SHARE if clasp else 0.5
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not 0 <= foreground_share <= 1:
@@ -276,7 +312,7 @@ def rank_patches(
                 eligible[index] = False
 
     rng = np.random.default_rng(seed)
-    if strategy in ("entropy", "stratified"):
+    if strategy in ("entropy", "stratified", "clasp", "diverse"):
         if "entropy" in group:
             scores = grid.reduce(group["entropy"]) / voxels
         else:
@@ -300,6 +336,9 @@ def rank_patches(
                     "no eligible patch contains predicted PVS, so fg-random has nothing to draw "
                     "from; use --strategy entropy or random"
                 )
+            # Gumbel top-k on log(count): a draw without replacement in proportion to the
+            # patch's predicted PVS voxels (the patch of a uniformly drawn PVS voxel)
+            scores = np.log(np.maximum(foreground, 1e-12)) + rng.gumbel(size=grid.n)
 
     keys = scores
     if temperature > 0 and strategy in SCORE_STRATEGIES:
@@ -312,11 +351,16 @@ def rank_patches(
         order = np.argsort(-keys[mask], kind="stable")
         return [tuple(int(v) for v in idx[i]) for i in order]
 
-    if strategy == "stratified":
+    if strategy in ("stratified", "clasp"):
         strata = [by_score(eligible & (foreground > 0)), by_score(eligible & (foreground == 0))]
         chosen = _select(
             strata, grid, n, min_distance, interleave=True, first_share=foreground_share
         )
+    elif strategy == "diverse":
+        features = patch_features(group, grid, foreground, scores)
+        # the spaced-out top candidates (any subset keeps the spacing rules), then k-center
+        pool = _select(by_score(eligible), grid, DIVERSE_POOL_FACTOR * n, min_distance)
+        chosen = _select_k_center(pool, features, n)
     else:
         chosen = _select(by_score(eligible), grid, n, min_distance)
 
@@ -327,6 +371,53 @@ def rank_patches(
         _row(rank, index, grid, scores, group["segmentation"], affine, strategy)
         for rank, index in enumerate(chosen, start=1)
     ]
+
+
+def patch_features(
+    group, grid: PatchGrid, foreground: np.ndarray, entropy: np.ndarray
+) -> np.ndarray:
+    """Per-patch feature vectors for ``diverse``, shape ``(*grid.n, 6)``, each column scaled to
+    unit standard deviation over the grid.
+
+    Cheap statistics of the maps the ranking already reads, no model pass: mean entropy, mean
+    probability, standard deviation of the probability, share of predicted-PVS voxels, and
+    the patch centre's position along the first and last axes (normalised), so two patches
+    that look alike but lie far apart still count as different.
+    """
+    voxels = grid.voxels()
+    probability = group["probability"]
+    mean = grid.reduce(probability) / voxels
+    square = grid.reduce(probability, lambda slab: np.square(slab, dtype=np.float64)) / voxels
+    spread = np.sqrt(np.maximum(square - mean * mean, 0.0))
+    position = np.indices(grid.n, dtype=np.float64)
+    columns = [
+        entropy,
+        mean,
+        spread,
+        foreground / voxels,
+        position[0] / max(grid.n[0] - 1, 1),
+        position[-1] / max(grid.n[-1] - 1, 1),
+    ]
+    stacked = np.stack(columns, axis=-1)
+    scale = stacked.reshape(-1, stacked.shape[-1]).std(axis=0)
+    return stacked / np.where(scale > 0, scale, 1.0)
+
+
+def _select_k_center(
+    pool: Sequence[tuple[int, int, int]], features: np.ndarray, n: int
+) -> list[tuple[int, int, int]]:
+    """Greedy k-center over ``pool`` (most uncertain first): start from the top candidate,
+    then take the one farthest in feature space from every patch chosen so far."""
+    if not pool:
+        return []
+    vectors = np.asarray([features[index] for index in pool])
+    nearest = np.full(len(pool), np.inf)
+    picks = [0]
+    while len(picks) < min(n, len(pool)):
+        nearest = np.minimum(nearest, np.linalg.norm(vectors - vectors[picks[-1]], axis=1))
+        nearest[picks] = -np.inf
+        picks.append(int(np.argmax(nearest)))
+    return [pool[i] for i in picks]
 
 
 def _row(rank, index, grid, scores, segmentation, affine, strategy) -> RankedPatch:
@@ -433,10 +524,17 @@ SCORE_MEANINGS = {
     "model's samples disagree; 0 = they all agree",
     "stratified": "mean predictive entropy in bits (0 = sure, 1 = p = 0.5 everywhere); patches "
     "with and without predicted PVS are ranked separately and taken in turn",
-    "fg-random": "a random draw among patches with predicted PVS (the score orders the draw; "
-    "it measures nothing)",
+    "clasp": "mean predictive entropy in bits (0 = sure, 1 = p = 0.5 everywhere); two thirds "
+    "of the picks have predicted PVS, drawn with noise that shrinks each round (ClaSP PE)",
+    "diverse": "mean predictive entropy in bits (0 = sure, 1 = p = 0.5 everywhere); among the "
+    "most uncertain patches each next one is the least like those already picked",
+    "fg-random": "a random draw among patches with predicted PVS, more likely the more PVS "
+    "voxels they hold (the score orders the draw; it measures nothing)",
     "random": "a random draw among all patches (the score orders the draw; it measures nothing)",
 }
+SCORE_MEANINGS["default"] = (
+    f"the product's queue, now {DEFAULT_STRATEGY}: {SCORE_MEANINGS[DEFAULT_STRATEGY]}"
+)
 
 
 def shortfall_message(

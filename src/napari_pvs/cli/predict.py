@@ -272,9 +272,10 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--noise",
         type=float,
-        default=0.0,
-        help="score-noise temperature in round 0 (entropy, bald, stratified; default 0 = off): "
-        "patches are drawn in proportion to score^(1/T), exploring while the model is poor",
+        default=None,
+        help="score-noise temperature in round 0 (score strategies; default 1 for clasp, else 0 "
+        "= off): patches are drawn in proportion to score^(1/T), exploring while the model is "
+        "poor",
     )
     parser.add_argument(
         "--noise-round", type=int, default=0, help="the round: the noise shrinks each round"
@@ -288,8 +289,8 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--foreground-share",
         type=float,
-        default=0.5,
-        help="stratified: share of patches with predicted PVS (default 0.5; nnActive 0.67)",
+        default=None,
+        help="stratified, clasp: share of patches with predicted PVS (default 0.5; clasp 0.67)",
     )
     parser.set_defaults(func=_run_rank)
 
