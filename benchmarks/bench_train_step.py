@@ -29,12 +29,8 @@ import torch
 
 from napari_pvs.models import build_model, resolve_device
 from napari_pvs.models.checkpoint import default_checkpoint_path, load_checkpoint
-from napari_pvs.training import (
-    _TrainingOutputs,
-    distributed_context,
-    distributed_masked_loss,
-    masked_loss,
-)
+from napari_pvs.training import distributed_context, distributed_masked_loss, masked_loss
+from napari_pvs.training.distributed import TrainingOutputs
 
 
 def step_seconds(
@@ -58,7 +54,7 @@ def step_seconds(
         image = image.to(memory_format=torch.channels_last_3d)
     if distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            _TrainingOutputs(model), device_ids=[device.index] if use_cuda else None
+            TrainingOutputs(model), device_ids=[device.index] if use_cuda else None
         )
         forward = ddp
 

@@ -24,17 +24,18 @@ import torch
 from safetensors.torch import save_file
 
 import napari_pvs.training as training
+import napari_pvs.training.checkpointing as checkpointing
 from napari_pvs.cli import main as main_cli
 from napari_pvs.progress import Cancelled
 from napari_pvs.training import (
     TrainConfig,
     TrainingVolume,
-    _TrainingOutputs,
     distributed_context,
     distributed_masked_loss,
     fit,
     masked_loss,
 )
+from napari_pvs.training.distributed import TrainingOutputs
 from tiny_models import tiny_unet
 
 #: The run the test repeats in one process (global batch 4: 2 patches per process).
@@ -80,13 +81,13 @@ def main(folder: Path) -> None:
     volume = TrainingVolume(data["image"], data["labels"], "T2")
     report: dict = {"writes": []}
 
-    save = training.save_checkpoint
+    save = checkpointing.save_checkpoint
 
     def recording_save(model, path, **options):  # which process writes what
         report["writes"].append(Path(path).name)
         return save(model, path, **options)
 
-    training.save_checkpoint = recording_save
+    checkpointing.save_checkpoint = recording_save
 
     with distributed_context("cpu") as context:
         rank, world = context.rank, context.world_size
@@ -98,7 +99,7 @@ def main(folder: Path) -> None:
 
         # One step's gradient: the global-batch loss, and the naive mean of per-process losses.
         model = tiny(0).train()
-        ddp = torch.nn.parallel.DistributedDataParallel(_TrainingOutputs(model))
+        ddp = torch.nn.parallel.DistributedDataParallel(TrainingOutputs(model))
         to_backward, value = distributed_masked_loss(ddp(images, ["T2"] * 2), labels)
         to_backward.backward()
         exact = gradients(model)

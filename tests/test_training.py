@@ -15,14 +15,13 @@ from napari_pvs.training import (
     UNLABELLED,
     TrainConfig,
     TrainingVolume,
-    _batch,
-    _Indexed,
     augment,
     fit,
     last_checkpoint_path,
     masked_loss,
     split_volumes,
 )
+from napari_pvs.training.sampling import IndexedVolume, draw_batch
 from test_models import tiny
 
 SMALL = dict(
@@ -71,7 +70,7 @@ def test_deep_supervision_levels_enter_the_loss():
 
 def test_a_few_steps_on_a_tiny_phantom_lower_the_loss(phantom):
     volume = TrainingVolume(phantom.image, phantom.pvs, "T2")
-    item = _Indexed(volume)
+    item = IndexedVolume(volume)
     rng = np.random.default_rng(1)
     fixed = [item.patch(item.centre(rng, "foreground"), (24, 24, 24)) for _ in range(4)]
     images = torch.from_numpy(np.stack([f[0] for f in fixed])[:, None])
@@ -93,7 +92,7 @@ def test_partial_labels_sample_only_labelled_regions(phantom):
     labels = np.full(phantom.pvs.shape, UNLABELLED, np.uint8)
     box = (slice(10, 30), slice(10, 34), slice(8, 32))
     labels[box] = phantom.pvs[box]
-    item = _Indexed(TrainingVolume(phantom.image, labels, "T2"))
+    item = IndexedVolume(TrainingVolume(phantom.image, labels, "T2"))
     for points in (item.labelled, item.foreground):
         assert len(points) > 0
         for axis, sl in enumerate(box):
@@ -231,7 +230,7 @@ def test_hard_negatives_are_pvs_look_alikes_not_plain_tissue():
     image[10:30, 30, 30] = 300  # a PVS
     labels = np.zeros(image.shape, np.uint8)
     labels[10:30, 30, 30] = 1
-    item = _Indexed(TrainingVolume(image, labels, "T2"))
+    item = IndexedVolume(TrainingVolume(image, labels, "T2"))
     hard = item.hard_negatives
     assert len(hard) > 50
     near_sheet = np.abs(hard[:, 1] - 20) <= 2
@@ -346,9 +345,9 @@ def test_foreground_share_holds_when_most_items_hold_no_pvs():
         labels = np.zeros((24, 24, 24), np.uint8)
         if i == 3:
             labels[10:14, 10:14, 10:14] = 1
-        items.append(_Indexed(TrainingVolume(image, labels, "T2")))
+        items.append(IndexedVolume(TrainingVolume(image, labels, "T2")))
     config = TrainConfig(batch_size=50, patch=(8, 8, 8), foreground_fraction=0.6,
                          hard_negative_fraction=0.0, augment=False)  # fmt: skip
-    _, labels, _ = _batch(items, config, 0, 0, range(config.batch_size), train=False)
+    _, labels, _ = draw_batch(items, config, 0, 0, range(config.batch_size), train=False)
     with_pvs = np.mean([(patch == 1).any() for patch in labels])
     assert with_pvs >= 0.45  # about 0.6; drawing the item first gave 0.04

@@ -1,0 +1,39 @@
+"""Validation Dice of a model on fixed patches, pooled over patches and over processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from napari_pvs.training.data import UNLABELLED
+
+
+def evaluate_patches(model, batches, device: torch.device, world: int = 1) -> float:
+    """Dice over all validation patches pooled (labelled voxels only).
+
+    With ``world`` > 1 each process holds a share of the patches: the counts are summed over
+    the processes, so every process gets the same Dice and takes the same best/stop decision.
+    """
+    inter, total = overlap_counts(model, batches, device)
+    if world > 1:
+        counts = torch.tensor([inter, total], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        inter, total = counts.tolist()
+    return 1.0 if total == 0 else 2 * inter / total
+
+
+def overlap_counts(model, batches, device: torch.device) -> tuple[float, float]:
+    """(prediction & truth, prediction + truth) voxel counts over ``batches``: they add up
+    across processes exactly, so every process derives the same validation Dice."""
+    model.eval()
+    inter = total = 0.0
+    with torch.no_grad():
+        for image, label, modality in batches:
+            prob = torch.sigmoid(model(torch.from_numpy(image).to(device), modality))
+            pred = prob[0, 0].float().cpu().numpy() >= 0.5
+            mask = label != UNLABELLED
+            truth = (label == 1) & mask
+            pred &= mask
+            inter += float((pred & truth).sum())
+            total += float(pred.sum() + truth.sum())
+    return inter, total
