@@ -69,7 +69,8 @@ def model_size_divisor(model: str | os.PathLike | Sequence[str | os.PathLike]) -
     ensemble), read from the checkpoint header: ``'default'`` or a checkpoint path."""
     if not isinstance(model, str | os.PathLike):
         return math.lcm(*(model_size_divisor(m) for m in model))
-    from napari_pvs.models.checkpoint import _read_header, _skeleton, default_checkpoint_path
+    from napari_pvs.models.checkpoint import default_checkpoint_path
+    from napari_pvs.models.checkpoint_checks import model_skeleton, read_header
 
     path = default_checkpoint_path() if str(model) == "default" else Path(model)
     if not path.is_file():
@@ -78,8 +79,8 @@ def model_size_divisor(model: str | os.PathLike | Sequence[str | os.PathLike]) -
             "written by napari-pvs"
         )
     source = repr(str(path))
-    meta, shapes = _read_header(path, source)
-    return int(_skeleton(meta, shapes, source).size_divisor)
+    meta, shapes = read_header(path, source)
+    return int(model_skeleton(meta, shapes, source).size_divisor)
 
 
 def patch_range(shape: Sequence[int], divisor: int = 1) -> tuple[int, int]:
