@@ -44,7 +44,9 @@ def errors(capsys) -> str:
 
 
 def test_each_check_names_the_allowed_range(checkpoint, monkeypatch):
-    with pytest.raises(ValueError, match="'bogus' is not a strategy; choose one of default, entropy"):
+    with pytest.raises(
+        ValueError, match="'bogus' is not a strategy; choose one of default, entropy"
+    ):
         limits.check_strategy("bogus")
     monkeypatch.setattr(ranking, "STRATEGIES", (*ranking.STRATEGIES, "clasp"))
     assert limits.check_strategy("clasp") == "clasp"  # the list is ranking's, read now

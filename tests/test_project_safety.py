@@ -1,0 +1,89 @@
+"""Issue 20 (second pass): a project export deletes only what it wrote, a changed volume is
+caught, a killed round is cleaned up, and one damaged label store blocks only its own volume.
+
+Each test failed on the code before the fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_pvs import io
+from napari_pvs.cli import main
+from napari_pvs.project import Project
+from napari_pvs.project.export import EXPORT_MARKER
+from tiny_models import tiny_checkpoint
+
+SHAPE = (20, 24, 18)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def scan(path, shape=SHAPE, seed=0, spacing=1.0):
+    data = np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
+    return io.save_nifti(path, data, np.diag([spacing, spacing, spacing, 1.0]), overwrite=True)
+
+
+@pytest.fixture()
+def project(tmp_path, checkpoint):
+    """A project with volumes 'a' (#1) and 'b' (#2), one accepted patch on each."""
+    folder = tmp_path / "proj"
+    with Project.create(folder, model=checkpoint) as created:
+        for index, name in enumerate(("a", "b")):
+            record = created.add_volume(scan(tmp_path / f"{name}.nii.gz", seed=index))
+            created.accept(record.id, (0, 0, 0), (8, 8, 8), np.zeros((8, 8, 8), np.uint8))
+    return folder
+
+
+def errors(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def tree(folder) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def test_export_overwrite_refuses_a_folder_of_other_files(project, tmp_path, capsys):
+    out = tmp_path / "my_results"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert main(["project", "export", str(project), "--out", str(out), "--overwrite"]) == 2
+    assert "not a folder napari-pvs exported" in errors(capsys)
+    assert tree(out) == {"thesis.tex": b"years of work"}
+
+
+@pytest.mark.parametrize("part", ["volumes", "models", "."])
+def test_export_refuses_any_folder_of_the_project(project, capsys, part):
+    before = tree(project / part)
+    assert main(["project", "export", str(project), "--out", str(project / part),
+                 "--overwrite"]) == 2  # fmt: skip
+    assert "inside it or holds it" in errors(capsys)
+    assert tree(project / part) == before
+    with Project.open(project, readonly=True) as opened:
+        assert len(opened.volumes()) == 2
+
+
+def test_export_replaces_only_its_own_folder(project, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["project", "export", str(project), "--out", str(out)]) == 0
+    assert (out / EXPORT_MARKER).is_file() and (out / "a_labels.nii.gz").is_file()
+    assert main(["project", "export", str(project), "--out", str(out), "--overwrite"]) == 0
+    (out / "notes.txt").write_text("mine")  # the user put a file of their own in it
+    assert main(["project", "export", str(project), "--out", str(out), "--overwrite"]) == 2
+    assert "holds other files (notes.txt)" in errors(capsys)
+    assert (out / "notes.txt").read_text() == "mine"
+    # the project's own exports/ area is its to write, again and again
+    assert main(["project", "export", str(project)]) == 0
+    assert main(["project", "export", str(project), "--overwrite"]) == 0
+    assert (project / "exports" / "v0" / EXPORT_MARKER).is_file()
