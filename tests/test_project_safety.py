@@ -87,3 +87,58 @@ def test_export_replaces_only_its_own_folder(project, tmp_path, capsys):
     assert main(["project", "export", str(project)]) == 0
     assert main(["project", "export", str(project), "--overwrite"]) == 0
     assert (project / "exports" / "v0" / EXPORT_MARKER).is_file()
+
+
+# ------------------------------------------------------------------------------- changed volumes
+
+
+def test_a_volume_changed_after_add_is_refused_everywhere_with_a_sentence(
+    project, tmp_path, capsys
+):
+    original = (tmp_path / "a.nii.gz").read_bytes()
+    scan(tmp_path / "a.nii.gz", seed=99, spacing=3.0)  # same shape, other voxels and affine
+    for command in (
+        ["project", "export", str(project), "--out", str(tmp_path / "out")],
+        ["project", "queue", str(project), "--volume", "a", "--n", "2", "--patch", "8"],
+    ):
+        assert main(command) == 2
+        err = errors(capsys)
+        assert "volume 'a' (#1) at" in err and "changed since it was added" in err
+        assert "napari-pvs project add" in err
+    assert not (tmp_path / "out").exists()
+    with Project.open(project) as opened:
+        with pytest.raises(ValueError, match="changed since it was added"):
+            opened.accept("a", (8, 8, 8), (16, 16, 16), np.zeros((8, 8, 8), np.uint8))
+        with pytest.raises(ValueError, match="changed since it was added"):
+            opened.predict("a")
+        assert not opened.check_volume("a") and opened.check_volume("b")
+        opened.accept("b", (8, 8, 8), (16, 16, 16), np.zeros((8, 8, 8), np.uint8))  # unaffected
+    (tmp_path / "a.nii.gz").write_bytes(original)  # the original back (a new mtime): fine
+    with Project.open(project) as opened:
+        assert opened.check_volume("a")
+        assert opened.open_volume("a").shape == SHAPE
+
+
+def test_a_partial_prediction_of_another_input_is_refused_never_resumed(tmp_path):
+    import threading
+
+    from napari_pvs.inference import Predictor
+    from napari_pvs.progress import Cancelled
+    from tiny_models import tiny_unet
+
+    volume = np.random.default_rng(4).normal(100, 20, (48, 24, 20)).astype(np.float32)
+    flipped = np.flip(volume, axis=0).copy()  # the same voxels upside down: same range
+    options = dict(window=16, overlap=0.25, batch=2, chunks=12, device="cpu")
+    cancel = threading.Event()
+
+    def stop_midway(done, total, message):
+        if done >= 0.5 * total:
+            cancel.set()
+
+    out = tmp_path / "pred.zarr"
+    with pytest.raises(Cancelled):
+        Predictor(tiny_unet(), **options).predict(volume, out, progress=stop_midway, cancel=cancel)
+    with pytest.raises(ValueError, match="holds a prediction from a different run .*input"):
+        Predictor(tiny_unet(), **options).predict(flipped, out)
+    summary = Predictor(tiny_unet(), **options).predict(volume, out)  # the same input resumes
+    assert summary.chunks_skipped > 0

@@ -87,6 +87,7 @@ class Annotations:
         """
         self._ledger.require_writable()
         record = self._volumes.volume(ref)
+        self._volumes.require_unchanged(record)
         start = tuple(int(v) for v in start)
         stop = tuple(int(v) for v in stop)
         if len(start) != 3 or len(stop) != 3:

@@ -189,6 +189,8 @@ class Exports:
             out.parent.mkdir(exist_ok=True)
         inputs = [v.path for v in self._volumes.volumes()] + [self._ledger.folder / LEDGER]
         check_export_folder(out, self._ledger.folder, overwrite)
+        for record in self._volumes.volumes():  # a changed scan must not get stale labels
+            self._volumes.require_unchanged(record)
         atomic.check_output(out, inputs=inputs, overwrite=overwrite)
         rows = self.burden(version=number, progress=progress, cancel=cancel)
         files = []

@@ -6,6 +6,7 @@ A label store holds ``labels`` (uint8 0/1, :data:`UNREVIEWED` = 255 = not review
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -23,6 +24,12 @@ from napari_pvs.project.records import VolumeRecord, now
 
 UNREVIEWED = 255
 LABEL_CHUNK = 32
+#: The ``meta`` key prefix of each volume's last verified file stamp (:func:`stat_stamp`).
+STAMP_KEY = "volume-stamp."
+
+
+class VolumeChanged(ValueError):
+    """A volume's file no longer holds the data it held when it was added."""
 
 
 class Volumes:
@@ -30,6 +37,7 @@ class Volumes:
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
+        self._verified: dict[int, str] = {}  # volume id -> stamp checked in this session
 
     def label_store_path(self, volume_id: int) -> Path:
         return label_store_path(self._ledger.folder, volume_id)
@@ -106,6 +114,7 @@ class Volumes:
             stored = str(path.resolve().relative_to(self._ledger.folder.resolve()))
         except ValueError:
             stored = str(path.resolve())
+        stamp = stat_stamp(path)
         with self._ledger.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO volumes(name, path, fingerprint, modality, shape, spacing, added) "
@@ -121,6 +130,7 @@ class Volumes:
                 ),
             )
             volume_id = int(cursor.lastrowid)
+            self._ledger.set_meta(db, f"{STAMP_KEY}{volume_id}", stamp)
             self._ledger.event(
                 "add-volume", {"volume": volume_id, "name": unique, "path": stored}, db
             )
@@ -158,16 +168,41 @@ class Volumes:
         names = ", ".join(f"{v.id} ({v.name})" for v in self.rows()) or "none"
         raise ValueError(f"no volume {ref!r} in the project; volumes: {names}")
 
+    def require_unchanged(self, record: VolumeRecord) -> None:
+        """Stop with a sentence when the volume's file moved or its data changed since *Add*.
+
+        Cheap: the file's size and modification time (a store's folders and metadata files)
+        are compared with the last verified stamp; only when they differ is the content
+        :func:`fingerprint` (header and a sample of chunks) recomputed and compared with the
+        one taken at *Add*. A touched but identical file is accepted and its stamp refreshed.
+        """
+        if not record.path.exists():
+            raise FileNotFoundError(
+                f"volume {record.name!r} was at {record.path}, which no longer exists; put the "
+                "file back there (or remove the volume: napari-pvs project remove)"
+            )
+        stamp = stat_stamp(record.path)
+        if stamp in (self._verified.get(record.id), self._ledger.meta(STAMP_KEY + str(record.id))):
+            self._verified[record.id] = stamp
+            return
+        if fingerprint(record.path) != record.fingerprint:
+            raise VolumeChanged(
+                f"volume {record.name!r} (#{record.id}) at {record.path} changed since it was "
+                "added: its labels and predictions no longer match its voxels; put the "
+                "original file back at that path, or add the new file as a new volume "
+                "(napari-pvs project add) and remove this one (napari-pvs project remove)"
+            )
+        self._verified[record.id] = stamp
+        if not self._ledger.readonly:
+            with contextlib.suppress(sqlite3.Error, OSError), self._ledger.transaction() as db:
+                self._ledger.set_meta(db, STAMP_KEY + str(record.id), stamp)
+
     def open_volume(self, ref: int | str):
         """The volume as an ``io.Volume``; a clear error if its file moved or changed."""
         from napari_pvs.io import open_volume
 
         record = self.volume(ref)
-        if not record.path.exists():
-            raise FileNotFoundError(
-                f"volume {record.name!r} was at {record.path}, which no longer exists; put the "
-                "file back there"
-            )
+        self.require_unchanged(record)
         volume = open_volume(record.path, modality=record.modality)
         if tuple(volume.shape) != record.shape:
             raise ValueError(
@@ -177,9 +212,12 @@ class Volumes:
         return volume
 
     def check_volume(self, ref: int | str) -> bool:
-        """True when the volume's file still has the fingerprint it had when added."""
-        record = self.volume(ref)
-        return record.path.exists() and fingerprint(record.path) == record.fingerprint
+        """True when the volume's file is where it was and holds what it held when added."""
+        try:
+            self.require_unchanged(self.volume(ref))
+        except (FileNotFoundError, VolumeChanged):
+            return False
+        return True
 
     def labels(self, ref: int | str):
         """The volume's label store (read-only zarr group: ``labels``, ``reviewed``)."""
@@ -195,6 +233,31 @@ def _volume_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+_METADATA_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+def stat_stamp(path: str | os.PathLike) -> str:
+    """Size and modification time of a volume file, or of a store's folders and metadata files
+    two levels deep (no chunk is listed one by one): changes whenever the file is rewritten."""
+    path = Path(path)
+    info = path.stat()
+    parts = [f"{info.st_size}:{info.st_mtime_ns}"]
+    if path.is_dir():
+        level = [path]
+        for _ in range(2):
+            below = []
+            for folder in level:
+                with os.scandir(folder) as entries:
+                    for entry in sorted(entries, key=lambda e: e.name):
+                        if entry.is_dir() or entry.name in _METADATA_NAMES:
+                            stat = entry.stat()
+                            parts.append(f"{os.path.relpath(entry.path, path)}:{stat.st_size}:{stat.st_mtime_ns}")
+                            if entry.is_dir():
+                                below.append(Path(entry.path))
+            level = below
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
 def fingerprint(path: str | os.PathLike, budget_bytes: int = 64 * 2**20) -> str:
