@@ -138,7 +138,7 @@ def test_a_partial_prediction_of_another_input_is_refused_never_resumed(tmp_path
     out = tmp_path / "pred.zarr"
     with pytest.raises(Cancelled):
         Predictor(tiny_unet(), **options).predict(volume, out, progress=stop_midway, cancel=cancel)
-    with pytest.raises(ValueError, match="holds a prediction from a different run .*input"):
+    with pytest.raises(ValueError, match=r"holds a prediction from a different run .*input"):
         Predictor(tiny_unet(), **options).predict(flipped, out)
     summary = Predictor(tiny_unet(), **options).predict(volume, out)  # the same input resumes
     assert summary.chunks_skipped > 0

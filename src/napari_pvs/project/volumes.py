@@ -253,7 +253,8 @@ def stat_stamp(path: str | os.PathLike) -> str:
                     for entry in sorted(entries, key=lambda e: e.name):
                         if entry.is_dir() or entry.name in _METADATA_NAMES:
                             stat = entry.stat()
-                            parts.append(f"{os.path.relpath(entry.path, path)}:{stat.st_size}:{stat.st_mtime_ns}")
+                            name = os.path.relpath(entry.path, path)
+                            parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
                             if entry.is_dir():
                                 below.append(Path(entry.path))
             level = below
