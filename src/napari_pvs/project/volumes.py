@@ -21,6 +21,7 @@ from napari_pvs import atomic
 from napari_pvs.project.layout import label_store_path
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.records import VolumeRecord, now
+from napari_pvs.project.refs import find_volume
 
 UNREVIEWED = 255
 LABEL_CHUNK = 32
@@ -147,15 +148,17 @@ class Volumes:
         return self.rows()
 
     def volume(self, ref: int | str | VolumeRecord) -> VolumeRecord:
-        """A live volume by id or name; ValueError for an unknown or removed one."""
+        """A live volume by id (an int), or by what a user writes (``#2``, a name, the path it
+        was added with: :func:`napari_pvs.project.refs.find_volume`); ValueError for an unknown
+        or removed one."""
         if isinstance(ref, VolumeRecord):
             ref = ref.id
-        column = "id" if isinstance(ref, int | np.integer) or str(ref).isdigit() else "name"
-        value = int(ref) if column == "id" else str(ref)
+        if not isinstance(ref, int | np.integer):
+            return find_volume(self, str(ref))
         rows = self._ledger.query(
             "SELECT id, name, path, fingerprint, modality, shape, spacing, added, removed "
-            f"FROM volumes WHERE {column} = ? ORDER BY id DESC",
-            (value,),
+            "FROM volumes WHERE id = ? ORDER BY id DESC",
+            (int(ref),),
         )
         live = [r for r in rows if r[8] is None]
         if live:
@@ -175,6 +178,8 @@ class Volumes:
         are compared with the last verified stamp; only when they differ is the content
         :func:`fingerprint` (header and a sample of chunks) recomputed and compared with the
         one taken at *Add*. A touched but identical file is accepted and its stamp refreshed.
+        A ledger row whose fingerprint is not one napari-pvs computes (a hand-made or foreign
+        ledger) cannot be compared: its current stamp is adopted.
         """
         if not record.path.exists():
             raise FileNotFoundError(
@@ -185,7 +190,7 @@ class Volumes:
         if stamp in (self._verified.get(record.id), self._ledger.meta(STAMP_KEY + str(record.id))):
             self._verified[record.id] = stamp
             return
-        if fingerprint(record.path) != record.fingerprint:
+        if _is_fingerprint(record.fingerprint) and fingerprint(record.path) != record.fingerprint:
             raise VolumeChanged(
                 f"volume {record.name!r} (#{record.id}) at {record.path} changed since it was "
                 "added: its labels and predictions no longer match its voxels; put the "
@@ -233,6 +238,11 @@ def _volume_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def _is_fingerprint(text: str) -> bool:
+    """True for a digest :func:`fingerprint` makes (64 hexadecimal digits)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 _METADATA_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
