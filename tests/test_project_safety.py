@@ -142,3 +142,84 @@ def test_a_partial_prediction_of_another_input_is_refused_never_resumed(tmp_path
         Predictor(tiny_unet(), **options).predict(flipped, out)
     summary = Predictor(tiny_unet(), **options).predict(volume, out)  # the same input resumes
     assert summary.chunks_skipped > 0
+
+
+# ------------------------------------------------------------------------------- checks first
+
+
+def test_the_api_checks_names_and_sizes_like_the_cli(project, tmp_path):
+    import nibabel as nib
+
+    tiny = tmp_path / "tiny.nii"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(tiny))
+    with Project.open(project) as opened:
+        with pytest.raises(ValueError, match="fewer than one 8\\^3 patch"):
+            opened.add_volume(tiny)
+        with pytest.raises(ValueError, match="'bogus' is not a strategy"):
+            opened.rank("a", strategy="bogus")
+        with pytest.raises(ValueError, match="--n must be a whole number of at least 1, got 0"):
+            opened.rank("a", n=0)
+        for patch in (0, 3, 100000):
+            with pytest.raises(ValueError, match="--patch must be between 8 and 18 voxels"):
+                opened.rank("a", patch=patch)
+        with pytest.raises(ValueError, match="'bogus' is not a strategy"):
+            opened.update_settings(strategy="bogus")
+        with pytest.raises(ValueError, match="setting n=0 is not valid"):
+            opened.update_settings(n=0)
+        assert [v.name for v in opened.volumes()] == ["a", "b"]
+        assert opened.queue() == []
+    assert list(project.glob("predictions/*/*.zarr")) == []  # refused before predicting
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--strategy", "bogus"], "'bogus' is not a strategy"),
+        (["--n", "0"], "--n must be a whole number of at least 1"),
+        (["--patch", "0"], "--patch must be between 8 and 32 voxels"),
+        (["--patch", "3"], "--patch must be between 8 and 32 voxels"),
+        (["--patch", "100000"], "--patch must be between 8 and 32 voxels"),
+        (["--steps", "0"], "--steps must be a whole number of at least 1"),
+    ],
+)
+def test_round_refuses_bad_arguments_before_any_work(project, capsys, extra, said):
+    assert main(["round", str(project), "--device", "cpu", *extra]) == 2
+    assert said in errors(capsys)
+    with Project.open(project, readonly=True) as opened:
+        assert opened.rounds() == [] and len(opened.versions()) == 1
+
+
+def test_every_reader_refuses_a_zero_size_volume(tmp_path):
+    import nibabel as nib
+    import zarr
+
+    empty_nii = tmp_path / "empty.nii"
+    nib.save(nib.Nifti1Image(np.zeros((0, 10, 10), np.float32), np.eye(4)), str(empty_nii))
+    empty_zarr = tmp_path / "empty.zarr"
+    zarr.open_array(str(empty_zarr), mode="w", shape=(10, 0, 10), chunks=(4, 4, 4), dtype="u1")
+    for path in (empty_nii, empty_zarr):
+        for reader in (io.open_volume, io.open_labels):
+            with pytest.raises(ValueError, match="is empty"):
+                reader(path)
+
+
+def test_opening_a_huge_store_reads_only_metadata_and_a_bounded_sample(tmp_path):
+    import time
+
+    import zarr
+
+    big = zarr.open_array(str(tmp_path / "big.zarr"), mode="w", shape=(4096,) * 3,
+                          chunks=(128,) * 3, dtype="float32", zarr_format=2)  # fmt: skip
+    big[:64, :64, :64] = 7
+    started = time.monotonic()
+    assert io.open_volume(tmp_path / "big.zarr").shape == (4096,) * 3
+    assert time.monotonic() - started < 2
+    big[4000, 4000, 4000] = np.nan  # in the last chunk, which the sample reads
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        io.open_volume(tmp_path / "big.zarr")
+    zarr.open_array(str(tmp_path / "huge.zarr"), mode="w", shape=(10**6,) * 3,
+                    chunks=(64,) * 3, dtype="float32", zarr_format=2)  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="more than this machine could hold or process"):
+        io.open_volume(tmp_path / "huge.zarr")
+    assert time.monotonic() - started < 2

@@ -93,10 +93,12 @@ class Volumes:
         others by absolute path. Adding the same file twice is refused.
         """
         from napari_pvs.io import open_volume
+        from napari_pvs.limits import check_volume_shape
 
         self._ledger.require_writable()
         path = Path(path).expanduser().absolute()
         volume = open_volume(path, modality=modality)
+        check_volume_shape(volume.shape, path)
         for existing in self.rows():
             if existing.path.resolve() == path.resolve():
                 raise ValueError(
