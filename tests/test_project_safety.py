@@ -6,6 +6,8 @@ Each test failed on the code before the fix.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -223,3 +225,53 @@ def test_opening_a_huge_store_reads_only_metadata_and_a_bounded_sample(tmp_path)
     with pytest.raises(ValueError, match="more than this machine could hold or process"):
         io.open_volume(tmp_path / "huge.zarr")
     assert time.monotonic() - started < 2
+
+
+# ------------------------------------------------------------------------------- killed round
+
+CHILD_ROUND = """
+import os, sys
+from napari_pvs.project import Project
+from napari_pvs.rounds import RoundConfig, run_round
+project = Project.open(sys.argv[1])
+def die(event):
+    if event["kind"] == "step":
+        os.kill(os.getpid(), 9)
+run_round(project, RoundConfig(steps=100000, patch=16, device="cpu"), on_event=die)
+"""
+
+
+def test_a_killed_round_is_interrupted_and_cleaned_at_the_next_open(project, tmp_path, capsys):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from napari_pvs import atomic
+
+    with Project.open(project) as opened:  # enough training patches for a round to start
+        for k in range(1, 6):
+            box = (0, 8, 2 * k), (8, 16, 2 * k + 8)
+            opened.accept("a", *box, np.zeros((8, 8, 8), np.uint8))
+    src = str(Path(io.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src}
+    result = subprocess.run([sys.executable, "-c", CHILD_ROUND, str(project)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert any((project / "rounds").glob("r*/train"))  # the killed round's work folder
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = atomic.temp_path(project / "models" / "v9.safetensors")
+    stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", f"-{dead}-"))
+    stale.write_bytes(b"half a checkpoint")  # a temporary of a dead process
+    live = atomic.temp_path(project / "exports" / "v0")
+    live.write_bytes(b"being written")  # this (live) process's: kept
+    assert main(["project", "status", str(project), "--json"]) == 0
+    rounds = json.loads(capsys.readouterr().out)["rounds"]
+    assert rounds[-1]["status"] == "interrupted"
+    assert not any((project / "rounds").glob("r*/train")) and not stale.exists()
+    assert live.exists()
+    with Project.open(project) as opened:
+        assert opened.current_version().version == 0
+        assert opened.round(rounds[-1]["id"]).status == "interrupted"

@@ -203,7 +203,13 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _open(args.project, readonly=True) as project:
+    from napari_pvs.project import ProjectLocked
+
+    try:  # for writing when no one else writes: a killed round or accept is repaired first
+        project = _open(args.project)
+    except (ProjectLocked, PermissionError):
+        project = _open(args.project, readonly=True)
+    with project:
         status = project.status()
     if args.json:
         print(json.dumps(status, indent=1, default=str))
