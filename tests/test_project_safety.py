@@ -275,3 +275,52 @@ def test_a_killed_round_is_interrupted_and_cleaned_at_the_next_open(project, tmp
     with Project.open(project) as opened:
         assert opened.current_version().version == 0
         assert opened.round(rounds[-1]["id"]).status == "interrupted"
+
+
+# ------------------------------------------------------------------------------- damage
+
+
+def test_a_damaged_label_chunk_blocks_only_its_volume_until_repair(project, tmp_path, capsys):
+    store = project / "volumes" / "1" / "labels.zarr"
+    chunk = store / "labels" / "c" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"garbage" * 8)
+    labels = tmp_path / "ones.npy"
+    np.save(labels, np.ones((8, 8, 8), np.uint8))
+    box = ["0", "0", "8", "8", "8", "16"]
+    accept = ["project", "accept", str(project)]
+    assert main([*accept, "a", "--box", *box, "--labels", str(labels)]) == 2
+    err = errors(capsys)
+    assert str(chunk) in err and "napari-pvs project repair" in err
+    assert main([*accept, "b", "--box", *box, "--labels", str(labels)]) == 0  # other volume
+    assert main([*accept, "a", "--box", *box, "--labels", str(labels)]) == 2  # read-only
+    assert "read-only until you run" in errors(capsys)
+    with Project.open(project) as opened:  # opens; the failed accepts never commit later
+        assert [a.volume_id for a in opened.annotations()] == [1, 2, 2]
+    assert main(["project", "repair", str(project)]) == 0
+    out = capsys.readouterr().out
+    assert "moved 1 damaged part(s) aside" in out and "annotations 1 overlapped" in out
+    assert (project / "damaged").is_dir() and not chunk.exists()
+    assert main([*accept, "a", "--box", *box, "--labels", str(labels)]) == 0
+    with Project.open(project) as opened:
+        reviewed = np.asarray(opened.labels("a")["reviewed"][:])
+        assert reviewed[0:8, 0:8, 8:16].all() and not reviewed[0:8, 0:8, 0:8].any()
+
+
+def test_a_read_only_ledger_is_named_never_called_damaged(project, tmp_path, capsys):
+    import sqlite3
+
+    from napari_pvs import atomic
+
+    with Project.open(project) as opened:
+        original = opened._ledger._db
+        opened._ledger._db = sqlite3.connect(f"file:{project / 'ledger.sqlite'}?mode=ro",
+                                             uri=True, check_same_thread=False)  # fmt: skip
+        try:
+            with pytest.raises(atomic.OutputError) as caught:
+                opened.accept("b", (8, 8, 8), (16, 16, 16), np.zeros((8, 8, 8), np.uint8))
+        finally:
+            opened._ledger._db.close()
+            opened._ledger._db = original
+    message = str(caught.value)
+    assert "ledger.sqlite" in message and "read-only" in message and "damaged" not in message

@@ -32,7 +32,7 @@ from napari_pvs.project.records import (
     VolumeRecord,
 )
 from napari_pvs.project.refs import find_volume
-from napari_pvs.project.repair import repair
+from napari_pvs.project.repair import repair, repair_label_stores
 from napari_pvs.project.round_log import RoundLog
 from napari_pvs.project.settings import Settings
 from napari_pvs.project.status import project_status
@@ -174,6 +174,13 @@ class Project:
 
     def labels(self, ref: int | str):
         return self._volumes.labels(ref)
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Move damaged label chunks aside (``damaged/<time>/``), keeping every intact
+        annotation, and make those volumes' labels writable again (see
+        :func:`napari_pvs.project.repair.repair_label_stores`)."""
+        self._ledger.require_writable()
+        return repair_label_stores(self._volumes, self._annotations)
 
     # -- annotations --------------------------------------------------------------------------
     def accept(

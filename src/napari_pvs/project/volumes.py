@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_pvs import atomic
+from napari_pvs.io.damage import DamagedFileError, damaged_file_error
 from napari_pvs.project.layout import label_store_path
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.records import VolumeRecord, now
@@ -29,8 +30,16 @@ LABEL_CHUNK = 32
 STAMP_KEY = "volume-stamp."
 
 
+#: The ``meta`` key prefix marking a volume's label store damaged (its labels read-only).
+DAMAGE_KEY = "labels-damaged."
+
+
 class VolumeChanged(ValueError):
     """A volume's file no longer holds the data it held when it was added."""
+
+
+class LabelsDamaged(DamagedFileError):
+    """A volume's label store has a damaged part: its labels are read-only until repaired."""
 
 
 class Volumes:
@@ -225,6 +234,77 @@ class Volumes:
         except (FileNotFoundError, VolumeChanged):
             return False
         return True
+
+    # -- damage containment: one damaged label store blocks only its own volume -------------
+    def damaged_label_chunks(
+        self, volume_id: int, start: Sequence[int] | None = None, stop: Sequence[int] | None = None
+    ) -> list[tuple[str, tuple[int, ...], Path, str]]:
+        """The chunk files of a label store (within the box, if given) that cannot be read:
+        ``(array, chunk index, file, reason)`` each. Reads each chunk once (a repair's cost)."""
+        import zarr
+
+        store = self.label_store_path(volume_id)
+        group = zarr.open_group(str(store), mode="r")
+        found = []
+        for name in ("labels", "reviewed"):
+            array = group[name]
+            chunks, shape = array.chunks, array.shape
+            low = start or (0, 0, 0)
+            high = stop or shape
+            ranges = [
+                range(a // c, (b - 1) // c + 1) for a, b, c in zip(low, high, chunks, strict=True)
+            ]
+            for index in itertools.product(*ranges):
+                key = store / name / array.metadata.encode_chunk_key(index)
+                if not key.is_file():
+                    continue
+                region = tuple(
+                    slice(i * c, min((i + 1) * c, s))
+                    for i, c, s in zip(index, chunks, shape, strict=True)
+                )
+                try:
+                    array[region]
+                except Exception as exc:
+                    damaged = damaged_file_error(key, exc)
+                    if damaged is None:
+                        raise
+                    found.append((name, index, key, str(exc)[:120]))
+        return found
+
+    def mark_labels_damaged(self, volume_id: int, start=None, stop=None) -> LabelsDamaged:
+        """Record the volume's labels as damaged (read-only) and return the sentence to raise."""
+        damaged = self.damaged_label_chunks(volume_id, start, stop) or self.damaged_label_chunks(
+            volume_id
+        )
+        files = [str(key) for _, _, key, _ in damaged] or [str(self.label_store_path(volume_id))]
+        with self._ledger.transaction() as db:
+            self._ledger.set_meta(db, f"{DAMAGE_KEY}{volume_id}", {"files": files})
+            self._ledger.event("labels-damaged", {"volume": volume_id, "files": files}, db)
+        return self.labels_damaged_error(volume_id)
+
+    def labels_damaged_error(self, volume_id: int) -> LabelsDamaged | None:
+        """The sentence for a volume whose labels are marked damaged, or None."""
+        damage = self._ledger.meta(f"{DAMAGE_KEY}{volume_id}")
+        if not damage:
+            return None
+        name = self.rows(include_removed=True)
+        name = next((v.name for v in name if v.id == volume_id), str(volume_id))
+        files = damage.get("files") or ["?"]
+        more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+        return LabelsDamaged(
+            f"the labels of volume {name!r} (#{volume_id}) are damaged ({files[0]}{more} cannot "
+            f"be read); they are read-only until you run 'napari-pvs project repair "
+            f"{self._ledger.folder}', which moves the damaged parts aside and keeps every "
+            "intact annotation; the other volumes are not affected"
+        )
+
+    def require_labels_writable(self, record: VolumeRecord) -> None:
+        error = self.labels_damaged_error(record.id)
+        if error is not None:
+            raise error
+
+    def clear_labels_damaged(self, volume_id: int, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM meta WHERE key = ?", (f"{DAMAGE_KEY}{volume_id}",))
 
     def labels(self, ref: int | str):
         """The volume's label store (read-only zarr group: ``labels``, ``reviewed``)."""
