@@ -324,3 +324,21 @@ def test_a_read_only_ledger_is_named_never_called_damaged(project, tmp_path, cap
             opened._ledger._db = original
     message = str(caught.value)
     assert "ledger.sqlite" in message and "read-only" in message and "damaged" not in message
+
+
+def test_project_remove_archives_the_volume_labels(project, capsys):
+    with Project.open(project) as opened:
+        before = np.asarray(opened.labels("b")["labels"][:])
+    assert main(["project", "remove", str(project), "b"]) == 0
+    assert "archive" in capsys.readouterr().out
+    archive = project / "archive" / "2-b"
+    assert not (project / "volumes" / "2" / "labels.zarr").exists()
+    import zarr
+
+    kept = np.asarray(zarr.open_group(str(archive / "labels.zarr"), mode="r")["labels"][:])
+    np.testing.assert_array_equal(kept, before)
+    assert (kept[0:8, 0:8, 0:8] == 0).all()  # the reviewed patch
+    with Project.open(project) as opened:  # reopens (no 'missing store' repair) and works on
+        assert [v.name for v in opened.volumes()] == ["a"]
+        assert [a.volume_id for a in opened.annotations()] == [1, 2]
+        opened.accept("a", (8, 8, 8), (16, 16, 16), np.zeros((8, 8, 8), np.uint8))

@@ -206,11 +206,11 @@ def _remove(args: argparse.Namespace) -> int:
     with _open(args.project) as project:
         record = _volume_of(project, args)
         reviewed = sum(1 for a in project.annotations() if a.volume_id == record.id)
-        project.remove_volume(record.id)
+        archive = project.remove_volume(record.id)
     print(
         f"removed volume #{record.id} {record.name!r} ({record.path}) from the project; its "
-        f"{reviewed} reviewed patch(es) and their labels stay in the project's history; add "
-        "the file again to work on it"
+        f"{reviewed} reviewed patch(es) stay in the project's history and their labels in "
+        f"{archive}; add the file again to work on it"
     )
     return 0
 

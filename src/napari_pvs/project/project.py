@@ -149,13 +149,15 @@ class Project:
     ) -> VolumeRecord:
         return self._volumes.add_volume(path, modality=modality, name=name)
 
-    def remove_volume(self, ref: int | str) -> None:
-        """Take a volume out of the project (rows and labels are kept; it can be added again);
-        its patches still in the queue are skipped."""
+    def remove_volume(self, ref: int | str) -> Path:
+        """Take a volume out of the project (it can be added again); its patches still in the
+        queue are skipped, its rows stay in the history and its reviewed labels move to
+        ``archive/<id>-<name>/`` (returned)."""
         record = self._volumes.volume(ref)
         with self._ledger.transaction() as db:
             self._volumes.mark_removed(record, db)
             self._queue.skip_new(record.id, db)
+        return self._volumes.archive_labels(record)
 
     def volumes(self) -> list[VolumeRecord]:
         return self._volumes.volumes()

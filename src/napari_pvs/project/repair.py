@@ -16,8 +16,9 @@ def repair(volumes: Volumes, annotations: Annotations, round_log: RoundLog) -> N
     """Run the repair steps in order (a project opened for writing runs them first)."""
     # 1-2. Accepts whose intent committed are finished from the journal; other journal files go.
     annotations.finish_interrupted()
-    # 3. Label stores: each live volume has one (created if missing and never annotated).
-    for volume in volumes.rows(include_removed=True):
+    # 3. Label stores: each live volume has one (created if missing and never annotated); a
+    # removed volume's store is in archive/.
+    for volume in volumes.rows():
         store = volumes.label_store_path(volume.id)
         if not store.is_dir():
             annotated = annotations.count(volume.id)

@@ -155,6 +155,21 @@ class Volumes:
         db.execute("UPDATE volumes SET removed = ? WHERE id = ?", (now(), record.id))
         self._ledger.event("remove-volume", {"volume": record.id, "name": record.name}, db)
 
+    def archive_labels(self, record: VolumeRecord) -> Path:
+        """Move a removed volume's label store to ``archive/<id>-<name>/labels.zarr`` (one
+        rename inside the project; a kill before it leaves the store in place, also kept)."""
+        archive = self._ledger.folder / "archive" / f"{record.id}-{record.name}"
+        archive.mkdir(parents=True, exist_ok=True)
+        summary = {"id": record.id, "name": record.name, "path": str(record.path),
+                   "shape": list(record.shape), "removed": now()}  # fmt: skip
+        atomic.write_json(archive / "volume.json", summary, overwrite=True)
+        store = self.label_store_path(record.id)
+        if store.is_dir():
+            os.replace(store, archive / "labels.zarr")
+            atomic.fsync_folder(archive)
+            atomic.fsync_folder(store.parent)
+        return archive
+
     def volumes(self) -> list[VolumeRecord]:
         return self.rows()
 
