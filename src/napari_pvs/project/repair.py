@@ -48,7 +48,7 @@ def repair_label_stores(volumes: Volumes, annotations: Annotations) -> list[dict
 
     from napari_pvs.project.volumes import UNREVIEWED
 
-    folder = volumes.label_store_path(0).parents[2]
+    folder = volumes.folder
     aside = folder / "damaged" / now().replace(":", "-")
     reports = []
     for record in volumes.rows(include_removed=True):
@@ -85,9 +85,7 @@ def repair_label_stores(volumes: Volumes, annotations: Annotations) -> list[dict
                 for r in regions
             )
         )
-        with volumes._ledger.transaction() as db:
-            volumes.clear_labels_damaged(record.id, db)
-            detail = {"volume": record.id, "moved": moved, "annotations_touched": touched}
-            volumes._ledger.event("labels-repaired", detail, db)
+        detail = {"moved": moved, "annotations_touched": touched}
+        volumes.record_labels_repaired(record.id, detail)
         reports.append({"volume": record.id, "name": record.name, **detail})
     return reports

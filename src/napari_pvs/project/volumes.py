@@ -318,8 +318,16 @@ class Volumes:
         if error is not None:
             raise error
 
-    def clear_labels_damaged(self, volume_id: int, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM meta WHERE key = ?", (f"{DAMAGE_KEY}{volume_id}",))
+    def record_labels_repaired(self, volume_id: int, detail: dict) -> None:
+        """The volume's labels are writable again (one transaction with its event)."""
+        with self._ledger.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (f"{DAMAGE_KEY}{volume_id}",))
+            self._ledger.event("labels-repaired", {"volume": volume_id, **detail}, db)
+
+    @property
+    def folder(self) -> Path:
+        """The project folder."""
+        return self._ledger.folder
 
     def labels(self, ref: int | str):
         """The volume's label store (read-only zarr group: ``labels``, ``reviewed``)."""
