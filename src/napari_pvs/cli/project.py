@@ -236,7 +236,7 @@ def _status(args: argparse.Namespace) -> int:
 
     try:  # for writing when no one else writes: a killed round or accept is repaired first
         project = _open(args.project)
-    except (ProjectLocked, PermissionError):
+    except (ProjectLocked, OSError):  # held elsewhere, or a read-only folder or disk
         project = _open(args.project, readonly=True)
     with project:
         status = project.status()
