@@ -44,7 +44,9 @@ def errors(capsys) -> str:
 
 
 def test_each_check_names_the_allowed_range(checkpoint, monkeypatch):
-    with pytest.raises(ValueError, match="'bogus' is not a strategy; choose one of default"):
+    with pytest.raises(
+        ValueError, match="'bogus' is not a strategy; choose one of default, entropy"
+    ):
         limits.check_strategy("bogus")
     monkeypatch.setattr(ranking, "STRATEGIES", (*ranking.STRATEGIES, "clasp"))
     assert limits.check_strategy("clasp") == "clasp"  # the list is ranking's, read now
@@ -174,8 +176,14 @@ def test_a_digit_name_is_a_name_and_ids_are_written_with_a_hash(project, tmp_pat
     assert accept(project, tmp_path, str(tmp_path / "b.nii.gz")) == 0  # the added path
     assert annotated(project)[-1] == 2
     errors(capsys)
-    assert accept(project, tmp_path, "1") == 0  # no volume is named '1': the id, with a warning
-    assert annotated(project)[-1] == 1 and "write #1 or --id 1" in errors(capsys)
+    assert accept(project, tmp_path, "1") == 2  # no volume is named '1': refused, never an id
+    assert "write #1 or --id 1" in errors(capsys) and len(annotated(project)) == 4
+    with Project.open(project) as opened:  # the API follows the same rules
+        assert opened.volume("2").id == 3 and opened.volume("#2").id == 2
+        assert opened.volume(str(tmp_path / "a.nii.gz")).id == 1
+        assert opened.labels("2")["labels"].shape == SHAPE
+        with pytest.raises(ValueError, match="write #1 or --id 1"):
+            opened.accept("1", (0, 0, 0), (8, 8, 8), np.zeros((8, 8, 8), np.uint8))
     assert accept(project, tmp_path, "nope") == 2
     assert "no volume 'nope' in the project (an id is written #N" in errors(capsys)
     assert accept(project, tmp_path, "a", "--id", "1") == 2

@@ -204,7 +204,7 @@ def test_process_killed_mid_round_is_repaired_on_reopen(project):
     assert result.returncode == -signal.SIGKILL, result.stderr
     with Project.open(folder) as proj:
         (record,) = proj.rounds()
-        assert record.status == "failed" and "interrupted" in record.message
+        assert record.status == "interrupted" and "interrupted" in record.message
         assert proj.current_version().version == 0
         assert [v.version for v in proj.versions()] == [0]
         assert not (folder / "models" / "v1.safetensors").exists()
@@ -277,11 +277,11 @@ def test_cli_end_to_end(tmp_path, assets, phantom, capsys):
         assert main(args) == 0
     nifti = tmp_path / "patch.nii.gz"
     save_nifti(nifti, np.zeros((8, 8, 8), np.uint8), np.eye(4))
-    assert main(["project", "accept", folder, "1", "--box", "0", "0", "0", "8", "8", "8",
+    assert main(["project", "accept", folder, "#1", "--box", "0", "0", "0", "8", "8", "8",
                  "--labels", str(nifti)]) == 0  # fmt: skip
     bad = tmp_path / "bad.npy"
     np.save(bad, np.full((8, 8, 8), 3, np.uint8))
-    assert main(["project", "accept", folder, "1", "--box", "0", "0", "0", "8", "8", "8",
+    assert main(["project", "accept", folder, "#1", "--box", "0", "0", "0", "8", "8", "8",
                  "--labels", str(bad)]) == 2  # fmt: skip
     assert "may only be 0 (no PVS) and 1 (PVS); found 3" in capsys.readouterr().err
     assert main(["round", folder, "--steps", "3", "--patch", "16", "--device", "cpu"]) == 0
@@ -297,8 +297,8 @@ def test_cli_end_to_end(tmp_path, assets, phantom, capsys):
     export = tmp_path / "export"
     assert main(["project", "export", folder, "--out", str(export)]) == 0
     assert sorted(p.name for p in export.iterdir()) == [
-        "annotations.csv", "burden.csv", "vol_corrected.nii.gz", "vol_labels.nii.gz",
-        "vol_pvs.nii.gz"
+        ".napari-pvs-export.json", "annotations.csv", "burden.csv", "vol_corrected.nii.gz",
+        "vol_labels.nii.gz", "vol_pvs.nii.gz"
     ]  # fmt: skip
     with open(export / "burden.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -183,13 +183,30 @@ def sweep(target: PathLike) -> None:
         name = entry.name
         if not name.endswith(suffix):
             continue
-        if name.startswith(OLD_MARK) and target.exists():
+        if (name.startswith(OLD_MARK) and target.exists()) or _dead_temporary(name):
             _remove(Path(entry.path))
-        elif name.startswith(TEMP_MARK):
-            parts = name[len(TEMP_MARK) :].split("-", 3)
-            ours = len(parts) == 4 and parts[0] == _HOST_TAG and parts[1].isdigit()
-            if ours and not _pid_alive(int(parts[1])):
-                _remove(Path(entry.path))
+
+
+def _dead_temporary(name: str) -> bool:
+    """True for a :func:`temp_path` name made on this host by a process that is gone."""
+    if not name.startswith(TEMP_MARK):
+        return False
+    parts = name[len(TEMP_MARK) :].split("-", 3)
+    ours = len(parts) == 4 and parts[0] == _HOST_TAG and parts[1].isdigit()
+    return ours and not _pid_alive(int(parts[1]))
+
+
+def sweep_folder(folder: PathLike) -> list[Path]:
+    """Remove every temporary in ``folder`` (not below it) that a dead process on this host
+    left behind, whatever its target; returns what was removed."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    removed = [Path(e.path) for e in entries if _dead_temporary(e.name)]
+    for path in removed:
+        _remove(path)
+    return removed
 
 
 def restore_interrupted(target: PathLike) -> Path | None:

@@ -4,7 +4,9 @@ A strategy name, a count (``--n``), a patch edge (``--patch``), a window edge (`
 a volume's own shape are checked against what the model and the volume allow; the message names
 the allowed range, so the user can fix the command at once instead of meeting a silent fallback,
 a traceback or an hour of swapping. Cheap: a model's size divisor is read from its checkpoint
-header (the model is built on the ``meta`` device, no weights are read). No Qt, no napari.
+header (the model is built on the ``meta`` device, no weights are read). The volume shape
+check and :data:`MIN_PATCH` live in :mod:`napari_pvs.io.sizes` (every reader applies them) and
+are re-exported here. No Qt, no napari.
 """
 
 from __future__ import annotations
@@ -14,13 +16,27 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-#: The smallest patch edge napari-pvs ranks, reviews or trains on (a few voxels of PVS width on
-#: each side of a vessel; smaller patches carry no context).
-MIN_PATCH = 8
+from napari_pvs.io.sizes import MIN_PATCH, check_volume_shape, physical_memory
+
 #: Bytes of working memory per window voxel, for one window in a batch. Measured for the bundled
 #: model in float32 (peak RSS growth from a 64^3 to a 96^3 window: about 480 bytes a voxel);
 #: twice that leaves room for uncertainty samples and the blending buffers.
 WINDOW_BYTES_PER_VOXEL = 1024
+
+__all__ = [
+    "MIN_PATCH",
+    "WINDOW_BYTES_PER_VOXEL",
+    "check_count",
+    "check_patch",
+    "check_strategy",
+    "check_training_patch",
+    "check_volume_shape",
+    "check_window",
+    "model_size_divisor",
+    "patch_range",
+    "physical_memory",
+    "window_range",
+]
 
 
 def check_strategy(name: str, flag: str = "--strategy") -> str:
@@ -38,30 +54,6 @@ def check_count(n: int, flag: str = "--n") -> int:
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"{flag} must be a whole number of at least 1, got {n}")
     return int(n)
-
-
-def check_volume_shape(shape: Sequence[int], source: str | os.PathLike = "the volume") -> tuple:
-    """A 3-D shape with every edge >= 1 and at least one smallest patch of voxels.
-
-    Refuses zero-size and degenerate volumes (an empty file, a single voxel, a 2-D slice stored
-    as 3-D with too few voxels to review) before anything divides by an edge or ranks nothing.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3:
-        raise ValueError(
-            f"{source} has {len(shape)} dimensions {shape}; napari-pvs works on 3-D volumes"
-        )
-    if min(shape) < 1:
-        raise ValueError(
-            f"{source} is empty (shape {'x'.join(map(str, shape))}, an edge of 0 voxels); "
-            "re-export the scan and try again"
-        )
-    if math.prod(shape) < MIN_PATCH**3:
-        raise ValueError(
-            f"{source} holds only {math.prod(shape)} voxels (shape {'x'.join(map(str, shape))}), "
-            f"fewer than one {MIN_PATCH}^3 patch; it is not a scan napari-pvs can segment"
-        )
-    return shape
 
 
 def model_size_divisor(model: str | os.PathLike | Sequence[str | os.PathLike]) -> int:
@@ -107,12 +99,21 @@ def check_patch(
     return int(patch)
 
 
-def physical_memory() -> int:
-    """Bytes of RAM in this machine (a generous bound: other programs' use is not counted)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume 16 GiB
-        return 16 * 2**30
+def check_training_patch(
+    patch: int, shapes: Sequence[Sequence[int]], divisor: int = 1, default: int = 32
+) -> int:
+    """A training patch edge: at least :data:`MIN_PATCH` and twice the model's divisor (the
+    training loop's floor), at most the largest volume edge rounded up to the divisor (or
+    ``default``, whichever is larger: a larger patch is only padding and memory)."""
+    divisor = max(1, int(divisor))
+    largest = max((int(s) for shape in shapes for s in shape), default=default)
+    low, high = max(MIN_PATCH, 2 * divisor), max(default, -(-largest // divisor) * divisor)
+    if isinstance(patch, bool) or int(patch) != patch or not low <= patch <= high:
+        raise ValueError(
+            f"--patch must be between {low} and {high} voxels for this project's volumes and "
+            f"model, got {patch}"
+        )
+    return int(patch)
 
 
 def window_range(

@@ -146,9 +146,15 @@ class ProjectStep(QWidget):
         self.show_button = QPushButton("Show in viewer")
         self.show_button.setToolTip("Open the selected volume as layers (or select its layer)")
         self.show_button.clicked.connect(self.show_selected)
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.setToolTip(
+            "Take the selected volume out of the project (its reviewed labels go to archive/)"
+        )
+        self.remove_button.clicked.connect(self.remove_selected)
         row = QHBoxLayout()
         row.addWidget(self.add_files_button)
         row.addWidget(self.show_button)
+        row.addWidget(self.remove_button)
         form.addRow(row)
         self.table = compact_table(
             ["volume", "predicted", "reviewed", "PVS"],
@@ -421,6 +427,21 @@ class ProjectStep(QWidget):
             return None
         volumes = project.volumes()
         return volumes[rows[0].row()] if rows[0].row() < len(volumes) else None
+
+    def remove_selected(self) -> Path | None:
+        """Take the selected volume out of the project; its labels are archived, not lost."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return None
+        try:
+            archive = self.state.require_project().remove_volume(volume.id)
+        except (ValueError, OSError) as exc:
+            self._report(str(exc), "error")
+            return None
+        self._report(f"removed {volume.name} (volume {volume.id}); its labels are in {archive}")
+        self.state.volumes_changed.emit()
+        return archive
 
     def show_selected(self) -> Layer | None:
         """Select the volume's image layer, opening it first when it is not open."""

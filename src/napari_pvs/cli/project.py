@@ -61,6 +61,19 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     _volume_argument(remove)
     remove.set_defaults(func=_remove)
 
+    repair = commands.add_parser(
+        "repair",
+        help="move damaged label chunks aside, keeping every intact annotation",
+        description=(
+            "A label store with a damaged chunk makes that volume's labels read-only. Repair "
+            "moves each unreadable chunk to DIR/damaged/<time>/ (nothing is deleted), marks "
+            "its voxels unreviewed, names the annotations that overlapped it, and makes the "
+            "labels writable again."
+        ),
+    )
+    repair.add_argument("project", metavar="DIR")
+    repair.set_defaults(func=_repair)
+
     status = commands.add_parser("status", help="volumes, reviewed patches, versions, rounds")
     status.add_argument("project", metavar="DIR")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -193,17 +206,39 @@ def _remove(args: argparse.Namespace) -> int:
     with _open(args.project) as project:
         record = _volume_of(project, args)
         reviewed = sum(1 for a in project.annotations() if a.volume_id == record.id)
-        project.remove_volume(record.id)
+        archive = project.remove_volume(record.id)
     print(
         f"removed volume #{record.id} {record.name!r} ({record.path}) from the project; its "
-        f"{reviewed} reviewed patch(es) and their labels stay in the project's history; add "
-        "the file again to work on it"
+        f"{reviewed} reviewed patch(es) stay in the project's history and their labels in "
+        f"{archive}; add the file again to work on it"
     )
     return 0
 
 
+def _repair(args: argparse.Namespace) -> int:
+    with _open(args.project) as project:
+        reports = project.repair()
+    if not reports:
+        print("no damaged label store found; nothing to repair")
+    for report in reports:
+        print(f"volume #{report['volume']} {report['name']!r}: moved {len(report['moved'])} "
+              "damaged part(s) aside:")  # fmt: skip
+        for path in report["moved"]:
+            print(f"  {path}")
+        if report["annotations_touched"]:
+            ids = ", ".join(map(str, report["annotations_touched"]))
+            print(f"  annotations {ids} overlapped them: review those patches again")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
-    with _open(args.project, readonly=True) as project:
+    from napari_pvs.project import ProjectLocked
+
+    try:  # for writing when no one else writes: a killed round or accept is repaired first
+        project = _open(args.project)
+    except (ProjectLocked, OSError):  # held elsewhere, or a read-only folder or disk
+        project = _open(args.project, readonly=True)
+    with project:
         status = project.status()
     if args.json:
         print(json.dumps(status, indent=1, default=str))

@@ -25,4 +25,22 @@ def add_round(subparsers: argparse._SubParsersAction) -> None:
 def _round(args: argparse.Namespace) -> int:
     from napari_pvs.rounds import run_command
 
+    _check_round_arguments(args)
     return run_command(args)
+
+
+def _check_round_arguments(args: argparse.Namespace) -> None:
+    """Names and sizes against what the project's model and volumes allow, before any work."""
+    from napari_pvs import limits
+    from napari_pvs.project import Project
+
+    if args.strategy is not None:
+        limits.check_strategy(args.strategy)
+    if args.n is not None:
+        limits.check_count(args.n)
+    limits.check_count(args.steps, "--steps")
+    limits.check_count(args.batch_size, "--batch-size")
+    with Project.open(args.project, readonly=True) as project:
+        shapes = [v.shape for v in project.volumes()]
+        divisor = limits.model_size_divisor(project.checkpoint_path())
+    limits.check_training_patch(args.patch, shapes, divisor)

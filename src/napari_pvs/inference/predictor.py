@@ -44,6 +44,7 @@ from napari_pvs.inference.segmentation import (
 from napari_pvs.inference.store import (
     STORE_FORMAT,
     complete_store,
+    input_digest,
     open_store,
     weights_digest,
 )
@@ -173,9 +174,13 @@ class Predictor:
         extra = UNCERTAINTY_NAMES if self.n_samples > 1 else ()
         return ("probability", "segmentation", *extra)
 
-    def _signature(self, shape, modality: str, intensity: tuple[float, float]) -> dict:
-        """The run signature of a store: the settings that decide its bytes, and the weights."""
+    def _signature(
+        self, shape, modality: str, intensity: tuple[float, float], source: str = ""
+    ) -> dict:
+        """The run signature of a store: the settings that decide its bytes, the weights and
+        the input's identity (``source``: a digest of its voxels)."""
         return {
+            "input": source,
             "format": STORE_FORMAT,
             "shape": list(shape),
             "window": list(self.window),
@@ -259,7 +264,7 @@ class Predictor:
         modality = self.modality or src.modality
         plan = WindowPlan(src.data.shape, self.window, self.overlap, self.chunks)
         intensity = robust_range(src.data)
-        signature = self._signature(plan.shape, modality, intensity)
+        signature = self._signature(plan.shape, modality, intensity, input_digest(src.data))
         store = open_store(out, signature, plan, src, self.output_arrays, overwrite, locks)
         skipped = int(store.done.sum())
         work = remaining_work(plan, store.done, self.batch)

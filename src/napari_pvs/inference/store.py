@@ -76,6 +76,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def input_digest(data, max_voxels: int = 32768) -> str:
+    """A short digest of the input's voxels (a strided sample of about ``max_voxels``), for
+    the run signature: a store made from another scan of the same shape is never resumed."""
+    from napari_pvs.intensity import strided_sample
+
+    sample = np.ascontiguousarray(strided_sample(data, max_voxels))
+    digest = hashlib.sha256(f"{sample.dtype.str}{sample.shape}".encode())
+    digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class OpenedStore:
     """A prediction store a run holds: its group, done grid, the path written and the lock.

@@ -1,9 +1,11 @@
 """Lazy volume I/O: open any supported path as a :class:`~napari_pvs.io.volume.Volume`.
 
-Opening reads metadata only (plus, for float data, a small strided sample of the coarsest level
-to catch NaN/inf early). Arrays keep the file's own voxel order: zarr/OME-Zarr ``(z, y, x)``,
-NIfTI ``(i, j, k)`` with the header affine mapping ``(i, j, k)`` to scanner mm. No Qt or napari
-here; the reader, writer, widgets and CLI are adapters over this.
+Opening reads metadata only (plus, for float data, a bounded sample of the coarsest level to
+catch NaN/inf early). Every reader refuses a zero-size, non-3-D or implausibly large declared
+shape with a sentence (:mod:`napari_pvs.io.sizes`) before any work. Arrays keep the file's own
+voxel order: zarr/OME-Zarr ``(z, y, x)``, NIfTI ``(i, j, k)`` with the header affine mapping
+``(i, j, k)`` to scanner mm. No Qt or napari here; the reader, writer, widgets and CLI are
+adapters over this.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from napari_pvs.io.metadata import ome_attrs
 from napari_pvs.io.modality import normalize_modality
 from napari_pvs.io.nifti import is_nifti, open_nifti
 from napari_pvs.io.predictions import is_prediction_group
+from napari_pvs.io.sizes import check_declared_size, check_nonempty_shape
 from napari_pvs.io.volume import Volume
 from napari_pvs.io.zarr_reader import is_zarr_dir, open_zarr, open_zarr_volume, stored_label_names
 
@@ -55,10 +58,12 @@ def open_volume(
         volume = open_nifti(path)
     else:
         volume = open_zarr_volume(path)
+    check_sizes(volume, path)
     if modality is not None:
         volume.modality = normalize_modality(modality)
     if check_finite and np.issubdtype(volume.data.dtype, np.floating):
-        check_finite_sample(volume.levels[-1], f"volume {path}")
+        reader = volume.display[-1] if volume.display else None
+        check_finite_sample(volume.levels[-1], f"volume {path}", reader)
         volume.levels = [finite_guard(level) for level in volume.levels]
         volume.data = volume.levels[0]
         # what napari is given reads the store directly; computations through it stay checked
@@ -66,6 +71,12 @@ def open_volume(
             pairs = zip(volume.display, volume.levels, strict=True)
             volume.display = [view.with_lazy(level) for view, level in pairs]
     return volume
+
+
+def check_sizes(volume: Volume, path: Path) -> None:
+    """The declared shape is a plausible, non-empty 3-D volume (from metadata alone)."""
+    check_nonempty_shape(volume.shape, path)
+    check_declared_size(volume.shape, volume.data.dtype, path)
 
 
 def open_labels(path: str | Path, name: str | None = None) -> Volume:
@@ -106,6 +117,7 @@ def open_labels(path: str | Path, name: str | None = None) -> Volume:
             volume = open_zarr_volume(path / "segmentation")
         else:
             volume = open_zarr_volume(path)
+    check_sizes(volume, path)
     if np.issubdtype(volume.data.dtype, np.floating):
         raise ValueError(
             f"{path}: labels have float dtype {volume.data.dtype}; threshold or cast them to an "

@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from napari_pvs import atomic
+from napari_pvs.io.damage import damaged_file_error
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.queue import Queue
 from napari_pvs.project.records import Annotation, ProjectError, now
 from napari_pvs.project.versions import Versions
-from napari_pvs.project.volumes import Volumes
+from napari_pvs.project.volumes import LabelsDamaged, Volumes
 
 SPLITS = ("train", "validation")
 
@@ -87,6 +88,8 @@ class Annotations:
         """
         self._ledger.require_writable()
         record = self._volumes.volume(ref)
+        self._volumes.require_unchanged(record)
+        self._volumes.require_labels_writable(record)
         start = tuple(int(v) for v in start)
         stop = tuple(int(v) for v in stop)
         if len(start) != 3 or len(stop) != 3:
@@ -167,7 +170,21 @@ class Annotations:
                 f"the journal file {journal} of an interrupted accept is missing or damaged; "
                 "that patch was not saved: accept it again"
             )
-        self._write_labels(volume_id, start, stop, patch)
+        try:
+            self._write_labels(volume_id, start, stop, patch)
+        except Exception as exc:
+            if damaged_file_error(None, exc) is None:
+                raise
+            # A damaged label chunk: this accept fails (now, and never commits later) and the
+            # volume's labels become read-only; every other volume keeps working.
+            with self._ledger.transaction() as db:
+                db.execute("DELETE FROM pending_accepts WHERE token = ?", (token,))
+                self._ledger.event(
+                    "accept-failed", {"token": token, "volume": volume_id, "why": "damaged"}, db
+                )
+            with contextlib.suppress(FileNotFoundError):
+                journal.unlink()
+            raise self._volumes.mark_labels_damaged(volume_id, start, stop) from exc
         with self._ledger.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO annotations(volume_id, z0, y0, x0, z1, y1, x1, annotator, created, "
@@ -298,7 +315,8 @@ class Annotations:
         # Accepts whose intent committed: write the journalled labels again, then commit.
         pending = self._ledger.query("SELECT token FROM pending_accepts ORDER BY rowid")
         for (token,) in pending:
-            with contextlib.suppress(ProjectError):  # a lost journal is logged (accept-lost)
+            # a lost journal is logged (accept-lost); damaged labels mark their volume only
+            with contextlib.suppress(ProjectError, LabelsDamaged):
                 self._finish_pending(token, repaired=True)
         # Journal files without an intent row: their accept never got acknowledged.
         for item in self._journal.iterdir():

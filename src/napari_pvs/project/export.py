@@ -3,6 +3,7 @@ segmentations, the burden table and the annotation provenance."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,46 @@ from napari_pvs.project.volumes import UNREVIEWED, Volumes
 
 #: The label images an export writes per volume: accepted labels, model, both merged.
 EXPORT_KINDS = ("labels", "pvs", "corrected")
+#: The file that marks a folder as an export's own: only such a folder is ever replaced.
+EXPORT_MARKER = ".napari-pvs-export.json"
+_EXPORT_TABLES = ("burden.csv", "annotations.csv", EXPORT_MARKER)
+_EXPORT_SUFFIXES = (*(f"_{kind}.nii.gz" for kind in EXPORT_KINDS), ".ome.zarr")
+
+
+def check_export_folder(out: Path, project_folder: Path, overwrite: bool) -> None:
+    """Refuse, with a sentence, an export folder that is not the export's to write.
+
+    An export writes only into a folder of its own making: a new one, or (with ``overwrite``)
+    one holding its marker and nothing but what an export writes. Anything inside the project
+    (its volumes, models, ledger) is refused, except the project's own ``exports/`` area.
+    """
+    exports = project_folder / "exports"
+    inside_exports = exports.resolve() in out.resolve().parents
+    if atomic.overlaps(out, project_folder) and not inside_exports:
+        raise ValueError(
+            f"refusing to export into {out}: it is the project folder {project_folder}, lies "
+            "inside it or holds it; choose a folder outside the project (or leave --out out "
+            "to write under its exports/)"
+        )
+    if not (out.exists() or out.is_symlink()) or not overwrite:
+        return
+    if out.is_symlink() or not out.is_dir() or not (out / EXPORT_MARKER).is_file():
+        raise ValueError(
+            f"refusing to replace {out}: it is not a folder napari-pvs exported (no "
+            f"{EXPORT_MARKER} inside); choose a new folder for --out"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name not in _EXPORT_TABLES and not entry.name.endswith(_EXPORT_SUFFIXES)
+    )
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        shown = ", ".join(foreign[:3]) + more
+        raise ValueError(
+            f"refusing to replace {out}: besides an earlier export it holds other files "
+            f"({shown}); move them away or choose a new folder for --out"
+        )
 
 
 def corrected_segmentation(labels: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
@@ -129,7 +170,10 @@ class Exports:
         (that segmentation with every reviewed patch replaced by its accepted labels: the
         researcher's best PVS map) with the volume's affine; ``ome-zarr``: ``<name>.ome.zarr``,
         the image with ``labels/annotations``, ``labels/pvs`` and ``labels/corrected``. Always
-        ``burden.csv`` and ``annotations.csv``. Returns ``{"folder", "files", "burden"}``.
+        ``burden.csv`` and ``annotations.csv``, and the marker :data:`EXPORT_MARKER`: only a
+        folder holding it (and nothing else but export files) is replaced with ``overwrite``;
+        a folder inside the project (but its ``exports/``) is refused. Returns
+        ``{"folder", "files", "burden"}``.
         """
         import csv
 
@@ -144,11 +188,17 @@ class Exports:
         if out.parent == self._ledger.folder / "exports":
             out.parent.mkdir(exist_ok=True)
         inputs = [v.path for v in self._volumes.volumes()] + [self._ledger.folder / LEDGER]
+        check_export_folder(out, self._ledger.folder, overwrite)
+        for record in self._volumes.volumes():  # a changed scan must not get stale labels
+            self._volumes.require_unchanged(record)
         atomic.check_output(out, inputs=inputs, overwrite=overwrite)
         rows = self.burden(version=number, progress=progress, cancel=cancel)
         files = []
         with atomic.atomic_output(out, inputs=inputs, overwrite=overwrite) as tmp:
             tmp.mkdir()
+            marker = {"napari_pvs_export": 1, "project": str(self._ledger.folder),
+                      "version": number, "format": format}  # fmt: skip
+            (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2))
             for record in self._volumes.volumes():
                 volume = self._volumes.open_volume(record.id)
                 labels = self._volumes.labels(record.id)["labels"][:]

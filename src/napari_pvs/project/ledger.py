@@ -8,6 +8,7 @@ on its own tables and goes through the owning part for the others.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sqlite3
 import threading
@@ -89,14 +90,28 @@ class Ledger:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, rolled back on any error)."""
         self.require_writable()
-        with self.mutex:
+        with self.mutex, self._disk_errors():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """SQLite's 'readonly database' / 'disk is full' as one sentence naming the ledger
+        file (never reported as damage)."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            message = atomic.os_error_message(exc, self.folder / LEDGER)
+            if message is None:
+                raise
+            code = errno.ENOSPC if "full" in str(exc).lower() else errno.EROFS
+            raise atomic.OutputError(code, message) from exc
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self.mutex:

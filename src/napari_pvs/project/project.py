@@ -32,7 +32,7 @@ from napari_pvs.project.records import (
     VolumeRecord,
 )
 from napari_pvs.project.refs import find_volume
-from napari_pvs.project.repair import repair
+from napari_pvs.project.repair import repair, repair_label_stores
 from napari_pvs.project.round_log import RoundLog
 from napari_pvs.project.settings import Settings
 from napari_pvs.project.status import project_status
@@ -149,13 +149,15 @@ class Project:
     ) -> VolumeRecord:
         return self._volumes.add_volume(path, modality=modality, name=name)
 
-    def remove_volume(self, ref: int | str) -> None:
-        """Take a volume out of the project (rows and labels are kept; it can be added again);
-        its patches still in the queue are skipped."""
+    def remove_volume(self, ref: int | str) -> Path:
+        """Take a volume out of the project (it can be added again); its patches still in the
+        queue are skipped, its rows stay in the history and its reviewed labels move to
+        ``archive/<id>-<name>/`` (returned)."""
         record = self._volumes.volume(ref)
         with self._ledger.transaction() as db:
             self._volumes.mark_removed(record, db)
             self._queue.skip_new(record.id, db)
+        return self._volumes.archive_labels(record)
 
     def volumes(self) -> list[VolumeRecord]:
         return self._volumes.volumes()
@@ -174,6 +176,13 @@ class Project:
 
     def labels(self, ref: int | str):
         return self._volumes.labels(ref)
+
+    def repair(self) -> list[dict[str, Any]]:
+        """Move damaged label chunks aside (``damaged/<time>/``), keeping every intact
+        annotation, and make those volumes' labels writable again (see
+        :func:`napari_pvs.project.repair.repair_label_stores`)."""
+        self._ledger.require_writable()
+        return repair_label_stores(self._volumes, self._annotations)
 
     # -- annotations --------------------------------------------------------------------------
     def accept(

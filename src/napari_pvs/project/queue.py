@@ -135,17 +135,25 @@ class Queue:
         voxels (the label store) and skipped patches are excluded. Defaults come from the
         project settings.
         """
+        from napari_pvs import limits
         from napari_pvs.ranking import rank_patches
 
         record = self._volumes.volume(ref)
         settings = self._settings.settings()
         number = self._versions.number(version)
+        strategy = limits.check_strategy(settings["strategy"] if strategy is None else strategy)
+        n = limits.check_count(settings["n"] if n is None else n)
+        divisor = limits.model_size_divisor(self._versions.checkpoint_path(number))
+        if patch is None:  # the project's setting, fitted to a volume smaller than it
+            low, high = limits.patch_range(record.shape, divisor)
+            patch = max(low, min(int(settings["patch"]), high))
+        patch = limits.check_patch(patch, record.shape, divisor, record.name)
         path = self._versions.predict(record.id, version=number, progress=progress, cancel=cancel)
         ranked = rank_patches(
             path,
-            n=int(n or settings["n"]),
-            patch=int(patch or settings["patch"]),
-            strategy=strategy or settings["strategy"],
+            n=n,
+            patch=patch,
+            strategy=strategy,
             exclude=self._volumes.labels(record.id)["labels"],
             unlabelled_value=UNREVIEWED,
             exclude_boxes=self.excluded_boxes(record.id),

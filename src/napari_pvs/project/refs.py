@@ -2,24 +2,20 @@
 
 A volume named only with digits must never be mistaken for an id (that annotated the wrong
 scan), so an id is written ``#2`` (or given as a number, e.g. ``--id 2``); any other word is the
-volume's name, and the path a volume was added with names it too. For commands written before
-this rule, a bare number that is no volume's name nor a path still means the id, with a warning
-saying how to write it. Reached as :meth:`Project.find_volume`.
+volume's name, and the path a volume was added with names it too; a bare number that names no
+volume is refused with a sentence saying how to write an id. Every string reference of the
+project (``Project.volume``, ``accept``, ``rank``, ``labels``, ``remove_volume``...) follows these
+rules. Reached as :meth:`Project.find_volume`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from napari_pvs.project.volumes import Volumes
-
-
-class VolumeRefWarning(UserWarning):
-    """A bare number was taken as a volume id (write ``#N`` or ``--id N``)."""
 
 
 def parse_id(text: str) -> int | None:
@@ -60,20 +56,13 @@ def find_volume(project: Volumes, ref: str | int, *, by_id: bool = False):
     for record in live:
         if _same_file(record.path, path):
             return record
-    if text.isdigit() and any(r.id == int(text) for r in live):
-        warnings.warn(
-            f"{text!r} names no volume; taken as the volume id {text} (write #{text} or "
-            f"--id {text} for an id: a bare word is a volume name)",
-            VolumeRefWarning,
-            stacklevel=2,
-        )
-        return project.volume(int(text))
     live_ids = {r.id for r in live}
     for record in project.rows(include_removed=True):
         if record.id not in live_ids and text in (record.name, str(record.path)):
             return project.volume(record.id)  # raises the sentence saying it was removed
     names = ", ".join(f"#{r.id} {r.name} ({r.path})" for r in live) or "none"
+    hint = f" (for the volume id {text} write #{text} or --id {text})" if text.isdigit() else ""
     raise ValueError(
-        f"no volume {text!r} in the project (an id is written #N, a name as is, or the path "
-        f"it was added with); volumes: {names}"
+        f"no volume {text!r} in the project{hint} (an id is written #N, a name as is, or the "
+        f"path it was added with); volumes: {names}"
     )

@@ -8,6 +8,7 @@ cancelled (the current version stays). Files of versions that never became ready
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 from napari_pvs import atomic
@@ -165,15 +166,25 @@ class RoundLog:
         )
 
     def fail_interrupted(self) -> None:
-        """Rounds whose process died: failed; their unacknowledged files go."""
+        """Rounds whose process died (a project opened for writing has no other writer):
+        status ``interrupted``; their work files (training data, partial predictions) and
+        unacknowledged versions go, with the temporaries of dead processes."""
         for (round_id,) in self._ledger.query("SELECT id FROM rounds WHERE status = 'running'"):
             self.finish_round(
                 round_id,
-                "failed",
+                "interrupted",
                 "interrupted: the process running this round ended before it finished; the "
                 "previous version stays current",
             )
+            work = self._ledger.folder / "rounds" / f"r{round_id}"
+            for name in ("train", "predictions"):
+                shutil.rmtree(work / name, ignore_errors=True)
         self.remove_orphans()
+        root = self._ledger.folder
+        for folder in (root, *(p for p in root.glob("*/") if p.is_dir()),
+                       *root.glob("predictions/*/"), *root.glob("volumes/*/"),
+                       *root.glob("rounds/*/")):  # fmt: skip
+            atomic.sweep_folder(folder)
 
     def remove_orphans(self) -> None:
         """Checkpoints and predictions of versions the ledger does not hold as ready."""

@@ -32,13 +32,16 @@ class Settings:
 
     def update_settings(self, **values: Any) -> dict[str, Any]:
         """Persist settings (known ones are checked; others are kept for the GUI as given)."""
+        from napari_pvs import limits
         from napari_pvs.models import FLIP_COUNTS
         from napari_pvs.ranking import STRATEGIES
 
         checks = {
             "strategy": lambda v: v in STRATEGIES,
-            "n": lambda v: isinstance(v, int) and v >= 1,
-            "patch": lambda v: isinstance(v, int) and v >= 8,
+            "n": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "patch": lambda v: (
+                isinstance(v, int) and not isinstance(v, bool) and v >= limits.MIN_PATCH
+            ),
             "predict_tta": lambda v: v in FLIP_COUNTS,
             "predict_mc": lambda v: isinstance(v, int) and v >= 0,
             "device": lambda v: isinstance(v, str) and bool(v),
@@ -46,6 +49,8 @@ class Settings:
             "stop_patience": lambda v: isinstance(v, int) and v >= 1,
         }
         for key, value in values.items():
+            if key == "strategy":
+                limits.check_strategy(value, "setting strategy")
             if key in checks and not checks[key](value):
                 raise ValueError(f"setting {key}={value!r} is not valid")
             json.dumps(value)

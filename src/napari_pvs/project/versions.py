@@ -193,6 +193,7 @@ class Versions:
         """
         self._ledger.require_writable()
         record = self._volumes.volume(ref)
+        self._volumes.require_unchanged(record)
         number = self.number(version)
         out = self.prediction_path(record.id, number)
         if self.has_prediction(record.id, number):
