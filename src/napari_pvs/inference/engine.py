@@ -1,7 +1,8 @@
 """The network side of a prediction: models on their device, batches of windows run through them.
 
-:class:`WindowEngine` runs one batch: padding to the models' ``size_divisor``, reduced precision
-where the device has it natively (autocast), and, with MC dropout, test-time mirrorings or an
+:class:`WindowEngine` runs each model as its inference copy (:mod:`.fused`), one batch at a
+time: padding to the models' ``size_divisor``, reduced precision where the device has it
+natively (autocast), and, with MC dropout, test-time mirrorings or an
 ensemble, the running moments of the probability samples (:mod:`napari_pvs.uncertainty`).
 :meth:`WindowEngine.stream` runs a whole prediction in tile order with two helper threads
 keeping the network busy: one reads and normalises the next batch's windows, one normalises,

@@ -86,6 +86,8 @@ class Predictor:
     ``segmentation_rule`` from its checkpoint, else 0.5 and 0 (keep all).
     ``amp`` runs the network in the reduced precision the device has natively (see
     :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
+    ``channels_last`` (default: on CUDA, and on CPU for models with the fused fast path of
+    :mod:`.fused`) sets the memory format the network runs in.
     ``memory`` is the C-heap policy of :func:`napari_pvs.memory.memory_policy` (``"reuse"``:
     fast and flat; ``"return"``: the lowest peak, slower; ``"system"``: untouched).
     A prediction with an edge over ``display_edge`` voxels (default
