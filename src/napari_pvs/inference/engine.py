@@ -68,10 +68,10 @@ class WindowEngine:
     (:func:`.fused.inference_copy`: fused norm + PReLU, weights in the run's precision,
     channels-last where asked).
 
-    ``channels_last=None`` chooses it: on CUDA, and on CPU for models whose norm + PReLU blocks
-    were fused (measured on 2 AVX512-BF16/AMX cores, residual UNet, 64^3 windows: a window took
-    0.5x the time of the unfused contiguous model in bfloat16 and 0.7x in float32; without the
-    fusion channels-last measured no faster on CPU).
+    ``channels_last=None`` chooses it: on CUDA, and on CPU when every model's norm + PReLU
+    blocks are fused (measured on 2 AVX512-BF16/AMX cores, residual UNet, 64^3 windows: a
+    window took 0.5x the time of the unfused contiguous model in bfloat16 and 0.7x in float32;
+    without the fusion channels-last measured no faster on CPU).
 
     ``models`` are the models given (their weights sign the run); ``runners`` are the copies
     that run. Each batch draws its MC-dropout masks from its own seed (``seed`` and the batch
@@ -96,11 +96,14 @@ class WindowEngine:
         self.tta = tta
         self.seed = seed
         self.models = [m.to(self.device).eval() for m in models]
-        if channels_last is None:  # every model has the fused fast path
-            fused = all(fusable_blocks(m) for m in self.models)
-            channels_last = device.type == "cuda" or fused
+        # The fused path was measured on CPUs only; other devices run the models as given.
+        fuse = device.type == "cpu" and all(fusable_blocks(m) for m in self.models)
+        if channels_last is None:
+            channels_last = device.type == "cuda" or fuse
         self.channels_last = bool(channels_last)
-        self.runners = [inference_copy(m, amp_dtype, self.channels_last)[0] for m in self.models]
+        self.runners = [
+            inference_copy(m, amp_dtype, self.channels_last, fuse)[0] for m in self.models
+        ]
         self.size_divisor = max(int(getattr(m, "size_divisor", 1) or 1) for m in self.models)
         self.n_samples = sample_count(len(self.models), self.mc_samples, self.tta)
 

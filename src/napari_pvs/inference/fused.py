@@ -90,17 +90,17 @@ def fusable_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 
 def inference_copy(
-    model: nn.Module, dtype: torch.dtype | None, channels_last: bool
+    model: nn.Module, dtype: torch.dtype | None, channels_last: bool, fuse: bool = True
 ) -> tuple[nn.Module, int]:
     """A copy of ``model`` for inference only (see the module docstring) and the number of
     norm + PReLU blocks fused. ``dtype`` (the autocast precision, or None for float32) is the
     precision the feature convolutions' weights are stored in; the MC head stays float32.
 
-    A model with nothing to fuse is returned itself, in channels-last if asked (as before this
-    module existed): nothing else of it is known to be safe to rewrite, and a large model is
-    not copied for nothing.
+    A model with nothing to fuse, or ``fuse=False`` (devices the fusion was not measured on),
+    is returned itself, in channels-last if asked (as before this module existed): nothing
+    else of it is known to be safe to rewrite, and a large model is not copied for nothing.
     """
-    if not fusable_blocks(model):
+    if not fuse or not fusable_blocks(model):
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         return model, 0
