@@ -180,11 +180,13 @@ def worker_monai(volume_path: str, bf16: bool = False) -> dict:
 
 
 def worker_interleaved(volume_path: str, out: str, repeats: int) -> dict:
-    """Time MONAI and ours alternately in one process; best of ``repeats`` each.
+    """Time MONAI and ours alternately in one process, at equal precision; best of ``repeats``.
 
     The CPU is shared, so load drifts between subprocesses; alternating in one process and
-    keeping each engine's best run compares them under the same conditions. The C-heap policy
-    is process-wide, so MONAI runs under ours too: the two engines differ in nothing else.
+    keeping each engine's best run compares them under the same conditions. Each round runs
+    MONAI float32, ours float32, MONAI under bf16 autocast (batch 4), ours at its defaults
+    (bf16 where the CPU has it natively). The C-heap policy is process-wide, so MONAI runs
+    under ours too: the two engines differ in nothing else.
     """
     import shutil
 
@@ -194,19 +196,44 @@ def worker_interleaved(volume_path: str, out: str, repeats: int) -> dict:
     from napari_pvs.memory import memory_policy
 
     model = build()
-    predictor = Predictor(model, window=WINDOW, overlap=OVERLAP)  # ours at its defaults
-    times: dict[str, list[float]] = {"monai": [], "ours": []}
+    ours_bf16 = Predictor(model, window=WINDOW, overlap=OVERLAP)  # ours at its defaults
+    ours_fp32 = Predictor(model, window=WINDOW, overlap=OVERLAP, amp=False)
+    bf16 = ours_bf16.amp_dtype is not None
+    times: dict[str, list[float]] = {"monai": [], "ours_float32": []}
+    if bf16:
+        times.update(monai_bf16=[], ours=[])
+
+    windows = []
+
+    def ours(predictor) -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        windows.append(predictor.predict(da.from_zarr(volume_path), out).windows_run)
+        seconds = time.perf_counter() - start
+        shutil.rmtree(out, ignore_errors=True)
+        return seconds
+
+    def monai(bf16: bool) -> float:
+        start = time.perf_counter()
+        with memory_policy(ours_bf16.memory):
+            monai_segmentation(model, volume_path, bf16)
+        return time.perf_counter() - start
+
     for _ in range(repeats):
-        start = time.perf_counter()
-        with memory_policy(predictor.memory):
-            monai_segmentation(model, volume_path)
-        times["monai"].append(time.perf_counter() - start)
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        predictor.predict(da.from_zarr(volume_path), out)
-        times["ours"].append(time.perf_counter() - start)
-        shutil.rmtree(out, ignore_errors=True)
-    return {"monai": min(times["monai"]), "ours": min(times["ours"]), "all": times}
+        times["monai"].append(monai(False))
+        times["ours_float32"].append(ours(ours_fp32))
+        if bf16:
+            times["monai_bf16"].append(monai(True))
+            times["ours"].append(ours(ours_bf16))
+    best = {name: min(values) for name, values in times.items()}
+    return {
+        **best,
+        "all": times,
+        "batch": ours_bf16.batch,
+        "batch_float32": ours_fp32.batch,
+        "windows": windows[0],
+        "load": os.getloadavg(),
+    }
 
 
 def worker_ceiling() -> dict:
@@ -366,15 +393,22 @@ def main() -> None:
     if args.interleaved:
         alt = run_worker(["interleaved", vol[reference], out, str(args.interleaved)], args.threads)
         results["interleaved"] = alt
-        label = f"{n}, alternating in one process (same heap policy), best of {args.interleaved}"
-        rows.append((f"MONAI float32 {label}: time", f"{alt['monai']:.1f} s", "1.00"))
-        rows.append(
-            (
-                f"ours defaults {label}: time",
-                f"{alt['ours']:.1f} s",
-                f"{alt['ours'] / alt['monai']:.2f}",
+        label = f"{n}, alternating in one process, best of {args.interleaved}"
+        pairs = [("float32", "monai", "ours_float32", alt["batch_float32"])]
+        if "ours" in alt:
+            pairs.append(("bf16", "monai_bf16", "ours", alt["batch"]))
+        for precision, theirs, mine, batch in pairs:
+            rows.append(
+                (f"MONAI {precision} (batch {BATCH}) {label}: time", f"{alt[theirs]:.1f} s", "1.00")
             )
-        )
+            rows.append(
+                (
+                    f"ours {precision} (batch {batch}) {label}: time",
+                    f"{alt[mine]:.1f} s",
+                    f"{alt[mine] / alt[theirs]:.2f}",
+                )
+            )
+        rows.append(("load average (1, 5, 15 min) at the end of that run", str(alt["load"]), ""))
     for size in args.sizes[1:]:
         big = run_worker(["ours", vol[size], "0", out], args.threads)
         results[f"ours{size}"] = big
@@ -417,9 +451,19 @@ def main() -> None:
     ceiling = run_worker(["ceiling"], args.threads)
     results["ceiling"] = ceiling
     voxels = reference**3
-    achieved = ceiling["macs_per_voxel"] * voxels * (ours["windows"] * WINDOW**3 / voxels)
-    achieved_rate = achieved / ours["seconds"]
-    ceiling_rate = ceiling["conv_bf16_macs" if ours["precision"] == "bfloat16" else "conv_macs"]
+    macs_per_run = ceiling["macs_per_voxel"] * ours["windows"] * WINDOW**3
+
+    def achieved_row(label: str, seconds: float, precision: str) -> None:
+        rate = macs_per_run / seconds
+        ceiling_rate = ceiling["conv_bf16_macs" if precision == "bfloat16" else "conv_macs"]
+        rows.append(
+            (
+                f"{label} {n}: achieved / conv3d ceiling at its precision",
+                f"{rate / 1e9:.1f} GMAC/s",
+                f"{rate / ceiling_rate:.2f}",
+            )
+        )
+
     rows.append(
         (
             "model multiply-adds per output voxel (one window pass)",
@@ -444,13 +488,12 @@ def main() -> None:
             "",
         )
     )
-    rows.append(
-        (
-            f"{default} {n}: achieved / conv3d ceiling at its precision",
-            f"{achieved_rate / 1e9:.1f} GMAC/s",
-            f"{achieved_rate / ceiling_rate:.2f}",
-        )
-    )
+    achieved_row(default, ours["seconds"], ours["precision"])
+    achieved_row(same, ours32["seconds"], "float32")
+    if args.interleaved:
+        if "ours" in alt:
+            achieved_row(f"{default}, interleaved best", alt["ours"], ours["precision"])
+        achieved_row(f"{same}, interleaved best", alt["ours_float32"], "float32")
     rows.append((f"ours {n}: voxels per second", f"{voxels / ours['seconds'] / 1e6:.2f} M/s", ""))
 
     width = max(len(r[0]) for r in rows)

@@ -105,6 +105,69 @@ def test_bfloat16_inference_agrees_with_float32(tmp_path):
     assert 0 < difference.max() < 0.03  # really ran in bfloat16, and stayed close
 
 
+@pytest.mark.skipif(
+    __import__("napari_pvs.models").models.autocast_dtype("cpu") is None,
+    reason="this CPU has no native bfloat16; inference stays in float32",
+)
+def test_bfloat16_fast_path_agrees_with_monai_on_the_same_weights(tmp_path):
+    model = tiny_unet()
+    volume = noisy_volume((41, 35, 50))
+    predictor = Predictor(model, window=16, overlap=0.25, batch=2, device="cpu")
+    assert predictor.amp_dtype == torch.bfloat16 and predictor.channels_last  # the fast path
+    predictor.predict(volume, tmp_path / "bf16.zarr")
+    probability = read(zarr.open_group(str(tmp_path / "bf16.zarr"), mode="r"), "probability")
+    difference = np.abs(probability.astype(np.float32) - monai_reference(model, volume, 16, 0.25))
+    assert 0 < difference.max() < 0.03
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_copy_fuses_norm_and_prelu_without_touching_the_model(dtype, channels_last):
+    from napari_pvs.inference.fused import InstanceNormPReLU, inference_copy
+
+    model = tiny_models.tiny_unet(channels=(4, 8, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy, fused = inference_copy(model, dtype, channels_last)
+    assert fused == sum(isinstance(m, InstanceNormPReLU) for m in copy.modules()) > 0
+    assert not any(isinstance(m, InstanceNormPReLU) for m in model.modules())
+    for key, value in model.state_dict().items():  # the given model keeps its weights, exactly
+        assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
+    x = torch.rand(3, 1, 16, 20, 24)  # several windows: each is normalised on its own
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(x))
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            got = torch.sigmoid(copy(x).float())
+        single = torch.sigmoid(model(x[1:2]))
+    tolerance = 1e-5 if dtype is None else 0.03
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+    torch.testing.assert_close(single, expected[1:2], atol=1e-6, rtol=0)
+
+
+def test_channels_last_by_default_only_for_models_with_the_fused_path():
+    assert Predictor(tiny_unet(), window=16, device="cpu").channels_last
+
+    class NoNorm(torch.nn.Module):  # nothing to fuse: run as given, contiguous
+        name, config, size_divisor = "no_norm", {}, 1
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+            self.mc_head = torch.nn.Conv3d(2, 1, 1)
+
+        def features(self, image, modality=None):
+            return self.conv(image)
+
+        def head(self, features, sample=False):
+            return self.mc_head(features)
+
+    model = NoNorm()
+    predictor = Predictor(model, window=16, device="cpu")
+    assert not predictor.channels_last
+    assert predictor.engine.runners[0] is model
+    asked = Predictor(tiny_unet(), window=16, device="cpu", channels_last=False)
+    assert asked.channels_last is False
+
+
 def test_every_chunk_completes_after_its_last_window():
     plan = WindowPlan((70, 50, 41), (16, 16, 16), 0.25, (12, 24, 12))
     for chunk, rank in plan.finish_rank.items():
@@ -219,6 +282,56 @@ def test_resume_after_interruption_gives_identical_output(tmp_path):
     assert resumed.attrs["napari_pvs"]["complete"] is True
 
 
+KILLED_RUN = """
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import tiny_models
+from napari_pvs.inference import Predictor
+
+def kill_midway(done, total, message):
+    if done >= total // 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final sync: as a crash
+
+volume = np.load({volume!r})
+Predictor(tiny_models.tiny_unet(dropout=0.5), **{options!r}).predict(
+    volume, {out!r}, progress=kill_midway
+)
+"""
+
+
+def test_resume_after_a_kill_gives_byte_identical_output(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    volume = noisy_volume((64, 24, 20))
+    np.save(tmp_path / "volume.npy", volume)
+    options = dict(window=16, overlap=0.25, batch=2, chunks=12, device="cpu", mc_samples=3)
+    model = tiny_unet(dropout=0.5)
+    Predictor(model, **options).predict(volume, tmp_path / "full.zarr")
+
+    script = KILLED_RUN.format(
+        tests=str(Path(__file__).parent),
+        volume=str(tmp_path / "volume.npy"),
+        options=options,
+        out=str(tmp_path / "killed.zarr"),
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    partial = zarr.open_group(str(tmp_path / "killed.zarr"), mode="r")
+    assert partial.attrs["napari_pvs"]["complete"] is False
+
+    summary = Predictor(model, **options).predict(volume, tmp_path / "killed.zarr")
+    assert summary.windows_run <= summary.windows_total
+    full = zarr.open_group(str(tmp_path / "full.zarr"), mode="r")
+    resumed = zarr.open_group(str(tmp_path / "killed.zarr"), mode="r")
+    for name in ("probability", "segmentation", "entropy", "mutual_information", "variance"):
+        np.testing.assert_array_equal(read(resumed, name), read(full, name), err_msg=name)
+    assert resumed.attrs["napari_pvs"]["complete"] is True
+
+
 class CountingModel(torch.nn.Module):
     """Wraps a model and counts how many batches reach ``features``."""
 
@@ -251,7 +364,7 @@ def test_cancel_stops_within_one_batch(tmp_path):
         predictor.predict(
             noisy_volume((40, 40, 40)), tmp_path / "p.zarr", cancel_after_first_batch, cancel
         )
-    assert model.calls == 1
+    assert predictor.engine.runners[0].calls == 1  # the inference copy of the model ran
     assert seen == [0, 2]
 
 

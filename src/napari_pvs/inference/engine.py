@@ -1,7 +1,8 @@
 """The network side of a prediction: models on their device, batches of windows run through them.
 
-:class:`WindowEngine` runs one batch: padding to the models' ``size_divisor``, reduced precision
-where the device has it natively (autocast), and, with MC dropout, test-time mirrorings or an
+:class:`WindowEngine` runs each model as its inference copy (:mod:`.fused`), one batch at a
+time: padding to the models' ``size_divisor``, reduced precision where the device has it
+natively (autocast), and, with MC dropout, test-time mirrorings or an
 ensemble, the running moments of the probability samples (:mod:`napari_pvs.uncertainty`).
 :meth:`WindowEngine.stream` runs a whole prediction in tile order with two helper threads
 keeping the network busy: one reads and normalises the next batch's windows, one normalises,
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from napari_pvs.inference.blending import Frontier
+from napari_pvs.inference.fused import fusable_blocks, inference_copy
 from napari_pvs.inference.inputs import read_windows
 from napari_pvs.inference.planning import RemainingWork
 from napari_pvs.inference.writer import ChunkWriter
@@ -62,10 +64,18 @@ def model_list(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch
 
 
 class WindowEngine:
-    """Models on their device (eval mode, channels-last where asked), run batch by batch.
+    """Models on their device in eval mode, run batch by batch through their inference copies
+    (:func:`.fused.inference_copy`: fused norm + PReLU, weights in the run's precision,
+    channels-last where asked).
 
-    Each batch draws its MC-dropout masks from its own seed (``seed`` and the batch index), so
-    a resumed run that recomputes a batch gets the same samples.
+    ``channels_last=None`` chooses it: on CUDA, and on CPU when every model's norm + PReLU
+    blocks are fused (measured on 2 AVX512-BF16/AMX cores, residual UNet, 64^3 windows: a
+    window took 0.5x the time of the unfused contiguous model in bfloat16 and 0.7x in float32;
+    without the fusion channels-last measured no faster on CPU).
+
+    ``models`` are the models given (their weights sign the run); ``runners`` are the copies
+    that run. Each batch draws its MC-dropout masks from its own seed (``seed`` and the batch
+    index), so a resumed run that recomputes a batch gets the same samples.
     """
 
     def __init__(
@@ -74,7 +84,7 @@ class WindowEngine:
         device: torch.device,
         window: tuple[int, int, int],
         amp_dtype: torch.dtype | None,
-        channels_last: bool,
+        channels_last: bool | None,
         mc_samples: int,
         tta: int,
         seed: int,
@@ -82,16 +92,18 @@ class WindowEngine:
         self.device = device
         self.window = window
         self.amp_dtype = amp_dtype
-        self.channels_last = channels_last
         self.mc_samples = mc_samples
         self.tta = tta
         self.seed = seed
-        self.models = []
-        for m in models:
-            m = m.to(self.device).eval()
-            if self.channels_last:
-                m = m.to(memory_format=torch.channels_last_3d)
-            self.models.append(m)
+        self.models = [m.to(self.device).eval() for m in models]
+        # The fused path was measured on CPUs only; other devices run the models as given.
+        fuse = device.type == "cpu" and all(fusable_blocks(m) for m in self.models)
+        if channels_last is None:
+            channels_last = device.type == "cuda" or fuse
+        self.channels_last = bool(channels_last)
+        self.runners = [
+            inference_copy(m, amp_dtype, self.channels_last, fuse)[0] for m in self.models
+        ]
         self.size_divisor = max(int(getattr(m, "size_divisor", 1) or 1) for m in self.models)
         self.n_samples = sample_count(len(self.models), self.mc_samples, self.tta)
 
@@ -115,10 +127,10 @@ class WindowEngine:
                 enabled=self.amp_dtype is not None,
             ):
                 if self.n_samples == 1:  # one deterministic pass: the probability itself
-                    moments = next(predictive_samples(self.models, x, modality))
+                    moments = next(predictive_samples(self.runners, x, modality))
                 else:
                     moments = predictive_moments(
-                        self.models, x, modality, self.mc_samples, self.tta
+                        self.runners, x, modality, self.mc_samples, self.tta
                     )
         crop = (slice(None), slice(None), *(slice(0, w) for w in self.window))
         return moments[crop].float().cpu().numpy()

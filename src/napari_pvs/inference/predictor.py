@@ -87,6 +87,8 @@ class Predictor:
     ``segmentation_rule`` from its checkpoint, else 0.5 and 0 (keep all).
     ``amp`` runs the network in the reduced precision the device has natively (see
     :func:`napari_pvs.models.autocast_dtype`); ``amp=False`` keeps float32 throughout.
+    ``channels_last`` (default: on CUDA, and on CPU for models with the fused fast path of
+    :mod:`.fused`) sets the memory format the network runs in.
     ``memory`` is the C-heap policy of :func:`napari_pvs.memory.memory_policy` (``"reuse"``:
     fast and flat; ``"return"``: the lowest peak, slower; ``"system"``: untouched).
     A prediction with an edge over ``display_edge`` voxels (default
@@ -140,8 +142,6 @@ class Predictor:
         # Reduced precision where the hardware has it natively (CUDA float16, CPU bfloat16).
         self.amp_dtype = autocast_dtype(self.device) if amp else None
         self.batch = int(batch) if batch is not None else default_batch(self.device, self.amp_dtype)
-        # channels-last pays on GPUs (tensor cores); on CPU it measured no faster.
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.chunks = (
             default_chunks(self.window, self.overlap)
             if chunks is None
@@ -158,12 +158,13 @@ class Predictor:
             self.device,
             self.window,
             self.amp_dtype,
-            self.channels_last,
+            channels_last,
             self.mc_samples,
             self.tta,
             self.seed,
         )
         self.models = self.engine.models
+        self.channels_last = self.engine.channels_last
         self.size_divisor = self.engine.size_divisor
         self.n_samples = self.engine.n_samples
         self._importance = importance_map(self.window, self.blending, self.sigma_scale)

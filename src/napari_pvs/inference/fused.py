@@ -1,0 +1,121 @@
+"""Inference copies of the models, rewritten for the CPU: fewer passes over each activation.
+
+Profiling a 64^3 window of the residual UNet in bfloat16 on a 2-core AVX512-BF16/AMX CPU
+showed the convolutions took under a third of the forward pass: the rest was instance norm,
+PReLU, the residual adds and, above all, copies. ``F.instance_norm`` makes a channels-last
+input contiguous (a copy), autocast runs it in float32 (two more), and every call casts every
+conv weight to bfloat16 again. The copy made here
+
+* replaces each instance norm (no affine, no running statistics) followed by a PReLU, MONAI's
+  ``ADN`` block, with :class:`InstanceNormPReLU`: per-sample ``batch_norm`` (the same
+  statistics, accumulated in float32, in the input's dtype and memory format) then PReLU;
+* stores the feature convolutions' weights in the run's reduced precision once (autocast
+  would cast them to exactly these values on every call);
+* puts weights in channels-last 3D, so oneDNN (AMX on this CPU) reads activations without
+  reordering them.
+
+The user's model is never modified; the copy has the same weights and, up to the rounding of
+the reduced precision, the same outputs (tested against the float32 path and MONAI's).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InstanceNormPReLU(nn.Module):
+    """Instance norm without affine or running statistics, then a one-slope PReLU, for
+    inference.
+
+    ``batch_norm`` over a single sample is instance norm, and unlike ``instance_norm`` it keeps
+    a channels-last bfloat16 input as it is (float32 accumulation inside). Each sample is
+    normalised straight into its place in one output (no concatenation: 0.8x the time at
+    batch 2), then the PReLU is applied in place (a one-slope PReLU is a leaky ReLU).
+    """
+
+    def __init__(self, eps: float, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.slope = float(prelu.weight.detach().reshape(()).item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)  # keeps x's memory format; each sample written in place
+        stats = x.new_empty(0)  # per-sample mean and 1/std, unused (the output holds them)
+        with torch.autocast(x.device.type, enabled=False):
+            for i in range(x.shape[0]):
+                torch.ops.aten.native_batch_norm.out(
+                    x[i : i + 1], None, None, None, None, True, 0.0, self.eps,
+                    out=out[i : i + 1], save_mean=stats, save_invstd=stats.clone(),
+                )  # fmt: skip
+        return F.leaky_relu_(out, self.slope)
+
+
+def _plain_instance_norm(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.InstanceNorm3d)
+        and not module.affine
+        and not module.track_running_stats
+    )
+
+
+def _fuse_norm_prelu(block: nn.Sequential) -> nn.Module | None:
+    """The fused module for a sequence that is instance norm then a one-slope PReLU, with only
+    identities and dropouts besides (no-ops: the features are computed in eval mode, MC
+    dropout lives in the head), else None."""
+    active = [m for m in block.children() if not isinstance(m, nn.Identity | nn.Dropout)]
+    if (
+        len(active) == 2
+        and _plain_instance_norm(active[0])
+        and isinstance(active[1], nn.PReLU)
+        and active[1].weight.numel() == 1
+    ):
+        return InstanceNormPReLU(active[0].eps, active[1])
+    return None
+
+
+def fusable_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, fused replacement)`` for every norm + PReLU block of ``model``."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Sequential):
+                replacement = _fuse_norm_prelu(child)
+                if replacement is not None:
+                    found.append((parent, name, replacement))
+    return found
+
+
+def inference_copy(
+    model: nn.Module, dtype: torch.dtype | None, channels_last: bool, fuse: bool = True
+) -> tuple[nn.Module, int]:
+    """A copy of ``model`` for inference only (see the module docstring) and the number of
+    norm + PReLU blocks fused. ``dtype`` (the autocast precision, or None for float32) is the
+    precision the feature convolutions' weights are stored in; the MC head stays float32.
+
+    A model with nothing to fuse, or ``fuse=False`` (devices the fusion was not measured on),
+    is returned itself, in channels-last if asked (as before this module existed): nothing
+    else of it is known to be safe to rewrite, and a large model is not copied for nothing.
+    """
+    if not fuse or not fusable_blocks(model):
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        return model, 0
+    inference = copy.deepcopy(model).eval()
+    blocks = fusable_blocks(inference)
+    for parent, name, replacement in blocks:
+        setattr(parent, name, replacement)
+    head = getattr(inference, "mc_head", None)
+    head_modules = set(head.modules()) if head is not None else set()
+    if dtype is not None:
+        for module in inference.modules():
+            if isinstance(module, nn.Conv3d | nn.ConvTranspose3d) and module not in head_modules:
+                module.to(dtype)
+    if channels_last:
+        inference = inference.to(memory_format=torch.channels_last_3d)
+    for parameter in inference.parameters():
+        parameter.requires_grad_(False)
+    return inference, len(blocks)
