@@ -53,8 +53,12 @@ def test_cohort_on_a_two_worker_local_cluster(tmp_path, checkpoint):
         local = tmp_path / f"local-{output_name(path)}"
         Predictor(model, modality=volume.modality, **OPTIONS).predict(volume, local)
         expected = zarr.open_group(str(local), mode="r")["probability"][...]
+        # Workers run with other torch thread counts; in bfloat16 (the default on CPUs that
+        # multiply it in hardware) oneDNN's reductions then round differently: equal within
+        # bfloat16's resolution (2**-8), not bit for bit.
         np.testing.assert_allclose(
-            group["probability"][...].astype(np.float32), expected.astype(np.float32), atol=1e-3
+            group["probability"][...].astype(np.float32), expected.astype(np.float32),
+            atol=2**-8,
         )
 
 
