@@ -27,6 +27,7 @@ from qtpy.QtCore import Qt, QTimer
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow, VolumePanel
 from napari_pvs._widgets.review_layers import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
+from napari_pvs._widgets.state import VOLUME_KEY
 from napari_pvs.inference import Predictor
 from napari_pvs.models.checkpoint import load_checkpoint
 from napari_pvs.phantom import make_phantom
@@ -91,11 +92,12 @@ def wait(qtbot, busy, timeout=60000) -> None:
     qtbot.waitUntil(lambda: not busy(), timeout=timeout)
 
 
-def create_project(workflow, tmp_path, checkpoint):
+def create_project(workflow, qtbot, tmp_path, checkpoint):
     step = workflow.project_step
     step.folder_edit.setText(str(tmp_path / "project"))
     step.model_edit.setText(str(checkpoint))
-    step.create_button.click()
+    step.create_button.click()  # in the step's worker
+    wait(qtbot, step.is_busy)
     project = workflow.state.project
     assert project is not None and project.path == tmp_path / "project"
     # fast, small settings for 40^3 phantoms (the Project step persists them)
@@ -126,7 +128,7 @@ def canvas_key(workflow, qtbot, key, modifier=Qt.KeyboardModifier.NoModifier) ->
 
 def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, scans):
     viewer = workflow.viewer
-    project = create_project(workflow, tmp_path, checkpoint)
+    project = create_project(workflow, qtbot, tmp_path, checkpoint)
     assert project.settings()["patch"] == 12 and project.settings()["n"] == 20
 
     # -- Project step: add an open layer (with its file) and a file; their state is listed
@@ -135,11 +137,15 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     step = workflow.project_step
     step.layer_combo.setCurrentText(image.name)
     step.add_layer_button.click()
-    assert step.add_paths([scans[1]])[0].name == "sub-02_T2w"
+    wait(qtbot, step.is_busy)
+    assert image.metadata[VOLUME_KEY] == project.volumes()[0].id
+    assert step.start_add_paths([scans[1]])
+    wait(qtbot, step.is_busy)
+    assert [v.name for v in project.volumes()] == ["sub-01_T2w", "sub-02_T2w"]
     assert step.table.rowCount() == 2 and step.table.item(0, 1).text() == "-"
     viewer.add_image(np.zeros(SHAPE, np.float32), name="in memory")
     step.layer_combo.setCurrentText("in memory")
-    assert step.add_current_layer() is None and "no file" in step.status_label.text()
+    assert not step.add_current_layer() and "no file" in step.status_label.text()
     vid = project.volumes()[0].id
 
     # -- Segment step: the project's model version, a result equal to a direct prediction
@@ -229,6 +235,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
 
     # -- Accept (button): written through project.accept, shown as reviewed, next one opens
     review.accept_button.click()
+    assert not review.accept_button.isEnabled() and "saving patch" in review.status_label.text()
+    wait(qtbot, review.is_busy)
     annotations = project.annotations(vid)
     assert len(annotations) == 1 and annotations[0].patch_id == patch.id
     stored = np.asarray(project.labels(vid)["labels"][box])
@@ -243,6 +251,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert not layer.data.any()
     second = review.patch
     canvas_key(workflow, qtbot, Qt.Key.Key_A)
+    wait(qtbot, review.is_busy)
     empty = project.annotations(vid)[-1]
     assert empty.patch_id == second.id and empty.empty and len(project.annotations(vid)) == 2
     third = review.patch
@@ -266,7 +275,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     layer.paint(np.argwhere(np.asarray(layer.data) == 0)[0], 1)
     workflow.answers.queue = ["Accept"]
     accepted = review.patch
-    review.previous()
+    review.previous()  # saves in the worker, then moves
+    wait(qtbot, review.is_busy)
     assert project.annotations(vid)[-1].patch_id == accepted.id
     assert review.queue.counts() == {"new": len(queued) - 4, "reviewed": 3, "skipped": 1}
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
@@ -275,6 +285,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     # a round measures Dice on validation patches (about 1 accepted patch in 4 is one)
     while not any(a.split == "validation" for a in project.annotations()):
         assert review.accept()
+        wait(qtbot, review.is_busy)
     reviewed_before_round = len(project.annotations())
 
     # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
@@ -311,7 +322,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert [r["version"] for r in rows] == [0, 1] and "v1:" in train.compare_label.text()
     train.versions_table.clearSelection()
     train.versions_table.selectRow(0)
-    train.rollback_button.click()
+    train.rollback_button.click()  # in the step's worker
+    wait(qtbot, train.rollback_job.is_running)
     assert project.current_version().version == 0
     assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
 

@@ -45,6 +45,13 @@ if TYPE_CHECKING:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+def _create(folder: Path, model: str):
+    """A new project in ``folder`` with ``model`` as version 0 (imports torch: off the GUI)."""
+    from napari_pvs.project import Project
+
+    return Project.create(folder, model=model)
+
+
 def _add_with_modality(project, path: str | Path, modality: str | None):
     """``project.add_volume`` with ``modality``, else the image's confident guess (see
     :mod:`napari_pvs.modality`); returns the record and the guess (None when one was given)."""
@@ -116,7 +123,7 @@ class ProjectStep(QWidget):
         row = QHBoxLayout()
         self.create_button = QPushButton("Create")
         self.create_button.setToolTip("Make a new project in the folder (new or empty)")
-        self.create_button.clicked.connect(self.create_project)
+        self.create_button.clicked.connect(self.start_create)
         self.open_button = QPushButton("Open")
         self.open_button.setToolTip("Open the project in the folder")
         self.open_button.clicked.connect(self.open_project)
@@ -262,20 +269,21 @@ class ProjectStep(QWidget):
         if folder is None:
             return False
         model = self.model_edit.text().strip() or "default"
-
-        def work(progress, cancel):
-            from napari_pvs.project import Project
-
-            return Project.create(folder, model=model)
-
-        return self._start_project_job(work, f"creating project {folder}", self._created)
+        return self._start_project_job(
+            lambda progress, cancel: _create(folder, model),
+            f"creating project {folder}",
+            self._created,
+        )
 
     def _created(self, project) -> None:
         self.state.set_project(project)
         self._report(f"created project {project.path}")
 
-    def start_add_paths(self, paths: list[str | Path], modality: str | None = None) -> bool:
-        """Add volume files in the step's worker, each with its modality guessed when unsaid."""
+    def start_add_paths(
+        self, paths: list[str | Path], modality: str | None = None, then=None
+    ) -> bool:
+        """Add volume files in the step's worker, each with its modality guessed when unsaid;
+        ``then(records)`` on the GUI thread with what was added."""
         project = self.state.project
         if project is None:
             self._report("create or open a project first", "error")
@@ -283,45 +291,50 @@ class ProjectStep(QWidget):
         paths = list(paths)
 
         def work(progress, cancel):
-            added, unsure = [], []
+            added, unsure, refused = [], [], []
             for done, path in enumerate(paths):
                 progress(done, len(paths), f"adding {Path(path).name}")
-                record, guess = _add_with_modality(project, path, modality)
+                try:
+                    record, guess = _add_with_modality(project, path, modality)
+                except (ValueError, FileNotFoundError, OSError) as exc:
+                    refused.append(str(exc))
+                    continue
                 added.append(record)
                 if guess is not None and not guess.confident:
                     unsure.append(f"{record.name}: {guess.reason}")
             progress(len(paths), len(paths), "added")
-            return added, unsure
+            return added, unsure, refused
 
-        return self._start_project_job(work, "adding volumes", self._added)
+        return self._start_project_job(work, "adding volumes",
+                                       lambda result: self._added(result, then))  # fmt: skip
 
-    def _added(self, result) -> None:
-        added, unsure = result
-        self.state.volumes_changed.emit()
+    def _added(self, result, then=None) -> None:
+        added, unsure, refused = result
+        if added:
+            self.state.volumes_changed.emit()
+        if then is not None:
+            then(added)
         names = ", ".join(f"{r.name} ({r.modality})" for r in added)
+        parts = [f"added {names}"] if added else []
         if unsure:
-            self._report(
-                f"added {names}; contrast unsure, check it before segmenting: "
-                + "; ".join(unsure),
-                "warning",
-            )
-        else:
-            self._report(f"added {names}")
+            parts.append("contrast unsure, set it in the table before segmenting: "
+                         + "; ".join(unsure))  # fmt: skip
+        parts += refused
+        self._report("; ".join(parts), "error" if refused else "warning" if unsure else "info")
 
     # ---------------------------------------------------------------- project
     def create_project(self) -> bool:
-        from napari_pvs.project import Project
-
+        """Create the project on the calling thread: for ``napari-pvs gui`` and scripts, before
+        the window is in use (the Create button runs :meth:`start_create`)."""
         folder = self._folder()
         if folder is None:
             return False
         try:
-            project = Project.create(folder, model=self.model_edit.text().strip() or "default")
+            project = _create(folder, self.model_edit.text().strip() or "default")
         except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
             self._report(str(exc), "error")
             return False
-        self.state.set_project(project)
-        self._report(f"created project {project.path}")
+        self._created(project)
         return True
 
     def open_project(self) -> bool:
@@ -369,13 +382,13 @@ class ProjectStep(QWidget):
         self.refresh_volumes()
 
     # ---------------------------------------------------------------- volumes
-    def add_current_layer(self) -> VolumeRecord | None:
-        """Add the chosen image layer's file to the project."""
+    def add_current_layer(self) -> bool:
+        """Add the chosen image layer's file to the project (in the step's worker)."""
         layer = next((lyr for lyr in self._image_layers()
                       if lyr.name == self.layer_combo.currentText()), None)  # fmt: skip
         if layer is None:
             self._report("no image layer chosen; open a volume first", "error")
-            return None
+            return False
         source = layer_source(layer)
         if not source:
             self._report(
@@ -383,36 +396,20 @@ class ProjectStep(QWidget):
                 "OME-Zarr first (File > Save Selected Layers… as .zarr) and add that file",
                 "error",
             )
-            return None
-        record = self._add(source, layer.metadata.get("modality"))
-        if record is not None:
-            layer.metadata[VOLUME_KEY] = record.id
-        return record
+            return False
+
+        def tag_layer(records: list[VolumeRecord]) -> None:
+            if records:
+                layer.metadata[VOLUME_KEY] = records[0].id
+
+        return self.start_add_paths([source], layer.metadata.get("modality"), then=tag_layer)
 
     def _browse_files(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
             self, "Add volumes", "", "Volumes (*.nii *.nii.gz *.zarr);;All files (*)"
         )
-        for path in paths:
-            self._add(path)
-
-    def add_paths(self, paths: list[str | Path]) -> list[VolumeRecord]:
-        """Add volume files (what 'Add files…' does after its dialog)."""
-        return [r for r in (self._add(p) for p in paths) if r is not None]
-
-    def _add(self, path: str | Path, modality: str | None = None) -> VolumeRecord | None:
-        try:
-            project = self.state.require_project()
-            if modality not in (None, "unknown"):
-                record = project.add_volume(path, modality=modality)
-            else:
-                record = project.add_volume(path)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            self._report(str(exc), "error")
-            return None
-        self._report(f"added {record.name} (volume {record.id}, {record.modality})")
-        self.state.volumes_changed.emit()
-        return record
+        if paths:
+            self.start_add_paths(paths)
 
     def selected_volume(self) -> VolumeRecord | None:
         project = self.state.project

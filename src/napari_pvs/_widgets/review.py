@@ -74,6 +74,12 @@ class ReviewStep(QWidget):
             signal.connect(lambda *_: self.rank_button.setEnabled(True))
             signal.connect(lambda *_: self.state.release(self._ranking_vid))
         self._ranking_vid: int | None = None
+        self._saving_rank = 0
+        # Accept writes the label store and the ledger (fsynced): off the GUI thread too
+        self.accept_job = BackgroundJob(self)
+        self.accept_job.succeeded.connect(self._on_accepted)
+        self.accept_job.failed.connect(self._on_accept_failed)
+        self._after_accept = None
         #: the open patch: its record, volume, prefilled labels and when it was opened
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
@@ -243,7 +249,7 @@ class ReviewStep(QWidget):
         if self.job.is_running():
             self._report("a ranking is already running", "error")
             return False
-        if not self.resolve_unsaved():
+        if not self.resolve_unsaved(retry=self.rank):
             return False
         project = self.state.project
         settings = self.state.settings()
@@ -288,8 +294,15 @@ class ReviewStep(QWidget):
             and not np.array_equal(np.asarray(layer.data), self._prefill)
         )
 
-    def resolve_unsaved(self) -> bool:
-        """Before leaving a patch: ask what to do with unsaved edits; False = stay."""
+    def resolve_unsaved(self, retry=None) -> bool:
+        """Before leaving a patch: ask what to do with unsaved edits; False = stay for now.
+
+        "Accept" saves in the step's worker and then calls ``retry`` (the action that asked),
+        so the answer "stay" comes back at once and the action happens once the patch is saved.
+        """
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
+            return False
         if not self.has_unsaved_edits():
             return True
         choice = self.state.ask(
@@ -300,7 +313,8 @@ class ReviewStep(QWidget):
             list(UNSAVED_CHOICES),
         )
         if choice == "Accept":
-            return self._accept_current() is not None
+            self._start_accept(retry)
+            return False
         return choice == "Discard"
 
     def _on_row_selected(self) -> None:
@@ -312,7 +326,7 @@ class ReviewStep(QWidget):
         """Show queue row ``index``: zoom, box, the prefilled patch layer. False if it stays."""
         if index == self.queue.index and self.patch is not None:
             return True
-        if not self.resolve_unsaved():
+        if not self.resolve_unsaved(retry=lambda: self.open_patch(index)):
             return False
         patch = self.queue.select(index)
         if patch is None:
@@ -387,48 +401,84 @@ class ReviewStep(QWidget):
             )
 
     # ---------------------------------------------------------------- actions
-    def _accept_current(self):
+    def is_busy(self) -> bool:
+        """Whether a ranking or an Accept runs in the step's worker."""
+        return self.job.is_running() or self.accept_job.is_running()
+
+    def _start_accept(self, then=None) -> bool:
+        """Save the open patch through ``project.accept`` in the step's worker, the patch's
+        controls disabled meanwhile; ``then()`` runs on the GUI thread once it is saved."""
         layer = self.layers.labels()
         if self.patch is None or layer is None:
             self._report("no patch open; select one in the queue", "error")
-            return None
-        patch = self.patch
+            return False
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
+            return False
+        patch, project = self.patch, self.state.project
         labels = (np.asarray(layer.data) > 0).astype(np.uint8)
-        try:
-            annotation = self.state.project.accept(
+        seconds = time.monotonic() - self._opened_at
+
+        def work(progress, cancel):
+            annotation = project.accept(
                 patch.volume_id,
                 patch.start,
                 patch.stop,
                 labels,
-                seconds=time.monotonic() - self._opened_at,
+                seconds=seconds,
                 patch_id=patch.id,
                 model_version=patch.model_version,
             )
-        except (ValueError, OSError) as exc:
-            self._report(f"could not accept patch {patch.rank}: {exc}", "error")
-            return None
-        self._prefill = labels.copy()
-        layer.data = labels  # fresh history: what is saved is the new starting point
+            return patch, labels, annotation
+
+        self._after_accept, self._saving_rank = then, patch.rank
+        for control in self.patch_controls:
+            control.setEnabled(False)
+        self.status_label.setText(f"saving patch {patch.rank}…")
+        return self.accept_job.start(work, f"saving patch {patch.rank}")
+
+    def _on_accepted(self, value) -> None:
+        patch, labels, annotation = value
+        then, self._after_accept = self._after_accept, None
+        for control in self.patch_controls:
+            control.setEnabled(self.patch is not None)
+        layer = self.layers.labels()
+        if self.patch is not None and self.patch.id == patch.id:
+            self._prefill = labels.copy()
+            if layer is not None and np.array_equal(np.asarray(layer.data) > 0, labels > 0):
+                layer.data = labels  # fresh history: what is saved is the new starting point
         self.queue.set_status(patch.id, "reviewed")
-        self.patch = self.queue.current()
+        if self.patch is not None and self.patch.id == patch.id:
+            self.patch = self.queue.current()
+        name = self.state.project.volume(patch.volume_id).name
         self._report(
-            f"accepted patch {patch.rank} of {self.volume.name} "
+            f"accepted patch {patch.rank} of {name} "
             f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
         )
         self.state.queue_changed.emit(patch.volume_id)
-        return annotation
+        if then is not None:
+            then()
+
+    def _on_accept_failed(self, message: str) -> None:
+        self._after_accept = None
+        for control in self.patch_controls:
+            control.setEnabled(self.patch is not None)
+        self._report(f"could not accept patch {self._saving_rank}: {message}", "error")
 
     def accept(self) -> bool:
-        """Accept the open patch (empty counts as reviewed background) and open the next new."""
-        if self._accept_current() is None:
-            return False
-        self._move(self.queue.next_index("new"), "all patches of this queue are done")
-        return True
+        """Accept the open patch (empty counts as reviewed background) in the step's worker,
+        then open the next new one."""
+        return self._start_accept(
+            lambda: self._move(self.queue.next_index("new"), "all patches of this queue are done")
+        )
 
     def skip(self) -> bool:
         """Leave the open patch out (without saving edits) and open the next new one."""
         if self.patch is None:
             self._report("no patch open; select one in the queue", "error")
+            return False
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
             return False
         patch = self.patch
         self.state.project.skip(patch.id)
