@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from napari_pvs import io
@@ -114,3 +115,46 @@ def test_progress_is_throttled_to_a_few_reports_a_second():
     assert predicting[0] == (0, "predicting") and received[-1] == (20_000, "predicting")
     assert (3, "saving") in received
     assert len(received) <= 4 + elapsed * PROGRESS_REPORTS_PER_SECOND
+
+
+def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbot, tmp_path):
+    """Modality round trip: the Project table's Contrast -> the ledger -> the Segment step's
+    choice -> the prediction's run signature (what the model was told)."""
+    import zarr
+
+    from napari_pvs.io import ATTRS_KEY
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    noise = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    scan = io.save_ome_zarr(tmp_path / "scan.zarr", noise, (SPACING,) * 3, levels=1)
+    step = workflow.project_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    assert step.start_create()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    project = workflow.state.project
+    project.update_settings(device="cpu", predict_mc=0, predict_tta=1)
+    assert step.start_add_paths([scan])
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert project.volumes()[0].modality == "unknown"  # noise says nothing of its contrast
+    assert "contrast unsure" in step.status_label.text()
+    assert step.table.item(0, 4).text() == "unknown"
+
+    step.table.selectRow(0)
+    assert step.modality_combo.isEnabled()
+    assert step.start_set_modality("T1")
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert project.volumes()[0].modality == "T1" and step.table.item(0, 4).text() == "T1"
+
+    layer = workflow.state.show_volume(project.volumes()[0])
+    seg = workflow.segment_step
+    seg.layer_combo.setCurrentText(layer.name)
+    assert seg.modality_combo.currentText() == "T1"  # the stored contrast
+    seg.modality_combo.setCurrentText("T2")  # the Segment step's choice is used and kept
+    seg.window_spin.setValue(32)
+    seg.segment_button.click()
+    qtbot.waitUntil(lambda: not seg.is_running(), timeout=120000)
+    store = project.prediction_path(project.volumes()[0].id, 0)
+    run = dict(zarr.open_group(str(store), mode="r").attrs)[ATTRS_KEY]["run"]
+    assert run["modality"] == "T2" and project.volumes()[0].modality == "T2"
+    assert run["tta"] == 1 and run["mc_samples"] == 0  # the project's settings, as asked

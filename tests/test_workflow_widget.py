@@ -26,7 +26,13 @@ from qtpy.QtCore import Qt, QTimer
 
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow, VolumePanel
-from napari_pvs._widgets.review_layers import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
+from napari_pvs._widgets.review_layers import (
+    BOX_LAYER,
+    CONTEXT_LAYER,
+    PATCH_LAYER,
+    UNCERTAINTY_LAYER,
+    context_box,
+)
 from napari_pvs._widgets.state import VOLUME_KEY
 from napari_pvs.inference import Predictor
 from napari_pvs.models.checkpoint import load_checkpoint
@@ -121,6 +127,11 @@ def segment(workflow, qtbot, layer) -> None:
     wait(qtbot, step.is_running)
 
 
+def result_layer_names(viewer, image) -> list[str]:
+    """The names of ``image``'s result layers, sorted (each name once)."""
+    return sorted(lyr.name for lyr in viewer.layers if lyr.name.startswith(f"{image.name} PVS "))
+
+
 def canvas_key(workflow, qtbot, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
     """A real key press on the canvas (what napari dispatches to the active layer)."""
     qtbot.keyClick(workflow.viewer.window._qt_viewer.canvas.native, key, modifier)
@@ -168,9 +179,11 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
     assert step.table.item(0, 1).text() == "v0*"
     assert " s on cpu" in seg.summary_label.text()  # it ran
+    result_layers = result_layer_names(viewer, image)
     segment(workflow, qtbot, image)  # again: the version's stored prediction, nothing recomputed
     assert "its stored prediction (nothing recomputed)" in seg.summary_label.text()
-    segmentation = viewer.layers[f"{image.name} PVS segmentation"]
+    assert viewer.layers[f"{image.name} PVS segmentation"] is segmentation  # reused
+    assert result_layer_names(viewer, image) == result_layers  # none added
     assert step.table.item(0, 3).text() == str(seg.result.pvs_count)
 
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
@@ -214,8 +227,19 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     review.view3d_check.setChecked(True)
     assert viewer.dims.ndisplay == 3
     np.testing.assert_allclose(viewer.scene.camera.center, centre)
+    # the 3D view is the patch's box with a margin, the rest of the volume hidden
+    context = viewer.layers[CONTEXT_LAYER]
+    start, stop = context_box(patch, image.data.shape)
+    assert all(a <= p for a, p in zip(start, patch.start, strict=True))
+    assert all(b >= p for b, p in zip(stop, patch.stop, strict=True))
+    assert np.prod(context.data.shape) < np.prod(image.data.shape) / 4
+    np.testing.assert_array_equal(
+        context.data, np.asarray(image.data[tuple(map(slice, start, stop))], np.float32)
+    )
+    assert not image.visible and layer.visible and context.visible
     review.view3d_check.setChecked(False)
     assert viewer.dims.ndisplay == 2
+    assert CONTEXT_LAYER not in viewer.layers and image.visible
 
     # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently
     background = [tuple(v) for v in np.argwhere(np.asarray(layer.data) == 0)[[0, -1]]]
@@ -288,6 +312,12 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
         wait(qtbot, review.is_busy)
     reviewed_before_round = len(project.annotations())
 
+    # -- Report before the round: the burden with v0
+    report = workflow.report_step
+    report.burden_button.click()
+    wait(qtbot, report.job.is_running)
+    assert report.table.item(0, 4).text() == "v0"
+
     # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
     train = workflow.train_step
     train.steps_spin.setValue(4)
@@ -315,6 +345,11 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert seg.version_combo.currentText() == "v1 (current)"
     assert segmentation.metadata["model_version"] == "v1"
     assert segmentation.metadata["prediction"] == str(project.prediction_path(vid, 1))
+    assert result_layer_names(viewer, image) == result_layers  # the same set, v1's data
+    # the Report counted with v0 before the round counts again with v1, named per row
+    wait(qtbot, report.job.is_running)
+    assert {r["model_version"] for r in report.rows} == {1}
+    assert report.table.item(0, 4).text() == "v1" and "v1" in report.table.item(0, 0).toolTip()
 
     # -- compare, roll back (nothing deleted), roll forward
     train.versions_table.selectAll()
@@ -328,7 +363,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
 
     # -- Report: the burden table and its CSV, the learning curve, labels export
-    report = workflow.report_step
+    wait(qtbot, report.job.is_running)  # Make current counted again with v0
+    assert report.table.item(0, 4).text() == "v0"
     report.burden_button.click()
     wait(qtbot, report.job.is_running)
     expected = project.burden()
@@ -453,13 +489,19 @@ def test_resegment_never_overwrites_painted_corrections(workflow, qtbot, tmp_pat
     seg.overwrite_check.setChecked(True)
     assert not seg.segment()  # the policy answers Cancel: nothing starts, nothing changes
     assert "corrections you painted" in workflow.answers.asked[-1][0]
-    workflow.answers.queue = ["New layers"]
+    workflow.answers.queue = ["Keep a copy"]
     assert seg.segment()
     wait(qtbot, seg.is_running)
     assert layer in workflow.viewer.layers and isinstance(layer.data, np.ndarray)
     np.testing.assert_array_equal(layer.data, corrected)  # a copy kept before the rewrite
     fresh = seg.result_layers["segmentation"]
-    assert fresh is not layer and fresh.name.endswith("(new)")
+    assert fresh is not layer and fresh.name == f"{image.name} PVS segmentation"
+    assert layer.name == f"{image.name} PVS segmentation (corrected)"
+    # one set of result layers per volume: every name once, none added twice
+    names = [lyr.name for lyr in workflow.viewer.layers]
+    assert len(names) == len(set(names))
+    shown = sum(name.startswith(f"{image.name} PVS ") for name in names)
+    assert shown == len(seg.result_layers) + 1  # the result's set and the corrected copy
     assert "ranked patch" not in workflow.viewer.layers
 
 

@@ -38,6 +38,7 @@ from napari_pvs._widgets._common import (
 from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._widgets._layers import input_image_layers, layer_source
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
+from napari_pvs.io.modality import MODALITIES
 
 if TYPE_CHECKING:
     from napari_pvs.project import VolumeRecord
@@ -158,18 +159,53 @@ class ProjectStep(QWidget):
         row.addWidget(self.show_button)
         form.addRow(row)
         self.table = compact_table(
-            ["volume", "predicted", "reviewed", "PVS"],
+            ["volume", "predicted", "reviewed", "PVS", "contrast"],
             [
                 "the volume's name in the project",
                 "model versions with a complete prediction of it (* = current)",
                 "patches accepted (reviewed) in it",
                 "PVS (26-connected clusters) in the current version's segmentation",
+                "T1 or T2: what the model is told (set it below when it is unknown or wrong)",
             ],
-            fit=(2, 3),
+            fit=(2, 3, 4),
         )
         self.table.doubleClicked.connect(lambda _index: self.show_selected())
+        self.table.itemSelectionChanged.connect(self._show_selected_modality)
         form.addRow(self.table)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(MODALITIES)
+        self.modality_combo.setToolTip(
+            "The selected volume's contrast, stored in the project: Segment, rounds and the "
+            "benchmark tell the model this (predictions already made keep theirs)"
+        )
+        self.modality_combo.setEnabled(False)
+        self.modality_combo.textActivated.connect(self.start_set_modality)
+        form.addRow("Contrast", self.modality_combo)
         return box
+
+    def _show_selected_modality(self) -> None:
+        volume = self.selected_volume()
+        self.modality_combo.setEnabled(volume is not None)
+        if volume is not None:
+            self.modality_combo.setCurrentText(volume.modality)
+
+    def start_set_modality(self, modality: str) -> bool:
+        """Store the selected volume's contrast (a ledger write: in the step's worker)."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return False
+        project = self.state.project
+
+        def work(progress, cancel):
+            return project.set_modality(volume.id, modality)
+
+        return self._start_project_job(work, f"setting {volume.name}'s contrast",
+                                       self._modality_set)  # fmt: skip
+
+    def _modality_set(self, record: VolumeRecord) -> None:
+        self.state.volumes_changed.emit()
+        self._report(f"{record.name} is {record.modality}: its next predictions use it")
 
     def _build_settings_box(self) -> QGroupBox:
         box = QGroupBox("Settings (kept in the project)")
@@ -452,7 +488,8 @@ class ProjectStep(QWidget):
                 pvs, _ = "…", to_count.append(key)
             else:
                 pvs = "-"
-            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs])
+            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs,
+                         entry["modality"]])  # fmt: skip
             tips.append(
                 f"{entry['path']}\n{'x'.join(map(str, entry['shape']))} {entry['modality']}; "
                 f"{entry['annotations']} reviewed ({entry['validation']} validation), "
@@ -462,6 +499,7 @@ class ProjectStep(QWidget):
         fill_table(self.table, rows, tips)
         if selected and selected[0].row() < len(rows):
             self.table.selectRow(selected[0].row())
+        self._show_selected_modality()
         if to_count and not self.count_job.is_running():
             paths = {key: project.prediction_path(*key) for key in to_count}
 

@@ -13,6 +13,7 @@ are bound on that layer only (they go with it) and avoid napari's own.
 
 from __future__ import annotations
 
+import getpass
 import time
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -54,6 +56,14 @@ KEY_HELP = (
 UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
 
 
+def default_annotator() -> str:
+    """The OS user's name (what the Annotator field starts with), or "" when there is none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container's bare user)
+        return ""
+
+
 class ReviewStep(QWidget):
     """Rank a volume's patches, open them one by one, correct, accept or skip."""
 
@@ -75,6 +85,8 @@ class ReviewStep(QWidget):
             signal.connect(lambda *_: self.state.release(self._ranking_vid))
         self._ranking_vid: int | None = None
         self._saving_rank = 0
+        #: per volume: why its last ranking gave fewer patches than asked (shown under the queue)
+        self._shortfalls: dict[int, str] = {}
         # Accept writes the label store and the ledger (fsynced): off the GUI thread too
         self.accept_job = BackgroundJob(self)
         self.accept_job.succeeded.connect(self._on_accepted)
@@ -171,9 +183,18 @@ class ReviewStep(QWidget):
         self.uncertainty_check.toggled.connect(self._show_uncertainty)
         row.addWidget(self.uncertainty_check)
         self.view3d_check = QCheckBox("3D view")
+        self.view3d_check.setToolTip("The patch in 3D with its surroundings (a margin of half "
+                                     "its edge), the rest of the volume hidden")  # fmt: skip
         self.view3d_check.toggled.connect(self._set_3d)
         row.addWidget(self.view3d_check)
         row.addStretch(1)
+        layout.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Annotator"))
+        self.annotator_edit = QLineEdit(default_annotator())
+        self.annotator_edit.setToolTip("Who reviews: recorded with every accepted or skipped "
+                                       "patch (required)")  # fmt: skip
+        row.addWidget(self.annotator_edit, 1)
         layout.addLayout(row)
         keys = QLabel(KEY_HELP)
         keys.setWordWrap(True)
@@ -233,11 +254,13 @@ class ReviewStep(QWidget):
     def _show_queue(self) -> None:
         show_queue(self.table, self.queue)
         counts = self.queue.counts()
-        self.queue_label.setText(
+        text = (
             f"{counts['new']} new, {counts['reviewed']} reviewed, {counts['skipped']} skipped"
             if self.queue.patches
             else "no queue yet: press Rank patches"
         )
+        why = self._shortfalls.get(self.volume_combo.currentData())
+        self.queue_label.setText(f"{text}\n{why}" if why and self.queue.patches else text)
 
     # ---------------------------------------------------------------- ranking
     def rank(self) -> bool:
@@ -275,6 +298,7 @@ class ReviewStep(QWidget):
         settings = self.state.settings()
         message = f"{len(records)} patches queued for {volume.name}"
         why = shortfall_message(len(records), self._asked_n, volume.shape, int(settings["patch"]))
+        self._shortfalls[vid] = why or ""
         self._report(f"{message}. {why}" if why else message, "warning" if why else "info")
         self.state.predictions_changed.emit(vid)
         self.state.queue_changed.emit(vid)
@@ -344,6 +368,8 @@ class ReviewStep(QWidget):
         self.layers.show(patch, prefill, image, self.brush_spin.value(),
                          self.contour_check.isChecked())  # fmt: skip
         self._show_uncertainty(self.uncertainty_check.isChecked())
+        if self.view3d_check.isChecked():
+            self._show_3d()
         self._opened_at = time.monotonic()
         self._show_queue()
         size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
@@ -386,9 +412,24 @@ class ReviewStep(QWidget):
         self.layers.set_contour(on)
 
     def _set_3d(self, on: bool) -> None:
+        """3D: the patch's box with a margin (:meth:`PatchLayers.show_3d`); 2D: as before."""
+        if not on:
+            self.layers.hide_3d()
         self.viewer.dims.ndisplay = 3 if on else 2
-        if self.patch is not None:
+        if self.patch is None:
+            return
+        if on:
+            self._show_3d()
+        else:
             self.layers.frame()
+
+    def _show_3d(self) -> None:
+        try:
+            image = self.state.show_volume(self.volume)
+        except FileNotFoundError as exc:
+            self._report(str(exc), "error")
+            return
+        self.layers.show_3d(self.patch, image)
 
     def _show_uncertainty(self, on: bool) -> None:
         if not on or self.patch is None:
@@ -401,6 +442,16 @@ class ReviewStep(QWidget):
             )
 
     # ---------------------------------------------------------------- actions
+    def annotator(self) -> str | None:
+        """The Annotator field's name; None (with a message) when it is empty."""
+        name = self.annotator_edit.text().strip()
+        if not name:
+            self._report("enter who reviews in Annotator: it is recorded with every patch",
+                         "error")  # fmt: skip
+            self.annotator_edit.setFocus()
+            return None
+        return name
+
     def is_busy(self) -> bool:
         """Whether a ranking or an Accept runs in the step's worker."""
         return self.job.is_running() or self.accept_job.is_running()
@@ -415,6 +466,9 @@ class ReviewStep(QWidget):
         if self.accept_job.is_running():
             self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
             return False
+        annotator = self.annotator()
+        if annotator is None:
+            return False
         patch, project = self.patch, self.state.project
         labels = (np.asarray(layer.data) > 0).astype(np.uint8)
         seconds = time.monotonic() - self._opened_at
@@ -425,6 +479,7 @@ class ReviewStep(QWidget):
                 patch.start,
                 patch.stop,
                 labels,
+                annotator=annotator,
                 seconds=seconds,
                 patch_id=patch.id,
                 model_version=patch.model_version,
@@ -480,8 +535,11 @@ class ReviewStep(QWidget):
         if self.accept_job.is_running():
             self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
             return False
+        annotator = self.annotator()
+        if annotator is None:
+            return False
         patch = self.patch
-        self.state.project.skip(patch.id)
+        self.state.project.skip(patch.id, annotator=annotator)
         self._prefill = None  # skipping drops the edits on purpose: no question
         self.queue.set_status(patch.id, "skipped")
         self.patch = self.queue.current()
