@@ -158,3 +158,57 @@ def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbo
     run = dict(zarr.open_group(str(store), mode="r").attrs)[ATTRS_KEY]["run"]
     assert run["modality"] == "T2" and project.volumes()[0].modality == "T2"
     assert run["tta"] == 1 and run["mc_samples"] == 0  # the project's settings, as asked
+
+
+def test_rank_and_accept_keep_the_gui_responsive(workflow, qtbot, tmp_path, monkeypatch):
+    """Rank and Accept (each 1.5 s slower here) run in the Review step's worker; the buttons
+    wait, the heartbeat does not; an empty annotator is refused."""
+    from napari_pvs.project import Project
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    phantom = make_phantom(SHAPE, SPACING, "T1", seed=3, severity=1.0, snr=20.0)
+    scan = io.save_ome_zarr(tmp_path / "case_1.zarr", phantom.image, phantom.spacing, levels=1)
+    step = workflow.project_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    assert step.start_create()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    project = workflow.state.project
+    workflow.state.update_settings(device="cpu", predict_mc=2, predict_tta=1, patch=12, n=4)
+    assert step.start_add_paths([scan])
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    threads: list[threading.Thread] = []
+    for name in ("rank", "accept"):
+        _slow_on(Project, name, threads, monkeypatch)
+
+    review = workflow.review_step
+    with Heartbeat() as beat:
+        assert review.rank()
+        assert not review.rank_button.isEnabled()
+        qtbot.waitUntil(lambda: not review.is_busy(), timeout=120000)
+    assert beat.longest < FREEZE_S, "Rank: " + beat.report()
+    assert review.patch is not None, review.status_label.text()
+
+    review.annotator_edit.setText("  ")
+    assert not review.accept() and "Annotator" in review.status_label.text()
+    assert project.annotations() == []
+    review.annotator_edit.setText("rater-1")
+    first = review.patch
+    with Heartbeat() as beat:
+        assert review.accept()
+        assert not review.accept_button.isEnabled() and "saving patch" in (
+            review.status_label.text()
+        )
+        qtbot.waitUntil(lambda: not review.is_busy(), timeout=60000)
+    assert beat.longest < FREEZE_S, "Accept: " + beat.report()
+    (annotation,) = project.annotations()
+    assert annotation.patch_id == first.id and annotation.annotator == "rater-1"
+    assert review.patch is not None and review.patch.id != first.id  # the next one opened
+    assert review.accept_button.isEnabled()
+    assert len(threads) == 2 and threading.main_thread() not in threads
+
+
+def test_the_annotator_starts_as_the_os_user(workflow):
+    import getpass
+
+    assert workflow.review_step.annotator_edit.text() == getpass.getuser()

@@ -198,6 +198,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     queued = project.queue(vid, status="new")
     assert review.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()
+    # and under the queue, where it stays: why fewer (overlap, tissue, reviewed voxels)
+    why = review.queue_label.text()
+    assert f"only {len(queued)} of 20" in why and "overlapping" in why and "tissue" in why
     patch = review.patch
     assert patch is not None and patch.id == review.queue.patches[0].id
     layer = viewer.layers[PATCH_LAYER]
