@@ -89,6 +89,11 @@ def test_create_add_and_make_current_keep_the_gui_responsive(
     assert train.rollback_button.isEnabled()
     assert len(threads) == 3 and threading.main_thread() not in threads
 
+    step.close_project()  # Open reads and checks the ledger in the worker too
+    assert step.start_open() and not step.open_button.isEnabled()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert workflow.state.project is not None and "opened project" in step.status_label.text()
+
 
 def test_a_failed_create_says_why_and_gives_the_buttons_back(workflow, qtbot, tmp_path):
     step = workflow.project_step
@@ -149,6 +154,14 @@ def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbo
     layer = workflow.state.show_volume(project.volumes()[0])
     seg = workflow.segment_step
     seg.layer_combo.setCurrentText(layer.name)
+    project.set_modality(project.volumes()[0].id, "unknown")
+    workflow.state.volumes_changed.emit()
+    assert seg.modality_combo.currentText() == "unknown"
+    assert not seg.segment()  # the policy answers Cancel: the GUI asks, nothing runs
+    question, choices = workflow.segment_step.state.ask.asked[-1]
+    assert "contrast" in question and choices == ["T1", "T2", "Cancel"]
+    project.set_modality(project.volumes()[0].id, "T1")
+    workflow.state.volumes_changed.emit()
     assert seg.modality_combo.currentText() == "T1"  # the stored contrast
     seg.modality_combo.setCurrentText("T2")  # the Segment step's choice is used and kept
     seg.window_spin.setValue(32)

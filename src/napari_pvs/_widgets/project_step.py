@@ -53,6 +53,20 @@ def _create(folder: Path, model: str):
     return Project.create(folder, model=model)
 
 
+def _open(folder: Path):
+    """The project in ``folder``; a folder that is not one says how to start one there."""
+    from napari_pvs.project import Project
+
+    try:
+        return Project.open(folder)
+    except ValueError as exc:
+        if "not a" not in str(exc):
+            raise
+        raise ValueError(
+            f"{exc} (to start a new project there, choose an empty folder and press Create)"
+        ) from exc
+
+
 def _add_with_modality(project, path: str | Path, modality: str | None):
     """``project.add_volume`` with ``modality``, else the image's confident guess (see
     :mod:`napari_pvs.modality`); returns the record and the guess (None when one was given)."""
@@ -127,7 +141,7 @@ class ProjectStep(QWidget):
         self.create_button.clicked.connect(self.start_create)
         self.open_button = QPushButton("Open")
         self.open_button.setToolTip("Open the project in the folder")
-        self.open_button.clicked.connect(self.open_project)
+        self.open_button.clicked.connect(self.start_open)
         self.close_button = QPushButton("Close")
         self.close_button.clicked.connect(self.close_project)
         for button in (self.create_button, self.open_button, self.close_button):
@@ -265,7 +279,7 @@ class ProjectStep(QWidget):
                 self.add_layer_button, self.add_files_button)  # fmt: skip
 
     def is_busy(self) -> bool:
-        """Whether a Create or Add runs in the step's worker."""
+        """Whether a Create, Open, Add or contrast change runs in the step's worker."""
         return self.project_job.is_running()
 
     def _start_project_job(self, work, description: str, after) -> bool:
@@ -373,25 +387,32 @@ class ProjectStep(QWidget):
         self._created(project)
         return True
 
-    def open_project(self) -> bool:
-        from napari_pvs.project import Project
+    def start_open(self) -> bool:
+        """Open the project in the step's worker (the ledger is read and checked there)."""
+        folder = self._folder()
+        if folder is None:
+            return False
+        return self._start_project_job(
+            lambda progress, cancel: _open(folder), f"opening project {folder}", self._opened
+        )
 
+    def open_project(self) -> bool:
+        """Open the project on the calling thread: for ``napari-pvs gui`` and scripts (the Open
+        button runs :meth:`start_open`)."""
         folder = self._folder()
         if folder is None:
             return False
         try:
-            project = Project.open(folder)
+            project = _open(folder)
         except (ValueError, FileNotFoundError, OSError) as exc:
-            self._report(
-                f"{exc} (to start a new project there, choose an empty folder and press Create)"
-                if "not a" in str(exc)
-                else str(exc),
-                "error",
-            )
+            self._report(str(exc), "error")
             return False
+        self._opened(project)
+        return True
+
+    def _opened(self, project) -> None:
         self.state.set_project(project)
         self._report(f"opened project {project.path}")
-        return True
 
     def close_project(self) -> None:
         if self.state.project is not None:

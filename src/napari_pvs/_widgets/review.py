@@ -413,14 +413,12 @@ class ReviewStep(QWidget):
 
     def _set_3d(self, on: bool) -> None:
         """3D: the patch's box with a margin (:meth:`PatchLayers.show_3d`); 2D: as before."""
-        if not on:
-            self.layers.hide_3d()
-        self.viewer.dims.ndisplay = 3 if on else 2
-        if self.patch is None:
+        if on and self.patch is not None:
+            self._show_3d()  # hides the volume before napari switches to 3D
             return
-        if on:
-            self._show_3d()
-        else:
+        self.layers.hide_3d()
+        self.viewer.dims.ndisplay = 3 if on else 2
+        if self.patch is not None:
             self.layers.frame()
 
     def _show_3d(self) -> None:

@@ -168,8 +168,8 @@ class PatchLayers:
 
     def show_3d(self, patch: PatchRecord, image: Image) -> Image:
         """The patch's box with a margin as its own small image layer, every other layer but
-        the patch's hidden, the camera on the box (the whole volume is neither drawn nor
-        uploaded)."""
+        the patch's hidden, then the 3D view with the camera on the box (the whole volume is
+        neither drawn nor uploaded)."""
         start, stop = context_box(patch, image.data.shape[-3:] if not image.multiscale
                                   else image.data[0].shape[-3:])  # fmt: skip
         data = image.data[0] if image.multiscale else image.data
@@ -196,6 +196,7 @@ class PatchLayers:
         if patch_layer is not None:
             self.raise_to_top(patch_layer)
             self.viewer.layers.selection.active = patch_layer
+        self.viewer.dims.ndisplay = 3  # (only now: the whole volume is never drawn in 3D)
         extent = (np.asarray(stop) - np.asarray(start)) * np.asarray(scale)
         _, centre = box_world(patch.start, patch.stop, scale, image.translate[-3:])
         zoom_to(self.viewer, centre, extent, fraction=0.6)  # on the patch, its margin in view

@@ -219,6 +219,20 @@ class SegmentPanel(SegmentOptions):
             self.report(str(exc), error=True)
             return False
         project, version = request.project, request.version
+        if project is not None and request.volume.modality == "unknown":
+            # the model needs the contrast: ask rather than predict badly in silence
+            choice = self.state.ask(
+                self,
+                "Which contrast?",
+                f"The contrast of {layer.name} could not be told from the image. Is it T1 "
+                "(CSF dark) or T2 (CSF bright)? It is kept in the project.",
+                ["T1", "T2", "Cancel"],
+            )
+            if choice not in ("T1", "T2"):
+                self.report("segmentation not started: choose the volume's contrast")
+                return False
+            self.modality_combo.setCurrentText(choice)
+            request = self.segment_request(layer)
         if project is not None:  # what this run uses, every project prediction uses
             self.state.update_settings(predict_mc=request.mc_samples, predict_tta=request.tta)
         label = f"v{version}" if version is not None else "new"

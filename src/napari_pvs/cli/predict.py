@@ -117,7 +117,6 @@ def _run_predict(args: argparse.Namespace) -> int:
         memory=args.memory,
     )
     model = args.model[0] if len(args.model) == 1 else args.model
-    modalities = _input_modalities(args.inputs, args.modality)
     out = Path(args.out)
     nifti = out.name.lower().endswith((".nii", ".nii.gz"))
     if nifti and len(args.inputs) > 1:
@@ -129,6 +128,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         atomic.check_output(out, inputs=args.inputs, overwrite=args.overwrite)
     if len(args.inputs) == 1:
         atomic.check_output(store, inputs=args.inputs, overwrite=True)
+    modalities = _input_modalities(args.inputs, args.modality)
     if len(args.inputs) > 1 or args.scheduler:
         results = predict_cohort(
             args.inputs,
