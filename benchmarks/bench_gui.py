@@ -56,12 +56,29 @@ viewer.window.add_dock_widget(workflow, area="right")
 viewer.window._qt_window.resize(1600, 1000)
 app = QApplication.instance()
 
+import threading, traceback
+
 class Beat:
+    # the 50 ms heartbeat; a watchdog thread samples the GUI thread's stack when a tick is
+    # 150 ms late (written to stalls.txt: what held the event loop)
     def __init__(self):
         self.longest, self.last = 0.0, time.perf_counter()
+        self.phase, self.stalls = "", []
         self.timer = QTimer()
         self.timer.timeout.connect(self.tick)
         self.timer.start(50)
+        self.main = threading.get_ident()
+        threading.Thread(target=self.watch, daemon=True).start()
+    def watch(self):
+        sampled = None
+        while True:
+            time.sleep(0.02)
+            late = time.perf_counter() - self.last
+            if late > 0.15 and sampled != self.last:
+                sampled = self.last
+                frame = sys._current_frames().get(self.main)
+                stack = "".join(traceback.format_stack(frame, limit=14)) if frame else ""
+                self.stalls.append(f"[{self.phase}] {late * 1000:.0f} ms late:\n{stack}")
     def tick(self):
         now = time.perf_counter()
         self.longest = max(self.longest, now - self.last)
@@ -83,6 +100,7 @@ rows, extra = [], {}
 
 def phase(name, action, done):
     app.processEvents()
+    beat.phase = name
     beat.reset()
     started = time.perf_counter()
     action()
@@ -163,7 +181,9 @@ def reopen():
     project_step.close_project()
     project_step.open_button.click()
 
-phase("close and reopen", reopen, lambda: state.project is not None and not project_step.is_busy())
+phase("close and reopen", reopen,
+      lambda: state.project is not None and not project_step.is_busy())
+(work / "stalls.txt").write_text("\n".join(beat.stalls))
 print(json.dumps({"rows": rows, **extra}))
 viewer.close()
 """
@@ -255,7 +275,7 @@ def main() -> None:
         print(f"{row['phase']:<18}{row['seconds']:>9.2f}{cli_text:>9}{ratio:>8}"
               f"{row['longest_wait'] * 1000:>17.0f}{flag}")
     print(f"(* = a wait over the {GOAL_WAIT_S * 1000:.0f} ms goal; ratio goal <= {GOAL_RATIO} "
-          "for segment and round)")
+          f"for segment and round; the GUI thread's stack at each stall: {work / 'stalls.txt'})")
 
 
 if __name__ == "__main__":
