@@ -42,7 +42,7 @@ def context_box(patch: PatchRecord, shape) -> tuple[list[int], list[int]]:
     """The patch's box grown by its margin on every side, clipped to a volume of ``shape``."""
     start, stop = [], []
     for a, b, edge in zip(patch.start, patch.stop, shape, strict=True):
-        margin = max(MIN_MARGIN, int(round((b - a) * MARGIN_FRACTION)))
+        margin = max(MIN_MARGIN, round((b - a) * MARGIN_FRACTION))
         start.append(max(0, a - margin))
         stop.append(min(int(edge), b + margin))
     return start, stop
