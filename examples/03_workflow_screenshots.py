@@ -97,7 +97,8 @@ def main() -> None:
     image, truth = viewer.open(str(scan), plugin="napari-pvs")[:2]
     truth.visible = False  # the phantom's ground truth: not what a user would see
     project_step.layer_combo.setCurrentText(image.name)
-    project_step.add_current_layer()
+    project_step.add_current_layer()  # in the step's worker
+    wait_for(project_step.is_busy)
     viewer.layers.selection.active = image
     timings["project"] = time.perf_counter() - started
 
@@ -130,7 +131,8 @@ def main() -> None:
         box = tuple(slice(a, b) for a, b in zip(review.patch.start, review.patch.stop,
                                                 strict=True))  # fmt: skip
         layer.data = phantom.pvs[box].astype(np.uint8)
-        review.accept()
+        review.accept()  # saved in the step's worker, then the next patch opens
+        wait_for(review.is_busy)
     # leave a patch with predicted PVS open for the picture, its uncertainty overlaid
     for index, patch in enumerate(review.queue.patches):
         if patch.status == "new" and patch.predicted_pvs > 0:

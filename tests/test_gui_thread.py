@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from napari_pvs import io
@@ -88,6 +89,11 @@ def test_create_add_and_make_current_keep_the_gui_responsive(
     assert train.rollback_button.isEnabled()
     assert len(threads) == 3 and threading.main_thread() not in threads
 
+    step.close_project()  # Open reads and checks the ledger in the worker too
+    assert step.start_open() and not step.open_button.isEnabled()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert workflow.state.project is not None and "opened project" in step.status_label.text()
+
 
 def test_a_failed_create_says_why_and_gives_the_buttons_back(workflow, qtbot, tmp_path):
     step = workflow.project_step
@@ -114,3 +120,108 @@ def test_progress_is_throttled_to_a_few_reports_a_second():
     assert predicting[0] == (0, "predicting") and received[-1] == (20_000, "predicting")
     assert (3, "saving") in received
     assert len(received) <= 4 + elapsed * PROGRESS_REPORTS_PER_SECOND
+
+
+def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbot, tmp_path):
+    """Modality round trip: the Project table's Contrast -> the ledger -> the Segment step's
+    choice -> the prediction's run signature (what the model was told)."""
+    import zarr
+
+    from napari_pvs.io import ATTRS_KEY
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    noise = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    scan = io.save_ome_zarr(tmp_path / "scan.zarr", noise, (SPACING,) * 3, levels=1)
+    step = workflow.project_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    assert step.start_create()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    project = workflow.state.project
+    project.update_settings(device="cpu", predict_mc=0, predict_tta=1)
+    assert step.start_add_paths([scan])
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert project.volumes()[0].modality == "unknown"  # noise says nothing of its contrast
+    assert "contrast unsure" in step.status_label.text()
+    assert step.table.item(0, 4).text() == "unknown"
+
+    step.table.selectRow(0)
+    assert step.modality_combo.isEnabled()
+    assert step.start_set_modality("T1")
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert project.volumes()[0].modality == "T1" and step.table.item(0, 4).text() == "T1"
+
+    layer = workflow.state.show_volume(project.volumes()[0])
+    seg = workflow.segment_step
+    seg.layer_combo.setCurrentText(layer.name)
+    project.set_modality(project.volumes()[0].id, "unknown")
+    workflow.state.volumes_changed.emit()
+    assert seg.modality_combo.currentText() == "unknown"
+    assert not seg.segment()  # the policy answers Cancel: the GUI asks, nothing runs
+    question, choices = workflow.segment_step.state.ask.asked[-1]
+    assert "contrast" in question and choices == ["T1", "T2", "Cancel"]
+    project.set_modality(project.volumes()[0].id, "T1")
+    workflow.state.volumes_changed.emit()
+    assert seg.modality_combo.currentText() == "T1"  # the stored contrast
+    seg.modality_combo.setCurrentText("T2")  # the Segment step's choice is used and kept
+    seg.window_spin.setValue(32)
+    seg.segment_button.click()
+    qtbot.waitUntil(lambda: not seg.is_running(), timeout=120000)
+    store = project.prediction_path(project.volumes()[0].id, 0)
+    run = dict(zarr.open_group(str(store), mode="r").attrs)[ATTRS_KEY]["run"]
+    assert run["modality"] == "T2" and project.volumes()[0].modality == "T2"
+    assert run["tta"] == 1 and run["mc_samples"] == 0  # the project's settings, as asked
+
+
+def test_rank_and_accept_keep_the_gui_responsive(workflow, qtbot, tmp_path, monkeypatch):
+    """Rank and Accept (each 1.5 s slower here) run in the Review step's worker; the buttons
+    wait, the heartbeat does not; an empty annotator is refused."""
+    from napari_pvs.project import Project
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    phantom = make_phantom(SHAPE, SPACING, "T1", seed=3, severity=1.0, snr=20.0)
+    scan = io.save_ome_zarr(tmp_path / "case_1.zarr", phantom.image, phantom.spacing, levels=1)
+    step = workflow.project_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    assert step.start_create()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    project = workflow.state.project
+    workflow.state.update_settings(device="cpu", predict_mc=2, predict_tta=1, patch=12, n=4)
+    assert step.start_add_paths([scan])
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    threads: list[threading.Thread] = []
+    for name in ("rank", "accept"):
+        _slow_on(Project, name, threads, monkeypatch)
+
+    review = workflow.review_step
+    with Heartbeat() as beat:
+        assert review.rank()
+        assert not review.rank_button.isEnabled()
+        qtbot.waitUntil(lambda: not review.is_busy(), timeout=120000)
+    assert beat.longest < FREEZE_S, "Rank: " + beat.report()
+    assert review.patch is not None, review.status_label.text()
+
+    review.annotator_edit.setText("  ")
+    assert not review.accept() and "Annotator" in review.status_label.text()
+    assert project.annotations() == []
+    review.annotator_edit.setText("rater-1")
+    first = review.patch
+    with Heartbeat() as beat:
+        assert review.accept()
+        assert not review.accept_button.isEnabled() and "saving patch" in (
+            review.status_label.text()
+        )
+        qtbot.waitUntil(lambda: not review.is_busy(), timeout=60000)
+    assert beat.longest < FREEZE_S, "Accept: " + beat.report()
+    (annotation,) = project.annotations()
+    assert annotation.patch_id == first.id and annotation.annotator == "rater-1"
+    assert review.patch is not None and review.patch.id != first.id  # the next one opened
+    assert review.accept_button.isEnabled()
+    assert len(threads) == 2 and threading.main_thread() not in threads
+
+
+def test_the_annotator_starts_as_the_os_user(workflow):
+    import getpass
+
+    assert workflow.review_step.annotator_edit.text() == getpass.getuser()

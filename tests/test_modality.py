@@ -111,3 +111,16 @@ def test_project_add_records_the_guessed_contrast_or_names_the_option(tmp_path, 
     assert "case_1" not in err
     modalities = {v.name: v.modality for v in Project.open(folder).volumes()}
     assert modalities == {"case_1": "T1", "case_2": "unknown"}
+
+
+def test_predict_stops_before_the_run_when_the_contrast_cannot_be_told(tmp_path, capsys):
+    from napari_pvs import io
+    from napari_pvs.cli import main
+
+    noise = np.random.default_rng(1).random((32, 32, 32)).astype(np.float32)
+    unsure = io.save_ome_zarr(tmp_path / "case_3.zarr", noise, (1.0, 1.0, 1.0), levels=1)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", str(unsure), "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "case_3.zarr: cannot tell T1 from T2" in err and "--modality T1" in err
+    assert "nothing was run" in err and not out.exists()

@@ -161,7 +161,13 @@ def test_test_time_flips_follow_the_model_rule_unless_chosen(panel, qtbot, tmp_p
     assert not np.array_equal(plain["probability"][...], reference["probability"][...])
 
 
-def test_cancel_stops_within_a_batch_and_rerun_resumes(panel, qtbot, checkpoint, tmp_path):
+def test_cancel_stops_within_a_batch_and_rerun_resumes(panel, qtbot, checkpoint, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    from napari_pvs._widgets import _jobs
+
+    # every report reaches the hook below (the GUI gets at most 5 a second: too few to cancel at
+    # a given window)
+    monkeypatch.setattr(_jobs, "throttled", lambda report, per_second=None: report)
     image = volume((160, 48, 48), seed=1)
     panel.viewer.add_image(image, name="long")
     configure(panel, checkpoint)

@@ -26,7 +26,14 @@ from qtpy.QtCore import Qt, QTimer
 
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow, VolumePanel
-from napari_pvs._widgets.review_layers import BOX_LAYER, PATCH_LAYER, UNCERTAINTY_LAYER
+from napari_pvs._widgets.review_layers import (
+    BOX_LAYER,
+    CONTEXT_LAYER,
+    PATCH_LAYER,
+    UNCERTAINTY_LAYER,
+    context_box,
+)
+from napari_pvs._widgets.state import VOLUME_KEY
 from napari_pvs.inference import Predictor
 from napari_pvs.models.checkpoint import load_checkpoint
 from napari_pvs.phantom import make_phantom
@@ -91,11 +98,12 @@ def wait(qtbot, busy, timeout=60000) -> None:
     qtbot.waitUntil(lambda: not busy(), timeout=timeout)
 
 
-def create_project(workflow, tmp_path, checkpoint):
+def create_project(workflow, qtbot, tmp_path, checkpoint):
     step = workflow.project_step
     step.folder_edit.setText(str(tmp_path / "project"))
     step.model_edit.setText(str(checkpoint))
-    step.create_button.click()
+    step.create_button.click()  # in the step's worker
+    wait(qtbot, step.is_busy)
     project = workflow.state.project
     assert project is not None and project.path == tmp_path / "project"
     # fast, small settings for 40^3 phantoms (the Project step persists them)
@@ -119,6 +127,11 @@ def segment(workflow, qtbot, layer) -> None:
     wait(qtbot, step.is_running)
 
 
+def result_layer_names(viewer, image) -> list[str]:
+    """The names of ``image``'s result layers, sorted (each name once)."""
+    return sorted(lyr.name for lyr in viewer.layers if lyr.name.startswith(f"{image.name} PVS "))
+
+
 def canvas_key(workflow, qtbot, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
     """A real key press on the canvas (what napari dispatches to the active layer)."""
     qtbot.keyClick(workflow.viewer.window._qt_viewer.canvas.native, key, modifier)
@@ -126,7 +139,7 @@ def canvas_key(workflow, qtbot, key, modifier=Qt.KeyboardModifier.NoModifier) ->
 
 def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, scans):
     viewer = workflow.viewer
-    project = create_project(workflow, tmp_path, checkpoint)
+    project = create_project(workflow, qtbot, tmp_path, checkpoint)
     assert project.settings()["patch"] == 12 and project.settings()["n"] == 20
 
     # -- Project step: add an open layer (with its file) and a file; their state is listed
@@ -135,11 +148,15 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     step = workflow.project_step
     step.layer_combo.setCurrentText(image.name)
     step.add_layer_button.click()
-    assert step.add_paths([scans[1]])[0].name == "sub-02_T2w"
+    wait(qtbot, step.is_busy)
+    assert image.metadata[VOLUME_KEY] == project.volumes()[0].id
+    assert step.start_add_paths([scans[1]])
+    wait(qtbot, step.is_busy)
+    assert [v.name for v in project.volumes()] == ["sub-01_T2w", "sub-02_T2w"]
     assert step.table.rowCount() == 2 and step.table.item(0, 1).text() == "-"
     viewer.add_image(np.zeros(SHAPE, np.float32), name="in memory")
     step.layer_combo.setCurrentText("in memory")
-    assert step.add_current_layer() is None and "no file" in step.status_label.text()
+    assert not step.add_current_layer() and "no file" in step.status_label.text()
     vid = project.volumes()[0].id
 
     # -- Segment step: the project's model version, a result equal to a direct prediction
@@ -162,9 +179,11 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
     assert step.table.item(0, 1).text() == "v0*"
     assert " s on cpu" in seg.summary_label.text()  # it ran
+    result_layers = result_layer_names(viewer, image)
     segment(workflow, qtbot, image)  # again: the version's stored prediction, nothing recomputed
     assert "its stored prediction (nothing recomputed)" in seg.summary_label.text()
-    segmentation = viewer.layers[f"{image.name} PVS segmentation"]
+    assert viewer.layers[f"{image.name} PVS segmentation"] is segmentation  # reused
+    assert result_layer_names(viewer, image) == result_layers  # none added
     assert step.table.item(0, 3).text() == str(seg.result.pvs_count)
 
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
@@ -179,6 +198,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     queued = project.queue(vid, status="new")
     assert review.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()
+    # and under the queue, where it stays: why fewer (overlap, tissue, reviewed voxels)
+    why = review.queue_label.text()
+    assert f"only {len(queued)} of 20" in why and "overlapping" in why and "tissue" in why
     patch = review.patch
     assert patch is not None and patch.id == review.queue.patches[0].id
     layer = viewer.layers[PATCH_LAYER]
@@ -208,8 +230,19 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     review.view3d_check.setChecked(True)
     assert viewer.dims.ndisplay == 3
     np.testing.assert_allclose(viewer.scene.camera.center, centre)
+    # the 3D view is the patch's box with a margin, the rest of the volume hidden
+    context = viewer.layers[CONTEXT_LAYER]
+    start, stop = context_box(patch, image.data.shape)
+    assert all(a <= p for a, p in zip(start, patch.start, strict=True))
+    assert all(b >= p for b, p in zip(stop, patch.stop, strict=True))
+    assert np.prod(context.data.shape) < np.prod(image.data.shape) / 4
+    np.testing.assert_array_equal(
+        context.data, np.asarray(image.data[tuple(map(slice, start, stop))], np.float32)
+    )
+    assert not image.visible and layer.visible and context.visible
     review.view3d_check.setChecked(False)
     assert viewer.dims.ndisplay == 2
+    assert CONTEXT_LAYER not in viewer.layers and image.visible
 
     # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently
     background = [tuple(v) for v in np.argwhere(np.asarray(layer.data) == 0)[[0, -1]]]
@@ -229,6 +262,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
 
     # -- Accept (button): written through project.accept, shown as reviewed, next one opens
     review.accept_button.click()
+    assert not review.accept_button.isEnabled() and "saving patch" in review.status_label.text()
+    wait(qtbot, review.is_busy)
     annotations = project.annotations(vid)
     assert len(annotations) == 1 and annotations[0].patch_id == patch.id
     stored = np.asarray(project.labels(vid)["labels"][box])
@@ -243,6 +278,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert not layer.data.any()
     second = review.patch
     canvas_key(workflow, qtbot, Qt.Key.Key_A)
+    wait(qtbot, review.is_busy)
     empty = project.annotations(vid)[-1]
     assert empty.patch_id == second.id and empty.empty and len(project.annotations(vid)) == 2
     third = review.patch
@@ -266,7 +302,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     layer.paint(np.argwhere(np.asarray(layer.data) == 0)[0], 1)
     workflow.answers.queue = ["Accept"]
     accepted = review.patch
-    review.previous()
+    review.previous()  # saves in the worker, then moves
+    wait(qtbot, review.is_busy)
     assert project.annotations(vid)[-1].patch_id == accepted.id
     assert review.queue.counts() == {"new": len(queued) - 4, "reviewed": 3, "skipped": 1}
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
@@ -275,7 +312,14 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     # a round measures Dice on validation patches (about 1 accepted patch in 4 is one)
     while not any(a.split == "validation" for a in project.annotations()):
         assert review.accept()
+        wait(qtbot, review.is_busy)
     reviewed_before_round = len(project.annotations())
+
+    # -- Report before the round: the burden with v0
+    report = workflow.report_step
+    report.burden_button.click()
+    wait(qtbot, report.job.is_running)
+    assert report.table.item(0, 4).text() == "v0"
 
     # -- Train step: a tiny round in its worker; the GUI keeps its 50 ms heartbeat
     train = workflow.train_step
@@ -304,6 +348,11 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert seg.version_combo.currentText() == "v1 (current)"
     assert segmentation.metadata["model_version"] == "v1"
     assert segmentation.metadata["prediction"] == str(project.prediction_path(vid, 1))
+    assert result_layer_names(viewer, image) == result_layers  # the same set, v1's data
+    # the Report counted with v0 before the round counts again with v1, named per row
+    wait(qtbot, report.job.is_running)
+    assert {r["model_version"] for r in report.rows} == {1}
+    assert report.table.item(0, 4).text() == "v1" and "v1" in report.table.item(0, 0).toolTip()
 
     # -- compare, roll back (nothing deleted), roll forward
     train.versions_table.selectAll()
@@ -311,12 +360,14 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert [r["version"] for r in rows] == [0, 1] and "v1:" in train.compare_label.text()
     train.versions_table.clearSelection()
     train.versions_table.selectRow(0)
-    train.rollback_button.click()
+    train.rollback_button.click()  # in the step's worker
+    wait(qtbot, train.rollback_job.is_running)
     assert project.current_version().version == 0
     assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
 
     # -- Report: the burden table and its CSV, the learning curve, labels export
-    report = workflow.report_step
+    wait(qtbot, report.job.is_running)  # Make current counted again with v0
+    assert report.table.item(0, 4).text() == "v0"
     report.burden_button.click()
     wait(qtbot, report.job.is_running)
     expected = project.burden()
@@ -441,13 +492,19 @@ def test_resegment_never_overwrites_painted_corrections(workflow, qtbot, tmp_pat
     seg.overwrite_check.setChecked(True)
     assert not seg.segment()  # the policy answers Cancel: nothing starts, nothing changes
     assert "corrections you painted" in workflow.answers.asked[-1][0]
-    workflow.answers.queue = ["New layers"]
+    workflow.answers.queue = ["Keep a copy"]
     assert seg.segment()
     wait(qtbot, seg.is_running)
     assert layer in workflow.viewer.layers and isinstance(layer.data, np.ndarray)
     np.testing.assert_array_equal(layer.data, corrected)  # a copy kept before the rewrite
     fresh = seg.result_layers["segmentation"]
-    assert fresh is not layer and fresh.name.endswith("(new)")
+    assert fresh is not layer and fresh.name == f"{image.name} PVS segmentation"
+    assert layer.name == f"{image.name} PVS segmentation (corrected)"
+    # one set of result layers per volume: every name once, none added twice
+    names = [lyr.name for lyr in workflow.viewer.layers]
+    assert len(names) == len(set(names))
+    shown = sum(name.startswith(f"{image.name} PVS ") for name in names)
+    assert shown == len(seg.result_layers) + 1  # the result's set and the corrected copy
     assert "ranked patch" not in workflow.viewer.layers
 
 

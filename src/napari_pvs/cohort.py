@@ -176,7 +176,7 @@ def predict_cohort(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     model: str | Sequence[str] = "default",
-    modality: str | None = None,
+    modality: str | Sequence[str | None] | None = None,
     options: dict[str, Any] | None = None,
     scheduler: str | None = None,
     n_workers: int | None = None,
@@ -189,7 +189,8 @@ def predict_cohort(
 ) -> list[CohortResult]:
     """Predict every input into ``out_dir/<name>.zarr`` (or ``outs``) as dask tasks.
 
-    Returns one :class:`CohortResult` per input, in input order; a volume whose task fails
+    ``modality`` is one for every input or one per input. Returns one :class:`CohortResult`
+    per input, in input order; a volume whose task fails
     (for any reason) gets ``error`` set while the others still finish and are written.
     Before any work, every output is checked not to be (or lie in, or hold) any input, and the
     folder to be writable. Cancelling stops waiting, cancels pending tasks and raises
@@ -214,6 +215,9 @@ def predict_cohort(
             f"several inputs would write the same output ({', '.join(clashes)}); give the "
             "inputs distinct file names or predict them in separate calls"
         )
+    modalities = (
+        list(modality) if isinstance(modality, list | tuple) else [modality] * len(inputs)
+    )
     out_dir = Path(out_dir)
     outs = [out_dir / n for n in names] if outs is None else [Path(o) for o in outs]
     for target in outs:  # existing stores are resumed (or refused) by their own task
@@ -228,14 +232,14 @@ def predict_cohort(
                 str(Path(p).resolve()),
                 str(o.resolve()),
                 model,
-                modality,
+                m,
                 options,
                 threads_per_worker,
                 overwrite,
                 pure=False,
                 key=f"napari-pvs-predict-{i}-{n}",
             )
-            for i, (p, o, n) in enumerate(zip(inputs, outs, names, strict=True))
+            for i, (p, o, n, m) in enumerate(zip(inputs, outs, names, modalities, strict=True))
         ]
         by_key = {f.key: i for i, f in enumerate(futures)}
         results: list[CohortResult | None] = [None] * len(futures)

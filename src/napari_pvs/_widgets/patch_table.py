@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import QTableWidget
 
@@ -25,7 +26,8 @@ def ranking_table() -> QTableWidget:
         ["#", "score", "centre (voxel)", "PVS"],
         [
             "rank",
-            "the strategy's score (hover a row for its meaning)",
+            "percentile of the patch's score in this ranking (100: the most informative); "
+            "hover a row for the raw score and its meaning",
             "patch centre in voxels (axis order of the volume); hover for mm",
             "predicted PVS in the patch",
         ],
@@ -34,20 +36,32 @@ def ranking_table() -> QTableWidget:
 
 def show_ranking(table: QTableWidget, ranking: Sequence[RankedPatch]) -> None:
     """One row per ranked patch; the tooltip gives the score's meaning and the centre in mm."""
+    percentiles = score_percentiles([patch.score for patch in ranking])
     rows = [
         [
             patch.rank,
-            f"{patch.score:.3g}",
+            f"{percentile:.0f}",
             ", ".join(f"{c:g}" for c in patch.centre),
             patch.predicted_pvs,
         ]
-        for patch in ranking
+        for patch, percentile in zip(ranking, percentiles, strict=True)
     ]
     tips = [
+        f"{percentile:.0f}th percentile; {p.strategy} score {p.score:.6g}: "
         f"{SCORE_MEANINGS[p.strategy]}\ncentre {', '.join(f'{c:.1f}' for c in p.centre_mm)} mm"
-        for p in ranking
+        for p, percentile in zip(ranking, percentiles, strict=True)
     ]
     fill_table(table, rows, tips)
+
+
+def score_percentiles(scores: Sequence[float]) -> list[float]:
+    """Each score as a 0-100 percentile of ``scores`` (the share of them it is at or above;
+    100 for the highest), which reads without knowing the score's unit."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    if ordered.size == 0:
+        return []
+    at_or_below = np.searchsorted(ordered, np.asarray(scores, dtype=np.float64), side="right")
+    return [float(v) for v in 100.0 * at_or_below / ordered.size]
 
 
 def queue_table() -> QTableWidget:
@@ -56,7 +70,8 @@ def queue_table() -> QTableWidget:
         ["#", "score", "PVS", "status"],
         [
             "rank in the queue",
-            "how much the model would gain from this patch (hover a row for the meaning)",
+            "percentile of the patch's score in this queue (100: the most informative); "
+            "hover a row for the raw score and its meaning",
             "PVS the model predicts in the patch",
             "new, reviewed (accepted) or skipped",
         ],
@@ -69,11 +84,13 @@ def queue_table() -> QTableWidget:
 def show_queue(table: QTableWidget, queue: ReviewQueue) -> None:
     """The queue's rows, coloured by status, the selected patch's row selected (silently)."""
     rows, tips = [], []
-    for patch in queue.patches:
-        rows.append([patch.rank, f"{patch.score:.3g}", patch.predicted_pvs, patch.status])
+    percentiles = score_percentiles([patch.score for patch in queue.patches])
+    for patch, percentile in zip(queue.patches, percentiles, strict=True):
+        rows.append([patch.rank, f"{percentile:.0f}", patch.predicted_pvs, patch.status])
         meaning = SCORE_MEANINGS.get(patch.strategy, "")
         tips.append(
-            f"{patch.strategy} score {patch.score:.6g}: {meaning}"
+            f"{percentile:.0f}th percentile of this queue; {patch.strategy} score "
+            f"{patch.score:.6g}: {meaning}"
             f"\nvoxels {list(patch.start)}..{list(patch.stop)}, model v{patch.model_version}"
         )
     fill_table(table, rows, tips)

@@ -38,11 +38,33 @@ from napari_pvs._widgets._common import (
 from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._widgets._layers import input_image_layers, layer_source
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
+from napari_pvs.io.modality import MODALITIES
 
 if TYPE_CHECKING:
     from napari_pvs.project import VolumeRecord
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _create(folder: Path, model: str):
+    """A new project in ``folder`` with ``model`` as version 0 (imports torch: off the GUI)."""
+    from napari_pvs.project import Project
+
+    return Project.create(folder, model=model)
+
+
+def _open(folder: Path):
+    """The project in ``folder``; a folder that is not one says how to start one there."""
+    from napari_pvs.project import Project
+
+    try:
+        return Project.open(folder)
+    except ValueError as exc:
+        if "not a" not in str(exc):
+            raise
+        raise ValueError(
+            f"{exc} (to start a new project there, choose an empty folder and press Create)"
+        ) from exc
 
 
 def _add_with_modality(project, path: str | Path, modality: str | None):
@@ -116,10 +138,10 @@ class ProjectStep(QWidget):
         row = QHBoxLayout()
         self.create_button = QPushButton("Create")
         self.create_button.setToolTip("Make a new project in the folder (new or empty)")
-        self.create_button.clicked.connect(self.create_project)
+        self.create_button.clicked.connect(self.start_create)
         self.open_button = QPushButton("Open")
         self.open_button.setToolTip("Open the project in the folder")
-        self.open_button.clicked.connect(self.open_project)
+        self.open_button.clicked.connect(self.start_open)
         self.close_button = QPushButton("Close")
         self.close_button.clicked.connect(self.close_project)
         for button in (self.create_button, self.open_button, self.close_button):
@@ -157,18 +179,53 @@ class ProjectStep(QWidget):
         row.addWidget(self.remove_button)
         form.addRow(row)
         self.table = compact_table(
-            ["volume", "predicted", "reviewed", "PVS"],
+            ["volume", "predicted", "reviewed", "PVS", "contrast"],
             [
                 "the volume's name in the project",
                 "model versions with a complete prediction of it (* = current)",
                 "patches accepted (reviewed) in it",
                 "PVS (26-connected clusters) in the current version's segmentation",
+                "T1 or T2: what the model is told (set it below when it is unknown or wrong)",
             ],
-            fit=(2, 3),
+            fit=(2, 3, 4),
         )
         self.table.doubleClicked.connect(lambda _index: self.show_selected())
+        self.table.itemSelectionChanged.connect(self._show_selected_modality)
         form.addRow(self.table)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(MODALITIES)
+        self.modality_combo.setToolTip(
+            "The selected volume's contrast, stored in the project: Segment, rounds and the "
+            "benchmark tell the model this (predictions already made keep theirs)"
+        )
+        self.modality_combo.setEnabled(False)
+        self.modality_combo.textActivated.connect(self.start_set_modality)
+        form.addRow("Contrast", self.modality_combo)
         return box
+
+    def _show_selected_modality(self) -> None:
+        volume = self.selected_volume()
+        self.modality_combo.setEnabled(volume is not None)
+        if volume is not None:
+            self.modality_combo.setCurrentText(volume.modality)
+
+    def start_set_modality(self, modality: str) -> bool:
+        """Store the selected volume's contrast (a ledger write: in the step's worker)."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return False
+        project = self.state.project
+
+        def work(progress, cancel):
+            return project.set_modality(volume.id, modality)
+
+        return self._start_project_job(work, f"setting {volume.name}'s contrast",
+                                       self._modality_set)  # fmt: skip
+
+    def _modality_set(self, record: VolumeRecord) -> None:
+        self.state.volumes_changed.emit()
+        self._report(f"{record.name} is {record.modality}: its next predictions use it")
 
     def _build_settings_box(self) -> QGroupBox:
         box = QGroupBox("Settings (kept in the project)")
@@ -228,7 +285,7 @@ class ProjectStep(QWidget):
                 self.add_layer_button, self.add_files_button)  # fmt: skip
 
     def is_busy(self) -> bool:
-        """Whether a Create or Add runs in the step's worker."""
+        """Whether a Create, Open, Add or contrast change runs in the step's worker."""
         return self.project_job.is_running()
 
     def _start_project_job(self, work, description: str, after) -> bool:
@@ -268,20 +325,21 @@ class ProjectStep(QWidget):
         if folder is None:
             return False
         model = self.model_edit.text().strip() or "default"
-
-        def work(progress, cancel):
-            from napari_pvs.project import Project
-
-            return Project.create(folder, model=model)
-
-        return self._start_project_job(work, f"creating project {folder}", self._created)
+        return self._start_project_job(
+            lambda progress, cancel: _create(folder, model),
+            f"creating project {folder}",
+            self._created,
+        )
 
     def _created(self, project) -> None:
         self.state.set_project(project)
         self._report(f"created project {project.path}")
 
-    def start_add_paths(self, paths: list[str | Path], modality: str | None = None) -> bool:
-        """Add volume files in the step's worker, each with its modality guessed when unsaid."""
+    def start_add_paths(
+        self, paths: list[str | Path], modality: str | None = None, then=None
+    ) -> bool:
+        """Add volume files in the step's worker, each with its modality guessed when unsaid;
+        ``then(records)`` on the GUI thread with what was added."""
         project = self.state.project
         if project is None:
             self._report("create or open a project first", "error")
@@ -289,66 +347,78 @@ class ProjectStep(QWidget):
         paths = list(paths)
 
         def work(progress, cancel):
-            added, unsure = [], []
+            added, unsure, refused = [], [], []
             for done, path in enumerate(paths):
                 progress(done, len(paths), f"adding {Path(path).name}")
-                record, guess = _add_with_modality(project, path, modality)
+                try:
+                    record, guess = _add_with_modality(project, path, modality)
+                except (ValueError, FileNotFoundError, OSError) as exc:
+                    refused.append(str(exc))
+                    continue
                 added.append(record)
                 if guess is not None and not guess.confident:
                     unsure.append(f"{record.name}: {guess.reason}")
             progress(len(paths), len(paths), "added")
-            return added, unsure
+            return added, unsure, refused
 
-        return self._start_project_job(work, "adding volumes", self._added)
+        return self._start_project_job(work, "adding volumes",
+                                       lambda result: self._added(result, then))  # fmt: skip
 
-    def _added(self, result) -> None:
-        added, unsure = result
-        self.state.volumes_changed.emit()
+    def _added(self, result, then=None) -> None:
+        added, unsure, refused = result
+        if added:
+            self.state.volumes_changed.emit()
+        if then is not None:
+            then(added)
         names = ", ".join(f"{r.name} ({r.modality})" for r in added)
+        parts = [f"added {names}"] if added else []
         if unsure:
-            self._report(
-                f"added {names}; contrast unsure, check it before segmenting: "
-                + "; ".join(unsure),
-                "warning",
-            )
-        else:
-            self._report(f"added {names}")
+            parts.append("contrast unsure, set it in the table before segmenting: "
+                         + "; ".join(unsure))  # fmt: skip
+        parts += refused
+        self._report("; ".join(parts), "error" if refused else "warning" if unsure else "info")
 
     # ---------------------------------------------------------------- project
     def create_project(self) -> bool:
-        from napari_pvs.project import Project
-
+        """Create the project on the calling thread: for ``napari-pvs gui`` and scripts, before
+        the window is in use (the Create button runs :meth:`start_create`)."""
         folder = self._folder()
         if folder is None:
             return False
         try:
-            project = Project.create(folder, model=self.model_edit.text().strip() or "default")
+            project = _create(folder, self.model_edit.text().strip() or "default")
         except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
             self._report(str(exc), "error")
             return False
-        self.state.set_project(project)
-        self._report(f"created project {project.path}")
+        self._created(project)
         return True
 
-    def open_project(self) -> bool:
-        from napari_pvs.project import Project
+    def start_open(self) -> bool:
+        """Open the project in the step's worker (the ledger is read and checked there)."""
+        folder = self._folder()
+        if folder is None:
+            return False
+        return self._start_project_job(
+            lambda progress, cancel: _open(folder), f"opening project {folder}", self._opened
+        )
 
+    def open_project(self) -> bool:
+        """Open the project on the calling thread: for ``napari-pvs gui`` and scripts (the Open
+        button runs :meth:`start_open`)."""
         folder = self._folder()
         if folder is None:
             return False
         try:
-            project = Project.open(folder)
+            project = _open(folder)
         except (ValueError, FileNotFoundError, OSError) as exc:
-            self._report(
-                f"{exc} (to start a new project there, choose an empty folder and press Create)"
-                if "not a" in str(exc)
-                else str(exc),
-                "error",
-            )
+            self._report(str(exc), "error")
             return False
+        self._opened(project)
+        return True
+
+    def _opened(self, project) -> None:
         self.state.set_project(project)
         self._report(f"opened project {project.path}")
-        return True
 
     def close_project(self) -> None:
         if self.state.project is not None:
@@ -375,13 +445,13 @@ class ProjectStep(QWidget):
         self.refresh_volumes()
 
     # ---------------------------------------------------------------- volumes
-    def add_current_layer(self) -> VolumeRecord | None:
-        """Add the chosen image layer's file to the project."""
+    def add_current_layer(self) -> bool:
+        """Add the chosen image layer's file to the project (in the step's worker)."""
         layer = next((lyr for lyr in self._image_layers()
                       if lyr.name == self.layer_combo.currentText()), None)  # fmt: skip
         if layer is None:
             self._report("no image layer chosen; open a volume first", "error")
-            return None
+            return False
         source = layer_source(layer)
         if not source:
             self._report(
@@ -389,36 +459,20 @@ class ProjectStep(QWidget):
                 "OME-Zarr first (File > Save Selected Layers… as .zarr) and add that file",
                 "error",
             )
-            return None
-        record = self._add(source, layer.metadata.get("modality"))
-        if record is not None:
-            layer.metadata[VOLUME_KEY] = record.id
-        return record
+            return False
+
+        def tag_layer(records: list[VolumeRecord]) -> None:
+            if records:
+                layer.metadata[VOLUME_KEY] = records[0].id
+
+        return self.start_add_paths([source], layer.metadata.get("modality"), then=tag_layer)
 
     def _browse_files(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
             self, "Add volumes", "", "Volumes (*.nii *.nii.gz *.zarr);;All files (*)"
         )
-        for path in paths:
-            self._add(path)
-
-    def add_paths(self, paths: list[str | Path]) -> list[VolumeRecord]:
-        """Add volume files (what 'Add files…' does after its dialog)."""
-        return [r for r in (self._add(p) for p in paths) if r is not None]
-
-    def _add(self, path: str | Path, modality: str | None = None) -> VolumeRecord | None:
-        try:
-            project = self.state.require_project()
-            if modality not in (None, "unknown"):
-                record = project.add_volume(path, modality=modality)
-            else:
-                record = project.add_volume(path)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            self._report(str(exc), "error")
-            return None
-        self._report(f"added {record.name} (volume {record.id}, {record.modality})")
-        self.state.volumes_changed.emit()
-        return record
+        if paths:
+            self.start_add_paths(paths)
 
     def selected_volume(self) -> VolumeRecord | None:
         project = self.state.project
@@ -476,7 +530,8 @@ class ProjectStep(QWidget):
                 pvs, _ = "…", to_count.append(key)
             else:
                 pvs = "-"
-            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs])
+            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs,
+                         entry["modality"]])  # fmt: skip
             tips.append(
                 f"{entry['path']}\n{'x'.join(map(str, entry['shape']))} {entry['modality']}; "
                 f"{entry['annotations']} reviewed ({entry['validation']} validation), "
@@ -486,6 +541,7 @@ class ProjectStep(QWidget):
         fill_table(self.table, rows, tips)
         if selected and selected[0].row() < len(rows):
             self.table.selectRow(selected[0].row())
+        self._show_selected_modality()
         if to_count and not self.count_job.is_running():
             paths = {key: project.prediction_path(*key) for key in to_count}
 

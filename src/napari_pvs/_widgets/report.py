@@ -80,8 +80,8 @@ class ReportStep(QWidget):
         self.status_label = status_label()
         layout.addWidget(self.status_label)
         layout.addStretch(1)
-        state.project_changed.connect(self.refresh)
-        state.versions_changed.connect(self.refresh)
+        state.project_changed.connect(self._on_project_changed)
+        state.versions_changed.connect(self._on_versions_changed)
         self.refresh()
 
     def _build_burden_box(self) -> QGroupBox:
@@ -102,14 +102,15 @@ class ReportStep(QWidget):
         self.progress.follow(self.job)
         form.addRow(self.progress)
         self.table = compact_table(
-            ["volume", "region", "PVS", "mm³"],
+            ["volume", "region", "PVS", "mm³", "model"],
             [
                 "the project volume",
                 "region of the volume's region map ('whole' = the whole volume)",
                 "PVS (26-connected clusters); a PVS counts where most of its voxels are",
                 "PVS volume in mm³",
+                "the model version whose segmentation was counted",
             ],
-            fit=(2, 3),
+            fit=(2, 3, 4),
         )
         form.addRow(self.table)
         return box
@@ -150,6 +151,22 @@ class ReportStep(QWidget):
     def _report(self, message: str, level: str = "info") -> None:
         notify(self.status_label, message, level)
 
+    def _on_project_changed(self) -> None:
+        self.rows = []
+        fill_table(self.table, [])
+        self.refresh()
+
+    def _on_versions_changed(self) -> None:
+        """A round or Make current changed the current version: the curve follows, and a
+        burden table already shown is counted again with it (in the worker)."""
+        self.refresh()
+        project = self.state.project
+        if project is None or not self.rows:
+            return
+        if any(r["model_version"] != project.current_version().version for r in self.rows):
+            self._report("the current model changed: counting PVS again with it…")
+            self.compute_burden()
+
     def refresh(self) -> None:
         open_ = self.state.project is not None
         for widget in (self.burden_button, self.csv_button, self.export_button):
@@ -174,6 +191,8 @@ class ReportStep(QWidget):
             self._report("open a project first (Project step)", "error")
             return False
         if self.job.is_running():
+            if self._job_kind == "burden":
+                return True  # the count running is the one asked for
             self._report("a count or export is already running", "error")
             return False
         self._job_kind = "burden"
@@ -187,9 +206,10 @@ class ReportStep(QWidget):
         self.rows = rows
         fill_table(
             self.table,
-            [[r["volume"], r["region"].replace("_", " "), r["count"], f"{r['volume_mm3']:.1f}"]
-             for r in rows],
-            [f"{r['volume']}: {r['region']}" for r in rows],
+            [[r["volume"], r["region"].replace("_", " "), r["count"], f"{r['volume_mm3']:.1f}",
+              f"v{r['model_version']}"] for r in rows],
+            [f"{r['volume']}: {r['region']}, counted in model v{r['model_version']}'s "
+             "segmentation" for r in rows],
         )  # fmt: skip
         volumes = {r["volume"] for r in rows}
         self._report(f"counted PVS in {len(volumes)} volume(s) with model v"

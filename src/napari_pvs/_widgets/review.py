@@ -13,6 +13,7 @@ are bound on that layer only (they go with it) and avoid napari's own.
 
 from __future__ import annotations
 
+import getpass
 import time
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -54,6 +56,14 @@ KEY_HELP = (
 UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
 
 
+def default_annotator() -> str:
+    """The OS user's name (what the Annotator field starts with), or "" when there is none."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container's bare user)
+        return ""
+
+
 class ReviewStep(QWidget):
     """Rank a volume's patches, open them one by one, correct, accept or skip."""
 
@@ -74,6 +84,14 @@ class ReviewStep(QWidget):
             signal.connect(lambda *_: self.rank_button.setEnabled(True))
             signal.connect(lambda *_: self.state.release(self._ranking_vid))
         self._ranking_vid: int | None = None
+        self._saving_rank = 0
+        #: per volume: why its last ranking gave fewer patches than asked (shown under the queue)
+        self._shortfalls: dict[int, str] = {}
+        # Accept writes the label store and the ledger (fsynced): off the GUI thread too
+        self.accept_job = BackgroundJob(self)
+        self.accept_job.succeeded.connect(self._on_accepted)
+        self.accept_job.failed.connect(self._on_accept_failed)
+        self._after_accept = None
         #: the open patch: its record, volume, prefilled labels and when it was opened
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
@@ -165,9 +183,18 @@ class ReviewStep(QWidget):
         self.uncertainty_check.toggled.connect(self._show_uncertainty)
         row.addWidget(self.uncertainty_check)
         self.view3d_check = QCheckBox("3D view")
+        self.view3d_check.setToolTip("The patch in 3D with its surroundings (a margin of half "
+                                     "its edge), the rest of the volume hidden")  # fmt: skip
         self.view3d_check.toggled.connect(self._set_3d)
         row.addWidget(self.view3d_check)
         row.addStretch(1)
+        layout.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Annotator"))
+        self.annotator_edit = QLineEdit(default_annotator())
+        self.annotator_edit.setToolTip("Who reviews: recorded with every accepted or skipped "
+                                       "patch (required)")  # fmt: skip
+        row.addWidget(self.annotator_edit, 1)
         layout.addLayout(row)
         keys = QLabel(KEY_HELP)
         keys.setWordWrap(True)
@@ -227,11 +254,13 @@ class ReviewStep(QWidget):
     def _show_queue(self) -> None:
         show_queue(self.table, self.queue)
         counts = self.queue.counts()
-        self.queue_label.setText(
+        text = (
             f"{counts['new']} new, {counts['reviewed']} reviewed, {counts['skipped']} skipped"
             if self.queue.patches
             else "no queue yet: press Rank patches"
         )
+        why = self._shortfalls.get(self.volume_combo.currentData())
+        self.queue_label.setText(f"{text}\n{why}" if why and self.queue.patches else text)
 
     # ---------------------------------------------------------------- ranking
     def rank(self) -> bool:
@@ -243,7 +272,7 @@ class ReviewStep(QWidget):
         if self.job.is_running():
             self._report("a ranking is already running", "error")
             return False
-        if not self.resolve_unsaved():
+        if not self.resolve_unsaved(retry=self.rank):
             return False
         project = self.state.project
         settings = self.state.settings()
@@ -269,6 +298,7 @@ class ReviewStep(QWidget):
         settings = self.state.settings()
         message = f"{len(records)} patches queued for {volume.name}"
         why = shortfall_message(len(records), self._asked_n, volume.shape, int(settings["patch"]))
+        self._shortfalls[vid] = why or ""
         self._report(f"{message}. {why}" if why else message, "warning" if why else "info")
         self.state.predictions_changed.emit(vid)
         self.state.queue_changed.emit(vid)
@@ -288,8 +318,15 @@ class ReviewStep(QWidget):
             and not np.array_equal(np.asarray(layer.data), self._prefill)
         )
 
-    def resolve_unsaved(self) -> bool:
-        """Before leaving a patch: ask what to do with unsaved edits; False = stay."""
+    def resolve_unsaved(self, retry=None) -> bool:
+        """Before leaving a patch: ask what to do with unsaved edits; False = stay for now.
+
+        "Accept" saves in the step's worker and then calls ``retry`` (the action that asked),
+        so the answer "stay" comes back at once and the action happens once the patch is saved.
+        """
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
+            return False
         if not self.has_unsaved_edits():
             return True
         choice = self.state.ask(
@@ -300,7 +337,8 @@ class ReviewStep(QWidget):
             list(UNSAVED_CHOICES),
         )
         if choice == "Accept":
-            return self._accept_current() is not None
+            self._start_accept(retry)
+            return False
         return choice == "Discard"
 
     def _on_row_selected(self) -> None:
@@ -312,7 +350,7 @@ class ReviewStep(QWidget):
         """Show queue row ``index``: zoom, box, the prefilled patch layer. False if it stays."""
         if index == self.queue.index and self.patch is not None:
             return True
-        if not self.resolve_unsaved():
+        if not self.resolve_unsaved(retry=lambda: self.open_patch(index)):
             return False
         patch = self.queue.select(index)
         if patch is None:
@@ -330,6 +368,8 @@ class ReviewStep(QWidget):
         self.layers.show(patch, prefill, image, self.brush_spin.value(),
                          self.contour_check.isChecked())  # fmt: skip
         self._show_uncertainty(self.uncertainty_check.isChecked())
+        if self.view3d_check.isChecked():
+            self._show_3d()
         self._opened_at = time.monotonic()
         self._show_queue()
         size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
@@ -372,9 +412,22 @@ class ReviewStep(QWidget):
         self.layers.set_contour(on)
 
     def _set_3d(self, on: bool) -> None:
+        """3D: the patch's box with a margin (:meth:`PatchLayers.show_3d`); 2D: as before."""
+        if on and self.patch is not None:
+            self._show_3d()  # hides the volume before napari switches to 3D
+            return
+        self.layers.hide_3d()
         self.viewer.dims.ndisplay = 3 if on else 2
         if self.patch is not None:
             self.layers.frame()
+
+    def _show_3d(self) -> None:
+        try:
+            image = self.state.show_volume(self.volume)
+        except FileNotFoundError as exc:
+            self._report(str(exc), "error")
+            return
+        self.layers.show_3d(self.patch, image)
 
     def _show_uncertainty(self, on: bool) -> None:
         if not on or self.patch is None:
@@ -387,51 +440,104 @@ class ReviewStep(QWidget):
             )
 
     # ---------------------------------------------------------------- actions
-    def _accept_current(self):
+    def annotator(self) -> str | None:
+        """The Annotator field's name; None (with a message) when it is empty."""
+        name = self.annotator_edit.text().strip()
+        if not name:
+            self._report("enter who reviews in Annotator: it is recorded with every patch",
+                         "error")  # fmt: skip
+            self.annotator_edit.setFocus()
+            return None
+        return name
+
+    def is_busy(self) -> bool:
+        """Whether a ranking or an Accept runs in the step's worker."""
+        return self.job.is_running() or self.accept_job.is_running()
+
+    def _start_accept(self, then=None) -> bool:
+        """Save the open patch through ``project.accept`` in the step's worker, the patch's
+        controls disabled meanwhile; ``then()`` runs on the GUI thread once it is saved."""
         layer = self.layers.labels()
         if self.patch is None or layer is None:
             self._report("no patch open; select one in the queue", "error")
-            return None
-        patch = self.patch
+            return False
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
+            return False
+        annotator = self.annotator()
+        if annotator is None:
+            return False
+        patch, project = self.patch, self.state.project
         labels = (np.asarray(layer.data) > 0).astype(np.uint8)
-        try:
-            annotation = self.state.project.accept(
+        seconds = time.monotonic() - self._opened_at
+
+        def work(progress, cancel):
+            annotation = project.accept(
                 patch.volume_id,
                 patch.start,
                 patch.stop,
                 labels,
-                seconds=time.monotonic() - self._opened_at,
+                annotator=annotator,
+                seconds=seconds,
                 patch_id=patch.id,
                 model_version=patch.model_version,
             )
-        except (ValueError, OSError) as exc:
-            self._report(f"could not accept patch {patch.rank}: {exc}", "error")
-            return None
-        self._prefill = labels.copy()
-        layer.data = labels  # fresh history: what is saved is the new starting point
+            return patch, labels, annotation
+
+        self._after_accept, self._saving_rank = then, patch.rank
+        for control in self.patch_controls:
+            control.setEnabled(False)
+        self.status_label.setText(f"saving patch {patch.rank}…")
+        return self.accept_job.start(work, f"saving patch {patch.rank}")
+
+    def _on_accepted(self, value) -> None:
+        patch, labels, annotation = value
+        then, self._after_accept = self._after_accept, None
+        for control in self.patch_controls:
+            control.setEnabled(self.patch is not None)
+        layer = self.layers.labels()
+        if self.patch is not None and self.patch.id == patch.id:
+            self._prefill = labels.copy()
+            if layer is not None and np.array_equal(np.asarray(layer.data) > 0, labels > 0):
+                layer.data = labels  # fresh history: what is saved is the new starting point
         self.queue.set_status(patch.id, "reviewed")
-        self.patch = self.queue.current()
+        if self.patch is not None and self.patch.id == patch.id:
+            self.patch = self.queue.current()
+        name = self.state.project.volume(patch.volume_id).name
         self._report(
-            f"accepted patch {patch.rank} of {self.volume.name} "
+            f"accepted patch {patch.rank} of {name} "
             f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
         )
         self.state.queue_changed.emit(patch.volume_id)
-        return annotation
+        if then is not None:
+            then()
+
+    def _on_accept_failed(self, message: str) -> None:
+        self._after_accept = None
+        for control in self.patch_controls:
+            control.setEnabled(self.patch is not None)
+        self._report(f"could not accept patch {self._saving_rank}: {message}", "error")
 
     def accept(self) -> bool:
-        """Accept the open patch (empty counts as reviewed background) and open the next new."""
-        if self._accept_current() is None:
-            return False
-        self._move(self.queue.next_index("new"), "all patches of this queue are done")
-        return True
+        """Accept the open patch (empty counts as reviewed background) in the step's worker,
+        then open the next new one."""
+        return self._start_accept(
+            lambda: self._move(self.queue.next_index("new"), "all patches of this queue are done")
+        )
 
     def skip(self) -> bool:
         """Leave the open patch out (without saving edits) and open the next new one."""
         if self.patch is None:
             self._report("no patch open; select one in the queue", "error")
             return False
+        if self.accept_job.is_running():
+            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
+            return False
+        annotator = self.annotator()
+        if annotator is None:
+            return False
         patch = self.patch
-        self.state.project.skip(patch.id)
+        self.state.project.skip(patch.id, annotator=annotator)
         self._prefill = None  # skipping drops the edits on purpose: no question
         self.queue.set_status(patch.id, "skipped")
         self.patch = self.queue.current()

@@ -25,11 +25,27 @@ if TYPE_CHECKING:
 PATCH_LAYER = "patch under review"
 BOX_LAYER = "patch box"
 UNCERTAINTY_LAYER = "patch uncertainty"
+CONTEXT_LAYER = "patch surroundings (3D)"
+#: The 3D view shows the patch's box grown by this fraction of its edge on every side (at
+#: least MIN_MARGIN voxels), clipped to the volume: the patch in its surroundings, not the
+#: whole head (which hides it, and takes minutes to upload at 256^3 and more).
+MARGIN_FRACTION = 0.5
+MIN_MARGIN = 4
 
 
 def patch_box(patch: PatchRecord) -> tuple[slice, slice, slice]:
     """The patch's voxels in its volume, as slices."""
     return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
+
+
+def context_box(patch: PatchRecord, shape) -> tuple[list[int], list[int]]:
+    """The patch's box grown by its margin on every side, clipped to a volume of ``shape``."""
+    start, stop = [], []
+    for a, b, edge in zip(patch.start, patch.stop, shape, strict=True):
+        margin = max(MIN_MARGIN, round((b - a) * MARGIN_FRACTION))
+        start.append(max(0, a - margin))
+        stop.append(min(int(edge), b + margin))
+    return start, stop
 
 
 class PatchLayers:
@@ -42,6 +58,8 @@ class PatchLayers:
         self.state = state
         self.viewer = state.viewer
         self.bind_keys = bind_keys
+        #: layers the 3D view hid (shown again when it ends)
+        self._hidden_for_3d: list = []
 
     def labels(self) -> Labels | None:
         """The patch's labels layer, if it is open."""
@@ -123,7 +141,8 @@ class PatchLayers:
             self.viewer.layers.move(index, len(self.viewer.layers))
 
     def remove(self) -> None:
-        """Take the patch, its box and its overlay off the canvas."""
+        """Take the patch, its box, its overlay and its 3D surroundings off the canvas."""
+        self.hide_3d()
         for name in (PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER):
             layer = find_layer(self.viewer, name)
             if layer is not None:
@@ -146,6 +165,52 @@ class PatchLayers:
             scale, shape = np.asarray(layer.scale[-3:]), np.asarray(layer.data.shape)
             centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
             zoom_to(self.viewer, centre, shape * scale)
+
+    def show_3d(self, patch: PatchRecord, image: Image) -> Image:
+        """The patch's box with a margin as its own small image layer, every other layer but
+        the patch's hidden, then the 3D view with the camera on the box (the whole volume is
+        neither drawn nor uploaded)."""
+        start, stop = context_box(patch, image.data.shape[-3:] if not image.multiscale
+                                  else image.data[0].shape[-3:])  # fmt: skip
+        data = image.data[0] if image.multiscale else image.data
+        crop = np.asarray(data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))],
+                          dtype=np.float32)  # fmt: skip
+        scale = tuple(float(v) for v in image.scale[-3:])
+        origin, _ = box_world(start, stop, scale, image.translate[-3:])
+        layer = find_layer(self.viewer, CONTEXT_LAYER)
+        if isinstance(layer, Image):
+            layer.data, layer.translate = crop, origin
+            layer.scale = scale
+        else:
+            layer = self.viewer.add_image(
+                crop, name=CONTEXT_LAYER, scale=scale, translate=origin, units=("mm",) * 3,
+                colormap="gray", contrast_limits=tuple(image.contrast_limits),
+                rendering="mip", metadata={PATCH_OF_KEY: patch.volume_id},
+            )  # fmt: skip
+        ours = {PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER, CONTEXT_LAYER}
+        for other in self.viewer.layers:
+            if other.name not in ours and other.visible:
+                other.visible = False
+                self._hidden_for_3d.append(other)
+        patch_layer = self.labels()
+        if patch_layer is not None:
+            self.raise_to_top(patch_layer)
+            self.viewer.layers.selection.active = patch_layer
+        self.viewer.dims.ndisplay = 3  # (only now: the whole volume is never drawn in 3D)
+        extent = (np.asarray(stop) - np.asarray(start)) * np.asarray(scale)
+        _, centre = box_world(patch.start, patch.stop, scale, image.translate[-3:])
+        zoom_to(self.viewer, centre, extent, fraction=0.6)  # on the patch, its margin in view
+        return layer
+
+    def hide_3d(self) -> None:
+        """End the 3D view: its layer goes, the layers it hid come back."""
+        layer = find_layer(self.viewer, CONTEXT_LAYER)
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        for other in self._hidden_for_3d:
+            if other in self.viewer.layers:
+                other.visible = True
+        self._hidden_for_3d = []
 
     def hide_uncertainty(self) -> None:
         existing = find_layer(self.viewer, UNCERTAINTY_LAYER)

@@ -169,11 +169,13 @@ class SegmentPanel(SegmentOptions):
         titles.update({key: title for key, (title, _) in UNCERTAINTY_DISPLAY.items()})
         return {key: f"{base} PVS {title}{suffix}" for key, title in titles.items()}
 
-    def _protect_corrections(self, names: dict[str, str], label: str) -> dict[str, str] | None:
+    def _protect_corrections(self, names: dict[str, str]) -> dict[str, str] | None:
         """Ask before a new result replaces a segmentation layer holding painted corrections.
 
-        Returns the names to write the results under (a new set for "New layers"), or None
-        when the user cancelled.
+        "Keep a copy" renames the edited layer "<name> (corrected)" (numbered when one exists)
+        and keeps its data; the result then goes to the volume's usual layers, so each volume
+        and version keeps one set of result layers. Returns the names to write the results
+        under, or None when the user cancelled.
         """
         edited = find_layer(self.viewer, names["segmentation"])
         if not has_unsaved_edits(edited):
@@ -181,9 +183,10 @@ class SegmentPanel(SegmentOptions):
         choice = self.state.ask(
             self,
             "Unsaved corrections",
-            f"'{edited.name}' holds corrections you painted that are not saved. Write the new "
-            "result to new layers (keeping your corrections), replace them, or cancel?",
-            ["New layers", "Replace", "Cancel"],
+            f"'{edited.name}' holds corrections you painted that are not saved. Keep them in a "
+            "copy (renamed '… (corrected)') and show the new result in the usual layers, "
+            "replace them, or cancel?",
+            ["Keep a copy", "Replace", "Cancel"],
         )
         if choice == "Cancel":
             return None
@@ -193,11 +196,13 @@ class SegmentPanel(SegmentOptions):
         if not isinstance(edited.data, np.ndarray):
             edited.data = np.asarray(edited.data)
         edited.metadata.pop(PREDICTION_KEY, None)
-        base = names["segmentation"][: -len(" PVS segmentation")]
-        suffix, index = f" ({label})", 2
-        while find_layer(self.viewer, self._result_names(base, suffix)["segmentation"]):
-            suffix, index = f" ({label} {index})", index + 1
-        return self._result_names(base, suffix)
+        copy_name, index = f"{names['segmentation']} (corrected)", 2
+        while find_layer(self.viewer, copy_name) is not None:
+            copy_name, index = f"{names['segmentation']} (corrected {index})", index + 1
+        edited.name = copy_name
+        if self.result_layers.get("segmentation") is edited:
+            del self.result_layers["segmentation"]  # no longer this panel's result layer
+        return names
 
     def segment(self) -> bool:
         """Start segmenting the chosen layer in the background; False if it could not start."""
@@ -214,13 +219,24 @@ class SegmentPanel(SegmentOptions):
             self.report(str(exc), error=True)
             return False
         project, version = request.project, request.version
+        if project is not None and request.volume.modality == "unknown":
+            # the model needs the contrast: ask rather than predict badly in silence
+            choice = self.state.ask(
+                self,
+                "Which contrast?",
+                f"The contrast of {layer.name} could not be told from the image. Is it T1 "
+                "(CSF dark) or T2 (CSF bright)? It is kept in the project.",
+                ["T1", "T2", "Cancel"],
+            )
+            if choice not in ("T1", "T2"):
+                self.report("segmentation not started: choose the volume's contrast")
+                return False
+            self.modality_combo.setCurrentText(choice)
+            request = self.segment_request(layer)
         if project is not None:  # what this run uses, every project prediction uses
-            changes = {"predict_mc": request.mc_samples}
-            if request.tta is not None:
-                changes["predict_tta"] = request.tta
-            self.state.update_settings(**changes)
+            self.state.update_settings(predict_mc=request.mc_samples, predict_tta=request.tta)
         label = f"v{version}" if version is not None else "new"
-        names = self._protect_corrections(self._result_names(layer.name), label)
+        names = self._protect_corrections(self._result_names(layer.name))
         if names is None:
             self.report("segmentation not started: your corrections are untouched")
             return False

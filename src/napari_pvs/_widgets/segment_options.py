@@ -33,7 +33,7 @@ from napari_pvs._widgets._common import collapsed, set_combo_items
 from napari_pvs._widgets._layers import default_output, input_image_layers, layer_volume
 from napari_pvs._widgets.segment_run import SegmentRequest
 from napari_pvs._widgets.state import WorkflowState
-from napari_pvs.models import DEFAULT_WINDOW
+from napari_pvs.models import PREDICTION_DEFAULTS
 
 if TYPE_CHECKING:
     import napari
@@ -126,6 +126,7 @@ class SegmentOptions(QWidget):
         adv.setContentsMargins(0, 0, 0, 0)
         self.mc_spin = QSpinBox()
         self.mc_spin.setRange(0, 64)
+        self.mc_spin.setValue(PREDICTION_DEFAULTS["mc_samples"])
         self.mc_spin.setToolTip("Monte Carlo dropout samples for uncertainty (0 = off)")
         adv.addRow("MC samples", self.mc_spin)
         self.tta_combo = QComboBox()
@@ -139,7 +140,7 @@ class SegmentOptions(QWidget):
         self.window_spin = QSpinBox()
         self.window_spin.setRange(16, 512)
         self.window_spin.setSingleStep(16)
-        self.window_spin.setValue(DEFAULT_WINDOW)
+        self.window_spin.setValue(PREDICTION_DEFAULTS["window"])
         adv.addRow("Window", self.window_spin)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(0, 256)
@@ -208,7 +209,8 @@ class SegmentOptions(QWidget):
         self.output_edit.setPlaceholderText(
             "in the project" if in_project else str(default_output(layer, self._scratch_dir()))
         )
-        modality = str(layer.metadata.get("modality", "unknown"))
+        record = self.current_volume()  # a project volume: its stored contrast
+        modality = record.modality if record else str(layer.metadata.get("modality", "unknown"))
         self.modality_combo.blockSignals(True)
         self.modality_combo.setCurrentText(modality if modality in MODALITY_CHOICES else "unknown")
         self.modality_combo.blockSignals(False)
@@ -232,10 +234,11 @@ class SegmentOptions(QWidget):
         self.device_combo.setCurrentText(str(settings["device"]))
         self.device_combo.blockSignals(False)
         if self.state.project is not None:  # the project's prediction settings
-            self.mc_spin.setValue(int(settings.get("predict_mc", 0)))
-            index = self.tta_combo.findData(int(settings.get("predict_tta", 1)))
-            if index >= 0:
-                self.tta_combo.setCurrentIndex(index)
+            self.mc_spin.setValue(int(settings["predict_mc"]))
+            tta = settings["predict_tta"]
+            counts = [self.tta_combo.itemData(i) for i in range(self.tta_combo.count())]
+            if tta in counts:
+                self.tta_combo.setCurrentIndex(counts.index(tta))
 
     def _set_modality(self, modality: str) -> None:
         layer = self.current_layer()

@@ -22,7 +22,7 @@ from napari_pvs import io
 from napari_pvs.cohort import modality_warning
 from napari_pvs.io import open_prediction
 from napari_pvs.metrics import label_clusters
-from napari_pvs.models import DEFAULT_WINDOW
+from napari_pvs.models import DEFAULT_WINDOW, prediction_options
 from napari_pvs.progress import CancelToken, ProgressCallback
 
 if TYPE_CHECKING:
@@ -133,15 +133,18 @@ def run_segmentation(
     # a version's complete prediction is shown as stored: no device, no torch import
     device, note = ("", "") if stored else resolve_device_noting(request.device)
     notes = [note] if note else []
-    options = {
-        "window": request.window,
-        "batch": request.batch,
-        "device": device,
-        "mc_samples": request.mc_samples,
-        "tta": request.tta,
-    }
+    options = prediction_options(  # the rule napari-pvs predict uses
+        window=request.window,
+        batch=request.batch,
+        device=device,
+        mc_samples=request.mc_samples,
+        tta=request.tta,
+    )
     summary = None
     if request.project is not None:
+        record = request.project.volume(request.volume_id)
+        if request.volume.modality != record.modality:  # the panel's choice is the project's
+            request.project.set_modality(record.id, request.volume.modality)
         progress(0, 0, f"loading model v{request.version}")
         out = Path(
             request.project.predict(

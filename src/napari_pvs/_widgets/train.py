@@ -183,7 +183,7 @@ class TrainStep(QWidget):
         self.rollback_button.setToolTip(
             "Roll back (or forward) to the selected version; nothing is deleted"
         )
-        self.rollback_button.clicked.connect(self.rollback)
+        self.rollback_button.clicked.connect(self.start_rollback)
         row.addWidget(self.compare_button)
         row.addWidget(self.rollback_button)
         form.addRow(row)
@@ -452,21 +452,3 @@ class TrainStep(QWidget):
         self.rollback_button.setEnabled(True)
         self._on_project_changed()
         self._report(message, "error")
-
-    def rollback(self) -> bool:
-        project = self.state.project
-        chosen = self.selected_versions()
-        if project is None or len(chosen) != 1:
-            self._report("select exactly one version to make current", "error")
-            return False
-        if self.is_running():
-            self._report("wait for the round to end (or cancel it) before rolling back", "error")
-            return False
-        try:
-            project.rollback(chosen[0])
-        except (ValueError, FileNotFoundError) as exc:
-            self._report(str(exc), "error")
-            return False
-        self._report(f"v{chosen[0]} is current: it predicts and ranks from now on")
-        self.state.versions_changed.emit()
-        return True

@@ -12,7 +12,7 @@ from napari_pvs.cli._common import UserError
 
 def add_predict(subparsers: argparse._SubParsersAction) -> None:
     from napari_pvs.memory import MEMORY_POLICIES
-    from napari_pvs.models import FLIP_COUNTS
+    from napari_pvs.models import FLIP_COUNTS, PREDICTION_DEFAULTS
 
     parser = subparsers.add_parser(
         "predict",
@@ -38,7 +38,11 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--modality", choices=["T1", "T2"], help="override the input's modality")
     parser.add_argument(
-        "--mc", type=int, default=0, metavar="T", help="Monte Carlo dropout samples (0 = off)"
+        "--mc",
+        type=int,
+        default=PREDICTION_DEFAULTS["mc_samples"],
+        metavar="T",
+        help="Monte Carlo dropout samples (0 = off)",
     )
     parser.add_argument(
         "--tta",
@@ -68,8 +72,12 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="remove segmented clusters smaller than this (default: the model's calibrated "
         "value; 0 keeps every cluster)",
     )
-    parser.add_argument("--window", type=int, default=64, help="window edge (default 64)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap (0.25)")
+    parser.add_argument(
+        "--window", type=int, default=PREDICTION_DEFAULTS["window"], help="window edge"
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=PREDICTION_DEFAULTS["overlap"], help="window overlap"
+    )
     parser.add_argument(
         "--memory",
         choices=MEMORY_POLICIES,
@@ -91,22 +99,23 @@ def add_predict(subparsers: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from napari_pvs import atomic
     from napari_pvs.cohort import output_name, predict_cohort, predict_volume
+    from napari_pvs.models import prediction_options
     from napari_pvs.progress import TerminalProgress
 
     if args.mc < 0:
         raise UserError("--mc must be 0 (off) or a positive number of samples")
     _check_sizes(args)
-    options = {
-        "window": args.window,
-        "overlap": args.overlap,
-        "batch": args.batch,
-        "device": args.device,
-        "mc_samples": args.mc,
-        "tta": args.tta,
-        "amp": not args.float32,
-        "min_cluster_mm3": args.min_cluster_mm3,
-        "memory": args.memory,
-    }
+    options = prediction_options(  # the rule the Segment step and a project use too
+        window=args.window,
+        overlap=args.overlap,
+        batch=args.batch,
+        device=args.device,
+        mc_samples=args.mc,
+        tta=args.tta,
+        amp=not args.float32,
+        min_cluster_mm3=args.min_cluster_mm3,
+        memory=args.memory,
+    )
     model = args.model[0] if len(args.model) == 1 else args.model
     out = Path(args.out)
     nifti = out.name.lower().endswith((".nii", ".nii.gz"))
@@ -119,12 +128,13 @@ def _run_predict(args: argparse.Namespace) -> int:
         atomic.check_output(out, inputs=args.inputs, overwrite=args.overwrite)
     if len(args.inputs) == 1:
         atomic.check_output(store, inputs=args.inputs, overwrite=True)
+    modalities = _input_modalities(args.inputs, args.modality)
     if len(args.inputs) > 1 or args.scheduler:
         results = predict_cohort(
             args.inputs,
             out if len(args.inputs) > 1 else store.parent,
             model=model,
-            modality=args.modality,
+            modality=modalities,
             options=options,
             scheduler=args.scheduler,
             n_workers=args.workers,
@@ -138,7 +148,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                 args.inputs[0],
                 store,
                 model,
-                args.modality,
+                modalities[0],
                 options,
                 progress=TerminalProgress(),
                 overwrite=args.overwrite,
@@ -188,6 +198,40 @@ def _run_predict(args: argparse.Namespace) -> int:
         for result in failed:
             print(f"  {result.input}: {result.error}", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _input_modalities(inputs: list[str], given: str | None) -> list[str]:
+    """Each input's contrast, before any work: ``--modality``, else what the file says (our
+    zarr attribute, a T1w/T2w name), else the image's confident guess (printed); an input
+    whose contrast cannot be told stops the run with a sentence naming --modality."""
+    if given is not None:
+        return [given] * len(inputs)
+    from napari_pvs import io
+    from napari_pvs.modality import guess_modality
+
+    modalities, unsure = [], []
+    for path in inputs:
+        try:
+            volume = io.open_volume(path)
+        except (ValueError, OSError):
+            modalities.append("unknown")  # the run names what is wrong with it
+            continue
+        if volume.modality != "unknown":
+            modalities.append(volume.modality)
+            continue
+        guess = guess_modality(volume.data, volume.spacing, name=path)
+        if not guess.confident:
+            unsure.append(f"{path}: cannot tell T1 from T2 ({guess.reason})")
+        else:
+            print(f"napari-pvs predict: {path}: {guess.modality} ({guess.reason})",
+                  file=sys.stderr)  # fmt: skip
+        modalities.append(guess.modality)
+    if unsure:
+        raise UserError(
+            "; ".join(unsure) + "; the model needs the contrast: pass --modality T1 or "
+            "--modality T2 (nothing was run)"
+        )
+    return modalities
 
 
 def _check_sizes(args: argparse.Namespace) -> None:

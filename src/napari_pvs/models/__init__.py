@@ -49,6 +49,25 @@ FLIP_COUNTS = (1, 4, 8)
 #: averaged over ``tta`` test-time mirrorings (1: none, 4 or 8), voxels at or above
 #: ``threshold``, then clusters smaller than ``min_cluster_mm3`` removed (0: keep all).
 DEFAULT_SEGMENTATION_RULE: dict[str, float] = {"threshold": 0.5, "min_cluster_mm3": 0.0, "tta": 1}
+#: What every prediction does unless an option says otherwise, in ``napari-pvs predict``, the
+#: Segment step and a project alike: no MC dropout, and ``None`` = the model's calibrated rule
+#: (its test-time mirrorings and smallest cluster), so both give the same segmentation.
+PREDICTION_DEFAULTS: dict[str, Any] = {
+    "mc_samples": 0,
+    "tta": None,
+    "window": DEFAULT_WINDOW,
+    "overlap": 0.25,
+    "batch": None,
+    "min_cluster_mm3": None,
+}
+
+
+def prediction_options(**given: Any) -> dict[str, Any]:
+    """:data:`PREDICTION_DEFAULTS` with every option given (and not None) in its place: the one
+    rule the CLI, the GUI and the project build their Predictor options by."""
+    return {**PREDICTION_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+
+
 #: Largest ``min_cluster_mm3`` a rule may hold: 10 cm^3, far above any PVS (a larger cut-off
 #: would silently remove every cluster).
 MAX_MIN_CLUSTER_MM3 = 1e4

@@ -149,6 +149,9 @@ class Project:
     ) -> VolumeRecord:
         return self._volumes.add_volume(path, modality=modality, name=name)
 
+    def set_modality(self, ref: int | str | VolumeRecord, modality: str) -> VolumeRecord:
+        return self._volumes.set_modality(ref, modality)
+
     def remove_volume(self, ref: int | str) -> Path:
         """Take a volume out of the project (it can be added again); its patches still in the
         queue are skipped, its rows stay in the history and its reviewed labels move to

@@ -12,8 +12,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "strategy": "stratified",  # queue strategy (napari_pvs.ranking.STRATEGIES)
     "n": 20,  # patches per queue
     "patch": 32,  # patch edge in voxels
-    "predict_tta": 1,  # test-time mirrorings for project predictions (1: one pass, fast)
-    "predict_mc": 8,  # MC-dropout samples: uncertainty maps for every strategy (bald too)
+    # project predictions follow napari-pvs predict's defaults (models.PREDICTION_DEFAULTS):
+    "predict_tta": None,  # test-time mirrorings; None: the model's calibrated rule
+    "predict_mc": 0,  # MC-dropout samples (0: uncertainty from the mirrorings alone)
     "device": "auto",
     "brush_size": 1,  # the napari Review step's brush, in voxels
     "stop_patience": 2,  # rounds without validation gain before the stopping hint
@@ -42,7 +43,7 @@ class Settings:
             "patch": lambda v: (
                 isinstance(v, int) and not isinstance(v, bool) and v >= limits.MIN_PATCH
             ),
-            "predict_tta": lambda v: v in FLIP_COUNTS,
+            "predict_tta": lambda v: v is None or v in FLIP_COUNTS,
             "predict_mc": lambda v: isinstance(v, int) and v >= 0,
             "device": lambda v: isinstance(v, str) and bool(v),
             "brush_size": lambda v: isinstance(v, int) and v >= 1,

@@ -152,14 +152,12 @@ class Versions:
 
     def predictor_options(self, **overrides) -> dict[str, Any]:
         """Predictor settings every project prediction uses (settings, then ``overrides``)."""
+        from napari_pvs.models import prediction_options
+
         settings = self._settings.settings()
-        options = {
-            "tta": int(settings["predict_tta"]),
-            "mc_samples": int(settings["predict_mc"]),
-            "device": settings["device"],
-        }
-        options.update({k: v for k, v in overrides.items() if v is not None})
-        return options
+        stored = {"tta": settings["predict_tta"], "mc_samples": int(settings["predict_mc"]),
+                  "device": settings["device"]}  # fmt: skip
+        return prediction_options(**{**stored, **overrides})
 
     def has_prediction(self, ref: int | str, version: int | str | None = None) -> bool:
         """True when the version's prediction store of the volume is complete."""

@@ -150,6 +150,20 @@ class Volumes:
         self.create_label_store(volume_id, volume.shape)
         return self.volume(volume_id)
 
+    def set_modality(self, ref: int | str | VolumeRecord, modality: str) -> VolumeRecord:
+        """Record the volume's contrast (``T1``/``T2``/``unknown``): what its next predictions
+        tell the model; predictions already made keep the one they were made with."""
+        from napari_pvs.io import normalize_modality
+
+        record = self.volume(ref)
+        value = normalize_modality(modality)
+        with self._ledger.transaction() as db:
+            db.execute("UPDATE volumes SET modality = ? WHERE id = ?", (value, record.id))
+            self._ledger.event(
+                "set-modality", {"volume": record.id, "from": record.modality, "to": value}, db
+            )
+        return self.volume(record.id)
+
     def mark_removed(self, record: VolumeRecord, db: sqlite3.Connection) -> None:
         """Take a volume out, in the caller's transaction (rows and labels are kept)."""
         db.execute("UPDATE volumes SET removed = ? WHERE id = ?", (now(), record.id))
