@@ -127,7 +127,7 @@ def _store(path: Path, value: int) -> Path:
 @pytest.mark.parametrize("swap", [True, False], ids=["exchange", "two-renames"])
 def test_directory_store_is_swapped_whole(tmp_path, monkeypatch, swap):
     if not swap:
-        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic.replace, "exchange", lambda a, b: False)
     target = _store(tmp_path / "s.zarr", 1)
     with pytest.raises(KeyError), atomic.atomic_output(target, overwrite=True) as temp:
         _store(temp, 2)
@@ -265,7 +265,7 @@ def test_a_folder_that_cannot_be_moved_gets_its_contents_swapped(tmp_path, monke
     def busy(a, b):
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(b))
 
-    monkeypatch.setattr(atomic, "_exchange", busy)
+    monkeypatch.setattr(atomic.replace, "exchange", busy)
     target = _tree(tmp_path / "mnt", OLD_TREE)
     with atomic.atomic_output(target, overwrite=True) as temp:
         _tree(temp, NEW_TREE)
@@ -322,11 +322,11 @@ def test_sqlite_disk_errors_are_one_sentence():
 
 
 SWAPPER = """
-import os, sys, time
+import os, shutil, sys, time
 from pathlib import Path
 from napari_pvs import atomic
 new, target, stage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-real_replace, real_copy = os.replace, atomic.shutil.copy2
+real_replace, real_copy = os.replace, shutil.copy2
 
 def pause():
     print("ready", flush=True)
@@ -344,7 +344,7 @@ def copy(src, dst, **kwargs):
     if stage == "copying":
         pause()
 
-os.replace, atomic.shutil.copy2 = replace, copy
+os.replace, shutil.copy2 = replace, copy
 atomic.swap_contents(new, target)
 """
 

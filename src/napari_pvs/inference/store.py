@@ -130,7 +130,7 @@ def open_store(
             locks.enter_context(atomic.hold_lock(store_lock_path(out), f"prediction store {out}"))
             target = overwrite_staging_path(out)
             if target.exists() and _store_run(target) != wanted:
-                atomic._remove(target)  # an earlier overwrite with other settings: ours
+                atomic.remove_path(target)  # an earlier overwrite with other settings: ours
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
         create_store(target, wanted, plan, src, arrays)
     lock = locks.enter_context(atomic.hold_lock(store_lock_path(target), f"prediction store {out}"))
@@ -182,7 +182,7 @@ def create_store(
     try:
         os.rename(temp, target)  # onto nothing, or an empty folder; never a full one
     except OSError:
-        atomic._remove(temp)
+        atomic.remove_path(temp)
         if not target.exists():
             raise
         return  # another run created it meanwhile: its lock and signature decide
