@@ -380,14 +380,15 @@ def strategy_reads_uncertainty(name: str) -> bool:
 
 def curve_convergence(steps: Sequence[float], dice: Sequence[float], smooth: int = 1):
     """:func:`napari_pvs.validation.convergence` of a validation curve after a moving mean of
-    ``smooth`` evaluations (each at the step of its last one): on a small validation set the
-    epoch-to-epoch noise is larger than the 0.01 tolerance."""
+    ``smooth`` evaluations (each at the step of its last one), over the last quarter of the
+    training steps (from step 0): on a small validation set the epoch-to-epoch noise is larger
+    than the 0.01 tolerance."""
     from napari_pvs.validation import convergence
 
     steps, dice = list(steps), list(dice)
     window = max(1, min(int(smooth), len(dice)))
     means = [float(np.mean(dice[i - window + 1 : i + 1])) for i in range(window - 1, len(dice))]
-    return convergence(steps[window - 1 :], means)
+    return convergence(steps[window - 1 :], means, start=0)
 
 
 def _slug(text: str) -> str:
