@@ -67,7 +67,8 @@ def test_benchmark_runs_every_strategy_end_to_end_through_the_project(tiny_data,
         "--rounds", "2", "--per-round", "2", "--patch", "16", "--seeds", "1",
         "--init", "scratch", "--scratch-model", "unet", "--scratch-config", TINY_UNET,
         "--steps", "4", "--steps-per-patch", "1", "--max-steps", "12", "--validate-every", "2",
-        "--patience", "2", "--mc", "2", "--lr", "3e-3", "--out", str(out),
+        "--patience", "2", "--mc", "2", "--lr", "3e-3", "--initial-strategy", "fg-random",
+        "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -185,6 +186,17 @@ def test_seed_interval_and_a_converged_reference_flags_a_gap_above_limit():
     (warning,) = gap_warnings(summary)
     assert warning.startswith("warning: a closed 1.070 of the gap (> 1.05)")
     assert gap_warnings({**summary, "reference_converged": False}) == []
+
+
+def test_step_budget_grows_with_the_labelled_set_in_whole_validations():
+    (spec,) = parse_strategies("random")
+    config = BenchmarkConfig([spec], steps=20, steps_per_patch=2, max_steps=60, validate_every=6)
+    assert [config.budget(n) for n in (0, 12, 100)] == [24, 48, 60]  # 20, 44 rounded up; cap
+    assert config.reference_budget(100) == 60
+    assert BenchmarkConfig([spec], steps=50, retrain="current").budget(100) == 50
+    assert BenchmarkConfig([spec], max_steps=400).validation_interval(400) == 50  # budget / 8
+    with pytest.raises(ValueError, match="initial_strategy"):
+        BenchmarkConfig([spec], initial_strategy="entropy")
 
 
 def test_convergence_check_reads_a_smoothed_validation_curve():

@@ -97,7 +97,10 @@ class BenchmarkConfig:
     patience: int = 3
     validate_every: int | None = None
     smooth: int = 3  # the convergence check reads a moving mean of this many validations
-    initial: int = 4  # random patches every strategy starts with (validation ones included)
+    initial: int = 4  # patches every strategy starts with (validation ones included)
+    # how they are picked: "random", or "fg-random" so that the fixed validation patches hold
+    # PVS (random small patches of sparse PVS can hold none: a validation Dice of 0 throughout)
+    initial_strategy: str = "random"
     validation: int = 2  # of which fixed validation patches
     full_steps: int | None = None  # full supervision: default rounds * steps
     test_tta: int = 1  # mirrorings when scoring (the bundled rule says 4: slower)
@@ -120,6 +123,10 @@ class BenchmarkConfig:
                 f"initial ({self.initial}) must be at least twice validation "
                 f"({self.validation}): half of the initial patches become validation patches"
             )
+        if self.initial_strategy not in ("random", "fg-random"):
+            raise ValueError(
+                f"initial_strategy must be 'random' or 'fg-random', got {self.initial_strategy!r}"
+            )
         if self.retrain not in ("current", "start"):
             raise ValueError(f"retrain must be 'current' or 'start', got {self.retrain!r}")
         if self.steps_per_patch < 0 or self.max_steps < 1 or self.patience < 1 or self.smooth < 1:
@@ -128,10 +135,13 @@ class BenchmarkConfig:
             self.full_steps = self.rounds * self.steps  # what the last round's model has had
 
     def budget(self, train_patches: int) -> int:
-        """Training steps of a round on ``train_patches`` (label-limited: grows with them)."""
+        """Training steps of a round on ``train_patches`` (label-limited: grows with them,
+        rounded up to whole validation intervals, as a round trains in those)."""
         if self.retrain == "current":
             return self.steps
-        return max(1, min(self.max_steps, self.steps + self.steps_per_patch * train_patches))
+        steps = max(1, min(self.max_steps, self.steps + self.steps_per_patch * train_patches))
+        interval = self.validation_interval(steps)
+        return -(-steps // interval) * interval
 
     def reference_budget(self, train_patches: int) -> int:
         """Steps of the full-supervision run: ``full_steps`` if given, else the same rule."""

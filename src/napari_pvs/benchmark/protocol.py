@@ -244,7 +244,8 @@ class _Runner:
                 if record.id != index:  # the runner addresses pool volume i as id i
                     raise RuntimeError(f"pool volume {index} got id {record.id} in {folder}")
             started = time.perf_counter()
-            records, _ = self.annotator.pick(project, StrategySpec("random"), c.initial, seed, 0)
+            first = StrategySpec(c.initial_strategy)
+            records, _ = self.annotator.pick(project, first, c.initial, seed, 0)
             self.annotator.accept(project, records)
             seconds_rank = time.perf_counter() - started
             seconds_round = 0.0

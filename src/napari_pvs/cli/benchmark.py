@@ -107,8 +107,12 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
     parser.add_argument(
-        "--initial", type=int, default=4, help="random patches every strategy starts with"
+        "--initial", type=int, default=4, help="patches every strategy starts with"
     )
+    parser.add_argument(
+        "--initial-strategy", choices=["random", "fg-random"], default="random",
+        help="how the initial patches are picked (fg-random: the validation patches hold PVS)",
+    )  # fmt: skip
     parser.add_argument(
         "--validation", type=int, default=2, help="of those, fixed validation patches"
     )
@@ -201,6 +205,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         initial=args.initial,
+        initial_strategy=args.initial_strategy,
         validation=args.validation,
         full_steps=args.full_steps,
         test_tta=args.test_tta,
