@@ -166,6 +166,10 @@ def test_summary_arithmetic_against_a_hand_computation():
     assert entropy["auc_vs_random"] == pytest.approx(5.34 / 4.0)
     assert rand["auc_vs_random"] == pytest.approx(1.0)
     assert not summary["reference_converged"]  # no convergence evidence in these rows
+    # random ran out of patches after round 1: areas over 4-8 patches, the range both cover
+    short = summarise([r for r in rows if not (r["strategy"] == "random" and r["round"] == 2)],
+                      config)  # fmt: skip
+    assert short["strategies"]["entropy"]["auc_vs_random"] == pytest.approx(2.3 / 1.8)
     assert final_lines(summary) == [
         "reference converged: no",
         "entropy: 12 patches to 95%",

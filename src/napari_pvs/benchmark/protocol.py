@@ -247,6 +247,11 @@ class _Runner:
             first = StrategySpec(c.initial_strategy)
             records, _ = self.annotator.pick(project, first, c.initial, seed, 0)
             self.annotator.accept(project, records)
+            if len(records) < c.initial:  # fg-random finds too few patches with PVS: top up
+                more, _ = self.annotator.pick(
+                    project, StrategySpec("random"), c.initial - len(records), seed, 0
+                )
+                self.annotator.accept(project, more)
             seconds_rank = time.perf_counter() - started
             seconds_round = 0.0
             if c.init == "scratch":  # a start model worth ranking with: trained on them

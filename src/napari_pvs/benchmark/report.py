@@ -74,7 +74,7 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
         strategies[spec.label] = {
             "patches_to_95": None if reached is None else round(reached),
             "patches_to_95_interval": seed_interval(list(per_seed_n.values())),
-            "auc": _area(curve),
+            "curve_x": [p["labelled_patches"] for p in curve],
             "error_yield": _mean_or_none(r.get("error_yield") for r in yields),
             "cluster_error_yield": _mean_or_none(r.get("cluster_error_yield") for r in yields),
             "gap_closed": closed,
@@ -84,6 +84,13 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
             "patches_to_95_per_seed": per_seed_n,
             "curve": curve,
         }
+    # areas over the labelled-patch range every strategy covers (one that ran out of patches
+    # to queue ends early), so that they compare like with like
+    ends = [r["curve"][-1]["labelled_patches"] for r in strategies.values()]
+    starts = [r["curve"][0]["labelled_patches"] for r in strategies.values()]
+    for result in strategies.values():
+        del result["curve_x"]
+        result["auc"] = _area(result["curve"], max(starts), min(ends))
     random_auc = strategies.get("random", {}).get("auc")
     for result in strategies.values():
         result["auc_vs_random"] = (
@@ -141,13 +148,17 @@ def seed_interval(per_seed: Sequence[float | None]) -> list[float | None]:
     return [None if not np.isfinite(b) else float(b) for b in bounds]
 
 
-def _area(curve: Sequence[dict[str, Any]]) -> float | None:
-    """Trapezoid area under the seed-mean Dice against labelled patches."""
-    if len(curve) < 2:
+def _area(curve: Sequence[dict[str, Any]], low: float, high: float) -> float | None:
+    """Trapezoid area under the seed-mean Dice against labelled patches from ``low`` to
+    ``high`` (linear between the curve's points)."""
+    if len(curve) < 2 or high <= low:
         return None
-    x = np.asarray([p["labelled_patches"] for p in curve])
-    y = np.asarray([p["dice"] for p in curve])
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    x = np.asarray([p["labelled_patches"] for p in curve], dtype=np.float64)
+    y = np.asarray([p["dice"] for p in curve], dtype=np.float64)
+    inside = (x > low) & (x < high)
+    grid = np.concatenate([[low], x[inside], [high]])
+    values = np.interp(grid, x, y)
+    return float(np.sum((grid[1:] - grid[:-1]) * (values[1:] + values[:-1]) / 2))
 
 
 def _mean_or_none(values) -> float | None:

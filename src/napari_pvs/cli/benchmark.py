@@ -30,11 +30,13 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
         help="how many reviewed patches each queue strategy needs (simulated annotator)",
         description=(
             "A simulated annotator reviews the patches each strategy queues, through the same "
-            "project accept a person's review uses; every round fine-tunes, re-predicts and "
-            "scores the new version on the test volumes with the product's segmentation rule. "
-            "Full supervision (every patch of the pool) is the reference. Writes "
+            "project accept a person's review uses; every round trains (by default the start "
+            "model on all labelled patches, to convergence), re-predicts and scores the new "
+            "version on the test volumes with the product's segmentation rule. Full supervision "
+            "(every patch of the pool, the same rule) is the reference. Writes "
             "OUT/learning_curve.csv, OUT/learning_curve.png and OUT/summary.json, and ends with "
-            "two lines per strategy: 'S: N patches to 95%' and 'S: gap closed G'."
+            "'reference converged: yes|no' and three lines per strategy: 'S: N patches to 95%', "
+            "'S: gap closed G' and 'S: error yield X (clusters Y)'."
         ),
     )
     parser.add_argument("--pool-images", nargs="+", required=True, help="volumes to query from")

@@ -14,12 +14,12 @@ import numpy as np
 from napari_pvs import atomic
 from napari_pvs.rounds.config import RoundOutcome
 from napari_pvs.rounds.repredict import remove_output
-from napari_pvs.validation import GuardDecision
 
 
 def commit_round(project, plan: dict[str, Any], result: dict[str, Any]) -> RoundOutcome:
     """Move the round's predictions into place and commit it (one ledger transaction)."""
     from napari_pvs.ranking import RankedPatch
+    from napari_pvs.validation import GuardDecision
 
     number = int(plan["new_version"])
     queues: dict[int, list[RankedPatch]] = {}

@@ -19,7 +19,6 @@ from napari_pvs.rounds.config import Event, RoundConfig
 from napari_pvs.rounds.repredict import predict_and_rank
 from napari_pvs.rounds.snapshot import load_snapshot
 from napari_pvs.rounds.validation import counts_as_lists, validation_counts
-from napari_pvs.validation import round_is_worse, validation_dice
 
 #: Training steps per epoch of a round (fit validates and keeps the best weights per epoch).
 STEPS_PER_EPOCH = 50
@@ -41,6 +40,8 @@ def execute_round(
     With ``main=False`` (a non-zero ``torchrun`` rank) the process only trains its share.
     ``device`` overrides the plan's (each torchrun process trains on its own GPU).
     """
+    from napari_pvs.validation import round_is_worse, validation_dice
+
     emit = emit or (lambda event: None)
     config = RoundConfig(**plan["config"])
     if device is not None:
@@ -138,6 +139,7 @@ def _fine_tune(
     event. Returns fit's result, the checkpoint's training info, the steps planned and the
     steps trained (fewer when early stopping ended the round)."""
     from napari_pvs.training import TrainConfig, fit
+    from napari_pvs.validation import validation_dice
 
     steps_per_epoch = min(config.steps, config.validate_every or STEPS_PER_EPOCH)
     epochs = math.ceil(config.steps / steps_per_epoch)

@@ -1,20 +1,23 @@
 """A model's per-patch counts and validation Dice on a round's validation crops (the same crops
-for base and new), by the one definition of :mod:`napari_pvs.validation`."""
+for base and new), by the one definition of :mod:`napari_pvs.validation` (imported when used:
+``napari-pvs round --help`` stays light)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_pvs import validation as one_dice
+if TYPE_CHECKING:
+    from napari_pvs.validation import PatchCounts
 
 
-def validation_counts(model, crops: list, device: str | Any = "cpu") -> list[one_dice.PatchCounts]:
+def validation_counts(model, crops: list, device: str | Any = "cpu") -> list[PatchCounts]:
     """TP/FP/FN of each validation crop (whole crop, one deterministic pass, threshold 0.5,
     labelled voxels only), in the crops' order: what the guard and the Dice are made of."""
     import torch
 
+    from napari_pvs import validation as one_dice
     from napari_pvs.intensity import normalize
     from napari_pvs.models import resolve_device
 
@@ -38,9 +41,11 @@ def validation_dice(model, crops: list, device: str | Any = "cpu") -> tuple[floa
     """The one validation Dice of ``model`` on ``crops`` and the set's size in patches
     ((None, 0) without crops). Every round scores its base and its new model on the same
     crops, so the gain is fair even when the validation set has grown since the last round."""
+    from napari_pvs import validation as one_dice
+
     return one_dice.validation_dice(validation_counts(model, crops, device))
 
 
-def counts_as_lists(counts: list[one_dice.PatchCounts]) -> list[list[int]]:
+def counts_as_lists(counts: list[PatchCounts]) -> list[list[int]]:
     """Per-patch counts as JSON-able ``[tp, fp, fn]`` rows (stored in a version's metrics)."""
     return [[c.tp, c.fp, c.fn] for c in counts]
