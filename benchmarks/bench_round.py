@@ -107,7 +107,8 @@ def main() -> None:
         print(
             f"\nround {outcome.round}: {outcome.status}, v{current} current, queues "
             f"{queue_sizes}; validation Dice {m.get('base_validation_dice')} -> "
-            f"{m.get('validation_dice')}"
+            f"{m.get('validation_dice')} on {m.get('validation_patches')} patches "
+            f"({outcome.message})"
         )
         load = os.getloadavg()[0]
         print(

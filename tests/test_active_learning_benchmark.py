@@ -20,12 +20,19 @@ from napari_pvs.benchmark import (
     summarise,
     tissue_box,
 )
+from napari_pvs.benchmark.protocol import curve_convergence
+from napari_pvs.benchmark.report import gap_warnings, seed_interval
 from napari_pvs.cli import main
 from napari_pvs.phantom import make_phantom
 
 TINY_UNET = '{"channels": [4, 8], "num_res_units": 1, "feature_channels": 4}'
 FINAL = re.compile(r"^(\S+): (\d+|never) patches to 95%$")
 GAP = re.compile(r"^(\S+): gap closed (-?\d+\.\d+|n/a)$")
+YIELD = re.compile(r"^(\S+): error yield (\d+\.\d\d|n/a) \(clusters (\d+\.\d\d|n/a)\)$")
+REFERENCE = re.compile(r"^reference converged: (yes|no)$")
+#: Every strategy name, as written in --strategies (and stratified with an option).
+ALL_STRATEGIES = ("random", "fg-random", "entropy", "bald", "stratified", "clasp", "diverse",
+                  "default", "stratified:noise=1")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +53,41 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, capsys):
+def test_benchmark_runs_every_strategy_end_to_end_through_the_project(tiny_data, tmp_path,
+                                                                     capsys):  # fmt: skip
+    """Every strategy name, label-limited rounds (budget 4 + 1/patch, at most 12 steps,
+    validated every 2): the printed lines parse, each round carries its convergence check."""
     out = tmp_path / "bench"
     argv = [
         "benchmark", "active-learning",
         "--pool-images", str(tiny_data["pool-1"]), str(tiny_data["pool-2"]),
         "--test-images", str(tiny_data["test-1"]),
         "--regions", f"{tiny_data['test-1']}/labels/regions",
-        "--strategies", "stratified:noise=1,random",
+        "--strategies", ",".join(ALL_STRATEGIES),
         "--rounds", "2", "--per-round", "2", "--patch", "16", "--seeds", "1",
         "--init", "scratch", "--scratch-model", "unet", "--scratch-config", TINY_UNET,
-        "--steps", "4", "--mc", "0", "--lr", "3e-3", "--retrain", "start", "--out", str(out),
+        "--steps", "4", "--steps-per-patch", "1", "--max-steps", "12", "--validate-every", "2",
+        "--patience", "2", "--mc", "2", "--lr", "3e-3", "--initial-strategy", "fg-random",
+        "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    # the last lines: per strategy, N to 95% then gap closed, in the order given
-    tail = lines[-4:]
-    assert [FINAL.match(tail[0])[1], GAP.match(tail[1])[1]] == ["stratified:noise=1"] * 2
-    assert [FINAL.match(tail[2])[1], GAP.match(tail[3])[1]] == ["random"] * 2
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    # the last lines: whether the reference converged, then per strategy N to 95%, gap closed
+    # and error yield, in the order given
+    tail = lines[-(1 + 3 * len(ALL_STRATEGIES)):]
+    assert REFERENCE.match(tail[0])
+    for index, strategy in enumerate(ALL_STRATEGIES):
+        n, gap, found = tail[1 + 3 * index : 4 + 3 * index]
+        assert [FINAL.match(n)[1], GAP.match(gap)[1], YIELD.match(found)[1]] == [strategy] * 3
+    # each round's convergence evidence is printed as it ends
+    evidence = [line for line in captured.err.splitlines() if " round " in line and "Dice" in line]
+    assert len(evidence) == 2 * len(ALL_STRATEGIES)
+    assert all(re.search(r"converged: (yes|no) ", line) for line in evidence)
 
     with open(out / "learning_curve.csv") as handle:
         rows = list(csv.DictReader(handle))
-    for strategy in ("stratified:noise=1", "random"):
+    for strategy in ALL_STRATEGIES:
         own = [r for r in rows if r["strategy"] == strategy]
         assert [int(r["round"]) for r in own] == [0, 1, 2]
         # 4 shared initial patches (2 of them validation), then 2 more per round
@@ -75,14 +95,19 @@ def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, caps
         assert {int(r["validation_patches"]) for r in own} == {2}
         assert [int(r["version"]) for r in own] == [1, 2, 3]  # scratch: v1 trained on the start
         assert all(0 <= float(r["dice"]) <= 1 and r["dice_white_matter"] for r in own)
+        # the budget grows with the training patches (2 initial + 2 per round)
+        assert [int(r["budget"]) for r in own[1:]] == [8, 10]
+        assert all(0 < int(r["steps"]) <= int(r["budget"]) for r in own[1:])
+        assert all(r["converged"] in ("True", "False") for r in own[1:])
     starts = {r["dice"] for r in rows if r["round"] == "0" and r["strategy"] != FULL}
     assert len(starts) == 1  # every strategy starts from the same model
     (full,) = [r for r in rows if r["strategy"] == FULL]
     assert int(full["labelled_patches"]) > 8 and int(full["train_patches"]) > 6
-    assert int(full["steps"]) == 4  # the same steps as one round
+    assert int(full["budget"]) == 12  # the same rule, at its cap
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategies"]["random"]["curve"][-1]["labelled_patches"] == 8
+    assert summary["strategies"]["random"]["auc_vs_random"] == pytest.approx(1.0)
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The annotator went through Project.accept: the label stores hold the ground truth of
@@ -95,6 +120,7 @@ def test_benchmark_runs_end_to_end_through_the_project(tiny_data, tmp_path, caps
         annotations = project.annotations()
         assert len(annotations) == 8 and {a.annotator for a in annotations} == {"simulated"}
         assert [v.status for v in project.versions()] == ["ready"] * 4
+        assert all("validation_counts" in v.metrics for v in project.versions()[1:])
         # --retrain start: the start round trained v1 from v0; every later round starts at v1
         assert [(r.base_version, r.new_version) for r in project.rounds()] == [
             (0, 1), (1, 2), (1, 3)
@@ -133,18 +159,71 @@ def test_summary_arithmetic_against_a_hand_computation():
     # gap 0.40 -> 0.80; entropy closes (0.35 + 0.37) / 2 / 0.40, random (0.1 + 0.2) / 2 / 0.40
     assert entropy["gap_closed"] == pytest.approx(0.9)
     assert rand["gap_closed"] == pytest.approx(0.375)
+    # bootstrap over the two seeds: means 8, 10 or 12; a seed that never reaches is "never"
+    assert entropy["patches_to_95_interval"] == [8.0, 12.0]
+    assert rand["patches_to_95_interval"] == [None, None]
+    # trapezoids over 4, 8, 12 patches: entropy 4 (0.575 + 0.76) = 5.34, random 4 (0.45 + 0.55)
+    assert entropy["auc_vs_random"] == pytest.approx(5.34 / 4.0)
+    assert rand["auc_vs_random"] == pytest.approx(1.0)
+    assert not summary["reference_converged"]  # no convergence evidence in these rows
+    # random ran out of patches after round 1: areas over 4-8 patches, the range both cover
+    short = summarise([r for r in rows if not (r["strategy"] == "random" and r["round"] == 2)],
+                      config)  # fmt: skip
+    assert short["strategies"]["entropy"]["auc_vs_random"] == pytest.approx(2.3 / 1.8)
     assert final_lines(summary) == [
+        "reference converged: no",
         "entropy: 12 patches to 95%",
         "entropy: gap closed 0.900",
+        "entropy: error yield n/a (clusters n/a)",
         "random: never patches to 95%",
         "random: gap closed 0.375",
+        "random: error yield n/a (clusters n/a)",
     ]
 
 
+def test_seed_interval_and_a_converged_reference_flags_a_gap_above_limit():
+    assert seed_interval([10, 10, 10]) == [10.0, 10.0]
+    low, high = seed_interval([8, 12, None])  # one seed never reaches: the upper bound never
+    assert low == pytest.approx(28 / 3) and high is None  # (8, 8, 12): 8 alone is 1/27 < 5%
+    summary = {"reference_converged": True,
+               "strategies": {"a": {"gap_closed": 1.07}, "b": {"gap_closed": 1.04}}}  # fmt: skip
+    (warning,) = gap_warnings(summary)
+    assert warning.startswith("warning: a closed 1.070 of the gap (> 1.05)")
+    assert gap_warnings({**summary, "reference_converged": False}) == []
+
+
+def test_step_budget_grows_with_the_labelled_set_in_whole_validations():
+    (spec,) = parse_strategies("random")
+    config = BenchmarkConfig([spec], steps=20, steps_per_patch=2, max_steps=60, validate_every=6)
+    assert [config.budget(n) for n in (0, 12, 100)] == [24, 48, 60]  # 20, 44 rounded up; cap
+    assert config.reference_budget(100) == 60
+    assert BenchmarkConfig([spec], steps=50, retrain="current").budget(100) == 50
+    assert BenchmarkConfig([spec], max_steps=400).validation_interval(400) == 50  # budget / 8
+    with pytest.raises(ValueError, match="initial_strategy"):
+        BenchmarkConfig([spec], initial_strategy="entropy")
+
+
+def test_convergence_check_reads_a_smoothed_validation_curve():
+    steps = [25, 50, 75, 100, 125, 150, 175, 200]
+    rising = [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80]
+    assert not curve_convergence(steps, rising, 3).converged
+    # a plateau with epoch-to-epoch noise of 0.02: raw it has not converged, smoothed it has
+    noisy = [0.10, 0.30, 0.40, 0.41, 0.40, 0.42, 0.40, 0.42]
+    raw = curve_convergence(steps, noisy, 1)
+    smoothed = curve_convergence(steps, noisy, 3)
+    assert not raw.converged and raw.movement == pytest.approx(0.02)
+    assert smoothed.converged and smoothed.movement < 0.01
+    assert "converged: yes" in smoothed.describe()
+    assert not curve_convergence([50], [0.3], 3).converged  # one point: cannot tell
+
+
 def test_strategy_specs_parse_and_refuse_bad_ones():
-    clasp, plain = parse_strategies("stratified:noise=1:share=0.67,bald")
+    clasp, plain, named = parse_strategies("stratified:noise=1:share=0.67,bald,clasp:decay=0.7")
     assert (clasp.name, clasp.noise, clasp.foreground_share) == ("stratified", 1.0, 0.67)
     assert not clasp.product_defaults and plain.product_defaults
+    # clasp keeps its own noise and share (None: the strategy's), only the decay is given
+    assert (named.noise, named.foreground_share, named.noise_decay) == (None, None, 0.7)
+    assert not parse_strategies("clasp")[0].product_defaults  # its noise needs the round
     with pytest.raises(ValueError, match="unknown strategy"):
         parse_strategies("margin")
     with pytest.raises(ValueError, match="bad strategy option"):

@@ -86,3 +86,8 @@ def test_convergence_over_the_last_quarter():
     assert not convergence([0, 400], [0.1, 0.5]).converged
     short = convergence([400], [0.5])
     assert not short.converged and short.movement is None and "converged: no" in short.describe()
+    # a curve that starts late (smoothed): the quarter is of the training steps from `start`
+    late = convergence([200, 300, 350, 400], [0.3, 0.49, 0.5, 0.505])
+    assert late.tail_points == 2  # the quarter of 200-400: from 350 on
+    # from step 0 the quarter is from 300 on
+    assert convergence([200, 300, 350, 400], [0.3, 0.49, 0.5, 0.505], start=0).tail_points == 3

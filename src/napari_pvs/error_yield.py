@@ -230,11 +230,13 @@ def error_yield(pred, gt, boxes: Sequence[Box]) -> ErrorYield:
 
 def format_error_yield(strategy: str, result: ErrorYield) -> str:
     """The benchmark's line: ``STRATEGY: error yield X (clusters Y)``; ``n/a`` when undefined."""
+    return format_yields(strategy, result.voxel_yield, result.cluster_yield)
+
+
+def format_yields(strategy: str, voxel: float | None, cluster: float | None) -> str:
+    """``STRATEGY: error yield X (clusters Y)`` from the two yields (e.g. means over seeds)."""
 
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
-    return (
-        f"{strategy}: error yield {shown(result.voxel_yield)} "
-        f"(clusters {shown(result.cluster_yield)})"
-    )
+    return f"{strategy}: error yield {shown(voxel)} (clusters {shown(cluster)})"

@@ -17,7 +17,8 @@ reproducible. With a single patch there is nothing to resample: any drop counts 
 
 **Convergence** (:func:`convergence`): a training curve of validation Dice has converged when it
 moved by less than ``tolerance`` (0.01) over the last quarter of its steps (max minus min of the
-points from ``last_step - quarter`` on, at least two points).
+points from ``last_step - quarter`` on, at least two points; the steps span from ``start``,
+the training's first step, or else the first point).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def convergence(
     *,
     tolerance: float = CONVERGENCE_TOLERANCE,
     tail: float = CONVERGENCE_TAIL,
+    start: float | None = None,
 ) -> Convergence:
     """Whether validation Dice moved by less than ``tolerance`` over the last ``tail`` of the
     steps (see the module notes)."""
@@ -187,7 +189,8 @@ def convergence(
         return Convergence(False, None, 0)
     order = np.argsort(steps_array, kind="stable")
     steps_array, dice_array = steps_array[order], dice_array[order]
-    first, last = steps_array[0], steps_array[-1]
+    first = steps_array[0] if start is None else min(float(start), steps_array[0])
+    last = steps_array[-1]
     values = dice_array[steps_array >= last - tail * (last - first)]
     if values.size < 2:
         return Convergence(False, None, int(values.size))

@@ -30,7 +30,6 @@ from napari_pvs._widgets._common import compact_table, fill_table, notify, statu
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
-from napari_pvs._widgets.train import validation_dice
 
 BURDEN_COLUMNS = ("volume", "region", "count", "volume_mm3", "model_version")
 EXPORT_FORMATS = {"NIfTI": "nifti", "OME-Zarr": "ome-zarr"}
@@ -44,14 +43,14 @@ def learning_curve(project) -> dict[str, list[float]]:
     for record in project.rounds():
         if record.status != "done" or record.new_version is None:
             continue
-        metrics = project.version(record.new_version).metrics
-        dice = validation_dice(metrics)
+        dice, _ = project.validation_score(record.new_version)
         if dice is None:
             continue
-        if not points["dice"] and isinstance(metrics.get("base_validation_dice"), int | float):
+        start, _ = project.validation_score(record.base_version)
+        if not points["dice"] and start is not None:
             points["round"].append(record.id - 1)  # the starting version, before this round
             points["reviewed patches"].append(0)
-            points["dice"].append(float(metrics["base_validation_dice"]))
+            points["dice"].append(start)
         points["round"].append(record.id)
         points["reviewed patches"].append(len(record.snapshot_annotation_ids))
         points["dice"].append(dice)

@@ -47,21 +47,9 @@ def validation_dice(metrics: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def base_dice(project, version: int) -> tuple[float | None, int | None]:
-    """Dice of ``version`` on the validation patches, measured when a round started from it
-    (the initial model has no project metric of its own until then): (Dice, round)."""
-    for record in reversed(project.rounds()):
-        if record.base_version == version and record.status == "done":
-            value = dict(project.version(record.new_version).metrics).get("base_validation_dice")
-            if isinstance(value, int | float):
-                return float(value), record.id
-    return None, None
-
-
-def version_dice(project, version) -> float | None:
-    """The versions table's Dice: the version's own, else as measured at a later round."""
-    own = validation_dice(version.metrics)
-    return own if own is not None else base_dice(project, version.version)[0]
+def version_dice(project, version) -> tuple[float | None, int]:
+    """The versions table's Dice and set size: the project's one validation score."""
+    return project.validation_score(version.version)
 
 
 class TrainStep(QWidget):
@@ -233,12 +221,12 @@ class TrainStep(QWidget):
         current = project.current_version().version
         rows, tips = [], []
         for version in project.versions():
-            dice = version_dice(project, version)
+            dice, patches = version_dice(project, version)
             rows.append([
                 f"v{version.version}" + ("*" if version.version == current else ""),
                 "-" if version.parent is None else f"v{version.parent}",
                 "-" if version.round is None else version.round,
-                "-" if dice is None else f"{dice:.3f}",
+                "-" if dice is None else f"{dice:.3f} on {patches}",
                 version.status,
             ])  # fmt: skip
             tips.append(", ".join(f"{k} {v}" for k, v in version.metrics.items()) or "no metrics")
@@ -372,7 +360,14 @@ class TrainStep(QWidget):
                 if dice is not None
                 else " (no validation patch yet: about 1 accepted patch in 4 becomes one)"
             )
-            self._report(f"round done: new version v{event.get('version')}{score}")
+            if event.get("current", True):
+                self._report(f"round done: new version v{event.get('version')}{score}")
+            else:  # the worse-round guard: kept, not current; Make current offers it
+                self._report(
+                    f"{event.get('message')} (select it and press "
+                    f"'{self.rollback_button.text()}')",
+                    "warning",
+                )
         elif kind == "cancelled":
             self._report("round cancelled; the previous version stays current")
         else:

@@ -14,20 +14,24 @@ class StrategySpec:
     """A queue strategy with optional ranking options, written ``NAME[:key=value...]``.
 
     Keys: ``noise`` (initial score-noise temperature), ``decay`` (its factor per round),
-    ``share`` (``stratified``: share of picks with predicted PVS). ``stratified:noise=1:share=0.67``
-    is nnActive's ClaSP PE (two thirds class-stratified, decaying noise).
+    ``share`` (``stratified``/``clasp``: share of picks with predicted PVS). Unset options are
+    the strategy's own (``clasp``: noise 1 and share 2/3, ClaSP PE).
     """
 
     name: str
-    noise: float = 0.0
+    noise: float | None = None
     noise_decay: float = DEFAULT_NOISE_DECAY
-    foreground_share: float = 0.5
+    foreground_share: float | None = None
     label: str = ""
 
     @property
     def product_defaults(self) -> bool:
-        """True when ``Project.rank`` ranks exactly like this (no extra options)."""
-        return self.noise == 0 and self.foreground_share == 0.5
+        """True when ``Project.rank`` ranks exactly like this: no option given, and no noise
+        schedule that needs the round index (``clasp``, ``default`` when it is clasp)."""
+        from napari_pvs.ranking import resolve_strategy
+
+        plain = self.noise is None and self.foreground_share is None
+        return plain and resolve_strategy(self.name) != "clasp"
 
 
 def parse_strategies(text: str | Sequence[str]) -> list[StrategySpec]:
@@ -56,7 +60,9 @@ def parse_strategies(text: str | Sequence[str]) -> list[StrategySpec]:
             except ValueError as exc:
                 raise ValueError(f"strategy option {option!r} needs a number") from exc
         spec = StrategySpec(name, label=item, **values)
-        if spec.noise < 0 or not 0 < spec.noise_decay <= 1 or not 0 <= spec.foreground_share <= 1:
+        noise = 0.0 if spec.noise is None else spec.noise
+        share = 0.5 if spec.foreground_share is None else spec.foreground_share
+        if noise < 0 or not 0 < spec.noise_decay <= 1 or not 0 <= share <= 1:
             raise ValueError(f"{item!r}: need noise >= 0, 0 < decay <= 1 and 0 <= share <= 1")
         specs.append(spec)
     if not specs:
@@ -77,11 +83,24 @@ class BenchmarkConfig:
     patch: int = 32
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     init: str = "default"  # "default", "scratch" or a checkpoint path
-    steps: int = 50  # training steps per round (rounds train in epochs of 50)
+    # retrain "start" (label-limited, the default): every round trains the start model on all
+    # patches labelled so far for a budget of steps + steps_per_patch x training patches (at
+    # most max_steps), validating every validate_every steps (None: budget / 8, at least 25)
+    # and stopping after `patience` validations without a better Dice. retrain "current" (the
+    # product's loop, step-limited): each round fine-tunes the current version `steps` steps.
+    steps: int = 150
     batch_size: int = 2
     learning_rate: float = 3e-4
-    retrain: str = "current"  # each round fine-tunes the current version, or the "start" one
-    initial: int = 4  # random patches every strategy starts with (validation ones included)
+    retrain: str = "start"
+    steps_per_patch: int = 10
+    max_steps: int = 600
+    patience: int = 3
+    validate_every: int | None = None
+    smooth: int = 3  # the convergence check reads a moving mean of this many validations
+    initial: int = 4  # patches every strategy starts with (validation ones included)
+    # how they are picked: "random", or "fg-random" so that the fixed validation patches hold
+    # PVS (random small patches of sparse PVS can hold none: a validation Dice of 0 throughout)
+    initial_strategy: str = "random"
     validation: int = 2  # of which fixed validation patches
     full_steps: int | None = None  # full supervision: default rounds * steps
     test_tta: int = 1  # mirrorings when scoring (the bundled rule says 4: slower)
@@ -104,7 +123,32 @@ class BenchmarkConfig:
                 f"initial ({self.initial}) must be at least twice validation "
                 f"({self.validation}): half of the initial patches become validation patches"
             )
+        if self.initial_strategy not in ("random", "fg-random"):
+            raise ValueError(
+                f"initial_strategy must be 'random' or 'fg-random', got {self.initial_strategy!r}"
+            )
         if self.retrain not in ("current", "start"):
             raise ValueError(f"retrain must be 'current' or 'start', got {self.retrain!r}")
-        if self.full_steps is None:  # the training the last round's model has had in all
-            self.full_steps = self.steps if self.retrain == "start" else self.rounds * self.steps
+        if self.steps_per_patch < 0 or self.max_steps < 1 or self.patience < 1 or self.smooth < 1:
+            raise ValueError("need steps_per_patch >= 0, max_steps, patience and smooth >= 1")
+        if self.full_steps is None and self.retrain == "current":
+            self.full_steps = self.rounds * self.steps  # what the last round's model has had
+
+    def budget(self, train_patches: int) -> int:
+        """Training steps of a round on ``train_patches`` (label-limited: grows with them,
+        rounded up to whole validation intervals, as a round trains in those)."""
+        if self.retrain == "current":
+            return self.steps
+        steps = max(1, min(self.max_steps, self.steps + self.steps_per_patch * train_patches))
+        interval = self.validation_interval(steps)
+        return -(-steps // interval) * interval
+
+    def reference_budget(self, train_patches: int) -> int:
+        """Steps of the full-supervision run: ``full_steps`` if given, else the same rule."""
+        return int(self.full_steps) if self.full_steps is not None else self.budget(train_patches)
+
+    def validation_interval(self, budget: int) -> int | None:
+        """Steps between validations of a label-limited round (None: the round's default)."""
+        if self.retrain == "current":
+            return None
+        return self.validate_every or max(1, min(budget, max(25, budget // 8)))

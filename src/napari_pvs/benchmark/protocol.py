@@ -11,18 +11,30 @@ through ``training.fit``, write the version, re-predict the pool) and scores the
 version on the test volumes with the product's segmentation rule (``Predictor`` defaults from
 the checkpoint: threshold and smallest cluster; ``test_tta`` mirrorings, 1 by default where
 the bundled rule says 4, for speed). Every strategy gets the same training steps per round and
-the same seeds. By default each round fine-tunes the current version, as the product's loop
-does (the model at round r has had r rounds of steps); with ``retrain="start"`` every round
-fine-tunes the start model on all patches labelled so far (via :meth:`Project.rollback`), so
-the curve measures labels alone.
+the same seeds.
+
+**Label-limited** (``retrain="start"``, the default): every round trains the start model on
+all patches labelled so far (via :meth:`Project.rollback`), to convergence: a step budget that
+grows with the labelled set (``steps + steps_per_patch x training patches``, at most
+``max_steps``), validated on the fixed validation patches every ``budget / 8`` steps (the one
+validation Dice), stopped after ``patience`` validations without improvement, best weights
+kept. Each round reports its convergence evidence: the validation Dice (a moving mean of
+``smooth`` validations) moved by less than 0.01 over the last quarter of its steps. So each
+point of the curve is a function of the labelled set, not of the steps trained.
+**Step-limited** (``retrain="current"``, the product's loop): each round fine-tunes the current
+version ``steps`` steps; the model at round r has had r rounds of steps.
 
 The reference is full supervision: per seed, every patch box of the pool grid is accepted and
-one round of ``full_steps`` fine-tunes the start model (default: the steps the last round's
-model has had in all, ``rounds * steps``, or ``steps`` with ``retrain="start"``).
+one round trains the start model by the same rule (``full_steps`` overrides its budget; with
+``retrain="current"`` it defaults to ``rounds * steps``); the run says whether every seed's
+reference converged. A round the worse-round guard keeps aside is made current anyway here:
+the benchmark measures what each labelled set gives.
 Per strategy the benchmark reports N, the labelled patches at which the seed-mean Dice first
-reaches 95% of the seed-mean full-supervision Dice (``never`` if it does not), and "gap
-closed": the share of the Dice gap between the start model and full supervision closed,
-averaged over the rounds (the normalised area under the learning curve).
+reaches 95% of the seed-mean full-supervision Dice (``never`` if it does not), with a
+bootstrap 90% interval over seeds; "gap closed": the share of the Dice gap between the start
+model and full supervision closed, averaged over the rounds; the area under the Dice curve
+relative to random's; final Dice ± std over seeds; and the **error yield** of each round's
+picks for the model that chose them (:mod:`napari_pvs.error_yield`; round 0 is printed).
 
 Labelled patches count every accepted patch, the shared initial ones (training and
 validation) included. Pool patches alternate between pool volumes (each volume ranked on its
@@ -130,6 +142,7 @@ class _Runner:
         from napari_pvs.rounds import RoundConfig
 
         c = self.config
+        label_limited = c.retrain == "start"
         return RoundConfig(
             steps=steps,
             batch_size=c.batch_size,
@@ -139,17 +152,45 @@ class _Runner:
             seed=seed,
             n=c.per_round,
             rerank=rerank,
+            patience=c.patience if label_limited else None,
+            validate_every=c.validation_interval(steps),
         )
 
     def run_round(self, project, steps: int, seed: int, rerank: bool):
+        """One round; returns its outcome and the convergence check of its validation curve
+        (the per-epoch validation Dice, a moving mean of ``config.smooth``)."""
         from napari_pvs.rounds import run_round
 
+        events: list[dict[str, Any]] = []
         outcome = run_round(
-            project, self.round_config(steps, seed, rerank), cancel=self.cancel
-        )
+            project, self.round_config(steps, seed, rerank), cancel=self.cancel,
+            on_event=events.append,
+        )  # fmt: skip
         if outcome.status != "done":
             raise RuntimeError(f"round in {project.path} {outcome.status}: {outcome.message}")
-        return outcome
+        epochs = [e for e in events if e["kind"] == "validation" and e.get("source") == "fit"]
+        check = curve_convergence([e["step"] for e in epochs], [e["dice"] for e in epochs],
+                                  self.config.smooth)  # fmt: skip
+        if not outcome.current:  # the guard kept it aside: the benchmark measures it anyway
+            project.rollback(outcome.version)
+        return outcome, check
+
+    def error_yield(self, project, records) -> tuple[float | None, float | None]:
+        """Voxel and cluster error yield of the picked ``records`` for the current version's
+        segmentation of the pool (see :mod:`napari_pvs.error_yield`)."""
+        import zarr
+
+        from napari_pvs.error_yield import pooled_error_yield
+
+        volumes = []
+        for vid, case in enumerate(self.pool, start=1):
+            store = zarr.open_group(str(project.predict(vid)), mode="r")
+            boxes = [(r.start, r.stop) for r in records if r.volume_id == vid]
+            volumes.append((np.asarray(store["segmentation"][:]), case.truth, boxes))
+        if not records:
+            return None, None
+        result = pooled_error_yield(volumes)
+        return result.voxel_yield, result.cluster_yield
 
     def score_current(self, project) -> tuple[dict[str, Any], float]:
         """Test metrics of the current version (cached by checkpoint content) and seconds."""
@@ -203,8 +244,14 @@ class _Runner:
                 if record.id != index:  # the runner addresses pool volume i as id i
                     raise RuntimeError(f"pool volume {index} got id {record.id} in {folder}")
             started = time.perf_counter()
-            records, _ = self.annotator.pick(project, StrategySpec("random"), c.initial, seed, 0)
+            first = StrategySpec(c.initial_strategy)
+            records, _ = self.annotator.pick(project, first, c.initial, seed, 0)
             self.annotator.accept(project, records)
+            if len(records) < c.initial:  # fg-random finds too few patches with PVS: top up
+                more, _ = self.annotator.pick(
+                    project, StrategySpec("random"), c.initial - len(records), seed, 0
+                )
+                self.annotator.accept(project, more)
             seconds_rank = time.perf_counter() - started
             seconds_round = 0.0
             if c.init == "scratch":  # a start model worth ranking with: trained on them
@@ -231,7 +278,7 @@ class _Runner:
         folder = self.out / "projects" / f"{_slug(spec.label)}-seed{seed}"
         shutil.copytree(start, folder)
         with Project.open(folder) as project:
-            if spec.name in ("random", "fg-random"):  # they read no uncertainty: one pass
+            if not strategy_reads_uncertainty(spec.name):  # one pass is enough
                 project.update_settings(predict_mc=0)
             start_version = project.current_version().version
             self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
@@ -243,12 +290,15 @@ class _Runner:
                 cpu_started = time.process_time()
                 records, note = self.annotator.pick(project, spec, c.per_round, seed, round_index)
                 ranked = time.perf_counter()
+                # the picks against the errors of the model that chose them (round index - 1)
+                voxel_yield, cluster_yield = self.error_yield(project, records)
                 self.annotator.accept(project, records)
                 if c.retrain == "start":  # every round from the start model: labels, not steps
                     project.rollback(start_version)
                 accepted = time.perf_counter()
-                outcome = self.run_round(
-                    project, c.steps, seed * 1000 + round_index, rerank=round_index < c.rounds
+                budget = c.budget(len(project.annotations(split="train")))
+                outcome, check = self.run_round(
+                    project, budget, seed * 1000 + round_index, rerank=round_index < c.rounds
                 )
                 trained = time.perf_counter()
                 metrics, seconds_score = self.score_current(project)
@@ -264,12 +314,21 @@ class _Runner:
                     seconds_score=round(seconds_score, 2),
                     cpu_seconds=round(time.process_time() - cpu_started, 2),
                     load=round(os.getloadavg()[0], 2),
-                    steps=outcome.metrics.get("steps"),
+                    steps=outcome.metrics.get("steps_trained"),
+                    budget=budget,
+                    converged=check.converged,
+                    convergence_movement=check.movement,
                     validation_dice=outcome.metrics.get("validation_dice"),
+                    error_yield=voxel_yield,
+                    cluster_error_yield=cluster_yield,
                     note=note or ("" if len(records) == c.per_round else
                                   f"only {len(records)} patches left to queue"),
                 )  # fmt: skip
-                self.step_done(f"seed {seed} {spec.label}: Dice {metrics['dice']:.3f}")
+                self.step_done(
+                    f"seed {seed} {spec.label} round {round_index}: Dice {metrics['dice']:.3f}; "
+                    f"{outcome.metrics.get('steps_trained')} of {budget} steps on "
+                    f"{len(project.annotations())} labelled patches, {check.describe()}"
+                )
 
     def run_full(self, start: Path, seed: int) -> None:
         """Full supervision: every patch box of the pool grid accepted, one long round."""
@@ -284,9 +343,8 @@ class _Runner:
             cpu_started = time.process_time()
             self.annotator.accept_everything(project)
             accepted = time.perf_counter()
-            outcome = self.run_round(
-                project, int(c.full_steps), seed * 1000 + 999, rerank=False
-            )
+            budget = c.reference_budget(len(project.annotations(split="train")))
+            outcome, check = self.run_round(project, budget, seed * 1000 + 999, rerank=False)
             trained = time.perf_counter()
             metrics, seconds_score = self.score_current(project)
             self.row(
@@ -300,10 +358,16 @@ class _Runner:
                 seconds_score=round(seconds_score, 2),
                 cpu_seconds=round(time.process_time() - cpu_started, 2),
                 load=round(os.getloadavg()[0], 2),
-                steps=outcome.metrics.get("steps"),
+                steps=outcome.metrics.get("steps_trained"),
+                budget=budget,
+                converged=check.converged,
+                convergence_movement=check.movement,
                 validation_dice=outcome.metrics.get("validation_dice"),
             )
-        self.step_done(f"seed {seed}: full supervision Dice {metrics['dice']:.3f}")
+        self.step_done(
+            f"seed {seed}: full supervision Dice {metrics['dice']:.3f}; "
+            f"{outcome.metrics.get('steps_trained')} of {budget} steps, {check.describe()}"
+        )
 
     def run(self) -> None:
         for seed in self.config.seeds:
@@ -311,6 +375,26 @@ class _Runner:
             self.run_full(start, seed)
             for spec in self.config.strategies:
                 self.run_strategy(start, spec, seed, start_row)
+
+
+def strategy_reads_uncertainty(name: str) -> bool:
+    """False for the strategies that rank without MC-dropout uncertainty (one pass will do)."""
+    from napari_pvs.ranking import resolve_strategy
+
+    return resolve_strategy(name) not in ("random", "fg-random")
+
+
+def curve_convergence(steps: Sequence[float], dice: Sequence[float], smooth: int = 1):
+    """:func:`napari_pvs.validation.convergence` of a validation curve after a moving mean of
+    ``smooth`` evaluations (each at the step of its last one), over the last quarter of the
+    training steps (from step 0): on a small validation set the epoch-to-epoch noise is larger
+    than the 0.01 tolerance."""
+    from napari_pvs.validation import convergence
+
+    steps, dice = list(steps), list(dice)
+    window = max(1, min(int(smooth), len(dice)))
+    means = [float(np.mean(dice[i - window + 1 : i + 1])) for i in range(window - 1, len(dice))]
+    return convergence(steps[window - 1 :], means, start=0)
 
 
 def _slug(text: str) -> str:
@@ -377,9 +461,14 @@ def run_benchmark(
     summary["costs"]["seconds_start"] = float(np.mean(runner.start_seconds))
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     csv_path = write_csv(runner.rows, out / "learning_curve.csv")
+    training = (
+        f"{config.steps} steps per round" if config.retrain == "current" else
+        f"retrained from the start model to convergence ({config.steps} + "
+        f"{config.steps_per_patch}/patch steps, at most {config.max_steps})"
+    )  # fmt: skip
     title = (
         f"init {config.init}, {config.per_round} patches of {config.patch}^3 per round, "
-        f"{config.steps} steps per round, seeds {', '.join(map(str, config.seeds))}"
+        f"{training}, seeds {', '.join(map(str, config.seeds))}"
     )
     png_path = plot_learning_curve(summary, runner.rows, out / "learning_curve.png", title)
     summary_path = out / "summary.json"

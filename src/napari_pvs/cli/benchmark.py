@@ -8,7 +8,7 @@ import sys
 
 from napari_pvs.cli._common import UserError
 
-DEFAULT_STRATEGIES = "bald,entropy,stratified,fg-random,random"
+DEFAULT_STRATEGIES = "bald,entropy,stratified,clasp,diverse,fg-random,random"
 
 
 def add_benchmark(subparsers: argparse._SubParsersAction) -> None:
@@ -23,16 +23,20 @@ def add_benchmark(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_active_learning(commands: argparse._SubParsersAction) -> None:
+    from napari_pvs.ranking import STRATEGIES
+
     parser = commands.add_parser(
         "active-learning",
         help="how many reviewed patches each queue strategy needs (simulated annotator)",
         description=(
             "A simulated annotator reviews the patches each strategy queues, through the same "
-            "project accept a person's review uses; every round fine-tunes, re-predicts and "
-            "scores the new version on the test volumes with the product's segmentation rule. "
-            "Full supervision (every patch of the pool) is the reference. Writes "
+            "project accept a person's review uses; every round trains (by default the start "
+            "model on all labelled patches, to convergence), re-predicts and scores the new "
+            "version on the test volumes with the product's segmentation rule. Full supervision "
+            "(every patch of the pool, the same rule) is the reference. Writes "
             "OUT/learning_curve.csv, OUT/learning_curve.png and OUT/summary.json, and ends with "
-            "two lines per strategy: 'S: N patches to 95%' and 'S: gap closed G'."
+            "'reference converged: yes|no' and three lines per strategy: 'S: N patches to 95%', "
+            "'S: gap closed G' and 'S: error yield X (clusters Y)'."
         ),
     )
     parser.add_argument("--pool-images", nargs="+", required=True, help="volumes to query from")
@@ -54,8 +58,8 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--strategies",
         default=DEFAULT_STRATEGIES,
-        help=f"comma-separated, each NAME[:noise=T][:decay=D][:share=F] (default "
-        f"{DEFAULT_STRATEGIES}); stratified:noise=1:share=0.67 is nnActive's ClaSP PE",
+        help=f"comma-separated, each NAME[:noise=T][:decay=D][:share=F] (names: "
+        f"{', '.join(STRATEGIES)}; default {DEFAULT_STRATEGIES})",
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=8, help="patches reviewed per round")
@@ -68,26 +72,49 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
         "the initial patches) or a checkpoint",
     )
     parser.add_argument(
-        "--steps", type=int, default=50, help="training steps per round (epochs of 50)"
+        "--retrain",
+        choices=["start", "current"],
+        default="start",
+        help="'start' (default, label-limited): every round trains the start model on all "
+        "patches so far to convergence; 'current': each round fine-tunes the current version "
+        "--steps steps (the product's loop, step-limited: the old protocol)",
     )
     parser.add_argument(
-        "--retrain",
-        choices=["current", "start"],
-        default="current",
-        help="each round fine-tunes the current version (the product's loop, default) or the "
-        "start model on all patches so far (labels alone decide the curve)",
+        "--steps",
+        type=int,
+        help="--retrain start: the base of each round's step budget (default 150); --retrain "
+        "current: the steps of each round (default 50)",
     )
+    parser.add_argument(
+        "--steps-per-patch", type=int, default=10,
+        help="--retrain start: budget steps added per training patch (default 10)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-steps", type=int, default=600, help="--retrain start: the budget's cap"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=3,
+        help="--retrain start: validations without a better Dice before a round stops",
+    )  # fmt: skip
+    parser.add_argument(
+        "--validate-every", type=int,
+        help="--retrain start: steps between validations (default budget / 8, at least 25)",
+    )  # fmt: skip
     parser.add_argument(
         "--full-steps",
         type=int,
-        help="steps of the full-supervision run (default: rounds x steps, or steps with "
-        "--retrain start)",
+        help="steps of the full-supervision run (default: the same budget rule on all pool "
+        "patches, or rounds x steps with --retrain current)",
     )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
     parser.add_argument(
-        "--initial", type=int, default=4, help="random patches every strategy starts with"
+        "--initial", type=int, default=4, help="patches every strategy starts with"
     )
+    parser.add_argument(
+        "--initial-strategy", choices=["random", "fg-random"], default="random",
+        help="how the initial patches are picked (fg-random: the validation patches hold PVS)",
+    )  # fmt: skip
     parser.add_argument(
         "--validation", type=int, default=2, help="of those, fixed validation patches"
     )
@@ -152,6 +179,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         parse_strategies,
         run_benchmark,
     )
+    from napari_pvs.benchmark.report import gap_warnings
 
     if args.threads:
         import torch
@@ -170,11 +198,16 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         patch=args.patch,
         seeds=list(range(args.seeds)),
         init=args.init,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else (150 if args.retrain == "start" else 50),
         retrain=args.retrain,
+        steps_per_patch=args.steps_per_patch,
+        max_steps=args.max_steps,
+        patience=args.patience,
+        validate_every=args.validate_every,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         initial=args.initial,
+        initial_strategy=args.initial_strategy,
         validation=args.validation,
         full_steps=args.full_steps,
         test_tta=args.test_tta,
@@ -201,15 +234,15 @@ def _run_active_learning(args: argparse.Namespace) -> int:
     summary = result.summary
     print(format_table(summary))
     costs = summary["costs"]
-    full_steps = 5 * config.steps if config.retrain == "current" else config.steps
-    minutes = estimate_minutes(costs, 5, 3, 5, full_scale=full_steps / config.full_steps)
+    minutes = estimate_minutes(costs, 5, 3, 5)
     print(
         f"estimate for 5 strategies x 3 seeds x 5 rounds of {config.per_round} on these "
         f"volumes: {minutes:.0f} min (this run's mean costs per round, start and full "
-        f"supervision scaled to {full_steps} steps; this run took "
-        f"{summary['seconds_total'] / 60:.1f} min)"
+        f"supervision; this run took {summary['seconds_total'] / 60:.1f} min)"
     )
     print(f"wrote {result.csv_path}, {result.png_path}, {result.summary_path}")
+    for line in gap_warnings(summary):
+        print(line)
     for line in result.lines:
         print(line)
     return 0

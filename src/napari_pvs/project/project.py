@@ -275,6 +275,9 @@ class Project:
     def compare(self, versions: Iterable[int | str] | None = None) -> list[dict[str, Any]]:
         return self._versions.compare(versions)
 
+    def validation_score(self, version: int | str) -> tuple[float | None, int]:
+        return self._versions.validation_score(version)
+
     def prediction_path(self, ref: int | str, version: int | str | None = None) -> Path:
         return self._versions.prediction_path(ref, version)
 
@@ -317,10 +320,12 @@ class Project:
         manifest_hash: str,
         queues: dict[int, list[Any]],
         strategy: str | None = None,
+        make_current: bool = True,
+        message: str | None = None,
     ) -> ModelVersion:
         return self._round_log.commit_round(
             round_id, metrics=metrics, manifest_hash=manifest_hash, queues=queues,
-            strategy=strategy,
+            strategy=strategy, make_current=make_current, message=message,
         )  # fmt: skip
 
     def _finish_round(self, round_id: int, status: str, message: str) -> None:

@@ -99,8 +99,12 @@ class RoundLog:
         manifest_hash: str,
         queues: dict[int, list[Any]],
         strategy: str | None = None,
+        make_current: bool = True,
+        message: str | None = None,
     ) -> ModelVersion:
-        """Make the round's checkpoint a ready version, current, with its new queues."""
+        """Make the round's checkpoint a ready version, current with its new queues; with
+        ``make_current`` False (the worse-round guard) it is kept as a ready version only and
+        the current version and its queues stay."""
         from napari_pvs.models.checkpoint import read_checkpoint
 
         info = self.round(round_id)
@@ -117,18 +121,22 @@ class RoundLog:
                 round_id=round_id,
                 db=db,
             )
-            self._versions.make_current(number, db)
-            for volume_id, ranked in queues.items():
-                self._queue.record_queue(
-                    volume_id, ranked, model_version=number, round=round_id, db=db
-                )
+            if make_current:
+                self._versions.make_current(number, db)
+                for volume_id, ranked in queues.items():
+                    self._queue.record_queue(
+                        volume_id, ranked, model_version=number, round=round_id, db=db
+                    )
             db.execute(
                 "UPDATE rounds SET status = 'done', finished = ?, message = ? WHERE id = ?",
-                (now(), f"v{number} is current", round_id),
+                (now(), message or f"v{number} is current", round_id),
             )
             self._ledger.event(
-                "round-done", {"round": round_id, "version": number, "metrics": metrics}, db
-            )
+                "round-done",
+                {"round": round_id, "version": number, "metrics": metrics,
+                 "current": bool(make_current)},
+                db,
+            )  # fmt: skip
         return self._versions.version(number)
 
     def finish_round(self, round_id: int, status: str, message: str) -> None:

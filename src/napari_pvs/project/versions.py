@@ -127,22 +127,51 @@ class Versions:
             ),
         )
 
+    def validation_score(self, version: int | str) -> tuple[float | None, int]:
+        """The one validation Dice of a version and the set's size in patches, (None, 0) until
+        measured: what the versions table, Compare and the learning curve all show.
+
+        A round's version: as scored at the end of its round. A version no round made (the
+        initial model): as scored, on that round's validation patches, at the start of the
+        first finished round that trained from it. A checkpoint's own training metrics were
+        measured on another set and are never shown as this number.
+        """
+        records = self.versions()
+        number = parse_version(version)
+        for record in records:
+            if record.version == number and record.round is not None:
+                return _score(record.metrics, "validation_dice")
+        for record in records:
+            if record.parent == number and record.round is not None:
+                dice, patches = _score(record.metrics, "base_validation_dice")
+                if dice is not None:
+                    return dice, patches
+        return None, 0
+
     def compare(self, versions: Iterable[int | str] | None = None) -> list[dict[str, Any]]:
-        """Versions' metrics side by side (one dict per version)."""
+        """Versions' metrics side by side (one dict per version), ``validation_dice`` and
+        ``validation_patches`` from :meth:`validation_score` (a checkpoint's own number, if
+        any, as ``checkpoint_validation_dice``); per-patch counts left out."""
         chosen = self.versions() if versions is None else [self.version(v) for v in versions]
         current = self.current_version().version
-        return [
-            {
+        rows = []
+        for v in chosen:
+            metrics = {k: m for k, m in v.metrics.items() if k not in _BULKY_METRICS}
+            if v.round is None and "validation_dice" in metrics:
+                metrics["checkpoint_validation_dice"] = metrics.pop("validation_dice")
+            dice, patches = self.validation_score(v.version)
+            rows.append({
                 "version": v.version,
                 "parent": v.parent,
                 "round": v.round,
                 "status": v.status,
                 "current": v.version == current,
                 "created": v.created,
-                **v.metrics,
-            }
-            for v in chosen
-        ]
+                **metrics,
+                "validation_dice": dice,
+                "validation_patches": patches,
+            })  # fmt: skip
+        return rows
 
     # -- predictions --------------------------------------------------------------------------
     def prediction_path(self, ref: int | str, version: int | str | None = None) -> Path:
@@ -252,6 +281,17 @@ def insert_initial_version(
             (checkpoint_meta.get("training") or {}).get("manifest_hash"),
         ),
     )
+
+
+#: Per-patch evidence kept in a version's metrics but not shown side by side.
+_BULKY_METRICS = ("validation_counts", "base_validation_counts", "guard")
+
+
+def _score(metrics: dict[str, Any], key: str) -> tuple[float | None, int]:
+    value = metrics.get(key)
+    if not isinstance(value, int | float):
+        return None, 0
+    return float(value), int(metrics.get("validation_patches") or 0)
 
 
 def parse_version(version: int | str) -> int:

@@ -43,7 +43,7 @@ from napari_pvs.rounds.handle import CANCEL_GRACE_S, RoundHandle, start_round
 from napari_pvs.rounds.prepare import prepare_round
 from napari_pvs.rounds.run import run_round
 from napari_pvs.rounds.snapshot import SNAPSHOT_CONTEXT, load_snapshot
-from napari_pvs.rounds.validation import validation_dice
+from napari_pvs.rounds.validation import validation_counts, validation_dice
 from napari_pvs.rounds.worker import WORKER_NICENESS
 
 __all__ = [
@@ -68,5 +68,6 @@ __all__ = [
     "run_command",
     "run_round",
     "start_round",
+    "validation_counts",
     "validation_dice",
 ]

@@ -66,10 +66,12 @@ def format_event(event: Event) -> str | None:
     if kind == "stage":
         return event["message"]
     if kind == "validation":
-        source = " (fit, best-epoch selection)" if event.get("source") == "fit" else ""
+        source = " (epoch, best-epoch selection)" if event.get("source") == "fit" else ""
         return f"validation Dice {event['dice']:.4f} at step {event['step']}{source}"
     if kind == "done":
-        return f"done: v{event['version']} is current"
+        if event.get("current", True):
+            return f"done: v{event['version']} is current"
+        return f"done: {event.get('message')}"
     if kind == "failed":
         return event["message"]
     if kind == "cancelled":
@@ -77,7 +79,7 @@ def format_event(event: Event) -> str | None:
     return None
 
 
-def format_outcome(outcome: RoundOutcome) -> str:
+def format_outcome(outcome: RoundOutcome, folder: str = "PROJECT") -> str:
     lines = [f"round {outcome.round}: {outcome.status}: {outcome.message}"]
     m = outcome.metrics
     if m:
@@ -90,6 +92,11 @@ def format_outcome(outcome: RoundOutcome) -> str:
             f"{fmt(m.get('base_validation_dice'))}) on {m.get('validation_patches')} patches; "
             f"{m.get('train_patches')} training patches, {m.get('steps')} steps, "
             f"{m.get('seconds')} s"
+        )
+    if outcome.status == "done" and not outcome.current:
+        lines.append(
+            f"to make v{outcome.version} current anyway: napari-pvs project rollback {folder} "
+            f"v{outcome.version}"
         )
     if outcome.stop_hint:
         lines.append(f"hint: {outcome.stop_hint}")
@@ -155,7 +162,7 @@ def _run_alone(folder: str, config: RoundConfig) -> int:
 
     with Project.open(folder) as project:
         outcome = run_round(project, config, progress, on_event=show)
-    print(format_outcome(outcome), flush=True)
+    print(format_outcome(outcome, folder), flush=True)
     return 0 if outcome.status == "done" else 1
 
 
@@ -200,7 +207,7 @@ def _run_distributed(folder: str, config: RoundConfig, context) -> int:
             outcome = abandon_round(project, plan, "failed", f"failed: {type(exc).__name__}: {exc}")
         finally:
             log.close()
-        print(format_outcome(outcome), flush=True)
+        print(format_outcome(outcome, folder), flush=True)
         return 0 if outcome.status == "done" else 1
     finally:
         if project is not None:

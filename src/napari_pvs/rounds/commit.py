@@ -19,6 +19,7 @@ from napari_pvs.rounds.repredict import remove_output
 def commit_round(project, plan: dict[str, Any], result: dict[str, Any]) -> RoundOutcome:
     """Move the round's predictions into place and commit it (one ledger transaction)."""
     from napari_pvs.ranking import RankedPatch
+    from napari_pvs.validation import GuardDecision
 
     number = int(plan["new_version"])
     queues: dict[int, list[RankedPatch]] = {}
@@ -43,20 +44,28 @@ def commit_round(project, plan: dict[str, Any], result: dict[str, Any]) -> Round
             if not np.asarray(reviewed[box]).any():
                 kept.append(RankedPatch(**{**row, "rank": len(kept) + 1}))
         queues[int(target["id"])] = kept
+    metrics = result["metrics"]
+    worse = bool(metrics.get("worse_than_base"))
+    message = f"v{number} is current"
+    if worse:
+        message = GuardDecision(**metrics["guard"]).sentence(number, int(plan["base_version"]))
     version = project._commit_round(
         plan["round"],
-        metrics=result["metrics"],
+        metrics=metrics,
         manifest_hash=plan["manifest_hash"],
         queues=queues,
+        make_current=not worse,
+        message=message,
     )
     _clean_work(plan)
     return RoundOutcome(
         round=plan["round"],
         status="done",
         version=version.version,
-        metrics=result["metrics"],
-        message=f"v{version.version} is current",
+        metrics=metrics,
+        message=message,
         stop_hint=project.stop_hint(),
+        current=not worse,
     )
 
 

@@ -25,12 +25,20 @@ class RoundConfig:
     strategy: str | None = None  # queue strategy after the round (default: project setting)
     n: int | None = None  # queue length after the round (default: project setting)
     rerank: bool = True
+    # Early stopping: epochs (of ``validate_every`` steps) without a better validation Dice
+    # before the round stops (None: train all ``steps``); the best epoch's weights are kept.
+    patience: int | None = None
+    validate_every: int | None = None  # steps between validations (None: 50)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
         if self.patch < 8:
             raise ValueError(f"patch must be at least 8 voxels, got {self.patch}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be at least 1 epoch, got {self.patience}")
+        if self.validate_every is not None and self.validate_every < 1:
+            raise ValueError(f"validate_every must be at least 1 step, got {self.validate_every}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
@@ -43,3 +51,5 @@ class RoundOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     stop_hint: str | None = None
+    # False when the worse-round guard kept the new version without making it current.
+    current: bool = True

@@ -5,9 +5,11 @@ re-predict and re-rank (:mod:`napari_pvs.rounds.repredict`)."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from napari_pvs.progress import CancelToken, check_cancelled
 from napari_pvs.rounds.config import Event, RoundConfig
 from napari_pvs.rounds.repredict import predict_and_rank
 from napari_pvs.rounds.snapshot import load_snapshot
-from napari_pvs.rounds.validation import validation_dice
+from napari_pvs.rounds.validation import counts_as_lists, validation_counts
 
 #: Training steps per epoch of a round (fit validates and keeps the best weights per epoch).
 STEPS_PER_EPOCH = 50
@@ -38,6 +40,8 @@ def execute_round(
     With ``main=False`` (a non-zero ``torchrun`` rank) the process only trains its share.
     ``device`` overrides the plan's (each torchrun process trains on its own GPU).
     """
+    from napari_pvs.validation import round_is_worse, validation_dice
+
     emit = emit or (lambda event: None)
     config = RoundConfig(**plan["config"])
     if device is not None:
@@ -45,29 +49,39 @@ def execute_round(
     started = time.perf_counter()
     train, validation = _load_crops(plan, emit)
     base, model = _base_and_model(plan, config)
-    base_dice, labelled = validation_dice(base, validation, config.device) if main else (None, 0)
+    base_counts = validation_counts(base, validation, config.device) if main else []
+    base_dice, _ = validation_dice(base_counts)
     if main and base_dice is not None:
         emit({"kind": "validation", "step": 0, "dice": base_dice})
     check_cancelled(cancel)
-    result, info, total = _fine_tune(plan, config, model, train, validation, emit, cancel, main)
+    result, info, total, trained = _fine_tune(
+        plan, config, model, train, validation, emit, cancel, main
+    )
     if not main:
         return None
     check_cancelled(cancel)
-    new_dice, _ = validation_dice(model, validation, config.device)
+    new_counts = validation_counts(model, validation, config.device)
+    new_dice, _ = validation_dice(new_counts)
     metrics = {
         "validation_dice": new_dice,
         "base_validation_dice": base_dice,
         "validation_patches": len(validation),
-        "validation_voxels": labelled,
+        "validation_counts": counts_as_lists(new_counts),
+        "base_validation_counts": counts_as_lists(base_counts),
         "train_patches": len(train),
         "steps": total,
+        "steps_trained": trained,
         "best_epoch": result.best_epoch,
         "fit_val_dice": result.best_dice,
         "train_loss": result.history[-1]["train_loss"] if result.history else None,
         "from_scratch": config.from_scratch,
         "train_seconds": round(time.perf_counter() - started, 2),
     }
-    if new_dice is not None:
+    if new_counts:
+        # The guard: kept as a version either way; not made current when worse beyond noise.
+        decision = round_is_worse(new_counts, base_counts)
+        metrics["worse_than_base"] = decision.worse
+        metrics["guard"] = asdict(decision)
         emit({"kind": "validation", "step": total, "dice": new_dice})
     _write_version(plan, model, metrics, info, emit)
     queues = predict_and_rank(plan, model, emit, cancel)
@@ -122,10 +136,12 @@ def _fine_tune(
 ):
     """Train ``model`` with :func:`napari_pvs.training.fit` (``steps`` in epochs of
     :data:`STEPS_PER_EPOCH`, best epoch kept), each step and each epoch's validation Dice an
-    event. Returns fit's result, the checkpoint's training info and the steps trained."""
+    event. Returns fit's result, the checkpoint's training info, the steps planned and the
+    steps trained (fewer when early stopping ended the round)."""
     from napari_pvs.training import TrainConfig, fit
+    from napari_pvs.validation import validation_dice
 
-    steps_per_epoch = min(config.steps, STEPS_PER_EPOCH)
+    steps_per_epoch = min(config.steps, config.validate_every or STEPS_PER_EPOCH)
     epochs = math.ceil(config.steps / steps_per_epoch)
     total = epochs * steps_per_epoch
     train_config = TrainConfig(
@@ -135,7 +151,7 @@ def _fine_tune(
         patch=(config.patch,) * 3,
         learning_rate=config.learning_rate,
         validation_patches=max(3, min(12, 3 * len(validation or train))),
-        patience=epochs,
+        patience=epochs if config.patience is None else config.patience,
         seed=config.seed,
         device=config.device,
         max_minutes=config.max_minutes,
@@ -156,6 +172,13 @@ def _fine_tune(
         "annotations": sorted(int(t.name[1:]) for t in train),
         "validation_annotations": sorted(int(v.name[1:]) for v in validation),
     }
+    crops = validation or train
+
+    def one_dice(trained) -> float:
+        dice, _ = validation_dice(validation_counts(trained, crops, config.device))
+        return float(dice)
+
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     result = fit(
         model,
         train,
@@ -172,10 +195,12 @@ def _fine_tune(
                 "step": (int(record["epoch"]) + 1) * steps_per_epoch,
                 "dice": float(record["val_dice"]),
                 "source": "fit",
+                "patches": len(crops),
             }
         ),
+        evaluate=one_dice if single else None,
     )
-    return result, info, total
+    return result, info, total, len(result.history) * steps_per_epoch
 
 
 def _write_version(

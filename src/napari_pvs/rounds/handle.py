@@ -149,7 +149,8 @@ class RoundHandle:
         except Exception as exc:  # e.g. the checkpoint failed its check: a failed round
             self._abandon("failed", f"failed at commit: {type(exc).__name__}: {exc}")
             return {"kind": "failed", "message": self.outcome.message}
-        event = {"kind": "done", "version": self.outcome.version, "metrics": self.outcome.metrics}
+        event = {"kind": "done", "version": self.outcome.version, "metrics": self.outcome.metrics,
+                 "current": self.outcome.current, "message": self.outcome.message}  # fmt: skip
         self._log.write(event)
         self._finish()
         return event

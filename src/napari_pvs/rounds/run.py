@@ -40,7 +40,8 @@ def run_round(
     try:
         result = execute_round(plan, emit, cancel)
         outcome = commit_round(project, plan, result)
-        emit({"kind": "done", "version": outcome.version, "metrics": outcome.metrics})
+        emit({"kind": "done", "version": outcome.version, "metrics": outcome.metrics,
+              "current": outcome.current, "message": outcome.message})  # fmt: skip
     except (Cancelled, KeyboardInterrupt) as exc:
         outcome = abandon_round(project, plan, "cancelled", "cancelled")
         emit({"kind": "cancelled"})

@@ -116,12 +116,15 @@ def fit(
     cancel: CancelToken | None = None,
     distributed: bool | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``volumes``; keep the best (validation Dice) weights in ``out``.
 
     ``on_epoch(record)`` receives each epoch's history record (``epoch``, ``train_loss``,
     ``val_dice``, ``seconds``) as soon as it is validated, on rank 0 only, so a round can plot
-    validation Dice live.
+    validation Dice live. ``evaluate(model)``, when given (one process only), replaces the
+    epoch's validation Dice: a round passes the project's one validation Dice on its whole
+    validation crops, so the live curve and the version's number are the same measure.
 
     Validation uses ``validation`` if given, else a seed-fixed share of ``volumes`` (the same
     split every run, so rounds stay comparable). Each epoch also writes a resumable
@@ -140,6 +143,8 @@ def fit(
     """
     config = config or TrainConfig()
     run = _set_up(model, volumes, config, out, validation, training_info, distributed)
+    if evaluate is not None and run.world > 1:
+        raise ValueError("evaluate is for one process; several processes validate on patches")
     standing = _resume(run, resume)
     run.forward, run.loss_of = _step_functions(run)
     report = progress if run.main else no_progress
@@ -150,7 +155,7 @@ def fit(
         if _should_stop(run, standing, epoch, run_started):
             stopped_early = True
             break
-        _run_epoch(run, standing, epoch, report, cancel, on_epoch)
+        _run_epoch(run, standing, epoch, report, cancel, on_epoch, evaluate)
     _finish(run, standing)
     return TrainResult(
         best_dice=standing.best_dice,
@@ -339,11 +344,15 @@ def _run_epoch(
     report: ProgressCallback,
     cancel: CancelToken | None,
     on_epoch: Callable[[dict[str, float]], None] | None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> None:
     """Train one epoch, validate, record it, keep the best weights and write the checkpoints."""
     started = time.perf_counter()
     losses = _train_epoch(run, epoch, report, cancel)
-    val_dice = evaluate_patches(run.model, run.val_batches, run.device, run.world)
+    if evaluate is not None:
+        val_dice = float(evaluate(run.model))
+    else:
+        val_dice = evaluate_patches(run.model, run.val_batches, run.device, run.world)
     record = {
         "epoch": epoch,
         "train_loss": float(np.mean(losses)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from napari_pvs.training.data import UNLABELLED
+from napari_pvs.validation import patch_counts
 
 
 def evaluate_patches(model, batches, device: torch.device, world: int = 1) -> float:
@@ -23,17 +23,15 @@ def evaluate_patches(model, batches, device: torch.device, world: int = 1) -> fl
 
 
 def overlap_counts(model, batches, device: torch.device) -> tuple[float, float]:
-    """(prediction & truth, prediction + truth) voxel counts over ``batches``: they add up
-    across processes exactly, so every process derives the same validation Dice."""
+    """(prediction & truth, prediction + truth) voxel counts over ``batches`` by the one
+    definition of :func:`napari_pvs.validation.patch_counts` (threshold 0.5, labelled voxels):
+    they add up across processes exactly, so every process derives the same validation Dice."""
     model.eval()
     inter = total = 0.0
     with torch.no_grad():
         for image, label, modality in batches:
             prob = torch.sigmoid(model(torch.from_numpy(image).to(device), modality))
-            pred = prob[0, 0].float().cpu().numpy() >= 0.5
-            mask = label != UNLABELLED
-            truth = (label == 1) & mask
-            pred &= mask
-            inter += float((pred & truth).sum())
-            total += float(pred.sum() + truth.sum())
+            counts = patch_counts(prob[0, 0].float().cpu().numpy(), label)
+            inter += float(counts.tp)
+            total += float(2 * counts.tp + counts.fp + counts.fn)
     return inter, total
