@@ -285,9 +285,45 @@ def rank_patches(
     shape = tuple(int(s) for s in probability.shape)
     grid = PatchGrid(shape, int(patch), int(stride or patch))
     min_distance = DEFAULT_MIN_DISTANCE * patch if min_distance is None else float(min_distance)
-    voxels = grid.voxels()
 
     foreground = grid.reduce(group["segmentation"])
+    eligible = _eligible_patches(
+        grid, shape, exclude, unlabelled_value, image, min_tissue, exclude_boxes
+    )
+    rng = np.random.default_rng(seed)
+    scores = _patch_scores(strategy, group, grid, foreground, rng)
+    if strategy == "fg-random":
+        eligible &= foreground > 0
+        if not eligible.any():
+            raise ValueError(
+                "no eligible patch contains predicted PVS, so fg-random has nothing to draw "
+                "from; use --strategy entropy or random"
+            )
+    keys = scores
+    if temperature > 0 and strategy in SCORE_STRATEGIES:
+        # Gumbel-perturbed log scores: the top-k is a draw proportional to score ** (1 / T).
+        noise_rng = np.random.default_rng([seed, int(noise_round), 0x5EED])
+        keys = np.log(np.maximum(scores, 1e-12)) + temperature * noise_rng.gumbel(size=grid.n)
+    chosen = _choose_patches(
+        strategy, keys, eligible, foreground, scores, group, grid, n, min_distance,
+        foreground_share,
+    )  # fmt: skip
+
+    affine = np.asarray(
+        dict(group.attrs).get(ATTRS_KEY, {}).get("affine", np.eye(4)), dtype=np.float64
+    )
+    return [
+        _row(rank, index, grid, scores, group["segmentation"], affine, strategy)
+        for rank, index in enumerate(chosen, start=1)
+    ]
+
+
+def _eligible_patches(
+    grid: PatchGrid, shape, exclude, unlabelled_value: int, image, min_tissue: float,
+    exclude_boxes,
+) -> np.ndarray:  # fmt: skip
+    """Which grid patches may be queued: not already labelled, enough tissue, outside the
+    boxes to exclude."""
     eligible = np.ones(grid.n, dtype=bool)
     if exclude is not None:
         labels = _open_array(exclude)
@@ -310,41 +346,44 @@ def rank_patches(
             start, stop = grid.box(index)
             if _overlaps(start, stop, np.asarray(box_start), np.asarray(box_stop)):
                 eligible[index] = False
+    return eligible
 
-    rng = np.random.default_rng(seed)
+
+def _patch_scores(
+    strategy: str, group, grid: PatchGrid, foreground: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Each grid patch's score under ``strategy`` (mean entropy, mean mutual information, a
+    random key, or for ``fg-random`` a Gumbel key in proportion to its predicted PVS)."""
+    voxels = grid.voxels()
     if strategy in ("entropy", "stratified", "clasp", "diverse"):
         if "entropy" in group:
-            scores = grid.reduce(group["entropy"]) / voxels
-        else:
-            from napari_pvs.uncertainty import binary_entropy  # torch: only when needed
+            return grid.reduce(group["entropy"]) / voxels
+        from napari_pvs.uncertainty import binary_entropy  # torch: only when needed
 
-            scores = grid.reduce(probability, binary_entropy) / voxels
-    elif strategy == "bald":
+        return grid.reduce(group["probability"], binary_entropy) / voxels
+    if strategy == "bald":
         if "mutual_information" not in group:
             raise ValueError(
                 "this prediction has no mutual_information (it was made with a single "
                 "deterministic pass); rerun 'napari-pvs predict' with --mc 8 or --tta, or use "
                 "--strategy entropy"
             )
-        scores = grid.reduce(group["mutual_information"]) / voxels
-    else:
-        scores = rng.random(grid.n)
-        if strategy == "fg-random":
-            eligible &= foreground > 0
-            if not eligible.any():
-                raise ValueError(
-                    "no eligible patch contains predicted PVS, so fg-random has nothing to draw "
-                    "from; use --strategy entropy or random"
-                )
-            # Gumbel top-k on log(count): a draw without replacement in proportion to the
-            # patch's predicted PVS voxels (the patch of a uniformly drawn PVS voxel)
-            scores = np.log(np.maximum(foreground, 1e-12)) + rng.gumbel(size=grid.n)
+        return grid.reduce(group["mutual_information"]) / voxels
+    scores = rng.random(grid.n)
+    if strategy == "fg-random":
+        # Gumbel top-k on log(count): a draw without replacement in proportion to the
+        # patch's predicted PVS voxels (the patch of a uniformly drawn PVS voxel)
+        scores = np.log(np.maximum(foreground, 1e-12)) + rng.gumbel(size=grid.n)
+    return scores
 
-    keys = scores
-    if temperature > 0 and strategy in SCORE_STRATEGIES:
-        # Gumbel-perturbed log scores: the top-k is a draw proportional to score ** (1 / T).
-        noise_rng = np.random.default_rng([seed, int(noise_round), 0x5EED])
-        keys = np.log(np.maximum(scores, 1e-12)) + temperature * noise_rng.gumbel(size=grid.n)
+
+def _choose_patches(
+    strategy: str, keys: np.ndarray, eligible: np.ndarray, foreground: np.ndarray,
+    scores: np.ndarray, group, grid: PatchGrid, n: int, min_distance: float,
+    foreground_share: float,
+) -> list[tuple[int, ...]]:  # fmt: skip
+    """The queued grid indices: best keys first, spaced apart; stratified by predicted PVS
+    for ``stratified``/``clasp``; k-center over patch features for ``diverse``."""
 
     def by_score(mask: np.ndarray) -> list[tuple[int, ...]]:
         idx = np.argwhere(mask)
@@ -353,24 +392,15 @@ def rank_patches(
 
     if strategy in ("stratified", "clasp"):
         strata = [by_score(eligible & (foreground > 0)), by_score(eligible & (foreground == 0))]
-        chosen = _select(
+        return _select(
             strata, grid, n, min_distance, interleave=True, first_share=foreground_share
         )
-    elif strategy == "diverse":
+    if strategy == "diverse":
         features = patch_features(group, grid, foreground, scores)
         # the spaced-out top candidates (any subset keeps the spacing rules), then k-center
         pool = _select(by_score(eligible), grid, DIVERSE_POOL_FACTOR * n, min_distance)
-        chosen = _select_k_center(pool, features, n)
-    else:
-        chosen = _select(by_score(eligible), grid, n, min_distance)
-
-    affine = np.asarray(
-        dict(group.attrs).get(ATTRS_KEY, {}).get("affine", np.eye(4)), dtype=np.float64
-    )
-    return [
-        _row(rank, index, grid, scores, group["segmentation"], affine, strategy)
-        for rank, index in enumerate(chosen, start=1)
-    ]
+        return _select_k_center(pool, features, n)
+    return _select(by_score(eligible), grid, n, min_distance)
 
 
 def patch_features(
