@@ -1,10 +1,9 @@
 """The workflow's Project step: create or open a project folder, add volumes, see their state,
 keep the settings.
 
-Thin over :class:`napari_pvs.project.Project`: ``create``/``open``, ``add_volume``,
-``status`` (predicted versions, reviewed patches per volume) and ``update_settings`` (strategy,
-patch size, device, brush size persist per project). PVS counts come from the current
-version's prediction, counted off the GUI thread.
+Thin over :class:`napari_pvs.project.Project`: ``create``/``open``, ``add_volume`` and
+``set_modality`` run here, in the step's ``project_job``. The volumes' table is
+:class:`.project_table.VolumesBox`, the settings :class:`.project_settings.SettingsBox`.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from napari.layers import Image, Layer
 from qtpy.QtWidgets import (
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -22,28 +19,19 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_pvs._widgets._common import (
-    compact_table,
-    fill_table,
-    notify,
-    set_combo_items,
-    status_label,
-    strategy_combo,
-)
+from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
-from napari_pvs._widgets._layers import input_image_layers, layer_source
+from napari_pvs._widgets._layers import layer_source
+from napari_pvs._widgets.project_settings import SettingsBox
+from napari_pvs._widgets.project_table import VolumesBox
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
-from napari_pvs.io.modality import MODALITIES
 
 if TYPE_CHECKING:
     from napari_pvs.project import VolumeRecord
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def _create(folder: Path, model: str):
@@ -81,41 +69,59 @@ def _add_with_modality(project, path: str | Path, modality: str | None):
 
 
 class ProjectStep(QWidget):
-    """Create/open a project; its volumes with their state; its settings."""
+    """Create/open a project; add volumes to it (its table and settings: boxes of their own)."""
 
     def __init__(self, state: WorkflowState) -> None:
         super().__init__()
         self.state = state
         self.viewer = state.viewer
-        self.count_job = BackgroundJob(self)
-        self.count_job.succeeded.connect(self._on_counted)
-        self.count_job.failed.connect(lambda message: notify(self.status_label, message, "error"))
         # Create and Add run here, off the GUI thread (Create imports torch; Add reads a sample)
         self.project_job = BackgroundJob(self)
         self.project_job.progress.connect(self._on_project_job_progress)
         self.project_job.succeeded.connect(self._on_project_job_done)
         self.project_job.failed.connect(self._on_project_job_failed)
         self._after_project_job = None
+        self.volumes_box = VolumesBox(state, self._report)
+        self.settings_box = SettingsBox(state, self._report)
+        self._alias_boxes()
+        self.add_layer_button.clicked.connect(self.add_current_layer)
+        self.add_files_button.clicked.connect(self._browse_files)
+        self.modality_combo.textActivated.connect(self.start_set_modality)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self._build_project_box())
-        layout.addWidget(self._build_volumes_box())
-        layout.addWidget(self._build_settings_box())
+        layout.addWidget(self.volumes_box)
+        layout.addWidget(self.settings_box)
         self.status_label = status_label()
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layer_choices)
         state.project_changed.connect(self._show_project)
-        state.volumes_changed.connect(self.refresh_volumes)
-        state.predictions_changed.connect(lambda _vid: self.refresh_volumes())
-        state.queue_changed.connect(lambda _vid: self.refresh_volumes())
         state.versions_changed.connect(self._show_project)
-        state.settings_changed.connect(self._apply_settings)
-        self._refresh_layer_choices()
+        state.settings_changed.connect(self.settings_box.apply)
         self._show_project()
-        self._apply_settings()
+        self.settings_box.apply()
+
+    def _alias_boxes(self) -> None:
+        """The boxes' widgets and actions under the step's names (scripts and tests use them)."""
+        volumes, settings = self.volumes_box, self.settings_box
+        self.count_job = volumes.count_job
+        self.table = volumes.table
+        self.layer_combo = volumes.layer_combo
+        self.modality_combo = volumes.modality_combo
+        self.add_layer_button = volumes.add_layer_button
+        self.add_files_button = volumes.add_files_button
+        self.show_button = volumes.show_button
+        self.remove_button = volumes.remove_button
+        self.selected_volume = volumes.selected_volume
+        self.show_selected = volumes.show_selected
+        self.remove_selected = volumes.remove_selected
+        self.refresh_volumes = volumes.refresh
+        self.strategy_combo = settings.strategy_combo
+        self.n_spin = settings.n_spin
+        self.patch_spin = settings.patch_spin
+        self.device_combo = settings.device_combo
+        self.brush_spin = settings.brush_spin
 
     # ---------------------------------------------------------------- building
     def _build_project_box(self) -> QGroupBox:
@@ -152,63 +158,6 @@ class ProjectStep(QWidget):
         form.addRow(self.project_label)
         return box
 
-    def _build_volumes_box(self) -> QGroupBox:
-        box = QGroupBox("Volumes")
-        form = QFormLayout(box)
-        self.layer_combo = QComboBox()
-        self.layer_combo.setToolTip("Open image layers read from a file (NIfTI, zarr, OME-Zarr)")
-        self.add_layer_button = QPushButton("Add")
-        self.add_layer_button.clicked.connect(self.add_current_layer)
-        row = QHBoxLayout()
-        row.addWidget(self.layer_combo, 1)
-        row.addWidget(self.add_layer_button)
-        form.addRow("Layer", row)
-        self.add_files_button = QPushButton("Add files…")
-        self.add_files_button.clicked.connect(self._browse_files)
-        self.show_button = QPushButton("Show in viewer")
-        self.show_button.setToolTip("Open the selected volume as layers (or select its layer)")
-        self.show_button.clicked.connect(self.show_selected)
-        self.remove_button = QPushButton("Remove")
-        self.remove_button.setToolTip(
-            "Take the selected volume out of the project (its reviewed labels go to archive/)"
-        )
-        self.remove_button.clicked.connect(self.remove_selected)
-        row = QHBoxLayout()
-        row.addWidget(self.add_files_button)
-        row.addWidget(self.show_button)
-        row.addWidget(self.remove_button)
-        form.addRow(row)
-        self.table = compact_table(
-            ["volume", "predicted", "reviewed", "PVS", "contrast"],
-            [
-                "the volume's name in the project",
-                "model versions with a complete prediction of it (* = current)",
-                "patches accepted (reviewed) in it",
-                "PVS (26-connected clusters) in the current version's segmentation",
-                "T1 or T2: what the model is told (set it below when it is unknown or wrong)",
-            ],
-            fit=(2, 3, 4),
-        )
-        self.table.doubleClicked.connect(lambda _index: self.show_selected())
-        self.table.itemSelectionChanged.connect(self._show_selected_modality)
-        form.addRow(self.table)
-        self.modality_combo = QComboBox()
-        self.modality_combo.addItems(MODALITIES)
-        self.modality_combo.setToolTip(
-            "The selected volume's contrast, stored in the project: Segment, rounds and the "
-            "benchmark tell the model this (predictions already made keep theirs)"
-        )
-        self.modality_combo.setEnabled(False)
-        self.modality_combo.textActivated.connect(self.start_set_modality)
-        form.addRow("Contrast", self.modality_combo)
-        return box
-
-    def _show_selected_modality(self) -> None:
-        volume = self.selected_volume()
-        self.modality_combo.setEnabled(volume is not None)
-        if volume is not None:
-            self.modality_combo.setCurrentText(volume.modality)
-
     def start_set_modality(self, modality: str) -> bool:
         """Store the selected volume's contrast (a ledger write: in the step's worker)."""
         volume = self.selected_volume()
@@ -227,45 +176,9 @@ class ProjectStep(QWidget):
         self.state.volumes_changed.emit()
         self._report(f"{record.name} is {record.modality}: its next predictions use it")
 
-    def _build_settings_box(self) -> QGroupBox:
-        box = QGroupBox("Settings (kept in the project)")
-        form = QFormLayout(box)
-        self.strategy_combo = strategy_combo("How the Review queue picks patches")
-        form.addRow("Strategy", self.strategy_combo)
-        self.n_spin = QSpinBox()
-        self.n_spin.setRange(1, 500)
-        self.patch_spin = QSpinBox()
-        self.patch_spin.setRange(8, 256)
-        self.patch_spin.setToolTip("Edge of a review patch, in voxels")
-        self.n_spin.setToolTip("Patches per review queue")
-        self.n_spin.setSuffix(" patches")
-        self.patch_spin.setSuffix(" vx")
-        form.addRow("Queue", self.n_spin)
-        form.addRow("Patch edge", self.patch_spin)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(DEVICE_CHOICES)
-        form.addRow("Device", self.device_combo)
-        self.brush_spin = QSpinBox()
-        self.brush_spin.setRange(1, 40)
-        self.brush_spin.setSuffix(" vx")
-        self.brush_spin.setToolTip("Brush of the Review step's patch layer (PVS are 1-3 voxels)")
-        form.addRow("Brush", self.brush_spin)
-        self.strategy_combo.currentTextChanged.connect(self._save_settings)
-        self.device_combo.currentTextChanged.connect(self._save_settings)
-        for spin in (self.n_spin, self.patch_spin, self.brush_spin):
-            spin.valueChanged.connect(self._save_settings)
-        self.settings_box = box
-        return box
-
     # ---------------------------------------------------------------- helpers
     def _report(self, message: str, level: str = "info") -> None:
         notify(self.status_label, message, level)
-
-    def _image_layers(self) -> list[Image]:
-        return input_image_layers(self.viewer)
-
-    def _refresh_layer_choices(self, event=None) -> None:
-        set_combo_items(self.layer_combo, [layer.name for layer in self._image_layers()])
 
     def _browse_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Project folder", self.folder_edit.text())
@@ -429,12 +342,11 @@ class ProjectStep(QWidget):
     def _show_project(self) -> None:
         project = self.state.project
         open_ = project is not None
-        for widget in (self.add_layer_button, self.add_files_button, self.show_button,
-                       self.close_button, self.settings_box):  # fmt: skip
-            widget.setEnabled(open_)
+        self.volumes_box.set_project_open(open_)
+        self.close_button.setEnabled(open_)
+        self.settings_box.setEnabled(open_)
         if not open_:
             self.project_label.setText("no project open")
-            fill_table(self.table, [])
             return
         self.folder_edit.setText(str(project.path))
         current = project.current_version()
@@ -447,8 +359,7 @@ class ProjectStep(QWidget):
     # ---------------------------------------------------------------- volumes
     def add_current_layer(self) -> bool:
         """Add the chosen image layer's file to the project (in the step's worker)."""
-        layer = next((lyr for lyr in self._image_layers()
-                      if lyr.name == self.layer_combo.currentText()), None)  # fmt: skip
+        layer = self.volumes_box.chosen_layer()
         if layer is None:
             self._report("no image layer chosen; open a volume first", "error")
             return False
@@ -473,114 +384,3 @@ class ProjectStep(QWidget):
         )
         if paths:
             self.start_add_paths(paths)
-
-    def selected_volume(self) -> VolumeRecord | None:
-        project = self.state.project
-        rows = self.table.selectionModel().selectedRows()
-        if project is None or not rows:
-            return None
-        volumes = project.volumes()
-        return volumes[rows[0].row()] if rows[0].row() < len(volumes) else None
-
-    def remove_selected(self) -> Path | None:
-        """Take the selected volume out of the project; its labels are archived, not lost."""
-        volume = self.selected_volume()
-        if volume is None:
-            self._report("select a volume in the table first", "error")
-            return None
-        try:
-            archive = self.state.require_project().remove_volume(volume.id)
-        except (ValueError, OSError) as exc:
-            self._report(str(exc), "error")
-            return None
-        self._report(f"removed {volume.name} (volume {volume.id}); its labels are in {archive}")
-        self.state.volumes_changed.emit()
-        return archive
-
-    def show_selected(self) -> Layer | None:
-        """Select the volume's image layer, opening it first when it is not open."""
-        volume = self.selected_volume()
-        if volume is None:
-            self._report("select a volume in the table first", "error")
-            return None
-        try:
-            layer = self.state.show_volume(volume)
-        except FileNotFoundError as exc:
-            self._report(str(exc), "error")
-            return None
-        self.viewer.layers.selection.active = layer
-        return layer
-
-    def refresh_volumes(self) -> None:
-        project = self.state.project
-        if project is None:
-            fill_table(self.table, [])
-            return
-        status = project.status()
-        current = status["current_version"]
-        rows, tips, to_count = [], [], []
-        for entry in status["volumes"]:
-            versions = entry["predicted_versions"]
-            predicted = ", ".join(f"v{v}" + ("*" if v == current else "") for v in versions)
-            key = (entry["id"], current)
-            if key in self.state.pvs_counts:
-                count = self.state.pvs_counts[key]
-                pvs = "too large" if count is None else count
-            elif project.has_prediction(entry["id"], current):
-                pvs, _ = "…", to_count.append(key)
-            else:
-                pvs = "-"
-            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs,
-                         entry["modality"]])  # fmt: skip
-            tips.append(
-                f"{entry['path']}\n{'x'.join(map(str, entry['shape']))} {entry['modality']}; "
-                f"{entry['annotations']} reviewed ({entry['validation']} validation), "
-                f"{entry['queue_new']} queued, {entry['skipped']} skipped"
-            )
-        selected = self.table.selectionModel().selectedRows()
-        fill_table(self.table, rows, tips)
-        if selected and selected[0].row() < len(rows):
-            self.table.selectRow(selected[0].row())
-        self._show_selected_modality()
-        if to_count and not self.count_job.is_running():
-            paths = {key: project.prediction_path(*key) for key in to_count}
-
-            def work(progress, cancel):
-                from napari_pvs._widgets.segment_run import pvs_cluster_count
-
-                return {key: pvs_cluster_count(path) for key, path in paths.items()}
-
-            self.count_job.start(work, "Counting PVS")
-
-    def _on_counted(self, counts: dict) -> None:
-        self.state.pvs_counts.update(counts)
-        self.refresh_volumes()
-
-    # ---------------------------------------------------------------- settings
-    def _apply_settings(self) -> None:
-        settings = self.state.settings()
-        widgets = (self.strategy_combo, self.device_combo, self.n_spin, self.patch_spin,
-                   self.brush_spin)  # fmt: skip
-        for widget in widgets:
-            widget.blockSignals(True)
-        self.strategy_combo.setCurrentText(str(settings["strategy"]))
-        self.device_combo.setCurrentText(str(settings["device"]))
-        self.n_spin.setValue(int(settings["n"]))
-        self.patch_spin.setValue(int(settings["patch"]))
-        self.brush_spin.setValue(int(settings["brush_size"]))
-        for widget in widgets:
-            widget.blockSignals(False)
-
-    def _save_settings(self, *args) -> None:
-        if self.state.project is None:
-            return
-        try:
-            self.state.update_settings(
-                strategy=self.strategy_combo.currentText(),
-                device=self.device_combo.currentText(),
-                n=self.n_spin.value(),
-                patch=self.patch_spin.value(),
-                brush_size=self.brush_spin.value(),
-            )
-        except ValueError as exc:
-            self._report(str(exc), "error")

@@ -1,14 +1,14 @@
 """The workflow's Review step: the ranked queue and the patch being corrected.
 
-Thin over the project: ``project.rank`` (off the GUI thread; it predicts first when the
-current version has no prediction) records the queue, ``project.queue`` lists it,
-``project.accept`` / ``project.skip`` record what the user did. Selecting a patch zooms the
+Thin over the project: the queue box (:mod:`.review_ranking`: ``project.rank`` off the GUI
+thread, ``project.queue`` listed in :mod:`.patch_table`) picks a patch; ``project.accept`` /
+``project.skip`` record what the user did with it. Selecting a patch zooms the
 view to it, draws its box and opens one in-memory labels layer for the patch at its offset
 (``translate`` = the box's first voxel in world coordinates, ``scale`` = the spacing),
 prefilled with the model's segmentation (or the accepted labels of a reviewed patch), active,
-with a 1-voxel brush and the PVS label (those layers: :mod:`.review_layers`; the queue's table:
-:mod:`.patch_table`). Painting uses the layer's own tools, so its undo works. The review keys
-are bound on that layer only (they go with it) and avoid napari's own.
+with a 1-voxel brush and the PVS label (those layers: :mod:`.review_layers`). Painting uses
+the layer's own tools, so its undo works. The review keys are bound on that layer only (they
+go with it) and avoid napari's own.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import numpy as np
 from napari.layers import Labels
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
-    QFormLayout,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -35,12 +33,11 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pvs._widgets._common import notify, status_label
-from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
-from napari_pvs._widgets.patch_table import queue_table, show_queue
+from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_queue import ReviewQueue
+from napari_pvs._widgets.review_ranking import QueueBox
 from napari_pvs._widgets.state import WorkflowState
-from napari_pvs.ranking import shortfall_message
 
 if TYPE_CHECKING:
     from napari_pvs.project import PatchRecord, VolumeRecord
@@ -65,7 +62,7 @@ def default_annotator() -> str:
 
 
 class ReviewStep(QWidget):
-    """Rank a volume's patches, open them one by one, correct, accept or skip."""
+    """Open the queue's patches one by one, correct, accept or skip (the queue: its own box)."""
 
     def __init__(self, state: WorkflowState) -> None:
         super().__init__()
@@ -74,74 +71,48 @@ class ReviewStep(QWidget):
         #: the patch's layers on the canvas (the review keys are bound on its labels layer)
         self.layers = PatchLayers(state, self._bind_keys)
         self.queue = ReviewQueue()
-        self.queue.connect(self._show_queue)
-        self.job = BackgroundJob(self)
-        self.job.succeeded.connect(self._on_ranked)
-        self.job.failed.connect(lambda message: self._report(message, "error"))
-        self.job.cancelled.connect(lambda: self._report("ranking cancelled"))
-        self.job.started.connect(lambda _d: self.rank_button.setEnabled(False))
-        for signal in (self.job.succeeded, self.job.failed, self.job.cancelled):
-            signal.connect(lambda *_: self.rank_button.setEnabled(True))
-            signal.connect(lambda *_: self.state.release(self._ranking_vid))
-        self._ranking_vid: int | None = None
-        self._saving_rank = 0
-        #: per volume: why its last ranking gave fewer patches than asked (shown under the queue)
-        self._shortfalls: dict[int, str] = {}
         # Accept writes the label store and the ledger (fsynced): off the GUI thread too
         self.accept_job = BackgroundJob(self)
         self.accept_job.succeeded.connect(self._on_accepted)
         self.accept_job.failed.connect(self._on_accept_failed)
         self._after_accept = None
+        self._saving_rank = 0
         #: the open patch: its record, volume, prefilled labels and when it was opened
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
         self._prefill: np.ndarray | None = None
         self._opened_at = 0.0
-        self._asked_n = 0
 
+        self.status_label = status_label()
+        self.queue_box = QueueBox(state, self.queue, self._report, self.status_label.setText,
+                                  self.resolve_unsaved, self.open_patch)  # fmt: skip
+        self._alias_queue_box()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
-        layout.addWidget(self._build_queue_box())
+        layout.addWidget(self.queue_box)
         layout.addWidget(self._build_patch_box())
-        self.status_label = status_label()
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 
         state.project_changed.connect(self._on_project_changed)
-        state.volumes_changed.connect(self._refresh_volumes)
-        state.queue_changed.connect(self._on_queue_changed)
-        state.versions_changed.connect(self.reload_queue)
-        state.settings_changed.connect(self._show_settings)
+        state.settings_changed.connect(self._show_brush)
         self._on_project_changed()
 
-    # ---------------------------------------------------------------- building
-    def _build_queue_box(self) -> QGroupBox:
-        box = QGroupBox("Queue")
-        form = QFormLayout(box)
-        self.volume_combo = QComboBox()
-        self.volume_combo.currentIndexChanged.connect(lambda _i: self.reload_queue())
-        form.addRow("Volume", self.volume_combo)
-        self.settings_label = QLabel("")
-        self.settings_label.setWordWrap(True)
-        form.addRow(self.settings_label)
-        self.rank_button = QPushButton("Rank patches")
-        self.rank_button.setToolTip(
-            "Rank this volume's patches with the current model (predicting first if needed); "
-            "reviewed voxels and skipped patches are left out"
-        )
-        self.rank_button.clicked.connect(self.rank)
-        form.addRow(self.rank_button)
-        self.progress = JobProgress("windows")
-        self.progress.follow(self.job)
-        form.addRow(self.progress)
-        self.table = queue_table()
-        self.table.itemSelectionChanged.connect(self._on_row_selected)
-        form.addRow(self.table)
-        self.queue_label = QLabel("")
-        self.queue_label.setWordWrap(True)
-        form.addRow(self.queue_label)
-        return box
+    def _alias_queue_box(self) -> None:
+        """The queue box's widgets and actions under the step's names (scripts, tests)."""
+        box = self.queue_box
+        self.job = box.job
+        self.volume_combo = box.volume_combo
+        self.settings_label = box.settings_label
+        self.rank_button = box.rank_button
+        self.progress = box.progress
+        self.table = box.table
+        self.queue_label = box.queue_label
+        self.rank = box.rank
+        self.reload_queue = box.reload_queue
+        self.selected_volume = box.selected_volume
 
+    # ---------------------------------------------------------------- building
     def _build_patch_box(self) -> QGroupBox:
         box = QGroupBox("Patch")
         layout = QVBoxLayout(box)
@@ -210,103 +181,14 @@ class ReviewStep(QWidget):
 
     def _on_project_changed(self) -> None:
         self._close_patch()
-        self._refresh_volumes()
-        self._show_settings()
+        self.queue_box.refresh_volumes()
+        self.queue_box.show_settings()
+        self._show_brush()
 
-    def _refresh_volumes(self) -> None:
-        project = self.state.project
-        current = self.volume_combo.currentData()
-        self.volume_combo.blockSignals(True)
-        self.volume_combo.clear()
-        for volume in project.volumes() if project is not None else []:
-            self.volume_combo.addItem(volume.name, volume.id)
-        index = self.volume_combo.findData(current)
-        self.volume_combo.setCurrentIndex(index if index >= 0 else 0)
-        self.volume_combo.blockSignals(False)
-        self.rank_button.setEnabled(project is not None and self.volume_combo.count() > 0)
-        self.reload_queue()
-
-    def _show_settings(self) -> None:
-        settings = self.state.settings()
-        self.settings_label.setText(
-            f"{settings['n']} patches of {settings['patch']}³ voxels by {settings['strategy']} "
-            "(change in the Project step)"
-        )
+    def _show_brush(self) -> None:
         self.brush_spin.blockSignals(True)
-        self.brush_spin.setValue(int(settings["brush_size"]))
+        self.brush_spin.setValue(int(self.state.settings()["brush_size"]))
         self.brush_spin.blockSignals(False)
-
-    def selected_volume(self) -> VolumeRecord | None:
-        project, vid = self.state.project, self.volume_combo.currentData()
-        if project is None or vid is None:
-            return None
-        return project.volume(int(vid))
-
-    def _on_queue_changed(self, vid: int) -> None:
-        if vid == self.volume_combo.currentData():
-            self.reload_queue()
-
-    def reload_queue(self) -> None:
-        volume = self.selected_volume()
-        patches = self.state.project.queue(volume.id) if volume is not None else []
-        self.queue.set_patches(patches)
-
-    def _show_queue(self) -> None:
-        show_queue(self.table, self.queue)
-        counts = self.queue.counts()
-        text = (
-            f"{counts['new']} new, {counts['reviewed']} reviewed, {counts['skipped']} skipped"
-            if self.queue.patches
-            else "no queue yet: press Rank patches"
-        )
-        why = self._shortfalls.get(self.volume_combo.currentData())
-        self.queue_label.setText(f"{text}\n{why}" if why and self.queue.patches else text)
-
-    # ---------------------------------------------------------------- ranking
-    def rank(self) -> bool:
-        """Rank the chosen volume's patches in the background (predicting first if needed)."""
-        volume = self.selected_volume()
-        if volume is None:
-            self._report("open a project and add a volume first (Project step)", "error")
-            return False
-        if self.job.is_running():
-            self._report("a ranking is already running", "error")
-            return False
-        if not self.resolve_unsaved(retry=self.rank):
-            return False
-        project = self.state.project
-        settings = self.state.settings()
-        self._asked_n = int(settings["n"])
-        vid = volume.id
-        holder = self.state.claim(vid, "the Review step")
-        if holder is not None:
-            self._report(f"{holder} is predicting this volume; rank when it has finished",
-                         "error")  # fmt: skip
-            return False
-        self._ranking_vid = vid
-
-        def work(progress, cancel):
-            return vid, project.rank(vid, progress=progress, cancel=cancel)
-
-        self.job.start(work, f"Ranking {volume.name}")
-        self.status_label.setText(f"ranking {volume.name} ({settings['strategy']})…")
-        return True
-
-    def _on_ranked(self, value) -> None:
-        vid, records = value
-        volume = self.state.project.volume(vid)
-        settings = self.state.settings()
-        message = f"{len(records)} patches queued for {volume.name}"
-        why = shortfall_message(len(records), self._asked_n, volume.shape, int(settings["patch"]))
-        self._shortfalls[vid] = why or ""
-        self._report(f"{message}. {why}" if why else message, "warning" if why else "info")
-        self.state.predictions_changed.emit(vid)
-        self.state.queue_changed.emit(vid)
-        if self.volume_combo.currentData() == vid:
-            self.reload_queue()
-            first = self.queue.first_new()
-            if first >= 0:
-                self.open_patch(first)
 
     # ---------------------------------------------------------------- the patch
     def has_unsaved_edits(self) -> bool:
@@ -341,11 +223,6 @@ class ReviewStep(QWidget):
             return False
         return choice == "Discard"
 
-    def _on_row_selected(self) -> None:
-        rows = self.table.selectionModel().selectedRows()
-        if rows and rows[0].row() != self.queue.index and not self.open_patch(rows[0].row()):
-            self._show_queue()  # put the selection back on the open patch
-
     def open_patch(self, index: int) -> bool:
         """Show queue row ``index``: zoom, box, the prefilled patch layer. False if it stays."""
         if index == self.queue.index and self.patch is not None:
@@ -371,7 +248,7 @@ class ReviewStep(QWidget):
         if self.view3d_check.isChecked():
             self._show_3d()
         self._opened_at = time.monotonic()
-        self._show_queue()
+        self.queue_box.show_queue()
         size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
         self.patch_label.setText(
             f"patch {patch.rank} of {volume.name} ({patch.status}): {size} voxels at "

@@ -1,0 +1,197 @@
+"""The Project step's volumes box: the project's volumes in a table with their state, the
+selected volume's contrast, Show and Remove, and the image layers that can be added.
+
+Thin over :meth:`napari_pvs.project.Project.status` (predicted versions, reviewed patches per
+volume); PVS counts come from the current version's prediction, counted off the GUI thread in
+``count_job``. Adding volumes and storing a contrast are the step's jobs
+(:class:`.project_step.ProjectStep` wires the Add buttons and the contrast combo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari.layers import Image, Layer
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton
+
+from napari_pvs._widgets._common import compact_table, fill_table, set_combo_items
+from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._layers import input_image_layers
+from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.io.modality import MODALITIES
+
+if TYPE_CHECKING:
+    from napari_pvs.project import VolumeRecord
+
+
+class VolumesBox(QGroupBox):
+    """The open project's volumes: table, contrast combo, Show / Remove, layers to add."""
+
+    def __init__(self, state: WorkflowState, report: Callable[..., None]) -> None:
+        super().__init__("Volumes")
+        self.state = state
+        self.viewer = state.viewer
+        self._report = report
+        self.count_job = BackgroundJob(self)
+        self.count_job.succeeded.connect(self._on_counted)
+        self.count_job.failed.connect(lambda message: report(message, "error"))
+        form = QFormLayout(self)
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Open image layers read from a file (NIfTI, zarr, OME-Zarr)")
+        self.add_layer_button = QPushButton("Add")
+        row = QHBoxLayout()
+        row.addWidget(self.layer_combo, 1)
+        row.addWidget(self.add_layer_button)
+        form.addRow("Layer", row)
+        self.add_files_button = QPushButton("Add files…")
+        self.show_button = QPushButton("Show in viewer")
+        self.show_button.setToolTip("Open the selected volume as layers (or select its layer)")
+        self.show_button.clicked.connect(self.show_selected)
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.setToolTip(
+            "Take the selected volume out of the project (its reviewed labels go to archive/)"
+        )
+        self.remove_button.clicked.connect(self.remove_selected)
+        row = QHBoxLayout()
+        row.addWidget(self.add_files_button)
+        row.addWidget(self.show_button)
+        row.addWidget(self.remove_button)
+        form.addRow(row)
+        self.table = compact_table(
+            ["volume", "predicted", "reviewed", "PVS", "contrast"],
+            [
+                "the volume's name in the project",
+                "model versions with a complete prediction of it (* = current)",
+                "patches accepted (reviewed) in it",
+                "PVS (26-connected clusters) in the current version's segmentation",
+                "T1 or T2: what the model is told (set it below when it is unknown or wrong)",
+            ],
+            fit=(2, 3, 4),
+        )
+        self.table.doubleClicked.connect(lambda _index: self.show_selected())
+        self.table.itemSelectionChanged.connect(self.show_selected_modality)
+        form.addRow(self.table)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(MODALITIES)
+        self.modality_combo.setToolTip(
+            "The selected volume's contrast, stored in the project: Segment, rounds and the "
+            "benchmark tell the model this (predictions already made keep theirs)"
+        )
+        self.modality_combo.setEnabled(False)
+        form.addRow("Contrast", self.modality_combo)
+
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self.refresh_layer_choices)
+        state.volumes_changed.connect(self.refresh)
+        state.predictions_changed.connect(lambda _vid: self.refresh())
+        state.queue_changed.connect(lambda _vid: self.refresh())
+        self.refresh_layer_choices()
+
+    # ---------------------------------------------------------------- layers to add
+    def refresh_layer_choices(self, event=None) -> None:
+        set_combo_items(self.layer_combo, [layer.name for layer in input_image_layers(self.viewer)])
+
+    def chosen_layer(self) -> Image | None:
+        """The image layer named in the Layer combo (None when there is none)."""
+        name = self.layer_combo.currentText()
+        return next((lyr for lyr in input_image_layers(self.viewer) if lyr.name == name), None)
+
+    def set_project_open(self, open_: bool) -> None:
+        """Enable what needs a project; an empty table without one."""
+        for widget in (self.add_layer_button, self.add_files_button, self.show_button):
+            widget.setEnabled(open_)
+        if not open_:
+            fill_table(self.table, [])
+
+    # ---------------------------------------------------------------- selection
+    def selected_volume(self) -> VolumeRecord | None:
+        project = self.state.project
+        rows = self.table.selectionModel().selectedRows()
+        if project is None or not rows:
+            return None
+        volumes = project.volumes()
+        return volumes[rows[0].row()] if rows[0].row() < len(volumes) else None
+
+    def show_selected_modality(self) -> None:
+        volume = self.selected_volume()
+        self.modality_combo.setEnabled(volume is not None)
+        if volume is not None:
+            self.modality_combo.setCurrentText(volume.modality)
+
+    def remove_selected(self) -> Path | None:
+        """Take the selected volume out of the project; its labels are archived, not lost."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return None
+        try:
+            archive = self.state.require_project().remove_volume(volume.id)
+        except (ValueError, OSError) as exc:
+            self._report(str(exc), "error")
+            return None
+        self._report(f"removed {volume.name} (volume {volume.id}); its labels are in {archive}")
+        self.state.volumes_changed.emit()
+        return archive
+
+    def show_selected(self) -> Layer | None:
+        """Select the volume's image layer, opening it first when it is not open."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return None
+        try:
+            layer = self.state.show_volume(volume)
+        except FileNotFoundError as exc:
+            self._report(str(exc), "error")
+            return None
+        self.viewer.layers.selection.active = layer
+        return layer
+
+    # ---------------------------------------------------------------- the table
+    def refresh(self) -> None:
+        """Fill the table from ``project.status()``; count missing PVS in ``count_job``."""
+        project = self.state.project
+        if project is None:
+            fill_table(self.table, [])
+            return
+        status = project.status()
+        current = status["current_version"]
+        rows, tips, to_count = [], [], []
+        for entry in status["volumes"]:
+            versions = entry["predicted_versions"]
+            predicted = ", ".join(f"v{v}" + ("*" if v == current else "") for v in versions)
+            key = (entry["id"], current)
+            if key in self.state.pvs_counts:
+                count = self.state.pvs_counts[key]
+                pvs = "too large" if count is None else count
+            elif project.has_prediction(entry["id"], current):
+                pvs, _ = "…", to_count.append(key)
+            else:
+                pvs = "-"
+            rows.append([entry["name"], predicted or "-", entry["annotations"], pvs,
+                         entry["modality"]])  # fmt: skip
+            tips.append(
+                f"{entry['path']}\n{'x'.join(map(str, entry['shape']))} {entry['modality']}; "
+                f"{entry['annotations']} reviewed ({entry['validation']} validation), "
+                f"{entry['queue_new']} queued, {entry['skipped']} skipped"
+            )
+        selected = self.table.selectionModel().selectedRows()
+        fill_table(self.table, rows, tips)
+        if selected and selected[0].row() < len(rows):
+            self.table.selectRow(selected[0].row())
+        self.show_selected_modality()
+        if to_count and not self.count_job.is_running():
+            paths = {key: project.prediction_path(*key) for key in to_count}
+
+            def work(progress, cancel):
+                from napari_pvs._widgets.segment_run import pvs_cluster_count
+
+                return {key: pvs_cluster_count(path) for key, path in paths.items()}
+
+            self.count_job.start(work, "Counting PVS")
+
+    def _on_counted(self, counts: dict) -> None:
+        self.state.pvs_counts.update(counts)
+        self.refresh()
