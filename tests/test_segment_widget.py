@@ -195,9 +195,13 @@ def test_cancel_stops_within_a_batch_and_rerun_resumes(panel, qtbot, checkpoint,
     assert summary.chunks_skipped > 0 and summary.windows_run < summary.windows_total
     assert "resumed" in panel.summary_label.text()
     reference = direct(checkpoint, image, tmp_path / "direct.zarr", window=32, batch=2)
-    np.testing.assert_array_equal(
+    # The resumed windows are batched differently from a fresh run's; on CPUs that multiply
+    # bfloat16 in hardware the fused bfloat16 path then rounds within bfloat16's resolution
+    # (2**-8), not bit for bit (a resume in the same batching is: tests/test_inference.py).
+    np.testing.assert_allclose(
         panel.viewer.layers["long PVS probability"].data.compute(),
         reference["probability"][...].astype(np.float32),
+        atol=2**-8,
     )
 
 
