@@ -129,10 +129,10 @@ wait(lambda: True, "")
 seg.layer_combo.setCurrentText(image.name)
 seg.device_combo.setCurrentText("cpu")
 phase("segment", seg.segment_button.click, lambda: not seg.is_running())
-review.volume_combo.setCurrentIndex(review.volume_combo.findData(volume.id))
-phase("rank", review.rank_button.click, lambda: not review.is_busy())
+review.queue_box.volume_combo.setCurrentIndex(review.queue_box.volume_combo.findData(volume.id))
+phase("rank", review.queue_box.rank_button.click, lambda: not review.is_busy())
 extra["queued"] = len(review.queue.patches)
-extra["rank_message"] = review.queue_label.text()
+extra["rank_message"] = review.queue_box.queue_label.text()
 accepted = []
 
 def accept_ten():

@@ -108,8 +108,8 @@ else:
     beat.start()
     step.folder_edit.setText(folder)
     assert step.open_project()
-    step.table.selectRow(0)
-    layer = step.show_selected()
+    step.volumes_box.table.selectRow(0)
+    layer = step.volumes_box.show_selected()
     assert layer is not None
     wait(drawn, "the volume's first slice")
     result["volume_seconds"] = time.perf_counter() - t0

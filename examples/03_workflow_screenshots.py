@@ -96,7 +96,7 @@ def main() -> None:
     workflow.state.update_settings(predict_mc=4, predict_tta=1, n=12, patch=16)
     image, truth = viewer.open(str(scan), plugin="napari-pvs")[:2]
     truth.visible = False  # the phantom's ground truth: not what a user would see
-    project_step.layer_combo.setCurrentText(image.name)
+    project_step.volumes_box.layer_combo.setCurrentText(image.name)
     project_step.add_current_layer()  # in the step's worker
     wait_for(project_step.is_busy)
     viewer.layers.selection.active = image
@@ -113,8 +113,8 @@ def main() -> None:
 
     started = time.perf_counter()
     review = workflow.review_step
-    review.rank()
-    wait_for(review.job.is_running)
+    review.queue_box.rank()
+    wait_for(review.queue_box.job.is_running)
     layer = viewer.layers[PATCH_LAYER]
     project = workflow.state.project
     # accept patches until one with PVS is a validation patch (about 1 accepted patch in 4
@@ -124,8 +124,8 @@ def main() -> None:
         a.split == "validation" and a.pvs_voxels for a in project.annotations()
     ):
         if review.patch is None or review.patch.status != "new":
-            review.rank()  # this queue is done: rank the next patches
-            wait_for(review.job.is_running)
+            review.queue_box.rank()  # this queue is done: rank the next patches
+            wait_for(review.queue_box.job.is_running)
             if review.patch is None or review.patch.status != "new":
                 break
         box = tuple(slice(a, b) for a, b in zip(review.patch.start, review.patch.stop,
@@ -162,7 +162,7 @@ def main() -> None:
     report.refresh_curve()
     timings["report"] = time.perf_counter() - started
     shoot(viewer, workflow, "Report", out)
-    project_step.table.selectRow(0)  # the volume's state after the loop
+    project_step.volumes_box.table.selectRow(0)  # the volume's state after the loop
     shoot(viewer, workflow, "Project", out)
 
     canvas = viewer.window._qt_viewer.canvas.native

@@ -70,12 +70,13 @@ def test_create_add_and_make_current_keep_the_gui_responsive(
 
     with Heartbeat() as beat:
         assert step.start_add_paths([scan])
-        assert not step.add_files_button.isEnabled()
+        assert not step.volumes_box.add_files_button.isEnabled()
         qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
     assert beat.longest < FREEZE_S, "Add: " + beat.report()
     (record,) = workflow.state.project.volumes()
     assert record.name == "case_1" and record.modality == "T1"  # from the image: no hint in it
-    assert step.add_files_button.isEnabled() and "added case_1 (T1)" in step.status_label.text()
+    assert step.volumes_box.add_files_button.isEnabled()
+    assert "added case_1 (T1)" in step.status_label.text()
 
     train = workflow.train_step
     train.refresh_versions()
@@ -143,13 +144,14 @@ def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbo
     qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
     assert project.volumes()[0].modality == "unknown"  # noise says nothing of its contrast
     assert "contrast unsure" in step.status_label.text()
-    assert step.table.item(0, 4).text() == "unknown"
+    assert step.volumes_box.table.item(0, 4).text() == "unknown"
 
-    step.table.selectRow(0)
-    assert step.modality_combo.isEnabled()
+    step.volumes_box.table.selectRow(0)
+    assert step.volumes_box.modality_combo.isEnabled()
     assert step.start_set_modality("T1")
     qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
-    assert project.volumes()[0].modality == "T1" and step.table.item(0, 4).text() == "T1"
+    assert project.volumes()[0].modality == "T1"
+    assert step.volumes_box.table.item(0, 4).text() == "T1"
 
     layer = workflow.state.show_volume(project.volumes()[0])
     seg = workflow.segment_step
@@ -196,8 +198,8 @@ def test_rank_and_accept_keep_the_gui_responsive(workflow, qtbot, tmp_path, monk
 
     review = workflow.review_step
     with Heartbeat() as beat:
-        assert review.rank()
-        assert not review.rank_button.isEnabled()
+        assert review.queue_box.rank()
+        assert not review.queue_box.rank_button.isEnabled()
         qtbot.waitUntil(lambda: not review.is_busy(), timeout=120000)
     assert beat.longest < FREEZE_S, "Rank: " + beat.report()
     assert review.patch is not None, review.status_label.text()

@@ -107,8 +107,8 @@ def create_project(workflow, qtbot, tmp_path, checkpoint):
     project = workflow.state.project
     assert project is not None and project.path == tmp_path / "project"
     # fast, small settings for 40^3 phantoms (the Project step persists them)
-    step.patch_spin.setValue(12)
-    step.n_spin.setValue(20)
+    step.settings_box.patch_spin.setValue(12)
+    step.settings_box.n_spin.setValue(20)
     workflow.state.update_settings(predict_mc=2, predict_tta=1, device="cpu")
     return project
 
@@ -146,16 +146,17 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     image = open_scan(workflow, scans[0])
     assert [lyr.visible for lyr in viewer.layers] == [True, True, False]  # regions hidden
     step = workflow.project_step
-    step.layer_combo.setCurrentText(image.name)
-    step.add_layer_button.click()
+    step.volumes_box.layer_combo.setCurrentText(image.name)
+    step.volumes_box.add_layer_button.click()
     wait(qtbot, step.is_busy)
     assert image.metadata[VOLUME_KEY] == project.volumes()[0].id
     assert step.start_add_paths([scans[1]])
     wait(qtbot, step.is_busy)
     assert [v.name for v in project.volumes()] == ["sub-01_T2w", "sub-02_T2w"]
-    assert step.table.rowCount() == 2 and step.table.item(0, 1).text() == "-"
+    table = step.volumes_box.table
+    assert table.rowCount() == 2 and table.item(0, 1).text() == "-"
     viewer.add_image(np.zeros(SHAPE, np.float32), name="in memory")
-    step.layer_combo.setCurrentText("in memory")
+    step.volumes_box.layer_combo.setCurrentText("in memory")
     assert not step.add_current_layer() and "no file" in step.status_label.text()
     vid = project.volumes()[0].id
 
@@ -177,29 +178,30 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     direct = zarr.open_group(str(reference), mode="r")
     np.testing.assert_array_equal(segmentation.data.compute(), direct["segmentation"][...])
     assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
-    assert step.table.item(0, 1).text() == "v0*"
+    assert step.volumes_box.table.item(0, 1).text() == "v0*"
     assert " s on cpu" in seg.summary_label.text()  # it ran
     result_layers = result_layer_names(viewer, image)
     segment(workflow, qtbot, image)  # again: the version's stored prediction, nothing recomputed
     assert "its stored prediction (nothing recomputed)" in seg.summary_label.text()
     assert viewer.layers[f"{image.name} PVS segmentation"] is segmentation  # reused
     assert result_layer_names(viewer, image) == result_layers  # none added
-    assert step.table.item(0, 3).text() == str(seg.result.pvs_count)
+    assert step.volumes_box.table.item(0, 3).text() == str(seg.result.pvs_count)
 
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
     review = workflow.review_step
-    review.volume_combo.setCurrentIndex(review.volume_combo.findData(vid))
+    review.queue_box.volume_combo.setCurrentIndex(review.queue_box.volume_combo.findData(vid))
     # two steps never write one prediction store at once
     assert workflow.state.claim(vid, "the Segment step") is None
-    assert not review.rank() and "Segment step is predicting" in review.status_label.text()
+    assert not review.queue_box.rank()
+    assert "Segment step is predicting" in review.status_label.text()
     workflow.state.release(vid)
-    review.rank_button.click()
-    wait(qtbot, review.job.is_running)
+    review.queue_box.rank_button.click()
+    wait(qtbot, review.queue_box.job.is_running)
     queued = project.queue(vid, status="new")
-    assert review.table.rowCount() == len(queued) >= 3
+    assert review.queue_box.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()
     # and under the queue, where it stays: why fewer (overlap, tissue, reviewed voxels)
-    why = review.queue_label.text()
+    why = review.queue_box.queue_label.text()
     assert f"only {len(queued)} of 20" in why and "overlapping" in why and "tissue" in why
     patch = review.patch
     assert patch is not None and patch.id == review.queue.patches[0].id
@@ -218,7 +220,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     extent = np.asarray(viewer.canvas.size) * 0.45 / (12 * SPACING)
     assert viewer.scene.camera.zoom == pytest.approx(extent.min())
     # the score's meaning is a tooltip; the keys are shown in the panel
-    assert "bits" in review.table.item(0, 1).toolTip()
+    assert "bits" in review.queue_box.table.item(0, 1).toolTip()
     review.uncertainty_check.setChecked(True)
     overlay = viewer.layers[UNCERTAINTY_LAYER]
     np.testing.assert_allclose(overlay.data, direct["entropy"][box], atol=1e-3)
@@ -255,7 +257,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     layer.paint(background[0], 1)
     painted = np.asarray(layer.data).copy()
     assert review.has_unsaved_edits()
-    review.table.selectRow(1)  # the policy answers "Cancel": stay on the patch
+    review.queue_box.table.selectRow(1)  # the policy answers "Cancel": stay on the patch
     question, choices = workflow.answers.asked[-1]
     assert "not accepted" in question and choices == ["Accept", "Discard", "Cancel"]
     assert review.patch.id == patch.id and review.queue.index == 0
@@ -268,7 +270,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert len(annotations) == 1 and annotations[0].patch_id == patch.id
     stored = np.asarray(project.labels(vid)["labels"][box])
     np.testing.assert_array_equal(stored, painted)
-    assert review.queue.patches[0].status == "reviewed" == review.table.item(0, 3).text()
+    assert review.queue.patches[0].status == "reviewed" == review.queue_box.table.item(0, 3).text()
     assert review.patch.id == review.queue.patches[1].id
 
     # -- an emptied patch counts as reviewed; the keys are the patch layer's (A, S, N, Shift+N)
@@ -308,7 +310,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert review.queue.counts() == {"new": len(queued) - 4, "reviewed": 3, "skipped": 1}
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
     # the Project step lists what was reviewed
-    assert step.table.item(0, 2).text() == "3"
+    assert step.volumes_box.table.item(0, 2).text() == "3"
     # a round measures Dice on validation patches (about 1 accepted patch in 4 is one)
     while not any(a.split == "validation" for a in project.annotations()):
         assert review.accept()
@@ -537,7 +539,7 @@ def test_bad_input_comes_as_clear_messages(workflow, tmp_path):
     assert "stuff" in step.status_label.text()
     assert not step.create_project() and "already holds" in step.status_label.text()
     review = workflow.review_step
-    assert not review.rank() and "Project step" in review.status_label.text()
+    assert not review.queue_box.rank() and "Project step" in review.status_label.text()
     assert not workflow.train_step.start() and "open a project" in (
         workflow.train_step.status_label.text()
     )

@@ -100,7 +100,8 @@ class PVSWorkflow(QWidget):
             self._watched = None
         self.train_step.teardown()
         self.review_step.teardown()
-        for job in (self.segment_step.job, self.project_step.count_job, self.report_step.job):
+        counting = self.project_step.volumes_box.count_job
+        for job in (self.segment_step.job, counting, self.report_step.job):
             job.cancel()
         self.segment_step.staged.stop()
         self.state.close()

@@ -83,10 +83,9 @@ class ProjectStep(QWidget):
         self._after_project_job = None
         self.volumes_box = VolumesBox(state, self._report)
         self.settings_box = SettingsBox(state, self._report)
-        self._alias_boxes()
-        self.add_layer_button.clicked.connect(self.add_current_layer)
-        self.add_files_button.clicked.connect(self._browse_files)
-        self.modality_combo.textActivated.connect(self.start_set_modality)
+        self.volumes_box.add_layer_button.clicked.connect(self.add_current_layer)
+        self.volumes_box.add_files_button.clicked.connect(self._browse_files)
+        self.volumes_box.modality_combo.textActivated.connect(self.start_set_modality)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self._build_project_box())
@@ -102,28 +101,6 @@ class ProjectStep(QWidget):
         self._show_project()
         self.settings_box.apply()
 
-    def _alias_boxes(self) -> None:
-        """The boxes' widgets and actions under the step's names (scripts and tests use them)."""
-        volumes, settings = self.volumes_box, self.settings_box
-        self.count_job = volumes.count_job
-        self.table = volumes.table
-        self.layer_combo = volumes.layer_combo
-        self.modality_combo = volumes.modality_combo
-        self.add_layer_button = volumes.add_layer_button
-        self.add_files_button = volumes.add_files_button
-        self.show_button = volumes.show_button
-        self.remove_button = volumes.remove_button
-        self.selected_volume = volumes.selected_volume
-        self.show_selected = volumes.show_selected
-        self.remove_selected = volumes.remove_selected
-        self.refresh_volumes = volumes.refresh
-        self.strategy_combo = settings.strategy_combo
-        self.n_spin = settings.n_spin
-        self.patch_spin = settings.patch_spin
-        self.device_combo = settings.device_combo
-        self.brush_spin = settings.brush_spin
-
-    # ---------------------------------------------------------------- building
     def _build_project_box(self) -> QGroupBox:
         box = QGroupBox("Project")
         form = QFormLayout(box)
@@ -160,7 +137,7 @@ class ProjectStep(QWidget):
 
     def start_set_modality(self, modality: str) -> bool:
         """Store the selected volume's contrast (a ledger write: in the step's worker)."""
-        volume = self.selected_volume()
+        volume = self.volumes_box.selected_volume()
         if volume is None:
             self._report("select a volume in the table first", "error")
             return False
@@ -195,7 +172,7 @@ class ProjectStep(QWidget):
     # ---------------------------------------------------------------- worker
     def _busy_buttons(self) -> tuple[QPushButton, ...]:
         return (self.create_button, self.open_button, self.close_button,
-                self.add_layer_button, self.add_files_button)  # fmt: skip
+                self.volumes_box.add_layer_button, self.volumes_box.add_files_button)  # fmt: skip
 
     def is_busy(self) -> bool:
         """Whether a Create, Open, Add or contrast change runs in the step's worker."""
@@ -354,7 +331,7 @@ class ProjectStep(QWidget):
             f"{project.path}\nmodel v{current.version} (current) of {len(project.versions())} "
             f"version(s)"
         )
-        self.refresh_volumes()
+        self.volumes_box.refresh()
 
     # ---------------------------------------------------------------- volumes
     def add_current_layer(self) -> bool:

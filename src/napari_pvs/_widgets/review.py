@@ -86,7 +86,6 @@ class ReviewStep(QWidget):
         self.status_label = status_label()
         self.queue_box = QueueBox(state, self.queue, self._report, self.status_label.setText,
                                   self.resolve_unsaved, self.open_patch)  # fmt: skip
-        self._alias_queue_box()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.queue_box)
@@ -97,20 +96,6 @@ class ReviewStep(QWidget):
         state.project_changed.connect(self._on_project_changed)
         state.settings_changed.connect(self._show_brush)
         self._on_project_changed()
-
-    def _alias_queue_box(self) -> None:
-        """The queue box's widgets and actions under the step's names (scripts, tests)."""
-        box = self.queue_box
-        self.job = box.job
-        self.volume_combo = box.volume_combo
-        self.settings_label = box.settings_label
-        self.rank_button = box.rank_button
-        self.progress = box.progress
-        self.table = box.table
-        self.queue_label = box.queue_label
-        self.rank = box.rank
-        self.reload_queue = box.reload_queue
-        self.selected_volume = box.selected_volume
 
     # ---------------------------------------------------------------- building
     def _build_patch_box(self) -> QGroupBox:
@@ -275,7 +260,7 @@ class ReviewStep(QWidget):
 
     def teardown(self) -> None:
         """Stop the ranking; the patch layer (and its keys) go with the viewer."""
-        self.job.cancel()
+        self.queue_box.job.cancel()
 
     # ---------------------------------------------------------------- display options
     def _set_brush(self, size: int) -> None:
@@ -329,7 +314,7 @@ class ReviewStep(QWidget):
 
     def is_busy(self) -> bool:
         """Whether a ranking or an Accept runs in the step's worker."""
-        return self.job.is_running() or self.accept_job.is_running()
+        return self.queue_box.job.is_running() or self.accept_job.is_running()
 
     def _start_accept(self, then=None) -> bool:
         """Save the open patch through ``project.accept`` in the step's worker, the patch's
