@@ -24,6 +24,7 @@ position, in any volume, where it fits.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -198,15 +199,14 @@ def pooled_error_yield(volumes: Sequence[tuple[object, object, Sequence[Box]]]) 
     n_wrong = sum(int(e.wrong.sum()) for e in errors)
     n_clusters = sum(len(e.clusters) for e in errors)
     expected_voxels = expected_clusters = 0.0
-    for size in sizes:
+    for size, boxes_of_size in Counter(sizes).items():  # queues hold mostly one patch size
         positions = [e.positions(size) for e in errors]
         total = sum(positions)
         for e, count in zip(errors, positions, strict=True):
             if count:
-                expected_voxels += count / total * _random_voxels_covered(e.wrong, size)
-                expected_clusters += (
-                    count / total * _random_cluster_hits(e.clusters, e.shape, size)
-                )
+                weight = boxes_of_size * count / total
+                expected_voxels += weight * _random_voxels_covered(e.wrong, size)
+                expected_clusters += weight * _random_cluster_hits(e.clusters, e.shape, size)
     wrong_inside = sum(e.wrong_inside for e in errors)
     clusters_inside = sum(e.clusters_inside for e in errors)
     return ErrorYield(
