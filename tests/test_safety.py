@@ -630,3 +630,24 @@ def test_a_checkpoint_declaring_gigabytes_of_optimizer_state_is_refused_in_bound
     assert process.returncode == 0, stderr
     assert stdout.startswith("REFUSED") and "huge-optimizer.safetensors" in stdout, stdout
     assert "(65536, 65536)" in stdout
+
+
+def test_create_retried_after_a_killed_contents_swap(tmp_path):
+    """A create killed while swapping contents into an existing folder (a mount point) leaves
+    swap folders inside; retrying settles them first instead of calling the folder full."""
+    from napari_pvs import atomic
+    from napari_pvs.atomic.names import HOST_TAG
+    from napari_pvs.project import Project
+    from tiny_models import tiny_checkpoint
+
+    target = tmp_path / "mount"
+    target.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = target / f"{atomic.SWAP_MARK}abc123-staging-{HOST_TAG}-{dead.pid}"
+    (staging / "models").mkdir(parents=True)
+    (staging / "ledger.sqlite").write_bytes(b"half a ledger")
+    model = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    with Project.create(target, model=model) as project:
+        assert project.current_version().version == 0
+    assert not [p for p in target.iterdir() if p.name.startswith(atomic.SWAP_MARK)]

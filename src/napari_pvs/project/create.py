@@ -28,6 +28,8 @@ def create_project_folder(
     from napari_pvs.models.checkpoint import default_checkpoint_path, read_checkpoint
 
     folder = Path(folder).expanduser().absolute()
+    if folder.is_dir():  # a create killed half-way through a contents swap (a mount point)
+        atomic.settle_contents(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         what = "a napari-pvs project" if (folder / MARKER).exists() else "files"
         raise FileExistsError(
