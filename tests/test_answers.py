@@ -236,6 +236,8 @@ def test_edited_candidate_is_not_asked(project):
     with pytest.raises(ValueError, match="only an open or skipped candidate can be edited"):
         project.mark_candidate_edited(a.id, annotation.id)
     assert [c.id for c in project.candidates(1)] == [d.id]
+    project.remove_volume(1)  # its open candidates are no longer asked
+    assert project.candidates() == [] and project.candidate(d.id).status == "stale"
 
 
 CHILD_ANSWER = """
