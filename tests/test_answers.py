@@ -172,6 +172,10 @@ def test_skip_asks_again_after_the_open_ones(project):
     again = project.answer(b.id, "yes", annotator="ann")
     assert again.voxels_written == 4 and project.candidate(b.id).status == "yes"
     assert project.status()["answers"]["skipped"] == 1  # the skip is part of the history
+    project.undo_answer(skip.id, annotator="ann")  # the earlier skip: the yes stands
+    assert project.candidate(b.id).status == "yes"
+    project.undo_answer(annotator="ann")
+    assert project.candidate(b.id).status == "open"
 
 
 def test_one_answer_in_five_is_held_out_and_keeps_its_split(project):
@@ -201,7 +205,7 @@ def fake_round(project) -> int:
 
 def test_candidates_go_stale_when_a_new_version_predicts(project):
     b, d, a = prepared(project)
-    project.answer(a.id, "yes", annotator="ann")
+    yes = project.answer(a.id, "yes", annotator="ann")
     project.answer(d.id, "skip", annotator="ann")
     assert fake_round(project) == 1
     assert not project.candidates_current(1)
@@ -217,10 +221,15 @@ def test_candidates_go_stale_when_a_new_version_predicts(project):
     with pytest.raises(ValueError, match="is stale"):
         project.answer(b.id, "no", annotator="ann")
     assert project.candidates_current(1)
+    # Undoing A's answer (a v0 candidate) leaves it stale; the next refresh asks its v1 cluster.
+    project.undo_answer(yes.id, annotator="ann")
+    assert project.candidate(a.id).status == "stale"
+    found = project.refresh_candidates(1)
+    assert [tuple(c.seed) for c in found] == [E[0], B[0], A[0]]
     # The same version again: ids kept; an open one now touching a reviewed patch goes stale.
     project.accept(1, (28, 8, 8), (32, 16, 16), np.zeros((4, 8, 8), np.uint8), annotator="ann")
     again = project.refresh_candidates(1)
-    assert [c.id for c in again] == [found[1].id]
+    assert [c.id for c in again] == [found[1].id, found[2].id]
     assert project.candidate(found[0].id).status == "stale"
 
 
