@@ -397,3 +397,28 @@ def test_a_patch_accepted_during_refresh_is_not_asked(project, monkeypatch):
     found = project.refresh_candidates(1)
     assert len(calls) == 2
     assert [tuple(c.seed) for c in found] == [B[0]]
+
+
+def test_a_schema_2_ledger_is_migrated_with_its_rows(project):
+    """A ledger from before candidates (schema 2) gets the three tables, after a backup."""
+    import sqlite3
+
+    project.accept(1, (0, 0, 0), (8, 8, 8), np.ones((8, 8, 8), np.uint8), annotator="old")
+    folder = project.path
+    project.close()
+    db = sqlite3.connect(folder / "ledger.sqlite")
+    for table in ("pending_answers", "answers", "candidates"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    with Project.open(folder) as proj:
+        assert proj.schema_version == 3
+        assert [a.annotator for a in proj.annotations()] == ["old"]
+        assert proj.events("migrate")[-1]["from"] == 2
+        write_prediction(proj, 0, [(B, 0.6)])
+        (b,) = proj.refresh_candidates(1)
+        assert proj.answer(b.id, "yes", annotator="new").voxels_written == 4
+    backup = sqlite3.connect(folder / "ledger.v2-backup.sqlite")
+    assert backup.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "candidates" not in {r[0] for r in backup.execute("SELECT name FROM sqlite_master")}
