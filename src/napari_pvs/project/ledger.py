@@ -22,7 +22,7 @@ from napari_pvs.project.layout import LEDGER, LOCK, MARKER, MARKER_FORMAT
 from napari_pvs.project.lock import WriteLock
 from napari_pvs.project.records import ProjectError, now
 from napari_pvs.project.schema import (
-    MIGRATION_2,
+    MIGRATION_SCRIPTS,
     MIGRATIONS,
     SCHEMA_1,
     SCHEMA_VERSION,
@@ -150,6 +150,11 @@ class Ledger:
             )
         return [{"id": r[0], "time": r[1], "kind": r[2], **json.loads(r[3])} for r in rows]
 
+    def last_event_id(self) -> int:
+        """The newest event's id: every change to the ledger or the labels appends one, so a
+        different value means something changed since it was read."""
+        return int(self.query("SELECT MAX(id) FROM events")[0][0] or 0)
+
     def meta(self, key: str, default: Any = None) -> Any:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else default
@@ -200,7 +205,9 @@ def create_ledger(
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN")
-        for statement in statements(SCHEMA_1) + statements(MIGRATION_2):
+        for statement in [
+            s for script in (SCHEMA_1, *MIGRATION_SCRIPTS) for s in statements(script)
+        ]:
             db.execute(statement)
         db.executemany(
             "INSERT INTO meta VALUES (?, ?)",
