@@ -78,6 +78,22 @@ class IndexedVolume:
         labels[tuple(dst)] = np.asarray(self.volume.labels[tuple(src)])
         return image, labels
 
+    def focus_centre(self, rng: np.random.Generator, size: Sequence[int]) -> np.ndarray:
+        """A patch centre whose patch holds the whole focus box (an answered cluster) when it
+        fits, jittered by up to a quarter patch and, where it can, kept inside the item (a
+        crop with context): the box's centre otherwise."""
+        start, stop = self.volume.focus  # type: ignore[misc]
+        centre = []
+        for a, b, s, dim in zip(start, stop, size, self.shape, strict=True):
+            middle = (a + b) // 2
+            # the patch [c - s//2, c - s//2 + s) holds [a, b) for c in [b - s + s//2, a + s//2]
+            low, high = max(b - s + s // 2, middle - s // 4), min(a + s // 2, middle + s // 4)
+            inner_low, inner_high = max(low, s // 2), min(high, dim - s + s // 2)
+            if inner_low <= inner_high:
+                low, high = inner_low, inner_high
+            centre.append(int(rng.integers(low, high + 1)) if low <= high else middle)
+        return np.asarray(centre)
+
     def centre(self, rng: np.random.Generator, kind: str = "any") -> np.ndarray:
         """A patch centre: ``kind`` 'foreground', 'hard' (negative) or 'any' labelled voxel."""
         pools = {"foreground": self.foreground, "hard": self.hard_negatives}
@@ -129,8 +145,11 @@ def draw_batch(
             having = [other for other in items if len(getattr(other, pool))]
             if having:
                 item = having[rng.integers(len(having))]
-        centre = item.centre(rng, kind)
-        centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
+        if item.volume.focus is not None:  # an answer: the patch holds its cluster
+            centre = item.focus_centre(rng, config.patch)
+        else:
+            centre = item.centre(rng, kind)
+            centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
         image, label = item.patch(centre, config.patch)
         if train and config.augment:
             image, label = augment(image, label, rng)
