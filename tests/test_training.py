@@ -402,3 +402,26 @@ def test_patches_of_an_answer_crop_hold_its_cluster():
     assert long_item.focus_centre(rng, (16, 16, 16))[0] == 20
     with pytest.raises(ValueError, match="focus box"):
         TrainingVolume(image, labels, "T2", focus=((0, 0, 0), (41, 4, 4)))
+
+
+@pytest.mark.filterwarnings("ignore::napari_pvs.io.LabelWarning")  # "no" answers hold no PVS
+def test_answers_and_reviewed_patches_share_the_draws_whatever_their_numbers():
+    """Two reviewed patches and twenty answered clusters: about half of the training patches
+    come from each kind (drawing items uniformly would give the patches 1 in 11)."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(22):
+        image = rng.normal(1.0, 0.05, (24, 24, 24)).astype(np.float32)
+        if i < 2:  # a reviewed patch: every voxel labelled
+            labels = np.zeros((24, 24, 24), np.uint8)
+            labels[10:12, 10:12, 8:14] = 1
+            items.append(IndexedVolume(TrainingVolume(image, labels, "T2")))
+        else:  # an answer: only its cluster labelled
+            labels = np.full((24, 24, 24), UNLABELLED, np.uint8)
+            labels[11:13, 11:13, 9:13] = i % 2
+            focus = ((11, 11, 9), (13, 13, 13))
+            items.append(IndexedVolume(TrainingVolume(image, labels, "T2", focus=focus)))
+    config = TrainConfig(batch_size=400, patch=(8, 8, 8), augment=False)
+    _, labels, _ = draw_batch(items, config, 0, 0, range(config.batch_size))
+    from_patches = np.mean([(patch != UNLABELLED).mean() > 0.5 for patch in labels])
+    assert 0.4 <= from_patches <= 0.6

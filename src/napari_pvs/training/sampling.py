@@ -113,6 +113,24 @@ def _limit(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return points if len(points) <= n else points[rng.choice(len(points), n, replace=False)]
 
 
+#: Share of training patches drawn from answered clusters (items with a ``focus``) when there
+#: are also other items (reviewed patches, volumes): each kind gets its share however many
+#: items it has, because a reviewed patch's thousands of labelled voxels teach what background
+#: looks like everywhere, and a few dozen voxels of an answer teach what the model got wrong.
+ANSWER_SHARE = 0.5
+
+
+def _item_group(items: list[IndexedVolume], rng: np.random.Generator) -> list[IndexedVolume]:
+    """The items a patch is drawn from: all of them, or, when answers and other items are
+    mixed, the answers (with probability :data:`ANSWER_SHARE`) or the others."""
+    answers = [item for item in items if item.volume.focus is not None]
+    if not answers or len(answers) == len(items):
+        return items
+    if rng.random() < ANSWER_SHARE:
+        return answers
+    return [item for item in items if item.volume.focus is None]
+
+
 def draw_batch(
     items: list[IndexedVolume],
     config: TrainConfig,
@@ -130,7 +148,8 @@ def draw_batch(
     images, labels, modalities = [], [], []
     for index in indices:
         rng = np.random.default_rng([config.seed, epoch, step, index])
-        item = items[rng.integers(len(items))]
+        group = _item_group(items, rng)
+        item = group[rng.integers(len(group))]
         draw = rng.random()
         if draw < config.foreground_fraction:
             kind = "foreground"
@@ -142,7 +161,9 @@ def draw_batch(
         # centre from an item that has one, so the share stays what the config says.
         pool = {"foreground": "foreground", "hard": "hard_negatives"}.get(kind)
         if pool is not None and not len(getattr(item, pool)):
-            having = [other for other in items if len(getattr(other, pool))]
+            having = [other for other in group if len(getattr(other, pool))] or [
+                other for other in items if len(getattr(other, pool))
+            ]
             if having:
                 item = having[rng.integers(len(having))]
         if item.volume.focus is not None:  # an answer: the patch holds its cluster
