@@ -100,6 +100,7 @@ def test_candidates_strategy_end_to_end_beside_a_patch_strategy(tiny_data, tmp_p
     answers = summary["answers"]
     assert set(answers["per_minute"]) == {"random", "candidates"}
     assert "candidates" not in summary["strategies"]  # the patch summary stays patches'
+    assert (out / "annotator_minutes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The simulated annotator answered through Project.answer by the rule, and the last
     # round trained on the training answers (held-out ones measured, not trained on).

@@ -10,6 +10,7 @@ Pool volume ``i`` of the benchmark is project volume id ``i`` (as for the patch 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,45 @@ def format_answers(answers: dict[str, Any]) -> str:
         pairs = ", ".join(f"{p['annotator_minutes']:.1f} min {p['dice']:.3f}" for p in points)
         lines.append(f"  {label}: {pairs}")
     return "\n".join(lines)
+
+
+def plot_per_minute(answers: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Test Dice and the candidates' cluster precision and recall against annotator-minutes
+    (seed means; the cost model in the axis label) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from napari_pvs import atomic
+
+    cost = answers["cost_model"]
+    figure = Figure(figsize=(11, 4.4), dpi=110)
+    left, right = figure.subplots(1, 2)
+    for label, points in answers["per_minute"].items():
+        left.plot([p["annotator_minutes"] for p in points], [p["dice"] for p in points],
+                  marker="o", ms=3, label=label)  # fmt: skip
+    if "curve" in answers:
+        x = [p["answers"] for p in answers["curve"]]
+        for key in ("cluster_precision", "cluster_recall", "dice"):
+            right.plot(x, [p[key] for p in answers["curve"]], marker="o", ms=3,
+                       label=key.replace("cluster_", "cluster "))  # fmt: skip
+        right.set_xlabel(f"answers ({answers['label']})")
+        right.legend(fontsize=7, loc="lower right")
+    left.set_xlabel(
+        f"annotator-minutes ({cost['seconds_per_patch']:g} s a patch, "
+        f"{cost['seconds_per_answer']:g} s an answer)"
+    )
+    left.set_ylabel("test Dice")
+    left.legend(fontsize=7, loc="lower right")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic.atomic_output(path, overwrite=True) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
 
 
 def _number(value: float | None) -> str:

@@ -63,7 +63,12 @@ from typing import Any
 import numpy as np
 
 from napari_pvs.benchmark.annotator import SimulatedAnnotator
-from napari_pvs.benchmark.answers import CandidateAnnotator, answer_lines, summarise_answers
+from napari_pvs.benchmark.answers import (
+    CandidateAnnotator,
+    answer_lines,
+    plot_per_minute,
+    summarise_answers,
+)
 from napari_pvs.benchmark.cases import Case, load_case
 from napari_pvs.benchmark.config import BenchmarkConfig, StrategySpec
 from napari_pvs.benchmark.report import (
@@ -545,6 +550,9 @@ def run_benchmark(
         f"{training}, seeds {', '.join(map(str, config.seeds))}"
     )
     png_path = plot_learning_curve(summary, runner.rows, out / "learning_curve.png", title)
+    if "curve" in summary["answers"]:  # the candidates strategy ran
+        minutes_png = plot_per_minute(summary["answers"], out / "annotator_minutes.png", title)
+        summary["answers"]["png"] = str(minutes_png)
     summary_path = out / "summary.json"
     atomic.write_text(summary_path, json.dumps(summary, indent=1))
     lines = final_lines(summary) + answer_lines(summary["answers"])

@@ -48,7 +48,7 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
             "ends with 'candidates: precision A -> B, recall C -> D after K answers' (test "
             "volumes, cluster level, start -> last round) and its Dice against the patch "
             "strategies' at equal annotator-minutes (--seconds-per-patch, "
-            "--seconds-per-answer)."
+            "--seconds-per-answer; the curves in OUT/annotator_minutes.png)."
         ),
     )
     parser.add_argument("--pool-images", nargs="+", required=True, help="volumes to query from")
@@ -273,6 +273,8 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         f"supervision; this run took {summary['seconds_total'] / 60:.1f} min)"
     )
     print(f"wrote {result.csv_path}, {result.png_path}, {result.summary_path}")
+    if "png" in summary["answers"]:
+        print(f"wrote {summary['answers']['png']} (Dice per annotator-minute)")
     for line in gap_warnings(summary):
         print(line)
     for line in result.lines:
