@@ -41,26 +41,46 @@ def _box(start, stop):
     return tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
 
 
+def _answer_hand_made_clusters(project) -> None:
+    """Replace the current version's prediction by the hand-made clusters and answer each
+    candidate: yes, no, yes, no..."""
+    store = zarr.open_group(str(project.predict(1)), mode="r+")
+    segmentation = np.zeros(SHAPE, np.uint8)
+    for z, y, x in CLUSTERS:
+        segmentation[z : z + 2, y : y + 2, x : x + 3] = 1
+    store["segmentation"][:] = segmentation
+    store["probability"][:] = np.where(segmentation == 1, 0.9, 0.1).astype(np.float32)
+    candidates = project.refresh_candidates(1)
+    assert len(candidates) == len(CLUSTERS)
+    for index, candidate in enumerate(candidates):
+        project.answer(candidate.id, "yes" if index % 2 == 0 else "no", annotator="test")
+
+
 @pytest.fixture
 def answered(tmp_path, assets, phantom):
-    """A project with four accepted patches and ten answered candidates: the current
-    version's prediction replaced by the hand-made clusters, answered yes, no, yes, no..."""
+    """A project with four accepted patches and ten answered candidates."""
     with Project.create(tmp_path / "proj", model=assets["model"], seed=5) as proj:
         proj.add_volume(assets["volume"])
         proj.update_settings(patch=16, n=3, predict_mc=0)
         for start, stop in BOXES:
             proj.accept(1, start, stop, phantom.pvs[_box(start, stop)])
-        store = zarr.open_group(str(proj.predict(1)), mode="r+")
-        segmentation = np.zeros(SHAPE, np.uint8)
-        for z, y, x in CLUSTERS:
-            segmentation[z : z + 2, y : y + 2, x : x + 3] = 1
-        store["segmentation"][:] = segmentation
-        store["probability"][:] = np.where(segmentation == 1, 0.9, 0.1).astype(np.float32)
-        candidates = proj.refresh_candidates(1)
-        assert len(candidates) == len(CLUSTERS)
-        for index, candidate in enumerate(candidates):
-            proj.answer(candidate.id, "yes" if index % 2 == 0 else "no", annotator="test")
+        _answer_hand_made_clusters(proj)
         yield proj
+
+
+def test_a_round_may_train_on_answers_alone(tmp_path, assets):
+    with Project.create(tmp_path / "proj", model=assets["model"], seed=5) as project:
+        project.add_volume(assets["volume"])
+        project.update_settings(patch=16, n=3, predict_mc=0)
+        with pytest.raises(ValueError, match="or answer some candidates"):
+            run_round(project, RoundConfig(**TINY))
+        _answer_hand_made_clusters(project)
+        outcome = run_round(project, RoundConfig(**TINY))
+        assert outcome.status == "done", outcome.message
+        metrics = project.current_version().metrics
+        trained = len(project.answers(split="train"))
+        assert (metrics["train_patches"], metrics["train_answers"]) == (0, trained)
+        assert metrics["validation_patches"] == 0
 
 
 def test_a_round_trains_on_answers_and_never_on_held_out_ones(answered, monkeypatch, capsys):

@@ -117,7 +117,7 @@ def _excluded_boxes(item, annotations, held_out) -> list[tuple[Any, Any]]:
     """The boxes whose voxels a training crop of ``item`` (an annotation or an answer) must
     not train on: the validation boxes and the held-out answers' boxes of its volume (none
     for a validation or held-out item itself, which trains on nothing)."""
-    if item.split not in ("train",):
+    if item.split != "train":
         return []
     vid = item.volume_id
     boxes = [(a.start, a.stop) for a in annotations
