@@ -15,6 +15,7 @@ from napari_pvs.models.checkpoint import read_checkpoint
 from napari_pvs.phantom import make_phantom
 from napari_pvs.project import Project
 from napari_pvs.rounds import RoundConfig, run_round
+from napari_pvs.rounds.command import format_outcome
 from napari_pvs.rounds.snapshot import load_held_out
 from napari_pvs.rounds.validation import answer_precision, cluster_predicted, held_out_precision
 from napari_pvs.training import UNLABELLED, TrainingVolume
@@ -135,6 +136,10 @@ def test_a_round_trains_on_answers_and_never_on_held_out_ones(answered, monkeypa
     _, meta = read_checkpoint(project.checkpoint_path())
     assert meta["training"]["answers"] == sorted(a.id for a in train_answers)
     assert project.compare()[-1]["answer_precision"] == metrics["answer_precision"]
+
+    printed = format_outcome(outcome)  # what napari-pvs round prints
+    assert f"and {len(train_answers)} answers" in printed
+    assert f"precision on {len(held_out)} held-out answers" in printed
 
     project.close()
     assert main(["project", "versions", str(project.path)]) == 0
