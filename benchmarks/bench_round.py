@@ -1,13 +1,18 @@
 """Time one active-learning round with the default model: 32 accepted 32^3 patches.
 
     python benchmarks/bench_round.py [--volumes 2] [--shape 160 192 160] [--patches 32]
-                                     [--steps 200] [--threads 2] [--keep DIR]
+                                     [--answers 0] [--steps 200] [--threads 2] [--keep DIR]
 
 Builds a project with the bundled default model on phantom volumes (T2w, 1 mm), ranks each
 volume's queue (stratified), accepts the ground truth of the top patches through
 ``Project.accept`` (what a person does), then times ``run_round`` from the call to the new
 version current and the queue re-ranked, and prints the time of each stage (from the round's
 event log). The issue's target: under 2 minutes on CPU.
+
+A round with yes/no answers: ``--patches 8 --answers 100`` also answers the 100 candidates
+asked first (volumes in turn; yes when at least half of the cluster is ground-truth PVS, the
+benchmark's simulated annotator) through ``Project.answer``; the round then trains on both
+(one answer in five held out and measured). Target: under 2 minutes on CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=2)
     parser.add_argument("--shape", type=int, nargs=3, default=[160, 192, 160])
     parser.add_argument("--patches", type=int, default=32, help="accepted patches in all")
+    parser.add_argument("--answers", type=int, default=0, help="yes/no answers on candidates")
     parser.add_argument("--steps", type=int, default=RoundConfig().steps)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -83,12 +89,16 @@ def main() -> None:
                         accepted += 1
             if accepted < args.patches:
                 raise SystemExit(f"only {accepted} patches could be queued; use larger volumes")
+            answered = answer_candidates(project, truths, args.answers)
             setup = time.perf_counter() - started
             splits = [a.split for a in project.annotations()]
+            held_out = sum(a.split == "held-out" for a in answered)
+            yes = sum(a.answer == "yes" for a in answered)
             print(
                 f"setup {setup:.0f} s: {args.volumes} volumes {'x'.join(map(str, args.shape))}, "
                 f"{accepted} accepted 32^3 patches ({splits.count('validation')} validation), "
-                f"default model, {args.threads} threads"
+                f"{len(answered)} answers ({yes} yes, {held_out} held out), default model, "
+                f"{args.threads} threads"
             )
             t0, cpu0 = time.perf_counter(), time.process_time()
             outcome = run_round(project, RoundConfig(steps=args.steps, device=args.device))
@@ -110,12 +120,47 @@ def main() -> None:
             f"{m.get('validation_dice')} on {m.get('validation_patches')} patches "
             f"({outcome.message})"
         )
+        if answered:
+            print(
+                f"trained on {m.get('train_patches')} patches and {m.get('train_answers')} "
+                f"answers; precision on {m.get('held_out_answers')} held-out answers "
+                f"{m.get('base_answer_precision')} -> {m.get('answer_precision')}"
+            )
         load = os.getloadavg()[0]
         print(
-            f"ROUND TIME {total:.1f} s wall, {cpu:.1f} s CPU over {args.threads} threads (from "
+            f"ROUND TIME ({accepted} patches, {len(answered)} answers) {total:.1f} s wall, "
+            f"{cpu:.1f} s CPU over {args.threads} threads (from "
             f"run_round to the new version current and the queue re-ranked; target < 120 s); "
             f"load average {load:.1f} on {os.cpu_count()} cores at the end"
         )
+
+
+def answer_candidates(project, truths, n: int) -> list:
+    """Answer the ``n`` candidates asked first, volumes in turn, by the benchmark's simulated
+    annotator (yes when at least half of the cluster is ground-truth PVS)."""
+    from napari_pvs.benchmark.answers import simulated_answer
+
+    if n <= 0:
+        return []
+    queues = []
+    for volume in project.volumes():
+        project.predict(volume.id)  # ranking predicted it already: kept
+        queues.append(project.refresh_candidates(volume.id))
+    answered = []
+    for position in range(max(len(q) for q in queues)):
+        for volume_index, queue in enumerate(queues):
+            if position < len(queue) and len(answered) < n:
+                candidate = queue[position]
+                box = tuple(
+                    slice(a, b)
+                    for a, b in zip(candidate.bbox_start, candidate.bbox_stop, strict=True)
+                )
+                cluster = project.candidate_mask(candidate.id)
+                verdict = simulated_answer(truths[volume_index][box][cluster])
+                answered.append(project.answer(candidate.id, verdict, annotator="bench"))
+    if len(answered) < n:
+        raise SystemExit(f"only {len(answered)} candidates to answer; use larger volumes")
+    return answered
 
 
 if __name__ == "__main__":

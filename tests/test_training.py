@@ -351,3 +351,77 @@ def test_foreground_share_holds_when_most_items_hold_no_pvs():
     _, labels, _ = draw_batch(items, config, 0, 0, range(config.batch_size), train=False)
     with_pvs = np.mean([(patch == 1).any() for patch in labels])
     assert with_pvs >= 0.45  # about 0.6; drawing the item first gave 0.04
+
+
+def test_unreviewed_voxels_of_an_answer_crop_give_exactly_zero_gradient():
+    """An answered candidate's crop: 1 on a confirmed cluster, 0 on a rejected one, 255 on
+    every other voxel. Whatever the logits are at 255 voxels (here changed to extremes), the
+    loss and its gradient are bit for bit the same, and the gradient there is exactly 0."""
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.full((2, 1, 12, 12, 12), UNLABELLED, dtype=torch.uint8)
+    labels[0, 0, 4:6, 5:7, 3:9] = 1  # "yes": the cluster's voxels are PVS
+    labels[1, 0, 6:9, 2:4, 2:4] = 0  # "no": they are background
+    unreviewed = labels == UNLABELLED
+    logits = torch.randn(labels.shape, generator=generator)
+
+    def loss_and_gradient(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = values.clone().requires_grad_(True)
+        loss = masked_loss([values], labels)
+        loss.backward()
+        return loss.detach(), values.grad
+
+    loss, gradient = loss_and_gradient(logits)
+    changed = logits.clone()
+    extremes = torch.randn(labels.shape, generator=generator) * 40.0
+    changed[unreviewed] = extremes[unreviewed]
+    changed_loss, changed_gradient = loss_and_gradient(changed)
+    assert torch.equal(changed_loss, loss)
+    assert torch.equal(changed_gradient, gradient)
+    assert torch.count_nonzero(gradient[unreviewed]) == 0
+    assert torch.count_nonzero(gradient[~unreviewed]) == int((~unreviewed).sum())
+
+
+def test_patches_of_an_answer_crop_hold_its_cluster():
+    """A crop labelled only on an answered cluster (its focus box): every training patch drawn
+    from it holds the whole cluster, also with augmentation's flips and the jitter."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(1.0, 0.05, (40, 44, 38)).astype(np.float32)
+    labels = np.full(image.shape, UNLABELLED, np.uint8)
+    start, stop = (17, 15, 20), (21, 19, 31)
+    labels[17:21, 15:19, 20:31] = 1
+    item = IndexedVolume(TrainingVolume(image, labels, "T2", focus=(start, stop)))
+    config = TrainConfig(batch_size=40, patch=(16, 16, 16), augment=False)
+    _, patches, _ = draw_batch([item], config, 0, 0, range(config.batch_size))
+    assert all((patch == 1).sum() == (labels == 1).sum() == 176 for patch in patches)
+    centres = {tuple(item.focus_centre(np.random.default_rng(i), (16, 16, 16))) for i in range(50)}
+    assert len(centres) > 1  # jittered, not one fixed patch
+    # a cluster longer than the patch: the patch is centred on it
+    long_item = IndexedVolume(
+        TrainingVolume(image, labels, "T2", focus=((2, 15, 20), (38, 19, 31)))
+    )
+    assert long_item.focus_centre(rng, (16, 16, 16))[0] == 20
+    with pytest.raises(ValueError, match="focus box"):
+        TrainingVolume(image, labels, "T2", focus=((0, 0, 0), (41, 4, 4)))
+
+
+@pytest.mark.filterwarnings("ignore::napari_pvs.io.LabelWarning")  # "no" answers hold no PVS
+def test_answers_and_reviewed_patches_share_the_draws_whatever_their_numbers():
+    """Two reviewed patches and twenty answered clusters: about half of the training patches
+    come from each kind (drawing items uniformly would give the patches 1 in 11)."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(22):
+        image = rng.normal(1.0, 0.05, (24, 24, 24)).astype(np.float32)
+        if i < 2:  # a reviewed patch: every voxel labelled
+            labels = np.zeros((24, 24, 24), np.uint8)
+            labels[10:12, 10:12, 8:14] = 1
+            items.append(IndexedVolume(TrainingVolume(image, labels, "T2")))
+        else:  # an answer: only its cluster labelled
+            labels = np.full((24, 24, 24), UNLABELLED, np.uint8)
+            labels[11:13, 11:13, 9:13] = i % 2
+            focus = ((11, 11, 9), (13, 13, 13))
+            items.append(IndexedVolume(TrainingVolume(image, labels, "T2", focus=focus)))
+    config = TrainConfig(batch_size=400, patch=(8, 8, 8), augment=False)
+    _, labels, _ = draw_batch(items, config, 0, 0, range(config.batch_size))
+    from_patches = np.mean([(patch != UNLABELLED).mean() > 0.5 for patch in labels])
+    assert 0.4 <= from_patches <= 0.6

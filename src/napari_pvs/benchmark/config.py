@@ -8,6 +8,17 @@ from typing import Any
 
 from napari_pvs.ranking import DEFAULT_NOISE_DECAY, STRATEGIES
 
+#: Strategies only the benchmark runs, beside the patch strategies of the one patch registry
+#: (``ranking.STRATEGIES``): ``candidates``, the annotator answers yes or no on the predicted
+#: clusters the project proposes (``Project.candidates``) instead of painting patches.
+BENCHMARK_ONLY = ("candidates",)
+#: The default cost model (seconds of an annotator's time), written in --help and the README:
+#: painting a 32^3 patch means checking and correcting 32 slices of a prefilled prediction at
+#: about 3-4 s a slice (~2 min); a yes/no answer is one look at a cluster shown centred in
+#: three planes and one key (~3 s; the next candidate is on screen within 200 ms).
+SECONDS_PER_PATCH = 120.0
+SECONDS_PER_ANSWER = 3.0
+
 
 @dataclass(frozen=True)
 class StrategySpec:
@@ -33,6 +44,11 @@ class StrategySpec:
         plain = self.noise is None and self.foreground_share is None
         return plain and resolve_strategy(self.name) != "clasp"
 
+    @property
+    def asks_candidates(self) -> bool:
+        """True for ``candidates``: rounds of yes/no answers, not of reviewed patches."""
+        return self.name == "candidates"
+
 
 def parse_strategies(text: str | Sequence[str]) -> list[StrategySpec]:
     """``"bald,entropy,stratified:noise=1"`` (or a list of such items) -> specs, checked."""
@@ -43,11 +59,14 @@ def parse_strategies(text: str | Sequence[str]) -> list[StrategySpec]:
         if not item:
             continue
         name, *options = item.split(":")
-        if name not in STRATEGIES:
+        if name not in STRATEGIES and name not in BENCHMARK_ONLY:
             raise ValueError(
-                f"unknown strategy {name!r} in {item!r}; choose from {', '.join(STRATEGIES)} "
+                f"unknown strategy {name!r} in {item!r}; choose from "
+                f"{', '.join((*STRATEGIES, *BENCHMARK_ONLY))} "
                 "(options: NAME:noise=1:decay=0.5:share=0.67)"
             )
+        if name in BENCHMARK_ONLY and options:
+            raise ValueError(f"{name!r} takes no options (got {item!r}); write {name}")
         values: dict[str, float] = {}
         for option in options:
             key, _, value = option.partition("=")
@@ -110,6 +129,11 @@ class BenchmarkConfig:
     scratch_config: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     modality: str | None = None
+    # the candidates strategy: yes/no answers per round, and the cost model that puts answers
+    # and patches on one axis of annotator-minutes
+    answers_per_round: int = 25
+    seconds_per_patch: float = SECONDS_PER_PATCH
+    seconds_per_answer: float = SECONDS_PER_ANSWER
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.per_round < 1 or self.steps < 1:
@@ -131,8 +155,25 @@ class BenchmarkConfig:
             raise ValueError(f"retrain must be 'current' or 'start', got {self.retrain!r}")
         if self.steps_per_patch < 0 or self.max_steps < 1 or self.patience < 1 or self.smooth < 1:
             raise ValueError("need steps_per_patch >= 0, max_steps, patience and smooth >= 1")
+        if self.answers_per_round < 1:
+            raise ValueError(f"answers_per_round must be at least 1, got {self.answers_per_round}")
+        if not (self.seconds_per_patch > 0 and self.seconds_per_answer > 0):
+            raise ValueError(
+                "seconds_per_patch and seconds_per_answer must be positive (the cost model), got "
+                f"{self.seconds_per_patch} and {self.seconds_per_answer}"
+            )
         if self.full_steps is None and self.retrain == "current":
             self.full_steps = self.rounds * self.steps  # what the last round's model has had
+
+    @property
+    def patch_strategies(self) -> list[StrategySpec]:
+        """The strategies that queue patches (the patch summary's); not ``candidates``."""
+        return [s for s in self.strategies if not s.asks_candidates]
+
+    def annotator_minutes(self, patches: int, answers: int = 0) -> float:
+        """Annotator time of ``patches`` reviewed patches and ``answers`` yes/no answers under
+        the cost model (``seconds_per_patch``, ``seconds_per_answer``)."""
+        return (patches * self.seconds_per_patch + answers * self.seconds_per_answer) / 60
 
     def budget(self, train_patches: int) -> int:
         """Training steps of a round on ``train_patches`` (label-limited: grows with them,

@@ -63,6 +63,12 @@ from typing import Any
 import numpy as np
 
 from napari_pvs.benchmark.annotator import SimulatedAnnotator
+from napari_pvs.benchmark.answers import (
+    CandidateAnnotator,
+    answer_lines,
+    plot_per_minute,
+    summarise_answers,
+)
 from napari_pvs.benchmark.cases import Case, load_case
 from napari_pvs.benchmark.config import BenchmarkConfig, StrategySpec
 from napari_pvs.benchmark.report import (
@@ -103,6 +109,7 @@ class _Runner:
         self.pool, self.test, self.out, self.config = pool, test, out, config
         self.progress, self.cancel = progress, cancel
         self.annotator = SimulatedAnnotator(pool, config.patch)
+        self.candidate_annotator = CandidateAnnotator(pool)
         self.rows: list[dict[str, Any]] = []
         self.score_cache: dict[str, dict[str, Any]] = {}
         self.start_seconds: list[float] = []
@@ -205,11 +212,14 @@ class _Runner:
 
     def row(self, project, spec_label: str, seed: int, round_index: int, metrics, **extra):
         annotations = project.annotations()
+        answers = int(extra.pop("answers", 0))
         row = {
             "strategy": spec_label,
             "seed": seed,
             "round": round_index,
             "labelled_patches": len(annotations),
+            "answers": answers,
+            "annotator_minutes": self.config.annotator_minutes(len(annotations), answers),
             "train_patches": sum(a.split == "train" for a in annotations),
             "validation_patches": sum(a.split == "validation" for a in annotations),
             "pvs_patches": sum(not a.empty for a in annotations),
@@ -369,12 +379,80 @@ class _Runner:
             f"{outcome.metrics.get('steps_trained')} of {budget} steps, {check.describe()}"
         )
 
+    def run_candidates(self, start: Path, spec: StrategySpec, seed: int, start_row: dict):
+        """The ``candidates`` strategy: from the same start project, each round the simulated
+        annotator answers ``answers_per_round`` candidates of the current version (yes when
+        at least half the cluster is PVS), then a round trains by the same rule as the patch
+        strategies (label-limited: the start model on everything labelled, each answer a
+        training item of the step budget; held-out answers are not trained on)."""
+        from napari_pvs.project import Project
+
+        c = self.config
+        folder = self.out / "projects" / f"{_slug(spec.label)}-seed{seed}"
+        shutil.copytree(start, folder)
+        with Project.open(folder) as project:
+            start_version = project.current_version().version
+            self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
+                     seconds_score=start_row["seconds_score"])  # fmt: skip
+            for round_index in range(1, c.rounds + 1):
+                check_cancelled(self.cancel)
+                self.tick(f"seed {seed} {spec.label}: round {round_index}")
+                started = time.perf_counter()
+                cpu_started = time.process_time()
+                given = self.candidate_annotator.answer(
+                    project, c.answers_per_round, seed, round_index
+                )
+                answered = time.perf_counter()
+                if c.retrain == "start":
+                    project.rollback(start_version)
+                items = len(project.annotations(split="train")) + len(
+                    [a for a in project.answers(split="train") if a.answer != "skip"]
+                )
+                budget = c.budget(items)
+                outcome, check = self.run_round(
+                    project, budget, seed * 1000 + round_index, rerank=False
+                )
+                trained = time.perf_counter()
+                metrics, seconds_score = self.score_current(project)
+                answers = [a for a in project.answers() if a.answer != "skip"]
+                self.row(
+                    project,
+                    spec.label,
+                    seed,
+                    round_index,
+                    metrics,
+                    answers=len(answers),
+                    seconds_rank=round(answered - started, 2),
+                    seconds_round=round(trained - answered, 2),
+                    seconds_score=round(seconds_score, 2),
+                    cpu_seconds=round(time.process_time() - cpu_started, 2),
+                    load=round(os.getloadavg()[0], 2),
+                    steps=outcome.metrics.get("steps_trained"),
+                    budget=budget,
+                    converged=check.converged,
+                    convergence_movement=check.movement,
+                    validation_dice=outcome.metrics.get("validation_dice"),
+                    answer_precision=outcome.metrics.get("answer_precision"),
+                    note="" if len(given) == c.answers_per_round else
+                    f"only {len(given)} candidates left to answer",
+                )  # fmt: skip
+                self.step_done(
+                    f"seed {seed} {spec.label} round {round_index}: Dice {metrics['dice']:.3f}, "
+                    f"cluster precision {metrics['cluster_precision']:.3f}, recall "
+                    f"{metrics['cluster_recall']:.3f} after {len(answers)} answers; "
+                    f"{outcome.metrics.get('steps_trained')} of {budget} steps, "
+                    f"{check.describe()}"
+                )
+
     def run(self) -> None:
         for seed in self.config.seeds:
             start, (start_row,) = self.make_start(seed)
             self.run_full(start, seed)
             for spec in self.config.strategies:
-                self.run_strategy(start, spec, seed, start_row)
+                if spec.asks_candidates:
+                    self.run_candidates(start, spec, seed, start_row)
+                else:
+                    self.run_strategy(start, spec, seed, start_row)
 
 
 def strategy_reads_uncertainty(name: str) -> bool:
@@ -451,6 +529,7 @@ def run_benchmark(
     runner = _Runner(pool, test, out, config, progress, cancel)
     runner.run()
     summary = summarise(runner.rows, config)
+    summary["answers"] = summarise_answers(runner.rows, config)
     summary["config"] = _jsonable(asdict(config))
     summary["data"] = {
         "pool": [{"path": str(c.path), "shape": list(c.truth.shape), "crop": c.crop,
@@ -471,11 +550,13 @@ def run_benchmark(
         f"{training}, seeds {', '.join(map(str, config.seeds))}"
     )
     png_path = plot_learning_curve(summary, runner.rows, out / "learning_curve.png", title)
+    if "curve" in summary["answers"]:  # the candidates strategy ran
+        minutes_png = plot_per_minute(summary["answers"], out / "annotator_minutes.png", title)
+        summary["answers"]["png"] = str(minutes_png)
     summary_path = out / "summary.json"
     atomic.write_text(summary_path, json.dumps(summary, indent=1))
-    return BenchmarkResult(
-        runner.rows, summary, csv_path, png_path, summary_path, final_lines(summary)
-    )
+    lines = final_lines(summary) + answer_lines(summary["answers"])
+    return BenchmarkResult(runner.rows, summary, csv_path, png_path, summary_path, lines)
 
 
 def _jsonable(value):

@@ -29,6 +29,8 @@ CSV_FIELDS = (
     "cluster_error_yield", "seconds_rank", "seconds_accept", "seconds_round",
     "seconds_score", "cpu_seconds", "load", "note",
 )  # fmt: skip
+#: The annotator's time (the cost model) and the candidates strategy's answers.
+CSV_FIELDS += ("answers", "annotator_minutes", "answer_precision")
 
 
 
@@ -41,7 +43,7 @@ def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[s
     first = config.strategies[0].label
     start_dice = float(np.mean([r["dice"] for r in rows if r["strategy"] == first
                                 and r["round"] == 0]))  # fmt: skip
-    for spec in config.strategies:
+    for spec in config.patch_strategies:  # the candidates' answers: answers.summarise_answers
         own = [r for r in rows if r["strategy"] == spec.label]
         rounds = sorted({r["round"] for r in own})
         curve = []

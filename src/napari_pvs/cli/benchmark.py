@@ -23,6 +23,11 @@ def add_benchmark(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_active_learning(commands: argparse._SubParsersAction) -> None:
+    from napari_pvs.benchmark.config import (
+        BENCHMARK_ONLY,
+        SECONDS_PER_ANSWER,
+        SECONDS_PER_PATCH,
+    )
     from napari_pvs.ranking import STRATEGIES
 
     parser = commands.add_parser(
@@ -36,7 +41,14 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
             "(every patch of the pool, the same rule) is the reference. Writes "
             "OUT/learning_curve.csv, OUT/learning_curve.png and OUT/summary.json, and ends with "
             "'reference converged: yes|no' and three lines per strategy: 'S: N patches to 95%', "
-            "'S: gap closed G' and 'S: error yield X (clusters Y)'."
+            "'S: gap closed G' and 'S: error yield X (clusters Y)'. The strategy 'candidates' "
+            "reviews by yes/no instead: each round the annotator answers --answers-per-round "
+            "of the predicted clusters the project proposes (yes when at least half of the "
+            "cluster is ground-truth PVS) and the round trains on them by the same rule; it "
+            "ends with 'candidates: precision A -> B, recall C -> D after K answers' (test "
+            "volumes, cluster level, start -> last round) and its Dice against the patch "
+            "strategies' at equal annotator-minutes (--seconds-per-patch, "
+            "--seconds-per-answer; the curves in OUT/annotator_minutes.png)."
         ),
     )
     parser.add_argument("--pool-images", nargs="+", required=True, help="volumes to query from")
@@ -58,9 +70,24 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--strategies",
         default=DEFAULT_STRATEGIES,
-        help=f"comma-separated, each NAME[:noise=T][:decay=D][:share=F] (names: "
-        f"{', '.join(STRATEGIES)}; default {DEFAULT_STRATEGIES})",
+        help=f"comma-separated, each NAME[:noise=T][:decay=D][:share=F] (patch strategies: "
+        f"{', '.join(STRATEGIES)}; yes/no review of predicted clusters: "
+        f"{', '.join(BENCHMARK_ONLY)}; default {DEFAULT_STRATEGIES})",
     )
+    parser.add_argument(
+        "--answers-per-round", type=int, default=25,
+        help="candidates: yes/no answers per round (one in five is held out, never trained on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seconds-per-patch", type=float, default=SECONDS_PER_PATCH,
+        help="cost model: annotator seconds per reviewed patch (default 120: checking and "
+        "correcting the 32 slices of a prefilled 32^3 patch at about 3-4 s a slice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seconds-per-answer", type=float, default=SECONDS_PER_ANSWER,
+        help="cost model: annotator seconds per yes/no answer (default 3: one look at a "
+        "cluster shown centred in three planes and one key; the next one is on screen at once)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=8, help="patches reviewed per round")
     parser.add_argument("--patch", type=int, default=32, help="patch edge in voxels")
@@ -179,6 +206,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         parse_strategies,
         run_benchmark,
     )
+    from napari_pvs.benchmark.answers import format_answers
     from napari_pvs.benchmark.report import gap_warnings
 
     if args.threads:
@@ -217,6 +245,9 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         scratch_config=scratch_config,
         device=args.device,
         modality=args.modality,
+        answers_per_round=args.answers_per_round,
+        seconds_per_patch=args.seconds_per_patch,
+        seconds_per_answer=args.seconds_per_answer,
     )
     try:
         result = run_benchmark(
@@ -233,6 +264,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     summary = result.summary
     print(format_table(summary))
+    print(format_answers(summary["answers"]))
     costs = summary["costs"]
     minutes = estimate_minutes(costs, 5, 3, 5)
     print(
@@ -241,6 +273,8 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         f"supervision; this run took {summary['seconds_total'] / 60:.1f} min)"
     )
     print(f"wrote {result.csv_path}, {result.png_path}, {result.summary_path}")
+    if "png" in summary["answers"]:
+        print(f"wrote {summary['answers']['png']} (Dice per annotator-minute)")
     for line in gap_warnings(summary):
         print(line)
     for line in result.lines:

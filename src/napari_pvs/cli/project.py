@@ -275,8 +275,18 @@ def _versions_table(rows: list[dict]) -> str:
     def number(value) -> str:
         return "-" if value is None else f"{value:.4f}"
 
+    # precision on held-out answered candidates, once a round has measured it
+    answered = any("answer_precision" in row for row in rows)
+
+    def precision(row: dict) -> str:
+        if "answer_precision" not in row:
+            return f"{'-':>13}"
+        value, n = row["answer_precision"], row.get("answer_precision_n") or 0
+        return f"{'-' if value is None else f'{value:.3f}':>7} (n={n:>2})"
+
+    extra = f" {'answer prec':>13}" if answered else ""
     lines = [f"  {'version':<8} {'parent':<7} {'round':<6} {'status':<7} {'val Dice':>9} "
-             f"{'base':>7} {'val':>4} {'train':>5}  created"]  # fmt: skip
+             f"{'base':>7} {'val':>4} {'train':>5}{extra}  created"]  # fmt: skip
     for row in rows:
         mark = "*" if row["current"] else " "
         parent = "-" if row["parent"] is None else f"v{row['parent']}"
@@ -284,10 +294,15 @@ def _versions_table(rows: list[dict]) -> str:
             f"{mark} v{row['version']:<7} {parent:<7} {row['round'] or '-'!s:<6} "
             f"{row['status']:<7} {number(row.get('validation_dice')):>9} "
             f"{number(row.get('base_validation_dice')):>7} "
-            f"{row.get('validation_patches', '-')!s:>4} {row.get('train_patches', '-')!s:>5}  "
-            f"{row['created']}"
+            f"{row.get('validation_patches', '-')!s:>4} {row.get('train_patches', '-')!s:>5}"
+            f"{' ' + precision(row) if answered else ''}  {row['created']}"
         )
     lines.append("  (* = current)")
+    if answered:
+        lines.append(
+            "  answer prec = yes answers among the held-out answered candidates the version "
+            "predicts (n)"
+        )
     return "\n".join(lines)
 
 

@@ -90,9 +90,17 @@ def format_outcome(outcome: RoundOutcome, folder: str = "PROJECT") -> str:
         lines.append(
             f"validation Dice {fmt(m.get('validation_dice'))} (base "
             f"{fmt(m.get('base_validation_dice'))}) on {m.get('validation_patches')} patches; "
-            f"{m.get('train_patches')} training patches, {m.get('steps')} steps, "
-            f"{m.get('seconds')} s"
+            f"{m.get('train_patches')} training patches"
+            + (f" and {m['train_answers']} answers" if m.get("train_answers") else "")
+            + f", {m.get('steps')} steps, {m.get('seconds')} s"
         )
+        if "answer_precision" in m:
+            lines.append(
+                f"precision on {m.get('held_out_answers')} held-out answers "
+                f"{fmt(m.get('answer_precision'))} of {m.get('answer_precision_n')} predicted "
+                f"(base {fmt(m.get('base_answer_precision'))} of "
+                f"{m.get('base_answer_precision_n')})"
+            )
     if outcome.status == "done" and not outcome.current:
         lines.append(
             f"to make v{outcome.version} current anyway: napari-pvs project rollback {folder} "

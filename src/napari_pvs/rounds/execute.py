@@ -1,6 +1,7 @@
 """Part 2 of a round, in a worker or in-process, never touching the ledger: fine-tune on the
-snapshot, score base and new model on the validation crops, write ``models/v<N>``, then
-re-predict and re-rank (:mod:`napari_pvs.rounds.repredict`)."""
+snapshot (accepted patches and yes/no answers), score base and new model on the validation
+crops and on the held-out answers, write ``models/v<N>``, then re-predict and re-rank
+(:mod:`napari_pvs.rounds.repredict`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from napari_pvs import atomic
 from napari_pvs.progress import CancelToken, check_cancelled
 from napari_pvs.rounds.config import Event, RoundConfig
 from napari_pvs.rounds.repredict import predict_and_rank
-from napari_pvs.rounds.snapshot import load_snapshot
-from napari_pvs.rounds.validation import counts_as_lists, validation_counts
+from napari_pvs.rounds.snapshot import PATCH, TRAIN_ANSWER, load_held_out, load_snapshot
+from napari_pvs.rounds.validation import counts_as_lists, held_out_precision, validation_counts
 
 #: Training steps per epoch of a round (fit validates and keeps the best weights per epoch).
 STEPS_PER_EPOCH = 50
@@ -50,6 +51,8 @@ def execute_round(
     train, validation = _load_crops(plan, emit)
     base, model = _base_and_model(plan, config)
     base_counts = validation_counts(base, validation, config.device) if main else []
+    held_out = load_held_out(plan["snapshot"]) if main else []
+    base_precision = held_out_precision(base, held_out, config.device) if held_out else {}
     base_dice, _ = validation_dice(base_counts)
     if main and base_dice is not None:
         emit({"kind": "validation", "step": 0, "dice": base_dice})
@@ -62,13 +65,18 @@ def execute_round(
     check_cancelled(cancel)
     new_counts = validation_counts(model, validation, config.device)
     new_dice, _ = validation_dice(new_counts)
+    # Precision on held-out answered candidates (never trained on), base and new version.
+    answers = held_out_precision(model, held_out, config.device) if held_out else {}
+    answers.update({f"base_{k}": v for k, v in base_precision.items() if k != "held_out_answers"})
     metrics = {
         "validation_dice": new_dice,
         "base_validation_dice": base_dice,
         "validation_patches": len(validation),
         "validation_counts": counts_as_lists(new_counts),
         "base_validation_counts": counts_as_lists(base_counts),
-        "train_patches": len(train),
+        "train_patches": sum(t.name.startswith(PATCH) for t in train),
+        "train_answers": sum(t.name.startswith(TRAIN_ANSWER) for t in train),
+        **answers,
         "steps": total,
         "steps_trained": trained,
         "best_epoch": result.best_epoch,
@@ -162,14 +170,17 @@ def _fine_tune(
         loss = float(found.group(1)) if found else None
         emit({"kind": "step", "step": int(done), "total": int(total_steps), "loss": loss})
 
-    emit({"kind": "stage", "message": f"training {total} steps on {len(train)} patches"})
+    answers = sum(t.name.startswith(TRAIN_ANSWER) for t in train)
+    items = f"{len(train) - answers} patches" + (f" and {answers} answers" if answers else "")
+    emit({"kind": "stage", "message": f"training {total} steps on {items}"})
     work = Path(plan["folder"]) / "train"  # made by prepare_round: other ranks write nothing
     info = {
         "manifest_hash": plan["manifest_hash"],
         "round": plan["round"],
         "base_version": plan["base_version"],
         "from_scratch": config.from_scratch,
-        "annotations": sorted(int(t.name[1:]) for t in train),
+        "annotations": sorted(int(t.name[1:]) for t in train if t.name.startswith(PATCH)),
+        "answers": sorted(int(t.name[1:]) for t in train if t.name.startswith(TRAIN_ANSWER)),
         "validation_annotations": sorted(int(v.name[1:]) for v in validation),
     }
     crops = validation or train

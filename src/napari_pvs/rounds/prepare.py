@@ -1,6 +1,6 @@
 """Part 1 of a round, in the process holding the project: freeze the accepted annotations
-(ledger row ``running`` with their ids) into the snapshot and write down the round's plan.
-Accepts made later go to the next round."""
+(ledger row ``running`` with their ids) and the yes/no answers into the snapshot and write down
+the round's plan. Accepts and answers made later go to the next round."""
 
 from __future__ import annotations
 
@@ -9,20 +9,23 @@ from typing import Any
 
 from napari_pvs.progress import Cancelled
 from napari_pvs.rounds.config import RoundConfig
-from napari_pvs.rounds.snapshot import write_snapshot
+from napari_pvs.rounds.snapshot import ANSWER_LABELS, write_snapshot
 
 
 def prepare_round(project, config: RoundConfig | None = None) -> dict[str, Any]:
     """Freeze the accepted annotations into a snapshot and return the round's plan (JSON-able).
 
-    ValueError when there is no training annotation, or another round is running.
+    ValueError when there is neither a training annotation nor a training answer, or another
+    round is running.
     """
     config = config or RoundConfig()
     project._require_writable()
-    if not project.annotations(split="train"):
+    answered = [a for a in project.answers(split="train") if a.answer in ANSWER_LABELS]
+    if not project.annotations(split="train") and not answered:
         raise ValueError(
             "the project has no accepted training annotations yet; review and accept some "
-            "patches first (napari-pvs project queue / project accept)"
+            "patches (napari-pvs project queue / project accept) or answer some candidates "
+            "(napari-pvs project candidates / project answer) first"
         )
     record = project._begin_round(asdict(config))
     try:
@@ -64,11 +67,11 @@ def _write_plan(project, record, config: RoundConfig) -> dict[str, Any]:
 
 
 def _prediction_targets(project, folder) -> list[dict[str, Any]]:
-    """The volumes the new version re-predicts (and re-ranks): those with annotations or a
-    queue, with where their labels are and where their prediction goes."""
+    """The volumes the new version re-predicts (and re-ranks): those with annotations, answers
+    or a queue, with where their labels are and where their prediction goes."""
     targets = []
     for volume in project.volumes():
-        if project.annotations(volume.id) or project.queue(volume.id):
+        if project.annotations(volume.id) or project.answers(volume.id) or project.queue(volume.id):
             targets.append(
                 {
                     "id": volume.id,

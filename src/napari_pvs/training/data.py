@@ -28,6 +28,9 @@ class TrainingVolume:
     modality: str = "unknown"
     name: str = ""
     intensity_range: tuple[float, float] | None = None  # robust (low, high); computed if None
+    # (start, stop) of a box every training patch drawn from this item must hold, when it
+    # fits a patch: an answered candidate's cluster, whose crop is labelled only there.
+    focus: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.image.shape) != tuple(self.labels.shape):
@@ -39,6 +42,17 @@ class TrainingVolume:
         if len(self.image.shape) != 3:
             raise ValueError(f"training images must be 3D, got shape {tuple(self.image.shape)}")
         self.modality = canonical_modality(self.modality)
+        if self.focus is not None:
+            start, stop = (tuple(int(v) for v in corner) for corner in self.focus)
+            inside = len(start) == len(stop) == 3 and all(
+                0 <= a < b <= s for a, b, s in zip(start, stop, self.image.shape, strict=True)
+            )
+            if not inside:
+                raise ValueError(
+                    f"focus box {start}..{stop} of {self.name or 'a training volume'} must lie "
+                    f"inside its shape {tuple(self.image.shape)} with start < stop"
+                )
+            self.focus = (start, stop)  # type: ignore[assignment]
         # 0 background, 1 PVS, 255 unlabelled; anything else refused, no PVS at all warned about
         check_label_values(self.labels, f"labels of {self.name or 'a training volume'}")
 

@@ -442,6 +442,7 @@ def _finish(run: _Run, standing: _Standing) -> None:
 
 def _jsonable(value):
     """A JSON round trip of ``value`` (tuples become lists, numpy scalars numbers)."""
+
     def fallback(item):
         return item.tolist() if hasattr(item, "tolist") else str(item)
 

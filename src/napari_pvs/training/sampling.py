@@ -78,6 +78,22 @@ class IndexedVolume:
         labels[tuple(dst)] = np.asarray(self.volume.labels[tuple(src)])
         return image, labels
 
+    def focus_centre(self, rng: np.random.Generator, size: Sequence[int]) -> np.ndarray:
+        """A patch centre whose patch holds the whole focus box (an answered cluster) when it
+        fits, jittered by up to a quarter patch and, where it can, kept inside the item (a
+        crop with context): the box's centre otherwise."""
+        start, stop = self.volume.focus  # type: ignore[misc]
+        centre = []
+        for a, b, s, dim in zip(start, stop, size, self.shape, strict=True):
+            middle = (a + b) // 2
+            # the patch [c - s//2, c - s//2 + s) holds [a, b) for c in [b - s + s//2, a + s//2]
+            low, high = max(b - s + s // 2, middle - s // 4), min(a + s // 2, middle + s // 4)
+            inner_low, inner_high = max(low, s // 2), min(high, dim - s + s // 2)
+            if inner_low <= inner_high:
+                low, high = inner_low, inner_high
+            centre.append(int(rng.integers(low, high + 1)) if low <= high else middle)
+        return np.asarray(centre)
+
     def centre(self, rng: np.random.Generator, kind: str = "any") -> np.ndarray:
         """A patch centre: ``kind`` 'foreground', 'hard' (negative) or 'any' labelled voxel."""
         pools = {"foreground": self.foreground, "hard": self.hard_negatives}
@@ -97,6 +113,24 @@ def _limit(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return points if len(points) <= n else points[rng.choice(len(points), n, replace=False)]
 
 
+#: Share of training patches drawn from answered clusters (items with a ``focus``) when there
+#: are also other items (reviewed patches, volumes): each kind gets its share however many
+#: items it has, because a reviewed patch's thousands of labelled voxels teach what background
+#: looks like everywhere, and a few dozen voxels of an answer teach what the model got wrong.
+ANSWER_SHARE = 0.5
+
+
+def _item_group(items: list[IndexedVolume], rng: np.random.Generator) -> list[IndexedVolume]:
+    """The items a patch is drawn from: all of them, or, when answers and other items are
+    mixed, the answers (with probability :data:`ANSWER_SHARE`) or the others."""
+    answers = [item for item in items if item.volume.focus is not None]
+    if not answers or len(answers) == len(items):
+        return items
+    if rng.random() < ANSWER_SHARE:
+        return answers
+    return [item for item in items if item.volume.focus is None]
+
+
 def draw_batch(
     items: list[IndexedVolume],
     config: TrainConfig,
@@ -114,7 +148,8 @@ def draw_batch(
     images, labels, modalities = [], [], []
     for index in indices:
         rng = np.random.default_rng([config.seed, epoch, step, index])
-        item = items[rng.integers(len(items))]
+        group = _item_group(items, rng)
+        item = group[rng.integers(len(group))]
         draw = rng.random()
         if draw < config.foreground_fraction:
             kind = "foreground"
@@ -126,11 +161,16 @@ def draw_batch(
         # centre from an item that has one, so the share stays what the config says.
         pool = {"foreground": "foreground", "hard": "hard_negatives"}.get(kind)
         if pool is not None and not len(getattr(item, pool)):
-            having = [other for other in items if len(getattr(other, pool))]
+            having = [other for other in group if len(getattr(other, pool))] or [
+                other for other in items if len(getattr(other, pool))
+            ]
             if having:
                 item = having[rng.integers(len(having))]
-        centre = item.centre(rng, kind)
-        centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
+        if item.volume.focus is not None:  # an answer: the patch holds its cluster
+            centre = item.focus_centre(rng, config.patch)
+        else:
+            centre = item.centre(rng, kind)
+            centre = centre + rng.integers(-config.patch[0] // 4, config.patch[0] // 4 + 1, 3)
         image, label = item.patch(centre, config.patch)
         if train and config.augment:
             image, label = augment(image, label, rng)
