@@ -62,7 +62,7 @@ FLOORS = {
     "base": ("__init__", "atomic", "progress", "memory", "intensity"),
     "data": ("display", "io", "modality", "phantom", "metrics", "validation", "error_yield"),
     "models": ("models",),
-    "compute": ("uncertainty", "inference", "ranking", "training", "limits"),
+    "compute": ("uncertainty", "inference", "ranking", "candidates", "training", "limits"),
     "workflow": ("project", "rounds", "cohort", "benchmark"),
     "adapters": ("cli", "_widgets", "_reader", "_writer", "_sample_data"),
 }

@@ -182,7 +182,7 @@ def test_migration_from_schema_1_fixture(tmp_path, assets, phantom):
     with pytest.raises(ProjectError, match="must be migrated"):
         Project.open(folder, readonly=True)
     with Project.open(folder) as proj:
-        assert proj.schema_version == SCHEMA_VERSION == 2
+        assert proj.schema_version == SCHEMA_VERSION == 3
         first, second = proj.annotations()
         assert [first.id, second.id] == [1, 2]
         assert (first.annotator, first.seconds, first.split, first.patch_id) == (
@@ -195,7 +195,7 @@ def test_migration_from_schema_1_fixture(tmp_path, assets, phantom):
         assert [p.status for p in proj.queue()] == ["new", "reviewed"]
         assert proj.settings()["strategy"] == "entropy"
         kinds = [e["kind"] for e in proj.events()]
-        assert kinds == ["create", "add-volume", "accept", "migrate"]
+        assert kinds == ["create", "add-volume", "accept", "migrate", "migrate"]
         # The migrated ledger works as a new one: accept and the append-only log.
         proj.accept(1, (0, 32, 0), (8, 40, 8), np.ones((8, 8, 8), np.uint8))
         assert proj.annotations()[-1].pvs_voxels == 512

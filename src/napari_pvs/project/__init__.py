@@ -14,6 +14,8 @@ from napari_pvs.project.export import corrected_segmentation
 from napari_pvs.project.project import Project
 from napari_pvs.project.records import (
     Annotation,
+    AnswerRecord,
+    CandidateRecord,
     ModelVersion,
     PatchRecord,
     ProjectError,
@@ -33,6 +35,8 @@ __all__ = [
     "STOP_MIN_GAIN",
     "UNREVIEWED",
     "Annotation",
+    "AnswerRecord",
+    "CandidateRecord",
     "ModelVersion",
     "PatchRecord",
     "Project",

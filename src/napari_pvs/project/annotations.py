@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io as _io
-import itertools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from napari_pvs import atomic
 from napari_pvs.io.damage import damaged_file_error
+from napari_pvs.project.label_writes import write_label_box
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.queue import Queue
 from napari_pvs.project.records import Annotation, ProjectError, now
@@ -227,31 +227,9 @@ class Annotations:
         return self.annotation(annotation_id)
 
     def _write_labels(self, volume_id: int, start, stop, patch: np.ndarray) -> None:
-        """Write labels + reviewed for the box, then fsync every chunk file and folder touched."""
-        import zarr
-
+        """Write the patch as labels (all of the box reviewed), durably."""
         store = self._volumes.label_store_path(volume_id)
-        group = zarr.open_group(str(store), mode="r+")
-        box = _box(start, stop)
-        group["labels"][box] = patch
-        group["reviewed"][box] = np.ones(patch.shape, dtype=bool)
-        for name in ("labels", "reviewed"):
-            array = group[name]
-            chunks = array.chunks
-            ranges = [
-                range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks, strict=True)
-            ]
-            folders = set()
-            for index in itertools.product(*ranges):
-                key = store / name / array.metadata.encode_chunk_key(index)
-                if key.exists():
-                    atomic.fsync_path(key)
-                folder = key.parent
-                while folder != store:
-                    folders.add(folder)
-                    folder = folder.parent
-            for folder in sorted(folders, key=lambda p: -len(p.parts)):
-                atomic.fsync_folder(folder)
+        write_label_box(store, start, stop, patch, np.ones(patch.shape, dtype=bool))
 
     def annotation(self, annotation_id: int) -> Annotation:
         rows = self._annotation_rows("WHERE id = ?", (int(annotation_id),))
@@ -321,10 +299,6 @@ class Annotations:
         # Journal files without an intent row: their accept never got acknowledged.
         for item in self._journal.iterdir():
             item.unlink()
-
-
-def _box(start: Sequence[int], stop: Sequence[int]) -> tuple[slice, slice, slice]:
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))  # type: ignore[return-value]
 
 
 def _overlap(a0, a1, b0, b1) -> bool:

@@ -22,7 +22,7 @@ from napari_pvs.project.layout import LEDGER, LOCK, MARKER, MARKER_FORMAT
 from napari_pvs.project.lock import WriteLock
 from napari_pvs.project.records import ProjectError, now
 from napari_pvs.project.schema import (
-    MIGRATION_2,
+    MIGRATION_SCRIPTS,
     MIGRATIONS,
     SCHEMA_1,
     SCHEMA_VERSION,
@@ -200,7 +200,9 @@ def create_ledger(
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN")
-        for statement in statements(SCHEMA_1) + statements(MIGRATION_2):
+        for statement in [
+            s for script in (SCHEMA_1, *MIGRATION_SCRIPTS) for s in statements(script)
+        ]:
             db.execute(statement)
         db.executemany(
             "INSERT INTO meta VALUES (?, ?)",

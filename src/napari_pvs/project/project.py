@@ -20,12 +20,16 @@ from typing import Any
 
 from napari_pvs.progress import CancelToken, ProgressCallback
 from napari_pvs.project.annotations import Annotations
+from napari_pvs.project.answers import Answers
+from napari_pvs.project.candidates import Candidates
 from napari_pvs.project.create import create_project_folder
 from napari_pvs.project.export import Exports
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.queue import Queue
 from napari_pvs.project.records import (
     Annotation,
+    AnswerRecord,
+    CandidateRecord,
     ModelVersion,
     PatchRecord,
     RoundRecord,
@@ -62,6 +66,8 @@ class Project:
             ledger, self._versions, self._queue, self._annotations, self._settings
         )
         self._exports = Exports(ledger, self._volumes, self._annotations, self._versions)
+        self._candidates = Candidates(ledger, self._volumes, self._versions)
+        self._answers = Answers(ledger, self._volumes, self._candidates, self._annotations)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -103,7 +109,7 @@ class Project:
         try:
             project = cls(ledger)
             if not readonly:
-                repair(project._volumes, project._annotations, project._round_log)
+                repair(project._volumes, project._annotations, project._answers, project._round_log)
         except BaseException:
             ledger.release_lock()
             raise
@@ -212,6 +218,58 @@ class Project:
         self, ref: int | str | None = None, split: str | None = None
     ) -> list[Annotation]:
         return self._annotations.annotations(ref, split)
+
+    # -- candidates and answers (yes/no review of predicted clusters) --------------------------
+    def refresh_candidates(
+        self, ref: int | str, *, order: str = "uncertain", min_voxels: int = 1
+    ) -> list[CandidateRecord]:
+        """(Re)compute the volume's candidates from the current version's prediction (needs
+        :meth:`predict` done); returns its open candidates in rank order. ``order``:
+        ``uncertain``, ``size`` or ``region`` (needs the volume's region map)."""
+        regions = self._exports.region_map(ref) if order == "region" else None
+        return self._candidates.refresh(ref, order=order, min_voxels=min_voxels, regions=regions)
+
+    def candidates(
+        self,
+        ref: int | str | None = None,
+        status: str | Sequence[str] | None = "open",
+        n: int | None = None,
+    ) -> list[CandidateRecord]:
+        return self._candidates.candidates(ref, status, n)
+
+    def candidate(self, candidate_id: int) -> CandidateRecord:
+        return self._candidates.candidate(candidate_id)
+
+    def candidate_mask(self, candidate_id: int):
+        """The candidate's cluster: a boolean mask over its box (``bbox_start..bbox_stop``)."""
+        return self._candidates.mask(candidate_id)
+
+    def candidates_current(self, ref: int | str) -> bool:
+        """True when the volume's candidates come from the current version's prediction."""
+        return self._candidates.is_current(ref)
+
+    def answer(
+        self, candidate_id: int, answer: str, *, annotator: str, seconds: float | None = None
+    ) -> AnswerRecord:
+        return self._answers.answer(candidate_id, answer, annotator=annotator, seconds=seconds)
+
+    def undo_answer(self, answer_id: int | None = None, *, annotator: str) -> AnswerRecord | None:
+        return self._answers.undo(answer_id, annotator=annotator)
+
+    def answers(
+        self, ref: int | str | None = None, split: str | None = None, *, include_undone=False
+    ) -> list[AnswerRecord]:
+        return self._answers.answers(ref, split, include_undone=include_undone)
+
+    def answer_mask(self, answer_id: int):
+        """The voxels of its box an answer wrote (a boolean mask over ``bbox_start..stop``)."""
+        return self._answers.written_mask(answer_id)
+
+    def mark_candidate_edited(self, candidate_id: int, annotation_id: int) -> CandidateRecord:
+        """An accepted patch (``annotation_id``) reviewed the candidate instead of an answer."""
+        return self._candidates.mark_edited(
+            candidate_id, self._annotations.annotation(annotation_id)
+        )
 
     # -- the queue ----------------------------------------------------------------------------
     def skip(self, patch_id: int, *, annotator: str = "") -> None:
@@ -347,7 +405,7 @@ class Project:
     def status(self) -> dict[str, Any]:
         return project_status(
             self._ledger, self._volumes, self._annotations, self._queue, self._versions,
-            self._round_log,
+            self._round_log, self._candidates, self._answers,
         )  # fmt: skip
 
     # -- the PVS burden and export ------------------------------------------------------------

@@ -90,6 +90,45 @@ class RoundRecord:
     message: str | None
 
 
+@dataclass(frozen=True)
+class CandidateRecord:
+    """A predicted cluster as the project lists it for yes/no review (ids are stable)."""
+
+    id: int
+    volume_id: int
+    model_version: int  # the version whose prediction proposed it
+    bbox_start: list[int]  # the cluster's box [start, stop), voxel order
+    bbox_stop: list[int]
+    centre: list[float]  # voxel centroid
+    seed: list[int]  # a voxel of the cluster
+    voxels: int
+    volume_mm3: float
+    mean_probability: float
+    uncertainty: float  # mean predictive entropy (bits) over its voxels
+    rank: int  # 1 = ask first, among the volume's candidates of its version
+    status: str  # "open", "yes", "no", "skipped", "edited", "stale"
+    annotation_id: int | None = None  # the accepted patch of an "edited" candidate
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """A yes/no/skip answer on a candidate: a partial label of the cluster's voxels."""
+
+    id: int
+    candidate_id: int
+    volume_id: int
+    answer: str  # "yes" | "no" | "skip"
+    annotator: str
+    created: str
+    model_version: int  # the version whose prediction proposed the candidate
+    split: str  # "train" or "held-out"
+    bbox_start: list[int]
+    bbox_stop: list[int]
+    voxels_written: int  # label voxels this answer set (they were 255 before)
+    seconds: float | None = None
+    undone: str | None = None  # when it was undone (its voxels are 255 again)
+
+
 def now() -> str:
     """The ledger's timestamp of every record and event: UTC, ISO 8601, to the millisecond."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

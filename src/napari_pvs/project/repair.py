@@ -7,15 +7,20 @@ import os
 import numpy as np
 
 from napari_pvs.project.annotations import Annotations
+from napari_pvs.project.answers import Answers
 from napari_pvs.project.records import ProjectError, now
 from napari_pvs.project.round_log import RoundLog
 from napari_pvs.project.volumes import Volumes
 
 
-def repair(volumes: Volumes, annotations: Annotations, round_log: RoundLog) -> None:
+def repair(
+    volumes: Volumes, annotations: Annotations, answers: Answers, round_log: RoundLog
+) -> None:
     """Run the repair steps in order (a project opened for writing runs them first)."""
     # 1-2. Accepts whose intent committed are finished from the journal; other journal files go.
     annotations.finish_interrupted()
+    # 2b. Answers (and undos) whose intent committed are finished from their intent rows.
+    answers.finish_interrupted()
     # 3. Label stores: each live volume has one (created if missing and never annotated); a
     # removed volume's store is in archive/.
     for volume in volumes.rows():

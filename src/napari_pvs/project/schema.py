@@ -10,7 +10,7 @@ import numpy as np
 from napari_pvs.project.layout import label_store_path
 
 #: The ledger schema this code writes; older ledgers are migrated on open (see MIGRATIONS).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _BOX = "z0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x0 INTEGER NOT NULL, " \
        "z1 INTEGER NOT NULL, y1 INTEGER NOT NULL, x1 INTEGER NOT NULL"  # fmt: skip
@@ -76,8 +76,45 @@ def _migrate_2(folder: Path, db: sqlite3.Connection) -> None:
         )
 
 
+#: Schema 2 -> 3: yes/no review of predicted clusters. ``candidates`` (each cluster a version's
+#: prediction proposed, with its box and its voxels as a bit mask over the box), ``answers``
+#: (each yes/no/skip, with the bit mask of the label voxels it wrote, so undo restores exactly
+#: those) and ``pending_answers`` (the answer journal: intent rows holding the voxels and the
+#: value to write, finished on the next open after a crash).
+MIGRATION_3 = f"""
+CREATE TABLE candidates(id INTEGER PRIMARY KEY AUTOINCREMENT,
+  volume_id INTEGER NOT NULL REFERENCES volumes(id), model_version INTEGER NOT NULL, {_BOX},
+  seed_z INTEGER NOT NULL, seed_y INTEGER NOT NULL, seed_x INTEGER NOT NULL,
+  centre_z REAL NOT NULL, centre_y REAL NOT NULL, centre_x REAL NOT NULL,
+  voxels INTEGER NOT NULL, volume_mm3 REAL NOT NULL, mean_probability REAL NOT NULL,
+  uncertainty REAL NOT NULL, score REAL NOT NULL, rank INTEGER NOT NULL, status TEXT NOT NULL,
+  created TEXT NOT NULL, mask BLOB NOT NULL, annotation_id INTEGER);
+CREATE TABLE answers(id INTEGER PRIMARY KEY AUTOINCREMENT,
+  candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+  volume_id INTEGER NOT NULL REFERENCES volumes(id), answer TEXT NOT NULL,
+  annotator TEXT NOT NULL, created TEXT NOT NULL, model_version INTEGER, seconds REAL,
+  split TEXT NOT NULL, {_BOX}, voxels_written INTEGER NOT NULL, written BLOB NOT NULL,
+  undone TEXT, undone_by TEXT);
+CREATE TABLE pending_answers(token TEXT PRIMARY KEY, kind TEXT NOT NULL,
+  candidate_id INTEGER NOT NULL REFERENCES candidates(id), answer_id INTEGER,
+  answer TEXT NOT NULL, annotator TEXT NOT NULL, created TEXT NOT NULL, seconds REAL,
+  split TEXT NOT NULL, value INTEGER NOT NULL, reviewed INTEGER NOT NULL, mask BLOB NOT NULL);
+CREATE INDEX candidates_volume ON candidates(volume_id, status, rank);
+CREATE INDEX answers_candidate ON answers(candidate_id);
+CREATE INDEX answers_volume ON answers(volume_id);
+"""
+
+
+def _migrate_3(folder: Path, db: sqlite3.Connection) -> None:
+    for statement in statements(MIGRATION_3):
+        db.execute(statement)
+
+
 #: version -> function bringing a ledger from version - 1 to version (in one transaction).
-MIGRATIONS = {2: _migrate_2}
+MIGRATIONS = {2: _migrate_2, 3: _migrate_3}
+
+#: Every statement after schema 1, in order: what a new ledger runs after ``SCHEMA_1``.
+MIGRATION_SCRIPTS = (MIGRATION_2, MIGRATION_3)
 
 
 def statements(script: str) -> list[str]:

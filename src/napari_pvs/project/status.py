@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from napari_pvs.project.annotations import Annotations
+from napari_pvs.project.answers import Answers
+from napari_pvs.project.candidates import Candidates
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.queue import Queue
 from napari_pvs.project.round_log import RoundLog
@@ -19,8 +21,10 @@ def project_status(
     queue: Queue,
     versions: Versions,
     round_log: RoundLog,
+    candidates: Candidates,
+    answers: Answers,
 ) -> dict[str, Any]:
-    """Volumes, reviewed patches, versions with metrics, the current one, rounds."""
+    """Volumes, reviewed patches and answers, versions with metrics, the current one, rounds."""
     rows = []
     for v in volumes.volumes():
         accepted = annotations.annotations(v.id)
@@ -37,6 +41,8 @@ def project_status(
                 "pvs_voxels": sum(a.pvs_voxels or 0 for a in accepted),
                 "queue_new": sum(p.status == "new" for p in patches),
                 "skipped": sum(p.status == "skipped" for p in patches),
+                "answers": answers.counts(v.id)["total"],
+                "candidates_open": candidates.counts(v.id)["open"],
                 "predicted_versions": versions.predicted_versions(v.id),
             }
         )
@@ -44,6 +50,7 @@ def project_status(
         "path": str(ledger.folder),
         "schema_version": ledger.schema_version,
         "volumes": rows,
+        "answers": answers.counts(),
         "versions": versions.compare(),
         "current_version": versions.current_version().version,
         "rounds": [
