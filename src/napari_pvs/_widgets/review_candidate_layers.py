@@ -2,9 +2,9 @@
 
 A candidate is one predicted cluster (:mod:`napari_pvs.candidates`). It is shown as one small
 labels layer over its surroundings (the cluster's box grown by :data:`MARGIN_FRACTION` of its
-edge, at least :data:`MIN_MARGIN` voxels), holding the cluster alone (rebuilt from the
-proposing version's segmentation and the candidate's seed voxel by
-:func:`napari_pvs.candidates.cluster_mask`), drawn as an outline; the view goes to the plane
+edge, at least :data:`MIN_MARGIN` voxels), holding the cluster alone (the mask the ledger
+keeps, ``project.candidate_mask``, read in the step's worker with the list), drawn as an
+outline; the view goes to the plane
 of the first axis where the cluster is widest, centred and zoomed on it. The step's keys are
 bound on that layer, so they go with it. The three orthogonal planes through the same point
 (:func:`orthogonal_planes`) are a small RGB picture the panel shows beside its counter: cheap
@@ -21,7 +21,7 @@ import numpy as np
 from napari.layers import Image, Labels
 
 from napari_pvs._widgets._layers import PATCH_OF_KEY, find_layer, zoom_to
-from napari_pvs._widgets.review_layers import grown_box, prediction_store
+from napari_pvs._widgets.review_layers import grown_box
 from napari_pvs._widgets.state import WorkflowState
 
 if TYPE_CHECKING:
@@ -63,9 +63,9 @@ def widest_point(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def _plane_pixels(plane: np.ndarray, spacing: Sequence[float], pixels: int) -> np.ndarray:
-    """Nearest-neighbour resampling of a 2D plane so its longer side is ``pixels`` and each
-    pixel covers the same millimetres along both axes."""
-    extent = np.asarray(plane.shape, float) * np.asarray(spacing, float)
+    """Nearest-neighbour resampling of a plane (its first two axes) so its longer side is
+    ``pixels`` and each pixel covers the same millimetres along both axes."""
+    extent = np.asarray(plane.shape[:2], float) * np.asarray(spacing, float)
     size = np.maximum(1, np.round(extent / extent.max() * pixels)).astype(int)
     rows = np.minimum((np.arange(size[0]) + 0.5) / size[0] * plane.shape[0], plane.shape[0] - 1)
     cols = np.minimum((np.arange(size[1]) + 0.5) / size[1] * plane.shape[1], plane.shape[1] - 1)
@@ -113,45 +113,29 @@ class CandidateLayers:
     """Puts the candidate under review on the canvas, and takes it off.
 
     ``bind_keys`` is called once on a newly made candidate layer (the step's keys go with it).
-    Prediction stores are opened once per (volume, version) while the mode is on.
     """
 
     def __init__(self, state: WorkflowState, bind_keys: Callable[[Labels], None]) -> None:
         self.state = state
         self.viewer = state.viewer
         self.bind_keys = bind_keys
-        self._stores: dict[tuple[int, int], object] = {}
 
     def labels(self) -> Labels | None:
         """The candidate's labels layer, if it is on the canvas."""
         layer = find_layer(self.viewer, CANDIDATE_LAYER)
         return layer if isinstance(layer, Labels) else None
 
-    def forget_stores(self) -> None:
-        """Drop the opened prediction stores (a new prediction may have replaced them)."""
-        self._stores = {}
-
-    def read(self, candidate: CandidateRecord, image: Image) -> CandidateView:
-        """The candidate's surroundings: the cluster there (from its version's segmentation)
-        and the image crop. Raises FileNotFoundError when that prediction is gone."""
-        from napari_pvs.candidates import cluster_mask
-
-        key = (candidate.volume_id, candidate.model_version)
-        if key not in self._stores:
-            store = prediction_store(self.state.project, *key)
-            if store is None:
-                raise FileNotFoundError(
-                    f"model v{candidate.model_version}'s prediction of this volume is gone; "
-                    "press Find candidates to ask about the current prediction"
-                )
-            self._stores[key] = store
+    def read(self, candidate: CandidateRecord, cluster: np.ndarray, image: Image) -> CandidateView:
+        """The candidate's surroundings: its ``cluster`` (a mask over its box) placed there,
+        and the image crop."""
         data = image.data[0] if image.multiscale else image.data
         start, stop = grown_box(candidate.bbox_start, candidate.bbox_stop, data.shape[-3:],
                                 MARGIN_FRACTION, MIN_MARGIN)  # fmt: skip
         box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-        segmentation = np.asarray(self._stores[key]["segmentation"][box])
-        seed = tuple(int(s) - a for s, a in zip(candidate.seed, start, strict=True))
-        mask = cluster_mask(segmentation, seed)
+        mask = np.zeros([b - a for a, b in zip(start, stop, strict=True)], dtype=bool)
+        bbox = zip(candidate.bbox_start, candidate.bbox_stop, start, strict=True)
+        inner = tuple(slice(a - s, b - s) for a, b, s in bbox)
+        mask[inner] = cluster
         crop = np.asarray(data[box])
         return CandidateView(start, stop, mask, widest_point(mask), crop)
 
@@ -192,4 +176,3 @@ class CandidateLayers:
         layer = find_layer(self.viewer, CANDIDATE_LAYER)
         if layer is not None:
             self.viewer.layers.remove(layer)
-        self.forget_stores()

@@ -2,7 +2,8 @@
 
 Thin over the project: ``project.refresh_candidates`` (predicting first when the current
 version has no prediction) and ``project.candidates`` fill the list in ``load_job``;
-``project.answer`` / ``project.undo_answer`` record what the annotator said, one at a time in
+their clusters (``project.candidate_mask``) come with the list; ``project.answer`` /
+``project.undo_answer`` record what the annotator said, one at a time in
 ``save_job``, in the order given. An answer changes the list and the counter at once and the
 next candidate is shown without waiting for its save; a save that fails is shown and its
 candidate is asked again. The candidate's layers: :mod:`.review_candidate_layers`; the list:
@@ -27,7 +28,15 @@ import numpy as np
 from napari.layers import Labels
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGridLayout, QGroupBox, QLabel, QPushButton
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QLabel,
+    QPushButton,
+)
 
 from napari_pvs._widgets._common import fill_volume_combo
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
@@ -56,6 +65,8 @@ KEY_HELP = (
 ANSWER_WORDS = {"yes": "a PVS", "no": "not a PVS", "skip": "skipped"}
 #: The candidate's status once an answer is recorded.
 ANSWER_STATUS = {"yes": "yes", "no": "no", "skip": "skipped"}
+#: How long closing the step waits for answers still being written (each takes milliseconds).
+FLUSH_WAIT_S = 30.0
 
 
 @dataclass
@@ -109,6 +120,8 @@ class CandidatesBox(QGroupBox):
         self.answer_ids: dict[int, int] = {}
         self.active = False
         self.view: CandidateView | None = None
+        #: each listed candidate's cluster, a mask over its box (read with the list)
+        self.masks: dict[int, np.ndarray] = {}
         self._volume: VolumeRecord | None = None
         self._image: Image | None = None
         self._loading_vid: int | None = None
@@ -117,7 +130,6 @@ class CandidatesBox(QGroupBox):
         self.queue.connect(self.show_counts)
         state.volumes_changed.connect(self.refresh_volumes)
         state.versions_changed.connect(self._on_versions_changed)
-        state.predictions_changed.connect(lambda _vid: self.layers.forget_stores())
 
     # ---------------------------------------------------------------- building
     def _build(self) -> None:
@@ -202,14 +214,22 @@ class CandidatesBox(QGroupBox):
         self.planes_label.clear()
         self._enable_controls()
 
-    def teardown(self) -> None:
+    def teardown(self, wait_s: float = FLUSH_WAIT_S) -> None:
+        """Stop listing; write the answers still waiting (up to ``wait_s``: they were given,
+        so closing must not lose them); the candidate's layer and its keys go."""
         self.load_job.cancel()
-        self.pending.clear()
+        deadline = time.monotonic() + wait_s
+        while self.is_saving() and time.monotonic() < deadline:
+            QApplication.processEvents()  # the worker's results come back as events
+            time.sleep(0.005)
         if self.active:
             self.deactivate()
 
     def project_changed(self) -> None:
         """Another project: nothing of the last one's list, history or images stays."""
+        if self.pending:  # the last project is closed already: these cannot be written now
+            self._report(f"{len(self.pending)} answers were not saved: their project was closed "
+                         "before they could be written", "warning")  # fmt: skip
         self.pending.clear()
         self.history, self.answer_ids = [], {}
         self._volume = self._image = None
@@ -269,8 +289,9 @@ class CandidatesBox(QGroupBox):
                 if not project.has_prediction(vid):
                     project.predict(vid, progress=progress, cancel=cancel)
                 project.refresh_candidates(vid)
-            listed = project.candidates(vid, status=None)
-            return vid, refresh, listed, project.current_version().version
+            listed = [c for c in project.candidates(vid, status=None) if c.status != "stale"]
+            masks = {c.id: project.candidate_mask(c.id) for c in listed}
+            return vid, refresh, listed, masks, project.current_version().version
 
         self.load_job.start(work, f"{'Finding' if refresh else 'Listing'} candidates of "
                                   f"{volume.name}")  # fmt: skip
@@ -284,13 +305,14 @@ class CandidatesBox(QGroupBox):
         self._report(message, "error")
 
     def _on_loaded(self, value) -> None:
-        vid, refreshed, listed, current = value
+        vid, refreshed, listed, masks, current = value
         self.state.release(self._loading_vid)
         self._loading_vid = None
         if refreshed:
             self.state.predictions_changed.emit(vid)
-        if vid != self.volume_combo.currentData():
+        if vid != self.volume_combo.currentData():  # another volume was chosen meanwhile
             self._enable_controls()
+            self.reload()
             return
         # what the worker listed may predate answers still waiting to be saved: keep ours
         waiting = {s.candidate_id: s for s in self.pending}
@@ -298,6 +320,7 @@ class CandidatesBox(QGroupBox):
             waiting[self._saving.candidate_id] = self._saving
         mine = {c.id: c.status for c in self.queue.candidates if c.id in waiting}
         self.queue.set_candidates(listed)
+        self.masks = masks
         for cid, status in mine.items():
             self.queue.set_status(cid, status)
         self._volume = self.state.project.volume(vid)
@@ -348,7 +371,9 @@ class CandidatesBox(QGroupBox):
             return False
         try:
             image = self._image_layer(self._volume)
-            self.view = self.layers.read(candidate, image)
+            if candidate.id not in self.masks:
+                self.masks[candidate.id] = self.state.project.candidate_mask(candidate.id)
+            self.view = self.layers.read(candidate, self.masks[candidate.id], image)
         except FileNotFoundError as exc:
             self._report(str(exc), "error")
             return False
@@ -506,7 +531,13 @@ class CandidatesBox(QGroupBox):
                 self._say(f"candidate {record.candidate_id}: answer undone")
         elif save.candidate_id is None:
             self._report("no answer to undo")
+        self._drain_then_tell()
+
+    def _drain_then_tell(self) -> None:
+        """Start the next save; once none waits, tell the other steps the answers changed."""
         self._drain()
+        if not self.is_saving() and self._volume is not None:
+            self.state.answers_changed.emit(self._volume.id)
 
     def _on_save_failed(self, message: str) -> None:
         save, self._saving = self._saving, None
@@ -523,7 +554,7 @@ class CandidatesBox(QGroupBox):
                          f"{message}; it is back in the list", "error")  # fmt: skip
         else:
             self._report(f"could not undo: {message}", "error")
-        self._drain()
+        self._drain_then_tell()
 
     # ---------------------------------------------------------------- edit
     def edit(self) -> bool:

@@ -54,21 +54,6 @@ def context_box(patch: PatchRecord, shape) -> tuple[list[int], list[int]]:
     return grown_box(patch.start, patch.stop, shape, MARGIN_FRACTION, MIN_MARGIN)
 
 
-def prediction_store(project, volume_id: int, version: int | None):
-    """The prediction store of ``version`` (else the current version's) for the volume, or
-    None when neither is there."""
-    from napari_pvs.io import open_prediction
-
-    for candidate_version in (version, None):
-        path = project.prediction_path(volume_id, candidate_version)
-        if path.is_dir():
-            try:
-                return open_prediction(path)
-            except ValueError:
-                continue
-    return None
-
-
 class PatchLayers:
     """Puts the patch under review on the canvas, and takes it off.
 
@@ -89,7 +74,17 @@ class PatchLayers:
 
     def prediction_group(self, patch: PatchRecord):
         """The prediction store the patch was ranked on (else the current version's), or None."""
-        return prediction_store(self.state.project, patch.volume_id, patch.model_version)
+        from napari_pvs.io import open_prediction
+
+        project = self.state.project
+        for version in (patch.model_version, None):
+            path = project.prediction_path(patch.volume_id, version)
+            if path.is_dir():
+                try:
+                    return open_prediction(path)
+                except ValueError:
+                    continue
+        return None
 
     def prefill_labels(self, patch: PatchRecord) -> np.ndarray:
         """The model's segmentation of the box, with accepted labels where it was reviewed."""
