@@ -19,9 +19,9 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 #: Top-level names under ``napari_pvs`` that the documents refer to as modules or packages.
 PACKAGES = {
-    "atomic", "benchmark", "cli", "cohort", "display", "error_yield", "inference", "intensity",
-    "io", "memory", "metrics", "models", "phantom", "progress", "project", "ranking", "rounds",
-    "training", "uncertainty", "validation",
+    "atomic", "benchmark", "candidates", "cli", "cohort", "display", "error_yield", "inference",
+    "intensity", "io", "memory", "metrics", "models", "phantom", "progress", "project", "ranking",
+    "rounds", "training", "uncertainty", "validation",
 }
 #: Dotted words in the documents that are not Python names (metadata keys, file names).
 NOT_NAMES = {"training.modalities"}

@@ -1,5 +1,5 @@
 """The project command group: init, add, remove, status, queue, accept, versions, rollback,
-export.
+export (and candidates, answer: :mod:`napari_pvs.cli.candidates`).
 
 A volume is named by ``#ID`` (or ``--id ID``), by its name, or by the path it was added with
 (:meth:`napari_pvs.project.Project.find_volume`). Sizes and names are checked before any work
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from napari_pvs.cli._common import UserError
+from napari_pvs.cli.candidates import add_candidate_commands
 
 
 def add_project(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +75,9 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     repair.add_argument("project", metavar="DIR")
     repair.set_defaults(func=_repair)
 
-    status = commands.add_parser("status", help="volumes, reviewed patches, versions, rounds")
+    status = commands.add_parser(
+        "status", help="volumes, reviewed patches, answers, versions, rounds"
+    )
     status.add_argument("project", metavar="DIR")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_status)
@@ -112,6 +115,8 @@ def add_project(subparsers: argparse._SubParsersAction) -> None:
     accept.add_argument("--seconds", type=float, help="time spent reviewing")
     accept.add_argument("--patch-id", type=int, help="the queued patch this answers")
     accept.set_defaults(func=_accept)
+
+    add_candidate_commands(commands)
 
     versions = commands.add_parser("versions", help="model versions with their metrics")
     versions.add_argument("project", metavar="DIR")
@@ -244,13 +249,20 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=1, default=str))
         return 0
     print(f"project {status['path']} (schema {status['schema_version']})")
-    print(f"{'id':>3} {'volume':<24} {'shape':<14} {'reviewed':>8} {'val':>4} {'queue':>5}")
+    print(f"{'id':>3} {'volume':<24} {'shape':<14} {'reviewed':>8} {'val':>4} {'queue':>5} "
+          f"{'answers':>7} {'open':>5}")  # fmt: skip
     for v in status["volumes"]:
         shape = "x".join(map(str, v["shape"]))
         print(
             f"{v['id']:>3} {v['name']:<24} {shape:<14} {v['annotations']:>8} "
-            f"{v['validation']:>4} {v['queue_new']:>5}"
+            f"{v['validation']:>4} {v['queue_new']:>5} {v['answers']:>7} {v['candidates_open']:>5}"
         )
+    answers = status["answers"]
+    patches = sum(v["annotations"] for v in status["volumes"])
+    print(
+        f"reviewed patches: {patches}; answers: {answers['total']} (yes {answers['yes']}, "
+        f"no {answers['no']}, skipped {answers['skipped']}; held out {answers['held_out']})"
+    )
     print(_versions_table(status["versions"]))
     for r in status["rounds"][-5:]:
         print(f"round {r['id']}: {r['status']} ({r['annotations']} annotations): {r['message']}")

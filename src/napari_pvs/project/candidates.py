@@ -169,7 +169,8 @@ class Candidates:
                 f"{record.name} --refresh predicts it, as does Project.predict)"
             )
         group = open_prediction(self._versions.prediction_path(record.id, number))
-        segmentation = group["segmentation"]
+        # the clusters are labelled over the whole segmentation anyway: read it once
+        segmentation = np.asarray(group["segmentation"][:])
         found = find_candidates(
             segmentation,
             group["probability"],
@@ -186,7 +187,7 @@ class Candidates:
         for c in found:
             box = tuple(slice(a, b) for a, b in zip(c.bbox_start, c.bbox_stop, strict=True))
             seed = [s - a for s, a in zip(c.seed, c.bbox_start, strict=True)]
-            masks.append(pack_mask(cluster_mask(np.asarray(segmentation[box]), seed)))
+            masks.append(pack_mask(cluster_mask(segmentation[box], seed)))
         with self._ledger.transaction() as db:
             self._record_refresh(db, record.id, number, found, masks, order)
         return self.candidates(record.id, status="open")
@@ -264,6 +265,14 @@ class Candidates:
                 "candidate-edited", {"candidate": candidate.id, "annotation": annotation.id}, db
             )
         return self.candidate(candidate.id)
+
+    def retire_volume(self, volume_id: int, db: sqlite3.Connection) -> None:
+        """The volume left the project: its open and skipped candidates go stale."""
+        db.execute(
+            "UPDATE candidates SET status = 'stale' WHERE volume_id = ? "
+            "AND status IN ('open', 'skipped')",
+            (volume_id,),
+        )
 
     def set_status(
         self,

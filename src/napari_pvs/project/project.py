@@ -160,12 +160,13 @@ class Project:
 
     def remove_volume(self, ref: int | str) -> Path:
         """Take a volume out of the project (it can be added again); its patches still in the
-        queue are skipped, its rows stay in the history and its reviewed labels move to
-        ``archive/<id>-<name>/`` (returned)."""
+        queue are skipped, its open candidates go stale, its rows stay in the history and its
+        reviewed labels move to ``archive/<id>-<name>/`` (returned)."""
         record = self._volumes.volume(ref)
         with self._ledger.transaction() as db:
             self._volumes.mark_removed(record, db)
             self._queue.skip_new(record.id, db)
+            self._candidates.retire_volume(record.id, db)
         return self._volumes.archive_labels(record)
 
     def volumes(self) -> list[VolumeRecord]:
