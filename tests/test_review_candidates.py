@@ -51,17 +51,24 @@ def cluster_segmentation() -> np.ndarray:
     return segmentation
 
 
+def unpredicted_project(folder) -> Project:
+    """A project (tiny model) with one phantom volume, not predicted yet."""
+    checkpoint = tiny_checkpoint(folder / "tiny.safetensors")
+    phantom = make_phantom(SHAPE, SPACING, "T2", seed=1, severity=1.0)
+    scan = io.save_ome_zarr(folder / "sub-01_T2w.zarr", phantom.image, phantom.spacing,
+                            modality="T2", levels=1, chunks=16)  # fmt: skip
+    project = Project.create(folder / "project", model=checkpoint)
+    project.add_volume(scan, modality="T2")
+    project.update_settings(predict_mc=2, predict_tta=1, device="cpu", patch=12)
+    return project
+
+
 @pytest.fixture
 def project(tmp_path):
     """A project with one phantom volume predicted by a tiny model, its segmentation the six
     hand-made clusters (probability 0.8 there, 0.05 elsewhere)."""
-    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
-    phantom = make_phantom(SHAPE, SPACING, "T2", seed=1, severity=1.0)
-    scan = io.save_ome_zarr(tmp_path / "sub-01_T2w.zarr", phantom.image, phantom.spacing,
-                            modality="T2", levels=1, chunks=16)  # fmt: skip
-    project = Project.create(tmp_path / "project", model=checkpoint)
-    volume = project.add_volume(scan, modality="T2")
-    project.update_settings(predict_mc=2, predict_tta=1, device="cpu", patch=12)
+    project = unpredicted_project(tmp_path)
+    volume = project.volumes()[0]
     project.predict(volume.id)
     store = zarr.open_group(str(project.prediction_path(volume.id)), mode="r+")
     segmentation = cluster_segmentation()
@@ -97,8 +104,9 @@ def start_candidates(workflow, qtbot):
     box = review.candidates_box
     assert review.mode() == "Candidates" and not review.queue_box.isVisibleTo(review)
     wait(qtbot, box.load_job.is_running)
-    assert "press Find candidates" in box.counter_label.text()
-    box.find_button.click()
+    # the current version's prediction is there: its candidates are found on entering
+    assert box.counter_label.text().endswith(f"· {len(CLUSTERS)} left")
+    box.find_button.click()  # found again: the same candidates, nothing answered
     wait(qtbot, box.load_job.is_running)
     return review, box
 
@@ -220,6 +228,35 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     wait(qtbot, review.is_busy)
     assert [a.answer for a in project.answers(vid)] == ["no"]
     assert project.candidates(vid, status="open") and not review.candidates_box.pending
+
+
+def test_find_predicts_first_when_the_volume_has_no_prediction(make_napari_viewer, qtbot,
+                                                               tmp_path):  # fmt: skip
+    project = unpredicted_project(tmp_path)
+    vid = project.volumes()[0].id
+    viewer = make_napari_viewer()
+    workflow = PVSWorkflow(viewer, ask=Answers())
+    viewer.window.add_dock_widget(workflow, area="right")
+    workflow.state.set_project(project)
+    try:
+        review = workflow.review_step
+        box = review.candidates_box
+        review.set_mode("Candidates")
+        wait(qtbot, box.load_job.is_running)
+        assert box.counter_label.text() == "no candidates listed: press Find candidates"
+        assert not box.yes_button.isEnabled()
+        box.find_button.click()
+        wait(qtbot, box.load_job.is_running)
+        assert project.has_prediction(vid) and project.candidates_current(vid)
+        listed = project.candidates(vid)
+        assert [c.id for c in box.queue.candidates] == [c.id for c in listed]
+        assert listed  # the seeded tiny model segments a few dozen clusters
+        assert box.queue.current().id == listed[0].id
+        key(workflow, qtbot, Qt.Key.Key_Y)
+        wait(qtbot, review.is_busy)
+        assert project.candidate(listed[0].id).status == "yes"
+    finally:
+        workflow.teardown()
 
 
 def test_a_failed_save_puts_the_candidate_back(workflow, qtbot, project, monkeypatch):

@@ -154,16 +154,21 @@ class CandidateLayers:
             )  # fmt: skip
             layer.contour = 1
             self.bind_keys(layer)
-        else:
-            layer.scale, layer.translate = tuple(scale), tuple(origin)
+        else:  # each setter redraws the layer, even with the same value: only what changed
+            if not np.allclose(layer.scale[-3:], scale):
+                layer.scale = tuple(scale)
+            layer.translate = tuple(origin)
             layer.data = data
             layer.metadata = metadata
-            layer.visible = True
+            if not layer.visible:
+                layer.visible = True
         index = self.viewer.layers.index(layer)
         if index != len(self.viewer.layers) - 1:
             self.viewer.layers.move(index, len(self.viewer.layers))
-        self.viewer.layers.selection.active = layer
-        layer.mode = "pan_zoom"
+        if self.viewer.layers.selection.active is not layer:
+            self.viewer.layers.selection.active = layer
+        if layer.mode != "pan_zoom":
+            layer.mode = "pan_zoom"
         if self.viewer.dims.ndisplay != 2:
             self.viewer.dims.ndisplay = 2
         point = (np.asarray(view.start) + np.asarray(view.point)) * scale + translate

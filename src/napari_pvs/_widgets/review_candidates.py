@@ -109,7 +109,7 @@ class CandidatesBox(QGroupBox):
         self.load_job.failed.connect(lambda message: self._loaded_failed(message))
         self.load_job.cancelled.connect(lambda: self._loaded_failed("finding cancelled"))
         #: writes answers and undos, one at a time, in the order given
-        self.save_job = BackgroundJob(self)
+        self.save_job = BackgroundJob(self, progress_bar=False)
         self.save_job.succeeded.connect(self._on_saved)
         self.save_job.failed.connect(self._on_save_failed)
         self.pending: deque[Save] = deque()
@@ -253,7 +253,8 @@ class CandidatesBox(QGroupBox):
 
     # ---------------------------------------------------------------- listing
     def reload(self) -> bool:
-        """List the volume's candidates as the ledger has them (in the worker)."""
+        """List the volume's candidates (in the worker), found again first when the current
+        version predicted the volume since they were found."""
         return self._start_listing(refresh=False)
 
     def find(self) -> bool:
@@ -285,9 +286,11 @@ class CandidatesBox(QGroupBox):
             self._loading_vid = vid
 
         def work(progress, cancel):
-            if refresh:
-                if not project.has_prediction(vid):
-                    project.predict(vid, progress=progress, cancel=cancel)
+            if refresh and not project.has_prediction(vid):
+                project.predict(vid, progress=progress, cancel=cancel)
+            # the current version's prediction is there but not yet asked about: ask about it
+            current = project.has_prediction(vid) and not project.candidates_current(vid)
+            if refresh or current:
                 project.refresh_candidates(vid)
             listed = [c for c in project.candidates(vid, status=None) if c.status != "stale"]
             masks = {c.id: project.candidate_mask(c.id) for c in listed}
