@@ -127,6 +127,7 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     assert box.counter_label.text() == "answered 0: 0 yes, 0 no, 0 edited · 0 skipped · 6 left"
     layer = viewer.layers[CANDIDATE_LAYER]
     assert viewer.layers.selection.active is layer and layer.contour == 1
+    assert layer.mode == "pan_zoom"  # shown, not painted (E opens a patch for that)
     first = box.queue.current()
     assert first.id == listed[0].id  # rank 1 first
     # the layer holds exactly the cluster, placed on the volume's grid

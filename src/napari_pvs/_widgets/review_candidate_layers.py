@@ -167,7 +167,7 @@ class CandidateLayers:
             self.viewer.layers.move(index, len(self.viewer.layers))
         if self.viewer.layers.selection.active is not layer:
             self.viewer.layers.selection.active = layer
-        if layer.mode != "pan_zoom":
+        if layer.mode != "pan_zoom":  # shown, not painted (an edit is E's patch)
             layer.mode = "pan_zoom"
         if self.viewer.dims.ndisplay != 2:
             self.viewer.dims.ndisplay = 2

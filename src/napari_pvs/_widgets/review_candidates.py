@@ -286,7 +286,8 @@ class CandidatesBox(QGroupBox):
             self._loading_vid = vid
 
         def work(progress, cancel):
-            if refresh and not project.has_prediction(vid):
+            predicted = refresh and not project.has_prediction(vid)
+            if predicted:
                 project.predict(vid, progress=progress, cancel=cancel)
             # the current version's prediction is there but not yet asked about: ask about it
             current = project.has_prediction(vid) and not project.candidates_current(vid)
@@ -294,7 +295,7 @@ class CandidatesBox(QGroupBox):
                 project.refresh_candidates(vid)
             listed = [c for c in project.candidates(vid, status=None) if c.status != "stale"]
             masks = {c.id: project.candidate_mask(c.id) for c in listed}
-            return vid, refresh, listed, masks, project.current_version().version
+            return vid, predicted, listed, masks, project.current_version().version
 
         self.load_job.start(work, f"{'Finding' if refresh else 'Listing'} candidates of "
                                   f"{volume.name}")  # fmt: skip
@@ -308,10 +309,11 @@ class CandidatesBox(QGroupBox):
         self._report(message, "error")
 
     def _on_loaded(self, value) -> None:
-        vid, refreshed, listed, masks, current = value
+        vid, predicted, listed, masks, current = value
+        refreshed = self._loading_vid == vid  # Find (not a listing)
         self.state.release(self._loading_vid)
         self._loading_vid = None
-        if refreshed:
+        if predicted:
             self.state.predictions_changed.emit(vid)
         if vid != self.volume_combo.currentData():  # another volume was chosen meanwhile
             self._enable_controls()
