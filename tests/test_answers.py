@@ -365,3 +365,26 @@ def test_cli_round_trip(project, tmp_path, capsys):
     assert status["answers"]["total"] == 1 and status["answers"]["no"] == 1
     assert main(["project", "candidates", folder, "--refresh", "--order", "region"]) == 0
     assert "open" in capsys.readouterr().out  # the phantom volume has a region map
+
+
+def test_a_patch_accepted_during_refresh_is_not_asked(project, monkeypatch):
+    """Refresh computes without the project's lock; labels written meanwhile make it compute
+    again (holding the lock), so a cluster reviewed during the refresh is no candidate."""
+    import napari_pvs.candidates as module
+
+    write_prediction(project, 0, [(A, 0.9), (B, 0.6)])
+    original = module.find_candidates
+    calls = []
+
+    def find_while_accepting(*args, **kwargs):
+        found = original(*args, **kwargs)
+        if not calls:  # another thread accepts A's patch just after the first pass read labels
+            assert len(found) == 2
+            project.accept(1, (4, 4, 4), (8, 8, 8), np.zeros((4, 4, 4), np.uint8))
+        calls.append(1)
+        return found
+
+    monkeypatch.setattr(module, "find_candidates", find_while_accepting)
+    found = project.refresh_candidates(1)
+    assert len(calls) == 2
+    assert [tuple(c.seed) for c in found] == [B[0]]

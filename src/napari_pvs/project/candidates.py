@@ -171,25 +171,36 @@ class Candidates:
         group = open_prediction(self._versions.prediction_path(record.id, number))
         # the clusters are labelled over the whole segmentation anyway: read it once
         segmentation = np.asarray(group["segmentation"][:])
-        found = find_candidates(
-            segmentation,
-            group["probability"],
-            group.get("entropy"),
-            volume_id=record.id,
-            spacing=record.spacing,
-            exclude=self._volumes.labels(record.id)["labels"],
-            unlabelled_value=UNREVIEWED,
-            order=order,
-            regions=regions,
-            min_voxels=min_voxels,
-        )
-        masks = []
-        for c in found:
-            box = tuple(slice(a, b) for a, b in zip(c.bbox_start, c.bbox_stop, strict=True))
-            seed = [s - a for s, a in zip(c.seed, c.bbox_start, strict=True)]
-            masks.append(pack_mask(cluster_mask(segmentation[box], seed)))
-        with self._ledger.transaction() as db:
-            self._record_refresh(db, record.id, number, found, masks, order)
+
+        def compute() -> tuple[list, list[bytes]]:
+            found = find_candidates(
+                segmentation,
+                group["probability"],
+                group.get("entropy"),
+                volume_id=record.id,
+                spacing=record.spacing,
+                exclude=self._volumes.labels(record.id)["labels"],
+                unlabelled_value=UNREVIEWED,
+                order=order,
+                regions=regions,
+                min_voxels=min_voxels,
+            )
+            masks = []
+            for c in found:
+                box = tuple(slice(a, b) for a, b in zip(c.bbox_start, c.bbox_stop, strict=True))
+                seed = [s - a for s, a in zip(c.seed, c.bbox_start, strict=True)]
+                masks.append(pack_mask(cluster_mask(segmentation[box], seed)))
+            return found, masks
+
+        # Computed without the project's lock (answers go on meanwhile); when anything was
+        # written in between, computed again holding it, so no answered cluster comes back.
+        before = self._ledger.last_event_id()
+        found, masks = compute()
+        with self._ledger.mutex:
+            if self._ledger.last_event_id() != before:
+                found, masks = compute()
+            with self._ledger.transaction() as db:
+                self._record_refresh(db, record.id, number, found, masks, order)
         return self.candidates(record.id, status="open")
 
     def _record_refresh(

@@ -150,6 +150,11 @@ class Ledger:
             )
         return [{"id": r[0], "time": r[1], "kind": r[2], **json.loads(r[3])} for r in rows]
 
+    def last_event_id(self) -> int:
+        """The newest event's id: every change to the ledger or the labels appends one, so a
+        different value means something changed since it was read."""
+        return int(self.query("SELECT MAX(id) FROM events")[0][0] or 0)
+
     def meta(self, key: str, default: Any = None) -> Any:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else default
