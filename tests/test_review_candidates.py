@@ -260,6 +260,19 @@ def test_find_predicts_first_when_the_volume_has_no_prediction(make_napari_viewe
         workflow.teardown()
 
 
+def test_the_order_box_orders_the_next_find(workflow, qtbot, project):
+    review, box = start_candidates(workflow, qtbot)
+    box.order_combo.setCurrentText("size")
+    box.find_button.click()
+    wait(qtbot, box.load_job.is_running)
+    vid = project.volumes()[0].id
+    assert [c.id for c in box.queue.candidates] == [c.id for c in project.candidates(vid)]
+    # six clusters of 6, 16 | 20, 24 | 27, 28 voxels: small, medium, large in turn
+    sizes = [c.voxels for c in box.queue.candidates]
+    assert sizes[0] in (6, 16) and sizes[1] in (20, 24) and sizes[2] in (27, 28)
+    assert box.queue.current().id == box.queue.candidates[0].id
+
+
 def test_a_failed_save_puts_the_candidate_back(workflow, qtbot, project, monkeypatch):
     review, box = start_candidates(workflow, qtbot)
     first = box.queue.current()

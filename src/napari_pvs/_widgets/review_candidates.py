@@ -47,6 +47,7 @@ from napari_pvs._widgets.review_candidate_layers import (
 )
 from napari_pvs._widgets.review_candidate_queue import CandidateQueue
 from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.candidates import DEFAULT_ORDER, ORDERS
 
 if TYPE_CHECKING:
     from napari.layers import Image
@@ -65,6 +66,12 @@ KEY_HELP = (
 ANSWER_WORDS = {"yes": "a PVS", "no": "not a PVS", "skip": "skipped"}
 #: The candidate's status once an answer is recorded.
 ANSWER_STATUS = {"yes": "yes", "no": "no", "skip": "skipped"}
+#: What each candidate order asks first (the Order box's tooltips).
+ORDER_MEANINGS = {
+    "uncertain": "the clusters the model is least sure about first (mean entropy)",
+    "size": "small, medium and large clusters in turn, each by uncertainty",
+    "region": "the regions of the volume's region map in turn, each by uncertainty",
+}
 #: How long closing the step waits for answers still being written (each takes milliseconds).
 FLUSH_WAIT_S = 30.0
 
@@ -137,6 +144,14 @@ class CandidatesBox(QGroupBox):
         self.volume_combo = QComboBox()
         self.volume_combo.currentIndexChanged.connect(lambda _i: self.reload())
         form.addRow("Volume", self.volume_combo)
+        self.order_combo = QComboBox()
+        self.order_combo.addItems(list(ORDERS))
+        for index, name in enumerate(ORDERS):
+            self.order_combo.setItemData(index, ORDER_MEANINGS[name], Qt.ItemDataRole.ToolTipRole)
+        self.order_combo.setCurrentText(DEFAULT_ORDER)
+        self.order_combo.setToolTip("Which candidates are asked first (Find candidates again to "
+                                    "apply a new order)")  # fmt: skip
+        form.addRow("Order", self.order_combo)
         self.find_button = QPushButton("Find candidates")
         self.find_button.setToolTip(
             "List every predicted PVS cluster of this volume with the current model (predicting "
@@ -276,7 +291,7 @@ class CandidatesBox(QGroupBox):
             if refresh:
                 self._report("candidates are being listed; try again in a moment", "warning")
             return False
-        project, vid = self.state.project, volume.id
+        project, vid, order = self.state.project, volume.id, self.order_combo.currentText()
         if refresh:
             holder = self.state.claim(vid, "the Review step")
             if holder is not None:
@@ -292,7 +307,7 @@ class CandidatesBox(QGroupBox):
             # the current version's prediction is there but not yet asked about: ask about it
             current = project.has_prediction(vid) and not project.candidates_current(vid)
             if refresh or current:
-                project.refresh_candidates(vid)
+                project.refresh_candidates(vid, order=order)
             listed = [c for c in project.candidates(vid, status=None) if c.status != "stale"]
             masks = {c.id: project.candidate_mask(c.id) for c in listed}
             return vid, predicted, listed, masks, project.current_version().version
@@ -341,6 +356,8 @@ class CandidatesBox(QGroupBox):
                          f"model is v{current}: press Find candidates to ask about its "
                          "prediction", "warning")  # fmt: skip
         if self.active:
+            if refreshed:  # found again (perhaps in another order): from the first to ask
+                self.queue.select(-1)
             shown = self.queue.current()
             index = self.queue.index if shown is not None else self.queue.next_to_ask()
             if index >= 0:
