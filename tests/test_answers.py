@@ -172,6 +172,10 @@ def test_skip_asks_again_after_the_open_ones(project):
     again = project.answer(b.id, "yes", annotator="ann")
     assert again.voxels_written == 4 and project.candidate(b.id).status == "yes"
     assert project.status()["answers"]["skipped"] == 1  # the skip is part of the history
+    project.undo_answer(skip.id, annotator="ann")  # the earlier skip: the yes stands
+    assert project.candidate(b.id).status == "yes"
+    project.undo_answer(annotator="ann")
+    assert project.candidate(b.id).status == "open"
 
 
 def test_one_answer_in_five_is_held_out_and_keeps_its_split(project):
@@ -201,7 +205,7 @@ def fake_round(project) -> int:
 
 def test_candidates_go_stale_when_a_new_version_predicts(project):
     b, d, a = prepared(project)
-    project.answer(a.id, "yes", annotator="ann")
+    yes = project.answer(a.id, "yes", annotator="ann")
     project.answer(d.id, "skip", annotator="ann")
     assert fake_round(project) == 1
     assert not project.candidates_current(1)
@@ -217,10 +221,15 @@ def test_candidates_go_stale_when_a_new_version_predicts(project):
     with pytest.raises(ValueError, match="is stale"):
         project.answer(b.id, "no", annotator="ann")
     assert project.candidates_current(1)
+    # Undoing A's answer (a v0 candidate) leaves it stale; the next refresh asks its v1 cluster.
+    project.undo_answer(yes.id, annotator="ann")
+    assert project.candidate(a.id).status == "stale"
+    found = project.refresh_candidates(1)
+    assert [tuple(c.seed) for c in found] == [E[0], B[0], A[0]]
     # The same version again: ids kept; an open one now touching a reviewed patch goes stale.
     project.accept(1, (28, 8, 8), (32, 16, 16), np.zeros((4, 8, 8), np.uint8), annotator="ann")
     again = project.refresh_candidates(1)
-    assert [c.id for c in again] == [found[1].id]
+    assert [c.id for c in again] == [found[1].id, found[2].id]
     assert project.candidate(found[0].id).status == "stale"
 
 
@@ -388,3 +397,28 @@ def test_a_patch_accepted_during_refresh_is_not_asked(project, monkeypatch):
     found = project.refresh_candidates(1)
     assert len(calls) == 2
     assert [tuple(c.seed) for c in found] == [B[0]]
+
+
+def test_a_schema_2_ledger_is_migrated_with_its_rows(project):
+    """A ledger from before candidates (schema 2) gets the three tables, after a backup."""
+    import sqlite3
+
+    project.accept(1, (0, 0, 0), (8, 8, 8), np.ones((8, 8, 8), np.uint8), annotator="old")
+    folder = project.path
+    project.close()
+    db = sqlite3.connect(folder / "ledger.sqlite")
+    for table in ("pending_answers", "answers", "candidates"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    with Project.open(folder) as proj:
+        assert proj.schema_version == 3
+        assert [a.annotator for a in proj.annotations()] == ["old"]
+        assert proj.events("migrate")[-1]["from"] == 2
+        write_prediction(proj, 0, [(B, 0.6)])
+        (b,) = proj.refresh_candidates(1)
+        assert proj.answer(b.id, "yes", annotator="new").voxels_written == 4
+    backup = sqlite3.connect(folder / "ledger.v2-backup.sqlite")
+    assert backup.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "candidates" not in {r[0] for r in backup.execute("SELECT name FROM sqlite_master")}

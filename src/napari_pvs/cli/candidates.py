@@ -142,8 +142,8 @@ def _answer(args: argparse.Namespace) -> int:
     if args.undo is not None:
         return _undo(args, annotator)
     if args.from_csv is not None:
-        if args.answer is not None:
-            raise UserError("--from CSV takes no CANDIDATE or answer")
+        if args.answer is not None or args.seconds is not None:
+            raise UserError("--from CSV takes no CANDIDATE, answer or --seconds")
         return _answer_csv(args, annotator)
     if args.answer not in ANSWERS:
         raise UserError(f"answer CANDIDATE with one of {', '.join(ANSWERS)}, got {args.answer!r}")
@@ -168,8 +168,8 @@ def _answered(record) -> str:
 
 
 def _undo(args: argparse.Namespace, annotator: str) -> int:
-    if args.answer is not None:
-        raise UserError("--undo takes no CANDIDATE or answer (name an answer id: --undo ID)")
+    if args.answer is not None or args.seconds is not None:
+        raise UserError("--undo takes no CANDIDATE, answer or --seconds (an answer id: --undo ID)")
     if not annotator:
         raise UserError("the annotator is empty; pass --annotator NAME")
     with _open(args.project) as project:

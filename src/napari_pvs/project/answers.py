@@ -179,7 +179,9 @@ class Answers:
     def undo(self, answer_id: int | None = None, *, annotator: str) -> AnswerRecord | None:
         """Undo an answer (default: the latest one not undone): exactly the voxels it wrote go
         back to 255 (voxels an accepted patch wrote since stay the patch's) and the candidate
-        is open again. Durable when it returns; None when there is nothing to undo."""
+        is open again (stale when the volume's candidates come from another version now: the
+        next refresh finds the cluster again). Durable when it returns; None when there is
+        nothing to undo."""
         self._ledger.require_writable()
         annotator = _check_annotator(annotator)
         with self._ledger.mutex:
@@ -300,7 +302,18 @@ class Answers:
                     "UPDATE answers SET undone = ?, undone_by = ? WHERE id = ?",
                     (created, annotator, answer_id),
                 )
-                self._candidates.set_status(candidate_id, "open", db)
+                # open again (stale if its version's candidates were replaced meanwhile),
+                # unless another live answer stands (a skip undone under a later yes)
+                latest = db.execute(
+                    "SELECT answer FROM answers WHERE candidate_id = ? AND undone IS NULL "
+                    "ORDER BY id DESC LIMIT 1",
+                    (candidate_id,),
+                ).fetchone()
+                if latest is None:
+                    status = self._candidates.reopened_status(candidate_id)
+                else:
+                    status = ANSWER_STATUS[latest[0]]
+                self._candidates.set_status(candidate_id, status, db)
             db.execute("DELETE FROM pending_answers WHERE token = ?", (token,))
             self._ledger.event(
                 ("answer" if kind == "answer" else "answer-undo") + suffix,

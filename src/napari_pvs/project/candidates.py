@@ -26,6 +26,8 @@ from napari_pvs.project.volumes import UNREVIEWED, Volumes
 CANDIDATE_STATUSES = ("open", "yes", "no", "skipped", "edited", "stale")
 #: Statuses still to be asked (skipped ones after the open ones).
 ASKABLE = ("open", "skipped")
+#: The ``meta`` key prefix recording, per volume, the version its candidates were found in.
+FOUND_VERSION = "candidates_version."
 
 _COLUMNS = (
     "id, volume_id, model_version, z0, y0, x0, z1, y1, x1, seed_z, seed_y, seed_x, centre_z, "
@@ -138,11 +140,18 @@ class Candidates:
     def is_current(self, ref: int | str) -> bool:
         """True when the volume's candidates were found in the current version's prediction."""
         record = self._volumes.volume(ref)
-        rows = self._ledger.query(
-            "SELECT 1 FROM candidates WHERE volume_id = ? AND model_version = ? LIMIT 1",
-            (record.id, self._versions.current_number()),
-        )
-        return bool(rows)
+        return self._found_version(record.id) == self._versions.current_number()
+
+    def _found_version(self, volume_id: int) -> int | None:
+        """The version whose prediction the volume's candidates were last found in."""
+        return self._ledger.meta(f"{FOUND_VERSION}{volume_id}")
+
+    def reopened_status(self, candidate_id: int) -> str:
+        """What an undone answer leaves its candidate: ``open``, or ``stale`` when the
+        volume's candidates were found again in another version's prediction since."""
+        candidate = self.candidate(candidate_id)
+        found = self._found_version(candidate.volume_id)
+        return "open" if found in (None, candidate.model_version) else "stale"
 
     # -- writing ------------------------------------------------------------------------------
     def refresh(
@@ -248,6 +257,7 @@ class Candidates:
         gone = [cid for seed, (cid, status) in known.items()
                 if seed not in seen and status in ASKABLE]  # fmt: skip
         db.executemany("UPDATE candidates SET status = 'stale' WHERE id = ?", [(i,) for i in gone])
+        self._ledger.set_meta(db, f"{FOUND_VERSION}{volume_id}", number)
         self._ledger.event(
             "candidates",
             {"volume": volume_id, "model_version": number, "found": len(found), "new": added,
