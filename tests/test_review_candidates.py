@@ -98,14 +98,14 @@ def wait(qtbot, busy, timeout=60000) -> None:
     qtbot.waitUntil(lambda: not busy(), timeout=timeout)
 
 
-def start_candidates(workflow, qtbot):
+def start_candidates(workflow, qtbot, left: int = len(CLUSTERS)):
     review = workflow.review_step
     review.mode_buttons["Candidates"].click()
     box = review.candidates_box
     assert review.mode() == "Candidates" and not review.queue_box.isVisibleTo(review)
     wait(qtbot, box.load_job.is_running)
     # the current version's prediction is there: its candidates are found on entering
-    assert box.counter_label.text().endswith(f"· {len(CLUSTERS)} left")
+    assert box.counter_label.text().endswith(f"· {left} left")
     box.find_button.click()  # found again: the same candidates, nothing answered
     wait(qtbot, box.load_job.is_running)
     return review, box
@@ -261,7 +261,7 @@ def test_find_predicts_first_when_the_volume_has_no_prediction(make_napari_viewe
 
 
 def test_the_order_box_orders_the_next_find(workflow, qtbot, project):
-    review, box = start_candidates(workflow, qtbot)
+    _, box = start_candidates(workflow, qtbot)
     box.order_combo.setCurrentText("size")
     box.find_button.click()
     wait(qtbot, box.load_job.is_running)
@@ -271,6 +271,25 @@ def test_the_order_box_orders_the_next_find(workflow, qtbot, project):
     sizes = [c.voxels for c in box.queue.candidates]
     assert sizes[0] in (6, 16) and sizes[1] in (20, 24) and sizes[2] in (27, 28)
     assert box.queue.current().id == box.queue.candidates[0].id
+
+
+def test_u_with_no_answer_this_session_undoes_the_projects_latest(workflow, qtbot, project):
+    vid = project.volumes()[0].id
+    project.refresh_candidates(vid)
+    earlier = project.candidates(vid)[2]
+    project.answer(earlier.id, "no", annotator="rater-2")  # e.g. from the command line
+    review, box = start_candidates(workflow, qtbot, left=len(CLUSTERS) - 1)
+    assert box.queue.get(earlier.id).status == "no" and box.queue.candidates[0].id == earlier.id
+    assert box.counter_label.text().startswith("answered 1: 0 yes, 1 no")
+    key(workflow, qtbot, Qt.Key.Key_U)
+    wait(qtbot, review.is_busy)
+    assert project.candidate(earlier.id).status == "open" and not project.answers()
+    assert box.queue.current().id == earlier.id  # shown again, to be answered anew
+    assert box.counter_label.text().endswith("· 6 left")
+    key(workflow, qtbot, Qt.Key.Key_U)  # nothing left to undo: said, nothing changes
+    wait(qtbot, review.is_busy)
+    assert "no answer to undo" in review.status_label.text()
+    assert project.candidate(earlier.id).status == "open"
 
 
 def test_a_failed_save_puts_the_candidate_back(workflow, qtbot, project, monkeypatch):

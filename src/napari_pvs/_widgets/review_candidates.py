@@ -514,13 +514,17 @@ class CandidatesBox(QGroupBox):
             answer_id = self.answer_ids.get(save.candidate_id) if save.candidate_id else None
 
             def work(progress, cancel):
+                undo_id = answer_id
                 if save.candidate_id is not None and answer_id is None:  # answered before
                     earlier = [a for a in project.answers()
                                if a.candidate_id == save.candidate_id]  # fmt: skip
                     if not earlier:
-                        return save, None
-                    return save, project.undo_answer(earlier[-1].id, annotator=save.annotator)
-                return save, project.undo_answer(answer_id, annotator=save.annotator)
+                        return save, None, None
+                    undo_id = earlier[-1].id
+                record = project.undo_answer(undo_id, annotator=save.annotator)
+                # open again, or stale when its version's candidates were found anew since
+                after = project.candidate(record.candidate_id).status if record else None
+                return save, record, after
 
             what = "undoing an answer"
         else:
@@ -528,7 +532,7 @@ class CandidatesBox(QGroupBox):
             def work(progress, cancel):
                 record = project.answer(save.candidate_id, save.answer,
                                         annotator=save.annotator, seconds=save.seconds)  # fmt: skip
-                return save, record
+                return save, record, None
 
             what = f"saving the answer on candidate {save.candidate_id}"
         self._saving = save
@@ -539,18 +543,26 @@ class CandidatesBox(QGroupBox):
         return self.save_job.is_running() or bool(self.pending)
 
     def _on_saved(self, value) -> None:
-        save, record = value
+        save, record, after = value
         self._saving = None
         if save.answer is not None:
             self.answer_ids[save.candidate_id] = record.id
         elif record is not None:
-            self.answer_ids.pop(record.candidate_id, None)
-            if save.candidate_id is None:  # the project's latest answer: its candidate is back
-                self.queue.set_status(record.candidate_id, "open")
-                index = self.queue.position(record.candidate_id)
+            cid = record.candidate_id
+            self.answer_ids.pop(cid, None)
+            if not any(s.candidate_id == cid for s in self.pending):  # nothing newer given
+                self.queue.set_status(cid, after)
+            if after == "stale":
+                self._report(
+                    f"candidate {cid}: answer undone; its model version's candidates were found "
+                    "anew since, so it is not asked again",
+                    "warning",
+                )
+            elif save.candidate_id is None:  # the project's latest answer: its candidate is back
+                index = self.queue.position(cid)
                 if index >= 0 and self.active:
                     self.show_candidate(index)
-                self._say(f"candidate {record.candidate_id}: answer undone")
+                self._say(f"candidate {cid}: answer undone")
         elif save.candidate_id is None:
             self._report("no answer to undo")
         self._drain_then_tell()
