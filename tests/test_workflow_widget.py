@@ -284,7 +284,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     empty = project.annotations(vid)[-1]
     assert empty.patch_id == second.id and empty.empty and len(project.annotations(vid)) == 2
     third = review.patch
-    canvas_key(workflow, qtbot, Qt.Key.Key_S)
+    canvas_key(workflow, qtbot, Qt.Key.Key_S)  # the next patch opens; the ledger in the worker
+    assert review.patch.id != third.id and review.queue.patches[2].status == "skipped"
+    wait(qtbot, review.is_busy)
     assert project.queue(vid, status="skipped")[0].id == third.id
     fourth = review.patch
     canvas_key(workflow, qtbot, Qt.Key.Key_N, Qt.KeyboardModifier.ShiftModifier)

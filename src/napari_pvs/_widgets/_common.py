@@ -160,3 +160,16 @@ def set_combo_items(combo: QComboBox, names: Sequence[str]) -> None:
     if current in names:
         combo.setCurrentText(current)
     combo.blockSignals(False)
+
+
+def fill_volume_combo(combo: QComboBox, project) -> None:
+    """Refill ``combo`` with the project's volumes (name shown, id as data) without emitting
+    signals, keeping the chosen volume when it remains (else the first)."""
+    current = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for volume in project.volumes() if project is not None else []:
+        combo.addItem(volume.name, volume.id)
+    index = combo.findData(current)
+    combo.setCurrentIndex(index if index >= 0 else 0)
+    combo.blockSignals(False)

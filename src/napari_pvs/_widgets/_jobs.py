@@ -58,7 +58,11 @@ def throttled(report: ProgressCallback, per_second: float = PROGRESS_REPORTS_PER
 
 
 class BackgroundJob(QObject):
-    """One background call at a time; ``start`` refuses a second while one runs."""
+    """One background call at a time; ``start`` refuses a second while one runs.
+
+    ``progress_bar=False``: no napari progress bar (making one costs the GUI thread 10-80 ms;
+    for short writes started on a key press, such as a candidate's answer).
+    """
 
     started = Signal(str)
     progress = Signal(int, int, str)
@@ -66,8 +70,9 @@ class BackgroundJob(QObject):
     failed = Signal(str)
     cancelled = Signal()
 
-    def __init__(self, parent: QObject | None = None) -> None:
+    def __init__(self, parent: QObject | None = None, progress_bar: bool = True) -> None:
         super().__init__(parent)
+        self._progress_bar = progress_bar
         self._worker = None
         self._cancel: threading.Event | None = None
         self._bar: napari_progress | None = None
@@ -83,7 +88,7 @@ class BackgroundJob(QObject):
             return False
         self._running = True
         self._cancel = threading.Event()
-        self._bar = napari_progress(total=0, desc=description)
+        self._bar = napari_progress(total=0, desc=description) if self._progress_bar else None
         cancel, emit = self._cancel, throttled(self.progress.emit)
 
         def run() -> tuple[str, Any]:

@@ -1,6 +1,8 @@
-"""The workflow's Report step: PVS burden per volume and region, the learning curve, exports.
+"""The workflow's Report step: what was reviewed, PVS burden per volume and region, the learning
+curve, exports.
 
-Thin over the project: ``project.burden`` (off the GUI thread) fills the table, which is
+Thin over the project: the reviewed line counts patches and candidate answers
+(``project.status()``); ``project.burden`` (off the GUI thread) fills the table, which is
 exported as CSV through :mod:`napari_pvs.atomic`; the learning curve is the validation Dice of
 each round's new version against the round or the number of reviewed patches it was trained
 on (``project.rounds``, ``project.versions``); the export is ``project.export`` (every
@@ -20,6 +22,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QLabel,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -34,6 +37,18 @@ from napari_pvs._widgets.state import WorkflowState
 BURDEN_COLUMNS = ("volume", "region", "count", "volume_mm3", "model_version")
 EXPORT_FORMATS = {"NIfTI": "nifti", "OME-Zarr": "ome-zarr"}
 CURVE_AXES = {"round": "round", "reviewed patches": "reviewed patches"}
+
+
+def reviewed_text(status: dict) -> str:
+    """Reviewed patches beside candidate answers, from ``project.status()``."""
+    patches = sum(v["annotations"] for v in status["volumes"])
+    validation = sum(v["validation"] for v in status["volumes"])
+    answers = status["answers"]
+    return (
+        f"reviewed: {patches} patches ({validation} validation) · {answers['total']} "
+        f"candidate answers: {answers['yes']} yes, {answers['no']} no, {answers['skipped']} "
+        f"skipped ({answers['held_out']} held out)"
+    )
 
 
 def learning_curve(project) -> dict[str, list[float]]:
@@ -73,6 +88,13 @@ class ReportStep(QWidget):
         self._job_kind = ""
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        self.reviewed_label = QLabel("")
+        self.reviewed_label.setWordWrap(True)
+        self.reviewed_label.setToolTip(
+            "Accepted patches (a fixed share kept for validation) and yes/no answers on predicted "
+            "clusters (a fixed share held out to measure each version's precision)"
+        )
+        layout.addWidget(self.reviewed_label)
         layout.addWidget(self._build_burden_box())
         layout.addWidget(self._build_curve_box())
         layout.addWidget(self._build_export_box())
@@ -81,6 +103,8 @@ class ReportStep(QWidget):
         layout.addStretch(1)
         state.project_changed.connect(self._on_project_changed)
         state.versions_changed.connect(self._on_versions_changed)
+        state.queue_changed.connect(lambda _vid: self.refresh_reviewed())
+        state.answers_changed.connect(lambda _vid: self.refresh_reviewed())
         self.refresh()
 
     def _build_burden_box(self) -> QGroupBox:
@@ -171,6 +195,14 @@ class ReportStep(QWidget):
         for widget in (self.burden_button, self.csv_button, self.export_button):
             widget.setEnabled(open_)
         self.refresh_curve()
+        self.refresh_reviewed()
+
+    def refresh_reviewed(self) -> str:
+        """Count the reviewed patches and the candidate answers (ledger counts: quick)."""
+        project = self.state.project
+        text = reviewed_text(project.status()) if project is not None else ""
+        self.reviewed_label.setText(text)
+        return text
 
     def refresh_curve(self) -> dict[str, list[float]]:
         project = self.state.project

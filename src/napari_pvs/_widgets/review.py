@@ -1,14 +1,18 @@
-"""The workflow's Review step: the ranked queue and the patch being corrected.
+"""The workflow's Review step: the ranked queue and the patch being corrected, or the
+predicted clusters answered yes/no one key at a time (the mode switch at its top).
 
-Thin over the project: the queue box (:mod:`.review_ranking`: ``project.rank`` off the GUI
-thread, ``project.queue`` listed in :mod:`.patch_table`) picks a patch; ``project.accept`` /
-``project.skip`` record what the user did with it. Selecting a patch zooms the
+Patches mode is thin over the project: the queue box (:mod:`.review_ranking`: ``project.rank``
+off the GUI thread, ``project.queue`` listed in :mod:`.patch_table`) picks a patch;
+``project.accept`` / ``project.skip`` (both in the step's workers) record what the user did
+with it. Selecting a patch zooms the
 view to it, draws its box and opens one in-memory labels layer for the patch at its offset
 (``translate`` = the box's first voxel in world coordinates, ``scale`` = the spacing),
 prefilled with the model's segmentation (or the accepted labels of a reviewed patch), active,
 with a 1-voxel brush and the PVS label (those layers: :mod:`.review_layers`). Painting uses
 the layer's own tools, so its undo works. The review keys are bound on that layer only (they
-go with it) and avoid napari's own.
+go with it) and avoid napari's own. Candidates mode is :mod:`.review_candidates`; its Edit
+opens the patch around a candidate here (a patch-size box centred on it, not a queue row),
+and accepting it also calls ``project.mark_candidate_edited``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from napari.layers import Labels
 from qtpy.QtWidgets import (
+    QButtonGroup,
     QCheckBox,
     QGridLayout,
     QGroupBox,
@@ -27,6 +32,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QRadioButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -34,13 +40,14 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets.review_candidates import CandidatesBox
 from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.review_ranking import QueueBox
 from napari_pvs._widgets.state import WorkflowState
 
 if TYPE_CHECKING:
-    from napari_pvs.project import PatchRecord, VolumeRecord
+    from napari_pvs.project import CandidateRecord, PatchRecord, VolumeRecord
 
 #: Review keys, bound on the patch layer only. napari's labels layer already uses 1-7, E, P,
 #: F, L, Z, M, X, B, -, =, [, ], Escape and Enter, the viewer V, the arrows and Space.
@@ -51,6 +58,28 @@ KEY_HELP = (
 )
 #: What switching away from a patch with unsaved edits can do (the last changes nothing).
 UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
+#: The two ways to review: paint ranked patches, or answer predicted clusters yes/no.
+MODES = ("Patches", "Candidates")
+
+
+def edit_patch(candidate: CandidateRecord, edge: int, shape) -> PatchRecord:
+    """The patch an edit of ``candidate`` opens: ``edge`` voxels a side (more where the
+    cluster's box is larger) centred on the cluster's box, moved inside a volume of ``shape``.
+    Not a queue row: its id is minus the candidate's."""
+    from napari_pvs.project import PatchRecord
+
+    start, stop = [], []
+    for a, b, size in zip(candidate.bbox_start, candidate.bbox_stop, shape, strict=True):
+        side = min(int(size), max(int(edge), int(b) - int(a)))
+        first = min(max(0, (int(a) + int(b) - side) // 2), int(size) - side)
+        start.append(first)
+        stop.append(first + side)
+    return PatchRecord(
+        id=-candidate.id, volume_id=candidate.volume_id, start=tuple(start), stop=tuple(stop),
+        strategy="candidate", score=candidate.uncertainty, predicted_pvs=1,
+        model_version=candidate.model_version, round=None, rank=candidate.rank,
+        status="new", shown="",
+    )  # fmt: skip
 
 
 def default_annotator() -> str:
@@ -77,6 +106,12 @@ class ReviewStep(QWidget):
         self.accept_job.failed.connect(self._on_accept_failed)
         self._after_accept = None
         self._saving_rank = 0
+        # Skip writes the ledger: in its own worker, the next patch opens meanwhile
+        self.skip_job = BackgroundJob(self)
+        self.skip_job.succeeded.connect(self._on_skipped)
+        self.skip_job.failed.connect(self._on_skip_failed)
+        #: the candidate whose patch is open for an edit (Candidates mode's E), or None
+        self.editing: CandidateRecord | None = None
         #: the open patch: its record, volume, prefilled labels and when it was opened
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
@@ -86,18 +121,55 @@ class ReviewStep(QWidget):
         self.status_label = status_label()
         self.queue_box = QueueBox(state, self.queue, self._report, self.status_label.setText,
                                   self.resolve_unsaved, self.open_patch)  # fmt: skip
+        self.candidates_box = CandidatesBox(state, self.annotator, self.edit_candidate,
+                                            self._report, self.status_label.setText)  # fmt: skip
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(self._build_header())
         layout.addWidget(self.queue_box)
-        layout.addWidget(self._build_patch_box())
+        self.patch_box = self._build_patch_box()
+        layout.addWidget(self.patch_box)
+        layout.addWidget(self.candidates_box)
         layout.addWidget(self.status_label)
         layout.addStretch(1)
+        self.candidates_box.setVisible(False)
 
         state.project_changed.connect(self._on_project_changed)
         state.settings_changed.connect(self._show_brush)
         self._on_project_changed()
 
     # ---------------------------------------------------------------- building
+    def _build_header(self) -> QVBoxLayout:
+        """The mode switch and the annotator (both modes record who answered)."""
+        header = QVBoxLayout()
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Review"))
+        self.mode_group = QButtonGroup(self)
+        self.mode_buttons: dict[str, QRadioButton] = {}
+        tips = {
+            "Patches": "Paint the ranked patches (the queue below), accept or skip each",
+            "Candidates": "Answer each predicted PVS cluster with one key: Y it is a PVS, N "
+                          "it is not (E edits it as a patch)",
+        }  # fmt: skip
+        for name in MODES:
+            button = QRadioButton(name)
+            button.setToolTip(tips[name])
+            self.mode_group.addButton(button)
+            self.mode_buttons[name] = button
+            row.addWidget(button)
+        row.addStretch(1)
+        self.mode_buttons["Patches"].setChecked(True)
+        self.mode_group.buttonClicked.connect(lambda button: self.set_mode(button.text()))
+        header.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Annotator"))
+        self.annotator_edit = QLineEdit(default_annotator())
+        self.annotator_edit.setToolTip("Who reviews: recorded with every accepted or skipped "
+                                       "patch and every answer (required)")  # fmt: skip
+        row.addWidget(self.annotator_edit, 1)
+        header.addLayout(row)
+        return header
+
     def _build_patch_box(self) -> QGroupBox:
         box = QGroupBox("Patch")
         layout = QVBoxLayout(box)
@@ -145,13 +217,6 @@ class ReviewStep(QWidget):
         row.addWidget(self.view3d_check)
         row.addStretch(1)
         layout.addLayout(row)
-        row = QHBoxLayout()
-        row.addWidget(QLabel("Annotator"))
-        self.annotator_edit = QLineEdit(default_annotator())
-        self.annotator_edit.setToolTip("Who reviews: recorded with every accepted or skipped "
-                                       "patch (required)")  # fmt: skip
-        row.addWidget(self.annotator_edit, 1)
-        layout.addLayout(row)
         keys = QLabel(KEY_HELP)
         keys.setWordWrap(True)
         keys.setEnabled(False)  # drawn as a hint
@@ -165,10 +230,43 @@ class ReviewStep(QWidget):
         notify(self.status_label, message, level)
 
     def _on_project_changed(self) -> None:
+        self.editing = None
         self._close_patch()
+        self.candidates_box.project_changed()
         self.queue_box.refresh_volumes()
         self.queue_box.show_settings()
         self._show_brush()
+
+    # ---------------------------------------------------------------- the mode
+    def mode(self) -> str:
+        """ "Patches" or "Candidates"."""
+        return "Candidates" if self.candidates_box.isVisibleTo(self) else "Patches"
+
+    def set_mode(self, mode: str) -> bool:
+        """Switch between painting patches and answering candidates; False if it stays (a
+        patch with unsaved corrections the user keeps, or a save still running)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown review mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == self.mode() and self.editing is None:
+            self.mode_buttons[mode].setChecked(True)
+            return True
+        if not self.resolve_unsaved(retry=lambda: self.set_mode(mode)):
+            self.mode_buttons[self.mode()].setChecked(True)
+            return False
+        self.editing = None
+        self._close_patch()
+        candidates = mode == "Candidates"
+        self.mode_buttons[mode].setChecked(True)
+        self.queue_box.setVisible(not candidates)
+        self.patch_box.setVisible(not candidates)
+        self.candidates_box.setVisible(candidates)
+        if candidates:
+            self.candidates_box.activate()
+        else:
+            self.candidates_box.deactivate()
+            if self.queue.current() is not None:
+                self.open_patch(self.queue.index)
+        return True
 
     def _show_brush(self) -> None:
         self.brush_spin.blockSignals(True)
@@ -217,6 +315,13 @@ class ReviewStep(QWidget):
         patch = self.queue.select(index)
         if patch is None:
             return False
+        if not self._show_patch(patch):
+            return False
+        self.queue_box.show_queue()
+        return True
+
+    def _show_patch(self, patch: PatchRecord) -> bool:
+        """Zoom to ``patch``, draw its box and open its prefilled labels layer, active."""
         project = self.state.project
         volume = project.volume(patch.volume_id)
         try:
@@ -233,16 +338,47 @@ class ReviewStep(QWidget):
         if self.view3d_check.isChecked():
             self._show_3d()
         self._opened_at = time.monotonic()
-        self.queue_box.show_queue()
         size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
-        self.patch_label.setText(
-            f"patch {patch.rank} of {volume.name} ({patch.status}): {size} voxels at "
-            f"{list(patch.start)}; {patch.predicted_pvs} predicted PVS, {patch.strategy} score "
-            f"{patch.score:.3g} (model v{patch.model_version})"
-        )
+        if self.editing is not None:
+            self.patch_label.setText(
+                f"editing candidate {self.editing.id} of {volume.name}: {size} voxels at "
+                f"{list(patch.start)} (model v{patch.model_version}); Accept saves it as a "
+                "reviewed patch, Skip goes back to the candidate unsaved"
+            )
+        else:
+            self.patch_label.setText(
+                f"patch {patch.rank} of {volume.name} ({patch.status}): {size} voxels at "
+                f"{list(patch.start)}; {patch.predicted_pvs} predicted PVS, {patch.strategy} "
+                f"score {patch.score:.3g} (model v{patch.model_version})"
+            )
         for control in self.patch_controls:
             control.setEnabled(True)
+        for control in (self.previous_button, self.next_button):
+            control.setEnabled(self.editing is None)
         return True
+
+    def edit_candidate(self, candidate: CandidateRecord) -> bool:
+        """Candidates mode's E: open the patch around ``candidate`` to paint (its layer and
+        keys replace the candidate's until it is accepted or skipped)."""
+        project = self.state.project
+        volume = project.volume(candidate.volume_id)
+        patch = edit_patch(candidate, int(self.state.settings()["patch"]), volume.shape)
+        self.editing = candidate
+        self.patch_box.setVisible(True)
+        if not self._show_patch(patch):
+            self.editing = None
+            self.patch_box.setVisible(False)
+            return False
+        self.status_label.setText(f"editing candidate {candidate.id}: paint, then A accepts")
+        return True
+
+    def _end_edit(self, edited: bool) -> None:
+        """Leave the edit's patch and go back to the candidates (on the next one if edited)."""
+        candidate, self.editing = self.editing, None
+        self._close_patch()
+        self.patch_box.setVisible(False)
+        if candidate is not None:
+            self.candidates_box.edit_finished(candidate, edited)
 
     def _bind_keys(self, layer: Labels) -> None:
         actions = {"accept": self.accept, "skip": self.skip, "next": self.next,
@@ -259,8 +395,10 @@ class ReviewStep(QWidget):
             control.setEnabled(False)
 
     def teardown(self) -> None:
-        """Stop the ranking; the patch layer (and its keys) go with the viewer."""
+        """Stop the ranking and the candidates' listing; the candidate's layer (and its keys)
+        goes; the patch layer (and its keys) go with the viewer."""
         self.queue_box.job.cancel()
+        self.candidates_box.teardown()
 
     # ---------------------------------------------------------------- display options
     def _set_brush(self, size: int) -> None:
@@ -313,8 +451,12 @@ class ReviewStep(QWidget):
         return name
 
     def is_busy(self) -> bool:
-        """Whether a ranking or an Accept runs in the step's worker."""
-        return self.queue_box.job.is_running() or self.accept_job.is_running()
+        """Whether a ranking, an Accept, a Skip, a candidates' listing or answers' saving runs
+        in the step's workers."""
+        candidates = self.candidates_box
+        return (self.queue_box.job.is_running() or self.accept_job.is_running()
+                or self.skip_job.is_running() or candidates.load_job.is_running()
+                or candidates.is_saving())  # fmt: skip
 
     def _start_accept(self, then=None) -> bool:
         """Save the open patch through ``project.accept`` in the step's worker, the patch's
@@ -329,7 +471,7 @@ class ReviewStep(QWidget):
         annotator = self.annotator()
         if annotator is None:
             return False
-        patch, project = self.patch, self.state.project
+        patch, project, candidate = self.patch, self.state.project, self.editing
         labels = (np.asarray(layer.data) > 0).astype(np.uint8)
         seconds = time.monotonic() - self._opened_at
 
@@ -341,9 +483,11 @@ class ReviewStep(QWidget):
                 labels,
                 annotator=annotator,
                 seconds=seconds,
-                patch_id=patch.id,
+                patch_id=None if candidate is not None else patch.id,
                 model_version=patch.model_version,
             )
+            if candidate is not None:
+                project.mark_candidate_edited(candidate.id, annotation.id)
             return patch, labels, annotation
 
         self._after_accept, self._saving_rank = then, patch.rank
@@ -362,14 +506,20 @@ class ReviewStep(QWidget):
             self._prefill = labels.copy()
             if layer is not None and np.array_equal(np.asarray(layer.data) > 0, labels > 0):
                 layer.data = labels  # fresh history: what is saved is the new starting point
-        self.queue.set_status(patch.id, "reviewed")
-        if self.patch is not None and self.patch.id == patch.id:
-            self.patch = self.queue.current()
         name = self.state.project.volume(patch.volume_id).name
-        self._report(
-            f"accepted patch {patch.rank} of {name} "
-            f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
-        )
+        if patch.id < 0:  # a candidate's edit (not a queue row)
+            self._report(
+                f"accepted the edit of candidate {-patch.id} of {name} "
+                f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
+            )
+        else:
+            self.queue.set_status(patch.id, "reviewed")
+            if self.patch is not None and self.patch.id == patch.id:
+                self.patch = self.queue.current()
+            self._report(
+                f"accepted patch {patch.rank} of {name} "
+                f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
+            )
         self.state.queue_changed.emit(patch.volume_id)
         if then is not None:
             then()
@@ -382,37 +532,73 @@ class ReviewStep(QWidget):
 
     def accept(self) -> bool:
         """Accept the open patch (empty counts as reviewed background) in the step's worker,
-        then open the next new one."""
+        then open the next new one (after a candidate's edit: the next candidate)."""
+        if self.editing is not None:
+            return self._start_accept(lambda: self._end_edit(edited=True))
         return self._start_accept(
             lambda: self._move(self.queue.next_index("new"), "all patches of this queue are done")
         )
 
     def skip(self) -> bool:
-        """Leave the open patch out (without saving edits) and open the next new one."""
+        """Leave the open patch out (without saving edits) and open the next new one; the
+        ledger's record of it is written in the step's worker meanwhile. A candidate's edit
+        is left unsaved, back to the candidate."""
         if self.patch is None:
             self._report("no patch open; select one in the queue", "error")
             return False
         if self.accept_job.is_running():
             self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
             return False
+        if self.editing is not None:
+            self._prefill = None  # skipping drops the edits on purpose: no question
+            self._report(f"left the edit of candidate {self.editing.id} unsaved")
+            self._end_edit(edited=False)
+            return True
+        if self.skip_job.is_running():
+            self._report("saving the last skip… (wait a moment)", "warning")
+            return False
         annotator = self.annotator()
         if annotator is None:
             return False
-        patch = self.patch
-        self.state.project.skip(patch.id, annotator=annotator)
+        patch, project = self.patch, self.state.project
+
+        def work(progress, cancel):
+            project.skip(patch.id, annotator=annotator)
+            return patch
+
+        self.skip_job.start(work, f"skipping patch {patch.rank}")
         self._prefill = None  # skipping drops the edits on purpose: no question
         self.queue.set_status(patch.id, "skipped")
         self.patch = self.queue.current()
-        self._report(f"skipped patch {patch.rank}")
-        self.state.queue_changed.emit(patch.volume_id)
+        self.status_label.setText(f"skipping patch {patch.rank}…")
         self._move(self.queue.next_index("new"), "no new patch after this one")
         return True
 
+    def _on_skipped(self, patch: PatchRecord) -> None:
+        self._report(f"skipped patch {patch.rank}")
+        self.state.queue_changed.emit(patch.volume_id)
+
+    def _on_skip_failed(self, message: str) -> None:
+        """The skip is not in the ledger: the patch is new again (reload the queue)."""
+        self._report(f"could not skip the patch: {message}", "error")
+        self.queue_box.reload_queue()
+
     def next(self) -> bool:
+        if self._editing_refuses():
+            return False
         return self._move(self.queue.next_index(), "this is the last patch of the queue")
 
     def previous(self) -> bool:
+        if self._editing_refuses():
+            return False
         return self._move(self.queue.previous_index(), "this is the first patch of the queue")
+
+    def _editing_refuses(self) -> bool:
+        if self.editing is None:
+            return False
+        self._report(f"finish the edit of candidate {self.editing.id} first: A accepts it, S "
+                     "goes back to the candidate unsaved", "warning")  # fmt: skip
+        return True
 
     def _move(self, index: int, message: str) -> bool:
         if index < 0:

@@ -38,14 +38,20 @@ def patch_box(patch: PatchRecord) -> tuple[slice, slice, slice]:
     return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
 
 
+def grown_box(start, stop, shape, fraction: float, minimum: int) -> tuple[list[int], list[int]]:
+    """The box ``[start, stop)`` grown on every side by ``fraction`` of its edge (at least
+    ``minimum`` voxels), clipped to a volume of ``shape``."""
+    grown_start, grown_stop = [], []
+    for a, b, edge in zip(start, stop, shape, strict=True):
+        margin = max(minimum, round((b - a) * fraction))
+        grown_start.append(max(0, int(a) - margin))
+        grown_stop.append(min(int(edge), int(b) + margin))
+    return grown_start, grown_stop
+
+
 def context_box(patch: PatchRecord, shape) -> tuple[list[int], list[int]]:
     """The patch's box grown by its margin on every side, clipped to a volume of ``shape``."""
-    start, stop = [], []
-    for a, b, edge in zip(patch.start, patch.stop, shape, strict=True):
-        margin = max(MIN_MARGIN, round((b - a) * MARGIN_FRACTION))
-        start.append(max(0, a - margin))
-        stop.append(min(int(edge), b + margin))
-    return start, stop
+    return grown_box(patch.start, patch.stop, shape, MARGIN_FRACTION, MIN_MARGIN)
 
 
 class PatchLayers:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QPushButton
 
+from napari_pvs._widgets._common import fill_volume_combo
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets.patch_table import queue_table, show_queue
 from napari_pvs._widgets.review_queue import ReviewQueue
@@ -89,14 +90,7 @@ class QueueBox(QGroupBox):
     # ---------------------------------------------------------------- the volume and queue
     def refresh_volumes(self) -> None:
         project = self.state.project
-        current = self.volume_combo.currentData()
-        self.volume_combo.blockSignals(True)
-        self.volume_combo.clear()
-        for volume in project.volumes() if project is not None else []:
-            self.volume_combo.addItem(volume.name, volume.id)
-        index = self.volume_combo.findData(current)
-        self.volume_combo.setCurrentIndex(index if index >= 0 else 0)
-        self.volume_combo.blockSignals(False)
+        fill_volume_combo(self.volume_combo, project)
         self.rank_button.setEnabled(project is not None and self.volume_combo.count() > 0)
         self.reload_queue()
 

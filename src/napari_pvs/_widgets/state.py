@@ -42,6 +42,8 @@ class WorkflowState(QObject):
     predictions_changed = Signal(int)
     #: a volume's review queue changed (volume id)
     queue_changed = Signal(int)
+    #: a volume's candidate answers are saved (volume id; sent once no answer waits any more)
+    answers_changed = Signal(int)
     #: model versions changed (a round finished, a roll back)
     versions_changed = Signal()
     settings_changed = Signal()
