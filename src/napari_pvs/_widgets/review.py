@@ -17,7 +17,6 @@ and accepting it also calls ``project.mark_candidate_edited``.
 
 from __future__ import annotations
 
-import getpass
 import time
 from typing import TYPE_CHECKING
 
@@ -45,6 +44,7 @@ from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.review_ranking import QueueBox
 from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.atomic import os_user
 
 if TYPE_CHECKING:
     from napari_pvs.project import CandidateRecord, PatchRecord, VolumeRecord
@@ -80,14 +80,6 @@ def edit_patch(candidate: CandidateRecord, edge: int, shape) -> PatchRecord:
         model_version=candidate.model_version, round=None, rank=candidate.rank,
         status="new", shown="",
     )  # fmt: skip
-
-
-def default_annotator() -> str:
-    """The OS user's name (what the Annotator field starts with), or "" when there is none."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no name for the uid (a container's bare user)
-        return ""
 
 
 class ReviewStep(QWidget):
@@ -163,7 +155,7 @@ class ReviewStep(QWidget):
         header.addLayout(row)
         row = QHBoxLayout()
         row.addWidget(QLabel("Annotator"))
-        self.annotator_edit = QLineEdit(default_annotator())
+        self.annotator_edit = QLineEdit(os_user())
         self.annotator_edit.setToolTip("Who reviews: recorded with every accepted or skipped "
                                        "patch and every answer (required)")  # fmt: skip
         row.addWidget(self.annotator_edit, 1)

@@ -15,7 +15,7 @@ refused write), ``locks`` (:func:`hold_lock`).
 
 from napari_pvs.atomic.checks import check_output, check_writable_folder, overlaps
 from napari_pvs.atomic.errors import OutputError, os_error_message, write_error
-from napari_pvs.atomic.locks import LOCK_NAME, HeldLock, Locked, hold_lock
+from napari_pvs.atomic.locks import LOCK_NAME, HeldLock, Locked, hold_lock, os_user
 from napari_pvs.atomic.names import (
     OLD_MARK,
     SWAP_MARK,
@@ -32,7 +32,8 @@ from napari_pvs.atomic.sync import fsync_files, fsync_folder, fsync_path, sync_f
 __all__ = [
     "LOCK_NAME", "OLD_MARK", "SWAP_MARK", "TEMP_MARK", "HeldLock", "Locked", "OutputError",
     "atomic_output", "check_output", "check_writable_folder", "commit", "fsync_files",
-    "fsync_folder", "fsync_path", "hold_lock", "os_error_message", "overlaps", "remove_path",
+    "fsync_folder", "fsync_path", "hold_lock", "os_error_message", "os_user", "overlaps",
+    "remove_path",
     "restore_interrupted", "settle_contents", "swap_contents", "sweep", "sweep_folder",
     "sync_files", "temp_path", "write_bytes", "write_error", "write_json", "write_text",
 ]

@@ -46,11 +46,17 @@ def _read_holder(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _this_holder() -> dict:
+def os_user() -> str:
+    """The OS user's name (who holds a lock, who reviewed by default), or "" when the uid has
+    none (a container's bare user)."""
     try:
-        user = getpass.getuser()
-    except Exception:  # no user name in this environment (containers)
-        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        return ""
+
+
+def _this_holder() -> dict:
+    user = os_user() or (str(os.getuid()) if hasattr(os, "getuid") else "?")
     return {"host": socket.gethostname(), "pid": os.getpid(), "user": user, "since": time.time()}
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import getpass
 from pathlib import Path
 
+from napari_pvs.atomic import os_user
 from napari_pvs.cli._common import UserError
 
 #: Mirrors napari_pvs.candidates.ORDERS and project.answers.ANSWERS (not imported: `--help`
@@ -18,14 +18,6 @@ from napari_pvs.cli._common import UserError
 ORDERS = ("uncertain", "size", "region")
 ANSWERS = ("yes", "no", "skip")
 CSV_COLUMNS = ("candidate", "answer", "annotator")
-
-
-def default_annotator() -> str:
-    """The OS user's name (the answers' default annotator), or "" when there is none."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no name for the uid (a container's bare user)
-        return ""
 
 
 def add_candidate_commands(commands: argparse._SubParsersAction) -> None:
@@ -76,7 +68,7 @@ def add_candidate_commands(commands: argparse._SubParsersAction) -> None:
     answer.add_argument("answer", metavar="yes|no|skip", nargs="?", help="the answer")
     answer.add_argument(
         "--annotator",
-        default=default_annotator(),
+        default=os_user(),
         help="who answers (recorded with each answer; a CSV's annotator column overrides it)",
     )
     answer.add_argument("--seconds", type=float, help="time spent on this answer")

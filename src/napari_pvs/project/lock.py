@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import getpass
 import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
+from napari_pvs import atomic
 from napari_pvs.project.records import ProjectError, ProjectLocked, now
 
 
@@ -62,7 +62,7 @@ class WriteLock:
             holder = {
                 "host": socket.gethostname(),
                 "pid": pid,
-                "user": getpass.getuser(),
+                "user": atomic.os_user() or str(os.getuid()),
                 "since": now(),
                 "process_start": _process_start_time(pid),
             }
