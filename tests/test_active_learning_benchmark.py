@@ -199,6 +199,12 @@ def test_step_budget_grows_with_the_labelled_set_in_whole_validations():
     assert config.reference_budget(100) == 60
     assert BenchmarkConfig([spec], steps=50, retrain="current").budget(100) == 50
     assert BenchmarkConfig([spec], max_steps=400).validation_interval(400) == 50  # budget / 8
+    # what a round trains (whole intervals of validation_interval(budget)) is the budget itself
+    for config in (BenchmarkConfig([spec], steps=100, steps_per_patch=8), BenchmarkConfig([spec])):
+        for n in range(0, 80):
+            budget = config.budget(n)
+            interval = min(budget, config.validation_interval(budget))
+            assert -(-budget // interval) * interval == budget, (n, budget, interval)
     with pytest.raises(ValueError, match="initial_strategy"):
         BenchmarkConfig([spec], initial_strategy="entropy")
 

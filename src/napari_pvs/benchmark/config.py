@@ -181,8 +181,11 @@ class BenchmarkConfig:
         if self.retrain == "current":
             return self.steps
         steps = max(1, min(self.max_steps, self.steps + self.steps_per_patch * train_patches))
-        interval = self.validation_interval(steps)
-        return -(-steps // interval) * interval
+        # Round up to a multiple the interval rule maps back to itself, so the round (which
+        # trains whole intervals of validation_interval(budget)) trains exactly this budget:
+        # 8 validations above 200 steps, else validations of 25 (or of --validate-every).
+        unit = self.validate_every or (8 if steps > 8 * 25 else min(steps, 25))
+        return -(-steps // unit) * unit
 
     def reference_budget(self, train_patches: int) -> int:
         """Steps of the full-supervision run: ``full_steps`` if given, else the same rule."""
