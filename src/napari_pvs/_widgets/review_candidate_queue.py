@@ -10,9 +10,10 @@ never wait for the disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from napari_pvs._widgets.review_queue import SelectableRows
 
 if TYPE_CHECKING:
     from napari_pvs.project import CandidateRecord
@@ -34,47 +35,24 @@ def asking_order(candidates: Sequence[CandidateRecord]) -> list[CandidateRecord]
     return sorted((c for c in candidates if c.status != "stale"), key=key)
 
 
-class CandidateQueue:
+class CandidateQueue(SelectableRows):
     """Candidates in asking order and the selected one (``index``, -1 when none)."""
 
-    def __init__(self) -> None:
-        self.candidates: list[CandidateRecord] = []
-        self.index = -1
-        self._listeners: list[Callable[[], None]] = []
+    ordered = staticmethod(asking_order)
 
-    def connect(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def _changed(self) -> None:
-        for listener in self._listeners:
-            listener()
+    @property
+    def candidates(self) -> list[CandidateRecord]:
+        return self.rows
 
     def set_candidates(self, candidates: Sequence[CandidateRecord]) -> None:
-        """Replace the rows, keeping the selected candidate selected when it is still there."""
-        selected = self.current()
-        self.candidates = asking_order(candidates)
-        self.index = self.position(selected.id) if selected is not None else -1
-        self._changed()
-
-    def current(self) -> CandidateRecord | None:
-        return self.candidates[self.index] if 0 <= self.index < len(self.candidates) else None
-
-    def position(self, candidate_id: int) -> int:
-        return next((i for i, c in enumerate(self.candidates) if c.id == candidate_id), -1)
+        self.set_rows(candidates)
 
     def get(self, candidate_id: int) -> CandidateRecord | None:
         i = self.position(candidate_id)
         return self.candidates[i] if i >= 0 else None
 
-    def select(self, index: int) -> CandidateRecord | None:
-        self.index = index if 0 <= index < len(self.candidates) else -1
-        return self.current()
-
     def next_index(self) -> int:
         return self.index + 1 if self.index + 1 < len(self.candidates) else -1
-
-    def previous_index(self) -> int:
-        return self.index - 1 if self.index > 0 else -1
 
     def next_to_ask(self) -> int:
         """The first open candidate after the selected one (else before it), then the first
@@ -87,12 +65,6 @@ class CandidateQueue:
                 if i != self.index and self.candidates[i].status == status:
                     return i
         return -1
-
-    def set_status(self, candidate_id: int, status: str) -> None:
-        i = self.position(candidate_id)
-        if i >= 0 and self.candidates[i].status != status:
-            self.candidates[i] = replace(self.candidates[i], status=status)
-            self._changed()
 
     def counts(self) -> dict[str, int]:
         """Candidates by status, with ``answered`` (yes + no + edited) and ``left`` (to ask)."""

@@ -21,13 +21,18 @@ def display_order(patches: Sequence[PatchRecord]) -> list[PatchRecord]:
     return sorted(patches, key=lambda p: (-(p.model_version or 0), p.rank, p.id))
 
 
-class ReviewQueue:
-    """Patches in display order and the selected one (``index``, -1 when none)."""
+class SelectableRows:
+    """Records in an order, the selected one (``index``, -1 when none) and plain-callback
+    listeners; a subclass gives the order (:meth:`ordered`)."""
 
     def __init__(self) -> None:
-        self.patches: list[PatchRecord] = []
+        self.rows: list = []
         self.index = -1
         self._listeners: list[Callable[[], None]] = []
+
+    @staticmethod
+    def ordered(rows: Sequence) -> list:
+        return list(rows)
 
     def connect(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -36,23 +41,44 @@ class ReviewQueue:
         for listener in self._listeners:
             listener()
 
-    def set_patches(self, patches: Sequence[PatchRecord]) -> None:
-        """Replace the rows, keeping the selected patch selected when it is still there."""
+    def set_rows(self, rows: Sequence) -> None:
+        """Replace the rows, keeping the selected row selected when it is still there."""
         selected = self.current()
-        self.patches = display_order(patches)
-        ids = [p.id for p in self.patches]
-        self.index = ids.index(selected.id) if selected is not None and selected.id in ids else -1
+        self.rows = self.ordered(rows)
+        self.index = self.position(selected.id) if selected is not None else -1
         self._changed()
 
-    def current(self) -> PatchRecord | None:
-        return self.patches[self.index] if 0 <= self.index < len(self.patches) else None
+    def current(self):
+        return self.rows[self.index] if 0 <= self.index < len(self.rows) else None
 
-    def position(self, patch_id: int) -> int:
-        return next((i for i, p in enumerate(self.patches) if p.id == patch_id), -1)
+    def position(self, row_id: int) -> int:
+        return next((i for i, r in enumerate(self.rows) if r.id == row_id), -1)
 
-    def select(self, index: int) -> PatchRecord | None:
-        self.index = index if 0 <= index < len(self.patches) else -1
+    def select(self, index: int):
+        self.index = index if 0 <= index < len(self.rows) else -1
         return self.current()
+
+    def previous_index(self) -> int:
+        return self.index - 1 if self.index > 0 else -1
+
+    def set_status(self, row_id: int, status: str) -> None:
+        i = self.position(row_id)
+        if i >= 0 and self.rows[i].status != status:
+            self.rows[i] = replace(self.rows[i], status=status)
+            self._changed()
+
+
+class ReviewQueue(SelectableRows):
+    """Patches in display order and the selected one (``index``, -1 when none)."""
+
+    ordered = staticmethod(display_order)
+
+    @property
+    def patches(self) -> list[PatchRecord]:
+        return self.rows
+
+    def set_patches(self, patches: Sequence[PatchRecord]) -> None:
+        self.set_rows(patches)
 
     def next_index(self, status: str | None = None) -> int:
         """The next row after the selected one (with ``status``, if given); -1 if none."""
@@ -61,17 +87,8 @@ class ReviewQueue:
                 return i
         return -1
 
-    def previous_index(self) -> int:
-        return self.index - 1 if self.index > 0 else -1
-
     def first_new(self) -> int:
         return next((i for i, p in enumerate(self.patches) if p.status == "new"), -1)
-
-    def set_status(self, patch_id: int, status: str) -> None:
-        i = self.position(patch_id)
-        if i >= 0:
-            self.patches[i] = replace(self.patches[i], status=status)
-            self._changed()
 
     def counts(self) -> dict[str, int]:
         out = {"new": 0, "reviewed": 0, "skipped": 0}

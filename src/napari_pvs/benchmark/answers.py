@@ -18,6 +18,7 @@ import numpy as np
 from napari_pvs.benchmark.annotator import ANNOTATOR
 from napari_pvs.benchmark.cases import Case
 from napari_pvs.benchmark.config import BenchmarkConfig
+from napari_pvs.benchmark.report import save_figure
 
 #: The simulated annotator says yes when at least this share of a cluster's voxels is PVS.
 YES_SHARE = 0.5
@@ -193,8 +194,6 @@ def plot_per_minute(answers: dict[str, Any], path: Path, title: str = "") -> Pat
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from napari_pvs import atomic
-
     cost = answers["cost_model"]
     figure = Figure(figsize=(11, 4.4), dpi=110)
     left, right = figure.subplots(1, 2)
@@ -216,12 +215,7 @@ def plot_per_minute(answers: dict[str, Any], path: Path, title: str = "") -> Pat
     left.legend(fontsize=7, loc="lower right")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic.atomic_output(path, overwrite=True) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return save_figure(figure, path, title)
 
 
 def _number(value: float | None) -> str:

@@ -322,13 +322,7 @@ class _Runner:
                     seconds_accept=round(accepted - ranked, 2),
                     seconds_round=round(trained - accepted, 2),
                     seconds_score=round(seconds_score, 2),
-                    cpu_seconds=round(time.process_time() - cpu_started, 2),
-                    load=round(os.getloadavg()[0], 2),
-                    steps=outcome.metrics.get("steps_trained"),
-                    budget=budget,
-                    converged=check.converged,
-                    convergence_movement=check.movement,
-                    validation_dice=outcome.metrics.get("validation_dice"),
+                    **training_fields(outcome, check, budget, cpu_started),
                     error_yield=voxel_yield,
                     cluster_error_yield=cluster_yield,
                     note=note or ("" if len(records) == c.per_round else
@@ -366,13 +360,7 @@ class _Runner:
                 seconds_accept=round(accepted - started, 2),
                 seconds_round=round(trained - accepted, 2),
                 seconds_score=round(seconds_score, 2),
-                cpu_seconds=round(time.process_time() - cpu_started, 2),
-                load=round(os.getloadavg()[0], 2),
-                steps=outcome.metrics.get("steps_trained"),
-                budget=budget,
-                converged=check.converged,
-                convergence_movement=check.movement,
-                validation_dice=outcome.metrics.get("validation_dice"),
+                **training_fields(outcome, check, budget, cpu_started),
             )
         self.step_done(
             f"seed {seed}: full supervision Dice {metrics['dice']:.3f}; "
@@ -425,13 +413,7 @@ class _Runner:
                     seconds_rank=round(answered - started, 2),
                     seconds_round=round(trained - answered, 2),
                     seconds_score=round(seconds_score, 2),
-                    cpu_seconds=round(time.process_time() - cpu_started, 2),
-                    load=round(os.getloadavg()[0], 2),
-                    steps=outcome.metrics.get("steps_trained"),
-                    budget=budget,
-                    converged=check.converged,
-                    convergence_movement=check.movement,
-                    validation_dice=outcome.metrics.get("validation_dice"),
+                    **training_fields(outcome, check, budget, cpu_started),
                     answer_precision=outcome.metrics.get("answer_precision"),
                     note="" if len(given) == c.answers_per_round else
                     f"only {len(given)} candidates left to answer",
@@ -453,6 +435,20 @@ class _Runner:
                     self.run_candidates(start, spec, seed, start_row)
                 else:
                     self.run_strategy(start, spec, seed, start_row)
+
+
+def training_fields(outcome, check, budget: int, cpu_started: float) -> dict[str, Any]:
+    """A scored row's training columns: the round's steps and budget, its convergence evidence
+    and validation Dice, the CPU seconds since ``cpu_started`` and the machine's load."""
+    return {
+        "cpu_seconds": round(time.process_time() - cpu_started, 2),
+        "load": round(os.getloadavg()[0], 2),
+        "steps": outcome.metrics.get("steps_trained"),
+        "budget": budget,
+        "converged": check.converged,
+        "convergence_movement": check.movement,
+        "validation_dice": outcome.metrics.get("validation_dice"),
+    }
 
 
 def strategy_reads_uncertainty(name: str) -> bool:

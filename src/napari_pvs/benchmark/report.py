@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_pvs import atomic
 from napari_pvs.benchmark.config import BenchmarkConfig
 
 #: Share of the full-supervision Dice a strategy must reach.
@@ -230,14 +231,22 @@ def _fmt(value):
     return value
 
 
+def save_figure(figure, path: Path, title: str = "") -> Path:
+    """Title, lay out and write a benchmark figure as PNG (temporary name, then renamed)."""
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic.atomic_output(path, overwrite=True) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
 def plot_learning_curve(summary: dict[str, Any], rows, path: Path, title: str = "") -> Path:
     """Dice and cluster F1 against labelled patches: seed mean, min-max band, references."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-
-    from napari_pvs import atomic
 
     figure = Figure(figsize=(11, 4.4), dpi=110)
     axes = figure.subplots(1, 2)
@@ -259,12 +268,7 @@ def plot_learning_curve(summary: dict[str, Any], rows, path: Path, title: str = 
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    with atomic.atomic_output(path, overwrite=True) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return save_figure(figure, path, title)
 
 
 def format_table(summary: dict[str, Any]) -> str:
