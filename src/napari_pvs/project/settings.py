@@ -9,7 +9,7 @@ from napari_pvs.project.ledger import Ledger
 
 #: Project settings with their defaults (``settings()`` merges stored values over these).
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "strategy": "stratified",  # queue strategy (napari_pvs.ranking.STRATEGIES)
+    "strategy": "default",  # queue strategy (napari_pvs.ranking.STRATEGIES)
     "n": 20,  # patches per queue
     "patch": 32,  # patch edge in voxels
     # project predictions follow napari-pvs predict's defaults (models.PREDICTION_DEFAULTS):
