@@ -267,6 +267,7 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
         DEFAULT_MIN_TISSUE,
         DEFAULT_NOISE_DECAY,
         DEFAULT_PATCH,
+        DEFAULT_STRATEGY,
         STRATEGIES,
     )
 
@@ -283,7 +284,12 @@ def add_rank(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=20, help="patches to choose (default 20)")
     parser.add_argument("--patch", type=int, default=DEFAULT_PATCH, help="patch edge (32)")
     parser.add_argument("--stride", type=int, help="candidate spacing (default: the patch edge)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="entropy")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="default",
+        help=f"queue strategy (default: 'default', the product's queue: {DEFAULT_STRATEGY})",
+    )
     parser.add_argument(
         "--exclude",
         metavar="LABELS",
