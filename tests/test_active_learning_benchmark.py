@@ -35,23 +35,6 @@ ALL_STRATEGIES = ("random", "fg-random", "entropy", "bald", "stratified", "clasp
                   "default", "stratified:noise=1")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("al-data")
-    paths = {}
-    for name, seed in (("pool-1", 1), ("pool-2", 2), ("test-1", 3)):
-        p = make_phantom((40, 48, 40), spacing=1.5, seed=seed, severity=1.0)
-        paths[name] = io.save_ome_zarr(
-            folder / f"{name}.zarr",
-            p.image,
-            p.spacing,
-            labels={"pvs": p.pvs, "regions": p.regions},
-            modality="T2",
-            levels=1,
-        )
-    return paths
-
-
 @pytest.mark.slow
 def test_benchmark_runs_every_strategy_end_to_end_through_the_project(tiny_data, tmp_path,
                                                                      capsys):  # fmt: skip

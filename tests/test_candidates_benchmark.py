@@ -14,7 +14,6 @@ from napari_pvs import io, limits, ranking
 from napari_pvs.benchmark import BenchmarkConfig, parse_strategies
 from napari_pvs.benchmark.answers import answer_lines, simulated_answer, summarise_answers
 from napari_pvs.cli import main
-from napari_pvs.phantom import make_phantom
 
 TINY_UNET = '{"channels": [4, 8], "num_res_units": 1, "feature_channels": 4}'
 NUMBER = r"(\d\.\d{3}|n/a)"
@@ -26,23 +25,6 @@ EQUAL_MINUTES = re.compile(
     r"^candidates: Dice (\d\.\d{3}) at (\d+\.\d) annotator-minutes; best patch strategy "
     r"there: (n/a|\S+ \d\.\d{3})$"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("candidates-data")
-    paths = {}
-    for name, seed in (("pool-1", 1), ("pool-2", 2), ("test-1", 3)):
-        p = make_phantom((40, 48, 40), spacing=1.5, seed=seed, severity=1.0)
-        paths[name] = io.save_ome_zarr(
-            folder / f"{name}.zarr",
-            p.image,
-            p.spacing,
-            labels={"pvs": p.pvs, "regions": p.regions},
-            modality="T2",
-            levels=1,
-        )
-    return paths
 
 
 def _shown(value: str) -> str:

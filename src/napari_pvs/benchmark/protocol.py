@@ -50,6 +50,7 @@ configuration are in :mod:`.config`, the volumes in :mod:`.cases`, the reviewer 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -281,18 +282,24 @@ class _Runner:
         self.step_done(f"seed {seed}: start Dice {metrics['dice']:.3f}")
         return folder, [start_row]
 
-    def run_strategy(self, start: Path, spec: StrategySpec, seed: int, start_row: dict) -> None:
+    @contextlib.contextmanager
+    def strategy_project(self, start: Path, spec: StrategySpec, seed: int, start_row: dict):
+        """A strategy's own copy of the seed's start project, open, its start row written."""
         from napari_pvs.project import Project
 
-        c = self.config
         folder = self.out / "projects" / f"{_slug(spec.label)}-seed{seed}"
         shutil.copytree(start, folder)
         with Project.open(folder) as project:
+            self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
+                     seconds_score=start_row["seconds_score"])  # fmt: skip
+            yield project
+
+    def run_strategy(self, start: Path, spec: StrategySpec, seed: int, start_row: dict) -> None:
+        c = self.config
+        with self.strategy_project(start, spec, seed, start_row) as project:
             if not strategy_reads_uncertainty(spec.name):  # one pass is enough
                 project.update_settings(predict_mc=0)
             start_version = project.current_version().version
-            self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
-                     seconds_score=start_row["seconds_score"])  # fmt: skip
             for round_index in range(1, c.rounds + 1):
                 check_cancelled(self.cancel)
                 self.tick(f"seed {seed} {spec.label}: round {round_index}")
@@ -373,15 +380,9 @@ class _Runner:
         at least half the cluster is PVS), then a round trains by the same rule as the patch
         strategies (label-limited: the start model on everything labelled, each answer a
         training item of the step budget; held-out answers are not trained on)."""
-        from napari_pvs.project import Project
-
         c = self.config
-        folder = self.out / "projects" / f"{_slug(spec.label)}-seed{seed}"
-        shutil.copytree(start, folder)
-        with Project.open(folder) as project:
+        with self.strategy_project(start, spec, seed, start_row) as project:
             start_version = project.current_version().version
-            self.row(project, spec.label, seed, 0, start_row["metrics"], note="start",
-                     seconds_score=start_row["seconds_score"])  # fmt: skip
             for round_index in range(1, c.rounds + 1):
                 check_cancelled(self.cancel)
                 self.tick(f"seed {seed} {spec.label}: round {round_index}")
