@@ -162,6 +162,7 @@ def main() -> None:
     report.refresh_curve()
     timings["report"] = time.perf_counter() - started
     shoot(viewer, workflow, "Report", out)
+    wait_for(project_step.is_busy)  # the table read again after the round
     project_step.volumes_box.table.selectRow(0)  # the volume's state after the loop
     shoot(viewer, workflow, "Project", out)
 

@@ -29,6 +29,8 @@ from napari_pvs._widgets._layers import (
     StagedLayers,
     find_layer,
     has_unsaved_edits,
+    prepare_layer_dependencies,
+    start_at_affordable_level,
     track_edits,
     warm_up_labels_visuals,
 )
@@ -270,7 +272,9 @@ class SegmentPanel(SegmentOptions):
         self.status_label.setText(f"segmenting {layer.name} with {model}…")
 
         def work(progress: ProgressCallback, cancel: CancelToken) -> SegmentResult:
-            return run_segmentation(request, progress, cancel, count=False)
+            result = run_segmentation(request, progress, cancel, count=False)
+            prepare_layer_dependencies()  # here, not in the result layers' turns
+            return result
 
         self.job.start(work, f"Segmenting {layer.name}")
         return True
@@ -319,11 +323,14 @@ class SegmentPanel(SegmentOptions):
             existing.metadata = kwargs["metadata"]
             if "contrast_limits" in kwargs:
                 existing.contrast_limits = kwargs["contrast_limits"]
+            start_at_affordable_level(self.viewer, existing)
             return existing  # (a layer cannot turn multiscale: then it is built anew)
         if existing is not None:
             self.viewer.layers.remove(existing)
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-        return add(data, name=name, **kwargs)
+        layer = add(data, name=name, **kwargs)
+        start_at_affordable_level(self.viewer, layer)  # a 1024^3 one's first plane: 512^3's
+        return layer
 
     def _show_segmentation(self, result: SegmentResult) -> None:
         """Replace the earlier run's layers with this one's, one layer per event-loop turn."""
