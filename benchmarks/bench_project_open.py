@@ -26,7 +26,7 @@ has non-black pixels; RSS is the process peak, ``VmHWM``, imports included):
   folder, its volumes table read (in a worker), the volume selected and "Show in viewer"
   pressed (opening a project shows no layers by itself), to the volume's first drawn slice (a
   large volume's first plane comes from the level whose plane decodes within
-  ``display.FIRST_PLANE_BYTES``; napari chooses again once the user zooms);
+  ``display.FIRST_PLANE_VOXELS``; napari chooses again once the user zooms);
 - ``project: ... -> prediction drawn``: then the Segment step's Segment on that volume (with a
   complete prediction it computes nothing: it shows the probability and segmentation layers,
   then counts PVS in the background), to the slice with those two layers drawn. Time from

@@ -159,6 +159,7 @@ def main() -> None:
     report = workflow.report_step
     report.compute_burden()
     wait_for(report.job.is_running)
+    wait_for(report.is_refreshing)  # the learning curve, read in a worker
     report.refresh_curve()
     timings["report"] = time.perf_counter() - started
     shoot(viewer, workflow, "Report", out)

@@ -1,6 +1,6 @@
 """A large multiscale layer's first plane is read at an affordable level, through the real
 widgets under Xvfb: the project's Show in viewer and the Segment step's result layers are
-locked at the finest level whose whole plane decodes within ``display.FIRST_PLANE_BYTES``
+locked at the finest level whose whole plane decodes at most ``display.FIRST_PLANE_VOXELS``
 (patched small here: these volumes stand in for 1024^3), nothing finer is read for the first
 plane, and napari chooses levels itself again once the user zooms or turns to 3D.
 """
@@ -12,7 +12,7 @@ import pytest
 
 from napari_pvs import display, io
 from napari_pvs._widgets import PVSWorkflow, SegmentPanel
-from napari_pvs.display import DisplayLevel, plane_read_bytes
+from napari_pvs.display import DisplayLevel, plane_read_voxels
 from test_segment_widget import configure, run, volume
 from test_workflow_widget import Answers
 from tiny_models import tiny_checkpoint
@@ -47,7 +47,7 @@ def test_show_in_viewer_reads_the_affordable_level_until_the_user_zooms(
     levels = io.open_volume(scan).display_levels()
     assert [lvl.shape for lvl in levels] == [(96,) * 3, (48,) * 3, (24,) * 3]
     # the budget fits level 1's whole plane (16 deep, 48 x 48), not level 0's
-    monkeypatch.setattr(display, "FIRST_PLANE_BYTES", plane_read_bytes(levels[1], 0))
+    monkeypatch.setattr(display, "FIRST_PLANE_VOXELS", plane_read_voxels(levels[1], 0))
     with Project.create(tmp_path / "project", model=tiny_checkpoint(tmp_path / "t.safetensors")):
         pass
     step = workflow.project_step
@@ -85,7 +85,7 @@ def test_default_budget_leaves_small_volumes_to_napari(make_napari_viewer, tmp_p
     image = np.zeros((64, 64, 64), np.uint16)
     scan = io.save_ome_zarr(tmp_path / "small.zarr", image, (1.0,) * 3, levels=2, chunks=32)
     layer = viewer.add_image(io.open_volume(scan).display_levels(), multiscale=True)
-    assert start_at_affordable_level(viewer, layer) is None  # 64 KB a plane: level 0 is fine
+    assert start_at_affordable_level(viewer, layer) is None  # 131 k voxels: level 0 is fine
     assert layer.locked_data_level is None
 
 
@@ -100,9 +100,9 @@ def test_segment_result_layers_start_at_the_affordable_level(
     viewer.window.add_dock_widget(panel)
     viewer.add_image(volume((48, 48, 48)), name="scan", metadata={"modality": "T2"})
     configure(panel, tiny_checkpoint(tmp_path / "tiny.safetensors"))
-    # level 1's whole plane of probability (24^3 chunks, drawn as float32) fits; level 0's
-    # (48^3 chunks: a plane decodes the whole volume) of neither probability nor segmentation
-    monkeypatch.setattr(display, "FIRST_PLANE_BYTES", 24 * 24 * 24 * 4)
+    # level 1's whole plane (24^3 chunks: the whole level) fits; level 0's (48^3 chunks: a
+    # plane decodes the whole volume) does not
+    monkeypatch.setattr(display, "FIRST_PLANE_VOXELS", 24**3)
     run(panel, qtbot)
     probability = viewer.layers["scan PVS probability"]
     segmentation = viewer.layers["scan PVS segmentation"]

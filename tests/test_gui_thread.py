@@ -244,15 +244,20 @@ def test_tables_are_read_and_volumes_removed_off_the_gui_thread(
     with Project.create(tmp_path / "project", model=checkpoint) as project:
         project.add_volume(scan, modality="T2")
     threads: list[threading.Thread] = []
-    for name in ("status", "compare", "remove_volume"):
+    for name in ("status", "compare", "rounds", "remove_volume"):
         _slow_on(Project, name, threads, monkeypatch)
-    step, train = workflow.project_step, workflow.train_step
+    step, train, report = workflow.project_step, workflow.train_step, workflow.report_step
     step.folder_edit.setText(str(tmp_path / "project"))
+
+    def reading() -> bool:
+        return step.is_busy() or train.is_refreshing() or report.is_refreshing()
+
     with Heartbeat() as beat:
         assert step.open_project()  # the ledger is checked here (a script's call), then:
-        assert step.is_busy() and train.is_refreshing()  # the tables are read in workers
-        qtbot.waitUntil(lambda: not step.is_busy() and not train.is_refreshing(), timeout=60000)
+        assert step.is_busy() and train.is_refreshing() and report.is_refreshing()
+        qtbot.waitUntil(lambda: not reading(), timeout=60000)  # the tables, the curve: workers
     assert beat.longest < FREEZE_S, "tables: " + beat.report()
+    assert report.refresh_curve() == {"round": [], "reviewed patches": [], "dice": []}
     table = step.volumes_box.table
     assert table.rowCount() == 1 and table.item(0, 0).text() == "sub-01_T2w"
     assert table.item(0, 4).text() == "T2" and "v0 (current)" in step.project_label.text()
@@ -270,4 +275,22 @@ def test_tables_are_read_and_volumes_removed_off_the_gui_thread(
     assert beat.longest < FREEZE_S, "Remove: " + beat.report()
     assert workflow.state.project.volumes() == [] and table.rowCount() == 0
     assert "removed sub-01_T2w" in step.status_label.text()
-    assert len(threads) >= 4 and threading.main_thread() not in threads
+    assert len(threads) >= 5 and threading.main_thread() not in threads
+
+
+def test_the_versions_status_says_what_a_version_is_now():
+    """Never "new": current while it is, kept aside when the worse-round guard kept it out,
+    else ready (Make current uses it), or its ledger status when not ready."""
+    from napari_pvs._widgets.train import version_state
+    from napari_pvs.project import ModelVersion
+
+    def version(number, status="ready", **metrics):
+        return ModelVersion(version=number, checkpoint=f"v{number}.safetensors", parent=None,
+                            created="", status=status, metrics=metrics, manifest_hash="",
+                            round=number or None)  # fmt: skip
+
+    assert version_state(version(1), current=1) == "current"
+    assert version_state(version(1), current=2) == "ready"  # a newer round made v2 current
+    assert version_state(version(2, worse_than_base=True), current=1) == "kept aside"
+    assert version_state(version(2, worse_than_base=True), current=2) == "current"  # made so
+    assert version_state(version(3, status="failed"), current=1) == "failed"

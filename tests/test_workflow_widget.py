@@ -391,6 +391,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     )
     assert report.export_csv(csv_path) is None  # exists: the policy says Cancel
     assert "Replace" in workflow.answers.asked[-1][1]
+    wait(qtbot, report.is_refreshing)  # the curve is read in a worker
     report.curve_axis.setCurrentText("reviewed patches")
     curve = report.refresh_curve()
     assert curve["reviewed patches"] == [0, reviewed_before_round]

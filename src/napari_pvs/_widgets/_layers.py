@@ -127,12 +127,12 @@ def warm_up_labels_visuals() -> None:
 
 
 def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int | None:
-    """Show a multiscale layer first at the finest level whose whole plane decodes within
-    :data:`napari_pvs.display.FIRST_PLANE_BYTES`, until the user zooms or turns to 3D.
+    """Show a multiscale layer first at the finest level whose whole plane decodes at most
+    :data:`napari_pvs.display.FIRST_PLANE_VOXELS`, until the user zooms or turns to 3D.
 
     napari picks the level that has a voxel per screen pixel over the whole field of view: at
     1024^3 on a 600-pixel canvas, full resolution, a plane that decodes a slab of whole chunks
-    (250-300 ms on the GUI thread per layer). The level is locked (napari's own
+    (90-290 ms on the GUI thread per layer). The level is locked (napari's own
     ``locked_data_level``, shown in the layer controls) and unlocked at the first zoom or
     switch to 3D: napari then picks again for the zoomed view, which reads only what it shows.
     Call it while the layer is hidden (or before it is sliced) so that only this level is read.
