@@ -153,6 +153,7 @@ def main() -> None:
     wait_for(segment.is_running)
     timings["train"] = time.perf_counter() - started
     print(f"round: {train.outcome}")
+    wait_for(train.is_refreshing)  # the versions table, read in a worker
     shoot(viewer, workflow, "Train", out)
 
     started = time.perf_counter()

@@ -555,7 +555,8 @@ def test_bad_input_comes_as_clear_messages(workflow, tmp_path):
     )
 
 
-def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, scans, tmp_path):
+def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, qtbot, scans,
+                                                          tmp_path):  # fmt: skip
     import shutil
 
     path = shutil.copytree(scans[0], tmp_path / "copy.zarr")
@@ -564,16 +565,19 @@ def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, sc
     panel = VolumePanel(viewer, ask=answers)
     viewer.window.add_dock_widget(panel)
     panel.path_edit.setText(str(path))
-    panel.open_path()
+    assert panel.open_path()
+    wait(qtbot, panel.is_busy)  # read in the panel's worker
     assert panel.labels_combo.currentText() == "copy pvs"  # not the hidden region map
     truth = io.open_labels(path, "pvs").data.compute()
     viewer.add_labels(np.zeros(SHAPE, np.uint8), name="edits", scale=(SPACING,) * 3)
     panel.labels_combo.setCurrentText("edits")
-    assert panel.save_labels_to_volume() is None  # the policy says Cancel
+    assert not panel.save_labels_to_volume()  # the policy says Cancel: nothing starts
     assert "labels/pvs" in answers.asked[-1][0]
     np.testing.assert_array_equal(io.open_labels(path, "pvs").data.compute(), truth)
     answers.queue = ["Replace"]
-    assert panel.save_labels_to_volume() is not None
+    assert panel.save_labels_to_volume()
+    wait(qtbot, panel.is_busy)  # written in the panel's worker
+    assert panel.saved == str(path)
     assert not io.open_labels(path, "pvs").data.compute().any()
 
 
