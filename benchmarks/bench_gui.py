@@ -169,6 +169,7 @@ phase("round", train.start_button.click,
       lambda: train.outcome is not None and not train.is_running() and not seg.is_running())
 extra["round"] = train.outcome.get("kind") if train.outcome else None
 train.refresh_versions()
+wait(lambda: not train.is_refreshing(), "the versions table (read off the GUI thread)")
 train.versions_table.selectRow(0)
 phase("make current", train.rollback_button.click, lambda: not train.rollback_job.is_running())
 phase("report", report.burden_button.click, lambda: not report.job.is_running())

@@ -23,8 +23,10 @@ has non-black pixels; RSS is the process peak, ``VmHWM``, imports included):
 - ``napari viewer.open, our reader``: the napari-pvs reader (direct display views,
   :mod:`napari_pvs.display`), to its first drawn slice;
 - ``project: open -> volume drawn``: the workflow's Project step ``open_project`` on the
-  folder, the volume selected and "Show in viewer" pressed (opening a project shows no layers by
-  itself), to the volume's first drawn slice;
+  folder, its volumes table read (in a worker), the volume selected and "Show in viewer"
+  pressed (opening a project shows no layers by itself), to the volume's first drawn slice (a
+  large volume's first plane comes from the level whose plane decodes within
+  ``display.FIRST_PLANE_VOXELS``; napari chooses again once the user zooms);
 - ``project: ... -> prediction drawn``: then the Segment step's Segment on that volume (with a
   complete prediction it computes nothing: it shows the probability and segmentation layers,
   then counts PVS in the background), to the slice with those two layers drawn. Time from
@@ -108,8 +110,11 @@ else:
     beat.start()
     step.folder_edit.setText(folder)
     assert step.open_project()
+    wait(lambda: not step.is_busy(), "the volumes table (read off the GUI thread)")
     step.volumes_box.table.selectRow(0)
-    layer = step.volumes_box.show_selected()
+    step.volumes_box.show_selected()  # the volume is read in a worker, then added
+    wait(lambda: not step.is_busy(), "the volume's read")
+    layer = step.volumes_box.shown
     assert layer is not None
     wait(drawn, "the volume's first slice")
     result["volume_seconds"] = time.perf_counter() - t0

@@ -153,15 +153,18 @@ def main() -> None:
     wait_for(segment.is_running)
     timings["train"] = time.perf_counter() - started
     print(f"round: {train.outcome}")
+    wait_for(train.is_refreshing)  # the versions table, read in a worker
     shoot(viewer, workflow, "Train", out)
 
     started = time.perf_counter()
     report = workflow.report_step
     report.compute_burden()
     wait_for(report.job.is_running)
+    wait_for(report.is_refreshing)  # the learning curve, read in a worker
     report.refresh_curve()
     timings["report"] = time.perf_counter() - started
     shoot(viewer, workflow, "Report", out)
+    wait_for(project_step.is_busy)  # the table read again after the round
     project_step.volumes_box.table.selectRow(0)  # the volume's state after the loop
     shoot(viewer, workflow, "Project", out)
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_pvs import io
-from napari_pvs.display import MAX_FANCY_BYTES, DisplayLevel, as_dask, slab_cache
+from napari_pvs import display, io
+from napari_pvs.display import (
+    MAX_FANCY_BYTES,
+    DisplayLevel,
+    as_dask,
+    first_level,
+    plane_read_voxels,
+    slab_cache,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +210,40 @@ def test_a_layer_that_goes_takes_its_slabs_with_it():
     del view, reader
     gc.collect()
     assert slab_cache.nbytes == 0  # the reader is gone, and its decoded slab with it
+
+
+def test_plane_read_voxels_counts_every_whole_chunk_a_plane_touches(tmp_path):
+    store = zarr.create_array(
+        str(tmp_path / "a.zarr"), shape=(100, 70, 50), chunks=(48, 32, 16), dtype=np.uint16
+    )
+    level = DisplayLevel(store)
+    # across z: one chunk deep (48), 3 x 4 chunks in-plane (96 x 64)
+    assert plane_read_voxels(level, 0) == 48 * 96 * 64
+    assert plane_read_voxels(level, 2) == 144 * 96 * 16  # 3 x 3 chunks (144 x 96) across x
+    # a dask level decodes its own chunks; memory reads only the plane
+    lazy = da.zeros((100, 70, 50), chunks=(10, 70, 50), dtype=np.uint8)
+    assert plane_read_voxels(lazy, 0) == 10 * 70 * 50
+    assert plane_read_voxels(np.zeros((100, 70, 50), np.float32), 1) == 100 * 50
+    # a squeezed channel axis is not counted
+    channels = zarr.create_array(
+        str(tmp_path / "c.zarr"), shape=(1, 40, 30, 20), chunks=(1, 8, 30, 20), dtype=np.uint8
+    )
+    assert plane_read_voxels(DisplayLevel(channels, index=(0,)), 0) == 8 * 30 * 20
+
+
+def test_first_level_is_the_finest_whose_plane_fits_the_budget(tmp_path, monkeypatch):
+    stores = [
+        zarr.create_array(
+            str(tmp_path / f"{n}.zarr"), shape=(n,) * 3, chunks=(32,) * 3, dtype=np.uint16
+        )
+        for n in (256, 128, 64)
+    ]
+    levels = [DisplayLevel(store) for store in stores]
+    costs = [plane_read_voxels(level, 0) for level in levels]
+    assert costs == [32 * 256 * 256, 32 * 128 * 128, 32 * 64 * 64]
+    assert first_level(levels, 0, budget=costs[0]) == 0
+    assert first_level(levels, 0, budget=costs[0] - 1) == 1
+    assert first_level(levels, 0, budget=costs[2]) == 2
+    assert first_level(levels, 0, budget=1) == 2  # nothing fits: the coarsest
+    monkeypatch.setattr(display, "FIRST_PLANE_VOXELS", costs[1])  # the default, read per call
+    assert first_level(levels, 0) == 1

@@ -227,3 +227,70 @@ def test_the_annotator_starts_as_the_os_user(workflow):
     import getpass
 
     assert workflow.review_step.annotator_edit.text() == getpass.getuser()
+
+
+def test_tables_are_read_and_volumes_removed_off_the_gui_thread(
+    workflow, qtbot, tmp_path, monkeypatch
+):
+    """The Project step's volumes table (``status``, the stores' completeness), the Train
+    step's versions table (``compare``, validation scores, the reviewed line) and Remove run
+    in workers: made slower than a freeze, they leave the heartbeat alone, and the tables and
+    the status column say what the ledger holds."""
+    from napari_pvs.project import Project
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    phantom = make_phantom(SHAPE, SPACING, "T2", seed=4, severity=1.0)
+    scan = io.save_ome_zarr(tmp_path / "sub-01_T2w.zarr", phantom.image, phantom.spacing)
+    with Project.create(tmp_path / "project", model=checkpoint) as project:
+        project.add_volume(scan, modality="T2")
+    threads: list[threading.Thread] = []
+    for name in ("status", "compare", "rounds", "remove_volume"):
+        _slow_on(Project, name, threads, monkeypatch)
+    step, train, report = workflow.project_step, workflow.train_step, workflow.report_step
+    step.folder_edit.setText(str(tmp_path / "project"))
+
+    def reading() -> bool:
+        return step.is_busy() or train.is_refreshing() or report.is_refreshing()
+
+    with Heartbeat() as beat:
+        assert step.open_project()  # the ledger is checked here (a script's call), then:
+        assert step.is_busy() and train.is_refreshing() and report.is_refreshing()
+        qtbot.waitUntil(lambda: not reading(), timeout=60000)  # the tables, the curve: workers
+    assert beat.longest < FREEZE_S, "tables: " + beat.report()
+    assert report.refresh_curve() == {"round": [], "reviewed patches": [], "dice": []}
+    table = step.volumes_box.table
+    assert table.rowCount() == 1 and table.item(0, 0).text() == "sub-01_T2w"
+    assert table.item(0, 4).text() == "T2" and "v0 (current)" in step.project_label.text()
+    assert train.versions_table.item(0, 0).text() == "v0*"
+    assert train.versions_table.item(0, 4).text() == "current"
+    assert "0 reviewed patches" in train.labelled_label.text()
+    train.versions_table.selectRow(0)
+    assert [row["version"] for row in train.compare()] == [0]  # from the read: no ledger call
+
+    table.selectRow(0)
+    with Heartbeat() as beat:
+        assert step.start_remove_selected()
+        assert not step.volumes_box.remove_button.isEnabled()
+        qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert beat.longest < FREEZE_S, "Remove: " + beat.report()
+    assert workflow.state.project.volumes() == [] and table.rowCount() == 0
+    assert "removed sub-01_T2w" in step.status_label.text()
+    assert len(threads) >= 5 and threading.main_thread() not in threads
+
+
+def test_the_versions_status_says_what_a_version_is_now():
+    """Never "new": current while it is, kept aside when the worse-round guard kept it out,
+    else ready (Make current uses it), or its ledger status when not ready."""
+    from napari_pvs._widgets.train import version_state
+    from napari_pvs.project import ModelVersion
+
+    def version(number, status="ready", **metrics):
+        return ModelVersion(version=number, checkpoint=f"v{number}.safetensors", parent=None,
+                            created="", status=status, metrics=metrics, manifest_hash="",
+                            round=number or None)  # fmt: skip
+
+    assert version_state(version(1), current=1) == "current"
+    assert version_state(version(1), current=2) == "ready"  # a newer round made v2 current
+    assert version_state(version(2, worse_than_base=True), current=1) == "kept aside"
+    assert version_state(version(2, worse_than_base=True), current=2) == "current"  # made so
+    assert version_state(version(3, status="failed"), current=1) == "failed"

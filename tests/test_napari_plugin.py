@@ -162,11 +162,18 @@ def panel(make_napari_viewer, qtbot):
     return widget
 
 
-def test_panel_open_info_modality_and_errors(panel, ome_zarr, monkeypatch):
+def wait_for_io(panel, qtbot) -> None:
+    """Open and Save read and write in the panel's worker: wait for it."""
+    qtbot.waitUntil(lambda: not panel.is_busy(), timeout=30000)
+
+
+def test_panel_open_info_modality_and_errors(panel, qtbot, ome_zarr, monkeypatch):
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(ome_zarr))
     panel.folder_button.click()
     assert panel.path_edit.text() == str(ome_zarr)
     panel.open_button.click()
+    assert not panel.open_button.isEnabled()  # reading in the panel's worker
+    wait_for_io(panel, qtbot)
     assert [layer.name for layer in panel.viewer.layers] == ["sub-01_T2w", "sub-01_T2w pvs"]
     info = panel.info_label.text()
     assert "24 x 40 x 32" in info and "2 x 0.5 x 0.75 mm" in info and "levels 3" in info
@@ -176,15 +183,17 @@ def test_panel_open_info_modality_and_errors(panel, ome_zarr, monkeypatch):
 
     panel.path_edit.setText(str(ome_zarr.parent / "missing.zarr"))
     panel.open_button.click()
+    wait_for_io(panel, qtbot)
     assert "no such file" in panel.status_label.text()
     assert len(panel.viewer.layers) == 2
 
 
-def test_panel_browse_file(panel, nifti, monkeypatch):
+def test_panel_browse_file(panel, qtbot, nifti, monkeypatch):
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(nifti[0]), ""))
     panel.file_button.click()
     assert panel.path_edit.text() == str(nifti[0])
     panel.open_button.click()
+    wait_for_io(panel, qtbot)
     assert panel.viewer.layers[0].metadata["modality"] == "T1"
     assert panel.modality_combo.currentText() == "T1"
 
@@ -228,20 +237,26 @@ def test_panel_converts_in_background_and_cancels(panel, qtbot, tmp_path):
     assert "put a .nii or .nii.gz file" in panel.status_label.text()
 
 
-def test_panel_saves_labels_into_ome_zarr_and_as_nifti(panel, ome_zarr, tmp_path, monkeypatch):
+def test_panel_saves_labels_into_ome_zarr_and_as_nifti(
+    panel, qtbot, ome_zarr, tmp_path, monkeypatch
+):
     panel.path_edit.setText(str(ome_zarr))
-    panel.open_path()
+    assert panel.open_path()
+    wait_for_io(panel, qtbot)
     edited = np.zeros((24, 40, 32), np.uint8)
     edited[3:7, 5:9, 2:4] = 1
     panel.viewer.add_labels(edited, name="my edits", scale=SPACING)
     panel.labels_combo.setCurrentText("my edits")
     panel.label_name_edit.setText("corrected")
     panel.save_zarr_button.click()
+    wait_for_io(panel, qtbot)  # written in the panel's worker
+    assert panel.saved == str(ome_zarr)
     np.testing.assert_array_equal(io.open_labels(ome_zarr, "corrected").data.compute(), edited)
 
     target = tmp_path / "edits.nii.gz"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
     panel.save_file_button.click()
+    wait_for_io(panel, qtbot)
     saved = nib.load(str(target))
     np.testing.assert_allclose(saved.affine, np.diag([*SPACING, 1.0]))
     np.testing.assert_array_equal(np.asarray(saved.dataobj), edited)

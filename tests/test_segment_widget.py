@@ -130,8 +130,9 @@ def test_a_large_prediction_is_shown_from_its_display_levels(
     assert "too large to paint in place" in panel.status_label.text()
     # the Volume panel saves the full resolution of a multiscale labels layer
     saver = VolumePanel(panel.viewer, ask=lambda *args: "Replace")
-    written = saver._save(segmentation, str(tmp_path / "saved.nii.gz"))
-    saved = np.asarray(nib.load(written).dataobj)
+    assert saver._save(segmentation, str(tmp_path / "saved.nii.gz"))
+    qtbot.waitUntil(lambda: not saver.is_busy(), timeout=30000)  # written in its worker
+    saved = np.asarray(nib.load(saver.saved).dataobj)
     np.testing.assert_array_equal(saved, reference["segmentation"][...])
 
 

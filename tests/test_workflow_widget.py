@@ -178,6 +178,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     direct = zarr.open_group(str(reference), mode="r")
     np.testing.assert_array_equal(segmentation.data.compute(), direct["segmentation"][...])
     assert viewer.layers.selection.active is segmentation and segmentation.brush_size == 1
+    wait(qtbot, step.is_busy)  # the volumes table is read again in a worker
     assert step.volumes_box.table.item(0, 1).text() == "v0*"
     assert " s on cpu" in seg.summary_label.text()  # it ran
     result_layers = result_layer_names(viewer, image)
@@ -185,6 +186,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "its stored prediction (nothing recomputed)" in seg.summary_label.text()
     assert viewer.layers[f"{image.name} PVS segmentation"] is segmentation  # reused
     assert result_layer_names(viewer, image) == result_layers  # none added
+    wait(qtbot, step.is_busy)
     assert step.volumes_box.table.item(0, 3).text() == str(seg.result.pvs_count)
 
     # -- Review step: rank, the first patch opens zoomed, prefilled, active, brush 1
@@ -310,6 +312,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     wait(qtbot, review.is_busy)
     assert project.annotations(vid)[-1].patch_id == accepted.id
     assert review.queue.counts() == {"new": len(queued) - 4, "reviewed": 3, "skipped": 1}
+    wait(qtbot, workflow.train_step.is_refreshing)  # read in a worker
+    wait(qtbot, step.is_busy)
     assert "3 reviewed" in workflow.train_step.labelled_label.text()
     # the Project step lists what was reviewed
     assert step.volumes_box.table.item(0, 2).text() == "3"
@@ -339,8 +343,11 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert train.outcome["kind"] == "done", train.outcome
     assert beat.longest < FREEZE_LIMIT_S, "during a round: " + beat.report()
     assert project.current_version().version == 1
+    wait(qtbot, train.is_refreshing)
     assert train.versions_table.rowCount() == 2
     assert train.versions_table.item(1, 0).text() == "v1*"
+    # the status says what each version is now: v1 current, v0 ready to be made current
+    assert [train.versions_table.item(r, 4).text() for r in (0, 1)] == ["ready", "current"]
     assert train.versions_table.item(1, 1).text() == "v0"
     loss_steps, losses = train.plot.series("loss")
     assert loss_steps and loss_steps[-1] == 4 and all(np.isfinite(losses))
@@ -367,7 +374,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     train.rollback_button.click()  # in the step's worker
     wait(qtbot, train.rollback_job.is_running)
     assert project.current_version().version == 0
+    wait(qtbot, train.is_refreshing)
     assert train.versions_table.item(0, 0).text() == "v0*" and len(project.versions()) == 2
+    assert [train.versions_table.item(r, 4).text() for r in (0, 1)] == ["current", "ready"]
 
     # -- Report: the burden table and its CSV, the learning curve, labels export
     wait(qtbot, report.job.is_running)  # Make current counted again with v0
@@ -384,6 +393,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     )
     assert report.export_csv(csv_path) is None  # exists: the policy says Cancel
     assert "Replace" in workflow.answers.asked[-1][1]
+    wait(qtbot, report.is_refreshing)  # the curve is read in a worker
     report.curve_axis.setCurrentText("reviewed patches")
     curve = report.refresh_curve()
     assert curve["reviewed patches"] == [0, reviewed_before_round]
@@ -547,7 +557,8 @@ def test_bad_input_comes_as_clear_messages(workflow, tmp_path):
     )
 
 
-def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, scans, tmp_path):
+def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, qtbot, scans,
+                                                          tmp_path):  # fmt: skip
     import shutil
 
     path = shutil.copytree(scans[0], tmp_path / "copy.zarr")
@@ -556,16 +567,19 @@ def test_volume_panel_asks_before_replacing_a_label_image(make_napari_viewer, sc
     panel = VolumePanel(viewer, ask=answers)
     viewer.window.add_dock_widget(panel)
     panel.path_edit.setText(str(path))
-    panel.open_path()
+    assert panel.open_path()
+    wait(qtbot, panel.is_busy)  # read in the panel's worker
     assert panel.labels_combo.currentText() == "copy pvs"  # not the hidden region map
     truth = io.open_labels(path, "pvs").data.compute()
     viewer.add_labels(np.zeros(SHAPE, np.uint8), name="edits", scale=(SPACING,) * 3)
     panel.labels_combo.setCurrentText("edits")
-    assert panel.save_labels_to_volume() is None  # the policy says Cancel
+    assert not panel.save_labels_to_volume()  # the policy says Cancel: nothing starts
     assert "labels/pvs" in answers.asked[-1][0]
     np.testing.assert_array_equal(io.open_labels(path, "pvs").data.compute(), truth)
     answers.queue = ["Replace"]
-    assert panel.save_labels_to_volume() is not None
+    assert panel.save_labels_to_volume()
+    wait(qtbot, panel.is_busy)  # written in the panel's worker
+    assert panel.saved == str(path)
     assert not io.open_labels(path, "pvs").data.compute().any()
 
 

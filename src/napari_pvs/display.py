@@ -16,6 +16,13 @@ whole slab (the drawn extent, one chunk deep) is read once and kept in a small s
 from memory. The first plane of a layer reads that plane alone: opening stays as fast and as
 small as one read.
 
+A multiscale layer's first plane is read on the GUI thread, in one event-loop turn, at the
+level napari picks for the canvas: at 1024^3 on a 600-pixel canvas that is full resolution, a
+plane that decodes 64 chunks of 128^3 or 484 of 48^3 (54-67 M voxels: 90-290 ms on a busy
+core). :func:`first_level` names the finest level whose whole plane decodes at most
+:data:`FIRST_PLANE_VOXELS` (32 M: 30-90 ms); the widgets show a layer at that level first and
+let napari choose again once the user zooms.
+
 Computations (prediction, ranking, saving) use :meth:`DisplayLevel.to_dask` or :func:`as_dask`,
 which give the same values as a dask array chunked like the store.
 """
@@ -38,6 +45,10 @@ MAX_FANCY_BYTES = 256 << 20
 #: Decoded slabs kept for scrolling, all layers together; a slab bigger than this is never kept
 #: (its planes are read one by one, as on first display).
 SLAB_CACHE_BYTES = 192 << 20
+#: The most voxels reading a layer's first plane (whole, at the level it is first shown) may
+#: decode: about 30-90 ms on one busy core (see :func:`first_level`). Voxels, not bytes: the
+#: time went with them (a uint8 plane of 54 M voxels took as long as a float16 one).
+FIRST_PLANE_VOXELS = 32 << 20
 
 
 class _SlabCache:
@@ -256,6 +267,48 @@ class DisplayLevel:
             return self._lazy
         meta = np.empty((0,) * self.ndim, self.dtype)
         return da.from_array(self, chunks="auto", asarray=True, meta=meta)
+
+
+def store_chunks(level: Any) -> tuple[int, ...] | None:
+    """The edges of the chunks a read of ``level`` decodes whole (a display view's store
+    chunks, a dask array's chunks); None for memory (numpy), which reads only what is asked."""
+    if isinstance(level, DisplayLevel):
+        chunks = getattr(level.reader, "chunks", None)
+        if not chunks or len(chunks) != len(level._axes):
+            return None
+        return tuple(
+            int(c) for c, axis in zip(chunks, level._axes, strict=True) if isinstance(axis, range)
+        )
+    if isinstance(level, da.Array):
+        return tuple(int(c) for c in level.chunksize)
+    return None
+
+
+def plane_read_voxels(level: Any, axis: int) -> int:
+    """Voxels decoded to read the whole plane of ``level`` one voxel deep along ``axis``:
+    every chunk the plane touches, whole (the plane itself when nothing is chunked)."""
+    shape = [int(n) for n in level.shape]
+    chunks = store_chunks(level)
+    voxels = 1
+    for i, n in enumerate(shape):
+        if chunks is None:
+            voxels *= 1 if i == axis else n
+        elif i == axis:
+            voxels *= min(chunks[i], n)
+        else:
+            voxels *= -(-n // chunks[i]) * chunks[i]
+    return voxels
+
+
+def first_level(levels: Sequence[Any], axis: int, budget: int | None = None) -> int:
+    """The finest of ``levels`` (finest first) whose whole plane along ``axis`` decodes at
+    most ``budget`` voxels (default :data:`FIRST_PLANE_VOXELS`, read at each call); the
+    coarsest when none does."""
+    budget = FIRST_PLANE_VOXELS if budget is None else budget
+    for index, level in enumerate(levels):
+        if plane_read_voxels(level, axis) <= budget:
+            return index
+    return len(levels) - 1
 
 
 def as_dask(data: Any) -> da.Array:

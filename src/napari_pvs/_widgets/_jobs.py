@@ -20,7 +20,7 @@ from typing import Any
 
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from napari_pvs.io import damaged_file_error
@@ -243,3 +243,63 @@ class JobProgress(QWidget):
         self.cancel_button.setEnabled(False)
         self.detail.setText("cancelling…")
         self.cancel_requested.emit()
+
+
+class Refresher(QObject):
+    """Reads what a view shows (the ledger, a store's attributes) off the GUI thread.
+
+    ``request()`` asks for a read; it starts at the next event-loop turn, so the requests of
+    one turn (a round's end emits several changes) make one read, in a worker thread, whose
+    result goes to ``shown`` on the GUI thread. A request while a read runs is served by one
+    more read after it: the view ends on the newest state and reads never pile up. No
+    progress bar: a refresh is not a task the user started. ``read`` raising is reported
+    through ``failed`` (its message).
+    """
+
+    shown = Signal(object)
+    failed = Signal(str)
+
+    def __init__(self, read: Callable[[], Any], parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._read = read
+        self._worker = None
+        self._again = False
+        self._soon = QTimer(self)
+        self._soon.setSingleShot(True)
+        self._soon.setInterval(0)
+        self._soon.timeout.connect(self._start)
+
+    def is_running(self) -> bool:
+        """A read asked for or running (the view is about to change)."""
+        return self._worker is not None or self._soon.isActive()
+
+    def request(self) -> None:
+        if self._worker is not None:
+            self._again = True
+        elif not self._soon.isActive():
+            self._soon.start()
+
+    def _start(self) -> None:
+        read = self._read
+
+        def run() -> tuple[str, Any]:
+            try:
+                return "ok", read()
+            except Exception as exc:  # a project closed under the read, a damaged store...
+                return "error", f"could not refresh: {exc}"
+
+        self._again = False
+        self._worker = create_worker(run)
+        self._worker.returned.connect(self._on_returned)
+        self._worker.start()
+
+    def _on_returned(self, outcome: tuple[str, Any]) -> None:
+        self._worker = None
+        if self._again:  # the state changed while reading: this result is already old
+            self._start()
+            return
+        kind, value = outcome
+        if kind == "ok":
+            self.shown.emit(value)
+        else:
+            self.failed.emit(value)

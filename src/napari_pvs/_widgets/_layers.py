@@ -19,7 +19,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_pvs import io
 from napari_pvs.cohort import output_name
-from napari_pvs.display import as_dask
+from napari_pvs.display import as_dask, first_level
 
 if TYPE_CHECKING:
     import napari
@@ -100,6 +100,19 @@ def has_unsaved_edits(layer: Layer | None) -> bool:
     return isinstance(layer, Labels) and bool(layer.metadata.get(EDITED_KEY))
 
 
+def prepare_layer_dependencies() -> None:
+    """Do in a worker what napari does on the GUI thread for the first layers of a session:
+    build pint's unit registry (every layer's units: 0.4-1 s, once), import scipy.ndimage
+    (the first thumbnail: up to 0.8 s) and pandas (the first labels layer's feature table:
+    0.3-0.6 s). Called by the workers that hand back something to show (a project opened or
+    created, a segmentation), so the layers built from it find them ready."""
+    import pandas  # noqa: F401
+    import pint
+    from scipy import ndimage  # noqa: F401
+
+    pint.get_application_registry().pixel  # noqa: B018 (the lazy registry builds itself here)
+
+
 def warm_up_labels_visuals() -> None:
     """Compute now what vispy computes once per process for the first labels layer.
 
@@ -111,6 +124,49 @@ def warm_up_labels_visuals() -> None:
     except ImportError:  # a vispy without it: nothing to warm up
         return
     DashAtlas()
+
+
+def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int | None:
+    """Show a multiscale layer first at the finest level whose whole plane decodes at most
+    :data:`napari_pvs.display.FIRST_PLANE_VOXELS`, until the user zooms or turns to 3D.
+
+    napari picks the level that has a voxel per screen pixel over the whole field of view: at
+    1024^3 on a 600-pixel canvas, full resolution, a plane that decodes a slab of whole chunks
+    (90-290 ms on the GUI thread per layer). The level is locked (napari's own
+    ``locked_data_level``, shown in the layer controls) and unlocked at the first zoom or
+    switch to 3D: napari then picks again for the zoomed view, which reads only what it shows.
+    Call it while the layer is hidden (or before it is sliced) so that only this level is read.
+    Returns the level locked, or None (not multiscale, or napari's finest already affordable).
+    """
+    if not getattr(layer, "multiscale", False) or viewer.dims.ndisplay != 2:
+        return None
+    across = [axis - (viewer.dims.ndim - layer.ndim) for axis in viewer.dims.not_displayed]
+    across = [axis for axis in across if axis >= 0]
+    if not across:
+        return None
+    level = first_level(layer.data, across[-1])
+    if level == 0:
+        return None
+    layer.locked_data_level = level
+    hooks: list[tuple[object, Callable]] = []
+
+    def release(event=None) -> None:
+        for emitter, callback in hooks:
+            emitter.disconnect(callback)
+        hooks.clear()
+        if layer.locked_data_level == level:
+            layer.locked_data_level = None  # napari's own choice from now on
+
+    def removed(event) -> None:
+        if event.value is layer:
+            release()
+
+    hooks += [(viewer.scene.camera.events.zoom, release), (viewer.dims.events.ndisplay, release),
+              (layer.events.data, release),  # new data: the lock was for the old levels
+              (viewer.layers.events.removed, removed)]  # fmt: skip
+    for emitter, callback in hooks:
+        emitter.connect(callback)
+    return level
 
 
 class StagedLayers(QObject):

@@ -100,8 +100,9 @@ class PVSWorkflow(QWidget):
             self._watched = None
         self.train_step.teardown()
         self.review_step.teardown()
-        counting = self.project_step.volumes_box.count_job
-        for job in (self.segment_step.job, counting, self.report_step.job):
+        volumes = self.project_step.volumes_box
+        for job in (self.segment_step.job, volumes.count_job, volumes.show_job,
+                    self.report_step.job):  # fmt: skip
             job.cancel()
         self.segment_step.staged.stop()
         self.state.close()

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
-from napari_pvs._widgets._layers import layer_source
+from napari_pvs._widgets._layers import layer_source, prepare_layer_dependencies
 from napari_pvs._widgets.project_settings import SettingsBox
 from napari_pvs._widgets.project_table import VolumesBox
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
@@ -38,7 +38,9 @@ def _create(folder: Path, model: str):
     """A new project in ``folder`` with ``model`` as version 0 (imports torch: off the GUI)."""
     from napari_pvs.project import Project
 
-    return Project.create(folder, model=model)
+    project = Project.create(folder, model=model)
+    prepare_layer_dependencies()  # its volumes are shown next
+    return project
 
 
 def _open(folder: Path):
@@ -46,7 +48,9 @@ def _open(folder: Path):
     from napari_pvs.project import Project
 
     try:
-        return Project.open(folder)
+        project = Project.open(folder)
+        prepare_layer_dependencies()  # its volumes are shown next
+        return project
     except ValueError as exc:
         if "not a" not in str(exc):
             raise
@@ -86,6 +90,8 @@ class ProjectStep(QWidget):
         self.volumes_box.add_layer_button.clicked.connect(self.add_current_layer)
         self.volumes_box.add_files_button.clicked.connect(self._browse_files)
         self.volumes_box.modality_combo.textActivated.connect(self.start_set_modality)
+        self.volumes_box.remove_button.clicked.connect(self.start_remove_selected)
+        self.volumes_box.reader.shown.connect(self._show_versions)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self._build_project_box())
@@ -149,6 +155,24 @@ class ProjectStep(QWidget):
         return self._start_project_job(work, f"setting {volume.name}'s contrast",
                                        self._modality_set)  # fmt: skip
 
+    def start_remove_selected(self) -> bool:
+        """Take the selected volume out of the project in the step's worker (a ledger write;
+        its reviewed labels are moved to archive/, not lost)."""
+        volume = self.volumes_box.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+            return False
+        project = self.state.project
+
+        def work(progress, cancel):
+            return project.remove_volume(volume.id)
+
+        def removed(archive: Path) -> None:
+            self._report(f"removed {volume.name} (volume {volume.id}); its labels are in {archive}")
+            self.state.volumes_changed.emit()
+
+        return self._start_project_job(work, f"removing {volume.name}", removed)
+
     def _modality_set(self, record: VolumeRecord) -> None:
         self.state.volumes_changed.emit()
         self._report(f"{record.name} is {record.modality}: its next predictions use it")
@@ -172,11 +196,14 @@ class ProjectStep(QWidget):
     # ---------------------------------------------------------------- worker
     def _busy_buttons(self) -> tuple[QPushButton, ...]:
         return (self.create_button, self.open_button, self.close_button,
-                self.volumes_box.add_layer_button, self.volumes_box.add_files_button)  # fmt: skip
+                self.volumes_box.add_layer_button, self.volumes_box.add_files_button,
+                self.volumes_box.remove_button)  # fmt: skip
 
     def is_busy(self) -> bool:
-        """Whether a Create, Open, Add or contrast change runs in the step's worker."""
-        return self.project_job.is_running()
+        """Whether a Create, Open, Add, Remove or contrast change runs in the step's worker,
+        the volumes table is being read again after one, or Show in viewer reads a volume."""
+        box = self.volumes_box
+        return self.project_job.is_running() or box.is_refreshing() or box.is_showing()
 
     def _start_project_job(self, work, description: str, after) -> bool:
         """Run ``work`` in the step's worker, buttons disabled; ``after(result)`` on success."""
@@ -326,12 +353,20 @@ class ProjectStep(QWidget):
             self.project_label.setText("no project open")
             return
         self.folder_edit.setText(str(project.path))
-        current = project.current_version()
+        if not self.project_label.text().startswith(str(project.path)):
+            self.project_label.setText(str(project.path))  # the versions follow
+        self.volumes_box.refresh()  # its read names the current version: _show_versions
+
+    def _show_versions(self, read: dict | None) -> None:
+        """The project line, from the volumes table's read (no ledger read here)."""
+        project = self.state.project
+        if read is None or project is None or read["project"] is not project:
+            return
+        status = read["status"]
         self.project_label.setText(
-            f"{project.path}\nmodel v{current.version} (current) of {len(project.versions())} "
-            f"version(s)"
+            f"{project.path}\nmodel v{status['current_version']} (current) of "
+            f"{len(status['versions'])} version(s)"
         )
-        self.volumes_box.refresh()
 
     # ---------------------------------------------------------------- volumes
     def add_current_layer(self) -> bool:

@@ -2,24 +2,25 @@
 selected volume's contrast, Show and Remove, and the image layers that can be added.
 
 Thin over :meth:`napari_pvs.project.Project.status` (predicted versions, reviewed patches per
-volume); PVS counts come from the current version's prediction, counted off the GUI thread in
-``count_job``. Adding volumes and storing a contrast are the step's jobs
-(:class:`.project_step.ProjectStep` wires the Add buttons and the contrast combo).
+volume), read in the box's ``reader`` (a worker thread: the ledger and the prediction stores'
+attributes are never read on the GUI thread); PVS counts come from the current version's
+prediction, counted off the GUI thread in ``count_job``. Adding and removing volumes and
+storing a contrast are the step's jobs (:class:`.project_step.ProjectStep` wires the Add and
+Remove buttons and the contrast combo).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from napari.layers import Image, Layer
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton
 
 from napari_pvs._widgets._common import compact_table, fill_table, set_combo_items
-from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._jobs import BackgroundJob, Refresher
 from napari_pvs._widgets._layers import input_image_layers
-from napari_pvs._widgets.state import WorkflowState
+from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
 from napari_pvs.io.modality import MODALITIES
 
 if TYPE_CHECKING:
@@ -37,6 +38,17 @@ class VolumesBox(QGroupBox):
         self.count_job = BackgroundJob(self)
         self.count_job.succeeded.connect(self._on_counted)
         self.count_job.failed.connect(lambda message: report(message, "error"))
+        # Show in viewer: the volume is read in a worker, its layers added when read
+        self.shown: Layer | None = None
+        self._showing: VolumeRecord | None = None
+        self.show_job = BackgroundJob(self)
+        self.show_job.succeeded.connect(self._add_shown)
+        self.show_job.failed.connect(lambda message: report(message, "error"))
+        # the table's rows: read in a worker (the ledger and the stores' attributes)
+        self.records: list[VolumeRecord] = []
+        self.reader = Refresher(self._read_state, self)
+        self.reader.shown.connect(self._show_state)
+        self.reader.failed.connect(lambda message: report(message, "error"))
         form = QFormLayout(self)
         self.layer_combo = QComboBox()
         self.layer_combo.setToolTip("Open image layers read from a file (NIfTI, zarr, OME-Zarr)")
@@ -53,7 +65,6 @@ class VolumesBox(QGroupBox):
         self.remove_button.setToolTip(
             "Take the selected volume out of the project (its reviewed labels go to archive/)"
         )
-        self.remove_button.clicked.connect(self.remove_selected)
         row = QHBoxLayout()
         row.addWidget(self.add_files_button)
         row.addWidget(self.show_button)
@@ -100,19 +111,20 @@ class VolumesBox(QGroupBox):
 
     def set_project_open(self, open_: bool) -> None:
         """Enable what needs a project; an empty table without one."""
-        for widget in (self.add_layer_button, self.add_files_button, self.show_button):
+        buttons = (self.add_layer_button, self.add_files_button, self.show_button,
+                   self.remove_button)  # fmt: skip
+        for widget in buttons:
             widget.setEnabled(open_)
         if not open_:
             fill_table(self.table, [])
 
     # ---------------------------------------------------------------- selection
     def selected_volume(self) -> VolumeRecord | None:
-        project = self.state.project
+        """The selected row's volume, as the table's last read saw it (no ledger read)."""
         rows = self.table.selectionModel().selectedRows()
-        if project is None or not rows:
+        if self.state.project is None or not rows:
             return None
-        volumes = project.volumes()
-        return volumes[rows[0].row()] if rows[0].row() < len(volumes) else None
+        return self.records[rows[0].row()] if rows[0].row() < len(self.records) else None
 
     def show_selected_modality(self) -> None:
         volume = self.selected_volume()
@@ -120,45 +132,84 @@ class VolumesBox(QGroupBox):
         if volume is not None:
             self.modality_combo.setCurrentText(volume.modality)
 
-    def remove_selected(self) -> Path | None:
-        """Take the selected volume out of the project; its labels are archived, not lost."""
-        volume = self.selected_volume()
-        if volume is None:
-            self._report("select a volume in the table first", "error")
-            return None
-        try:
-            archive = self.state.require_project().remove_volume(volume.id)
-        except (ValueError, OSError) as exc:
-            self._report(str(exc), "error")
-            return None
-        self._report(f"removed {volume.name} (volume {volume.id}); its labels are in {archive}")
-        self.state.volumes_changed.emit()
-        return archive
-
     def show_selected(self) -> Layer | None:
-        """Select the volume's image layer, opening it first when it is not open."""
+        """Select the volume's image layer; one not open yet is read in ``show_job`` (the
+        store's metadata and a contrast sample, off the GUI thread) and added when read, then
+        ``shown`` holds it. Returns the layer when it was open already, else None."""
         volume = self.selected_volume()
         if volume is None:
             self._report("select a volume in the table first", "error")
             return None
-        try:
-            layer = self.state.show_volume(volume)
-        except FileNotFoundError as exc:
-            self._report(str(exc), "error")
+        layer = self.state.layer_for_volume(volume)
+        if layer is not None:
+            layer.metadata[VOLUME_KEY] = volume.id
+            self.viewer.layers.selection.active = self.shown = layer
+            return layer
+        if self.show_job.is_running():
+            self._report("a volume is being opened; wait for it", "error")
             return None
-        self.viewer.layers.selection.active = layer
-        return layer
+        self._showing = volume
+        self.show_job.start(
+            lambda progress, cancel: self.state.read_volume_layers(volume), f"opening {volume.name}"
+        )
+        return None
+
+    def is_showing(self) -> bool:
+        return self.show_job.is_running()
+
+    def _add_shown(self, data: list) -> None:
+        volume, self._showing = self._showing, None
+        if self.state.project is None:  # closed (or the workflow torn down) meanwhile
+            return
+        layer = self.state.layer_for_volume(volume)  # opened meanwhile (another step)
+        if layer is None:
+            layer = self.state.add_volume_layers(volume, data)
+        self.viewer.layers.selection.active = self.shown = layer
 
     # ---------------------------------------------------------------- the table
+    def is_refreshing(self) -> bool:
+        """The table is being read again (it shows the state before until then)."""
+        return self.reader.is_running()
+
     def refresh(self) -> None:
-        """Fill the table from ``project.status()``; count missing PVS in ``count_job``."""
+        """Read the project's state in ``reader`` (off the GUI thread); :meth:`_show_state`
+        fills the table. An empty table without a project."""
+        if self.state.project is None:
+            self.records = []
+            fill_table(self.table, [])
+            self.show_selected_modality()
+            return
+        self.reader.request()
+
+    def _read_state(self) -> dict | None:
+        """In the worker: ``project.status()``, the volumes' records and which of them have a
+        complete prediction by the current version (a store attribute each)."""
         project = self.state.project
         if project is None:
-            fill_table(self.table, [])
-            return
+            return None
         status = project.status()
         current = status["current_version"]
-        rows, tips, to_count = [], [], []
+        by_id = {record.id: record for record in project.volumes()}
+        return {
+            "project": project,
+            "status": status,
+            "records": [by_id[entry["id"]] for entry in status["volumes"] if entry["id"] in by_id],
+            "predictions": {
+                entry["id"]: project.prediction_path(entry["id"], current)
+                for entry in status["volumes"]
+                if project.has_prediction(entry["id"], current)
+            },
+        }
+
+    def _show_state(self, read: dict | None) -> None:
+        """Fill the table from a read; count PVS of complete predictions not counted yet."""
+        if read is None or read["project"] is not self.state.project:
+            self.refresh()  # read for a project since closed or replaced
+            return
+        status = read["status"]
+        current = status["current_version"]
+        self.records = read["records"]
+        rows, tips, to_count = [], [], {}
         for entry in status["volumes"]:
             versions = entry["predicted_versions"]
             predicted = ", ".join(f"v{v}" + ("*" if v == current else "") for v in versions)
@@ -166,8 +217,8 @@ class VolumesBox(QGroupBox):
             if key in self.state.pvs_counts:
                 count = self.state.pvs_counts[key]
                 pvs = "too large" if count is None else count
-            elif project.has_prediction(entry["id"], current):
-                pvs, _ = "…", to_count.append(key)
+            elif entry["id"] in read["predictions"]:
+                pvs, to_count[key] = "…", read["predictions"][entry["id"]]
             else:
                 pvs = "-"
             rows.append([entry["name"], predicted or "-", entry["annotations"], pvs,
@@ -183,12 +234,11 @@ class VolumesBox(QGroupBox):
             self.table.selectRow(selected[0].row())
         self.show_selected_modality()
         if to_count and not self.count_job.is_running():
-            paths = {key: project.prediction_path(*key) for key in to_count}
 
             def work(progress, cancel):
                 from napari_pvs._widgets.segment_run import pvs_cluster_count
 
-                return {key: pvs_cluster_count(path) for key, path in paths.items()}
+                return {key: pvs_cluster_count(path) for key, path in to_count.items()}
 
             self.count_job.start(work, "Counting PVS")
 

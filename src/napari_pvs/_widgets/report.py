@@ -5,9 +5,10 @@ Thin over the project: the reviewed line counts patches and candidate answers
 (``project.status()``); ``project.burden`` (off the GUI thread) fills the table, which is
 exported as CSV through :mod:`napari_pvs.atomic`; the learning curve is the validation Dice of
 each round's new version against the round or the number of reviewed patches it was trained
-on (``project.rounds``, ``project.versions``); the export is ``project.export`` (every
-volume's reviewed labels and current segmentation as NIfTI or OME-Zarr, the burden and the
-annotation provenance as CSV), asking before it replaces an earlier export.
+on (``project.rounds``, ``project.versions``, read in ``curve_reader``: off the GUI thread);
+the export is ``project.export`` (every volume's reviewed labels and current segmentation as
+NIfTI or OME-Zarr, the burden and the annotation provenance as CSV), asking before it
+replaces an earlier export.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs import atomic
 from napari_pvs._widgets._common import compact_table, fill_table, notify, status_label
-from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress, Refresher
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
 
@@ -86,6 +87,11 @@ class ReportStep(QWidget):
         self.job.failed.connect(lambda message: self._report(message, "error"))
         self.job.cancelled.connect(lambda: self._report("cancelled"))
         self._job_kind = ""
+        self.curve_points: dict[str, list[float]] = {"round": [], "reviewed patches": [],
+                                                     "dice": []}  # fmt: skip
+        self.curve_reader = Refresher(self._read_curve, self)
+        self.curve_reader.shown.connect(self._show_curve)
+        self.curve_reader.failed.connect(lambda message: self._report(message, "error"))
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         self.reviewed_label = QLabel("")
@@ -191,9 +197,30 @@ class ReportStep(QWidget):
             self.compute_burden()
 
     def refresh(self) -> None:
+        """Buttons follow whether a project is open; the learning curve is read again (the
+        rounds and the versions' scores, in ``curve_reader``: off the GUI thread)."""
         open_ = self.state.project is not None
         for widget in (self.burden_button, self.csv_button, self.export_button):
             widget.setEnabled(open_)
+        if open_:
+            self.curve_reader.request()
+        else:
+            self._show_curve(None)
+
+    def is_refreshing(self) -> bool:
+        """The learning curve is being read again."""
+        return self.curve_reader.is_running()
+
+    def _read_curve(self) -> dict | None:
+        project = self.state.project
+        return None if project is None else {"project": project, "points": learning_curve(project)}
+
+    def _show_curve(self, read: dict | None) -> None:
+        if read is not None and read["project"] is not self.state.project:
+            self.refresh()  # read for a project since closed or replaced
+            return
+        self.curve_points = read["points"] if read is not None else {
+            "round": [], "reviewed patches": [], "dice": []}  # fmt: skip
         self.refresh_curve()
         self.refresh_reviewed()
 
@@ -205,9 +232,8 @@ class ReportStep(QWidget):
         return text
 
     def refresh_curve(self) -> dict[str, list[float]]:
-        project = self.state.project
-        points = learning_curve(project) if project is not None else {
-            "round": [], "reviewed patches": [], "dice": []}  # fmt: skip
+        """Draw the last read's learning curve against the chosen axis; returns its points."""
+        points = self.curve_points
         axis = self.curve_axis.currentText()
         self.curve.axes[-1].set_xlabel(CURVE_AXES[axis])
         self.curve.axes[-1].set_xlim(0, 1)  # the other axis's range must not carry over

@@ -29,6 +29,8 @@ from napari_pvs._widgets._layers import (
     StagedLayers,
     find_layer,
     has_unsaved_edits,
+    prepare_layer_dependencies,
+    start_at_affordable_level,
     track_edits,
     warm_up_labels_visuals,
 )
@@ -37,11 +39,11 @@ from napari_pvs._widgets.segment_options import SegmentOptions
 from napari_pvs._widgets.segment_run import (
     UNCERTAINTY_DISPLAY,
     SegmentResult,
+    open_display_levels,
     pvs_statistics,
     run_segmentation,
 )
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
-from napari_pvs.io import open_prediction, prediction_levels
 from napari_pvs.progress import CancelToken, ProgressCallback
 
 if TYPE_CHECKING:
@@ -270,7 +272,9 @@ class SegmentPanel(SegmentOptions):
         self.status_label.setText(f"segmenting {layer.name} with {model}…")
 
         def work(progress: ProgressCallback, cancel: CancelToken) -> SegmentResult:
-            return run_segmentation(request, progress, cancel, count=False)
+            result = open_display_levels(run_segmentation(request, progress, cancel, count=False))
+            prepare_layer_dependencies()  # here, not in the result layers' turns
+            return result
 
         self.job.start(work, f"Segmenting {layer.name}")
         return True
@@ -319,17 +323,19 @@ class SegmentPanel(SegmentOptions):
             existing.metadata = kwargs["metadata"]
             if "contrast_limits" in kwargs:
                 existing.contrast_limits = kwargs["contrast_limits"]
+            start_at_affordable_level(self.viewer, existing)
             return existing  # (a layer cannot turn multiscale: then it is built anew)
         if existing is not None:
             self.viewer.layers.remove(existing)
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-        return add(data, name=name, **kwargs)
+        layer = add(data, name=name, **kwargs)
+        start_at_affordable_level(self.viewer, layer)  # a 1024^3 one's first plane: 512^3's
+        return layer
 
     def _show_segmentation(self, result: SegmentResult) -> None:
         """Replace the earlier run's layers with this one's, one layer per event-loop turn."""
         self.result = result
         geometry = self._geometry
-        group = open_prediction(result.out)
         metadata = {
             **geometry["metadata"],
             "napari_pvs": True,
@@ -359,7 +365,7 @@ class SegmentPanel(SegmentOptions):
 
         def add(array: str) -> None:
             # a large prediction is drawn from its display levels (see Predictor.display_edge)
-            levels = prediction_levels(group, array, result.out, display=True)
+            levels = result.levels[array]  # opened in the worker
             # one level: dask, which a labels layer can be painted over (on the first stroke
             # it becomes numpy); several: display views napari reads directly (read-only)
             data = levels if len(levels) > 1 else levels[0].to_dask()

@@ -78,6 +78,24 @@ class SegmentResult:
     seconds: float = 0.0
     arrays: tuple[str, ...] = ("probability", "segmentation")
     notes: list[str] = field(default_factory=list)
+    #: each array's display levels (finest first), opened by :func:`open_display_levels` in
+    #: the worker: the store's metadata is never read on the GUI thread
+    levels: dict[str, list] = field(default_factory=dict)
+
+
+def open_display_levels(result: SegmentResult) -> SegmentResult:
+    """``result`` with the display levels of every array the panel may show (probability,
+    segmentation, the uncertainty maps) opened from its store."""
+    from napari_pvs.io import open_prediction, prediction_levels
+
+    group = open_prediction(result.out)
+    shown = ("probability", "segmentation", *UNCERTAINTY_DISPLAY)
+    result.levels = {
+        array: prediction_levels(group, array, result.out, display=True)
+        for array in result.arrays
+        if array in shown
+    }
+    return result
 
 
 def resolve_device_noting(device: str) -> tuple[Any, str]:
@@ -193,4 +211,3 @@ def run_segmentation(
         arrays=_store_arrays(out),
         notes=notes,
     )
-

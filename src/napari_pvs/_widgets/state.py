@@ -15,7 +15,7 @@ from napari.layers import Image, Layer
 from qtpy.QtCore import QObject, Signal
 
 from napari_pvs._widgets._common import Ask, ask_with_dialog
-from napari_pvs._widgets._layers import layer_source
+from napari_pvs._widgets._layers import layer_source, start_at_affordable_level
 
 if TYPE_CHECKING:
     import napari
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: Metadata key naming the project volume id a layer shows.
 VOLUME_KEY = "project_volume"
+
+
 def _same_path(a: str | Path | None, b: str | Path | None) -> bool:
     if not a or not b:
         return False
@@ -135,24 +137,40 @@ class WorkflowState(QObject):
         return None
 
     def show_volume(self, volume: VolumeRecord) -> Image:
-        """The volume's image layer, opened with the napari-pvs reader when it is not open.
+        """The volume's image layer, opened with the napari-pvs reader when it is not open
+        (read on the calling thread: for scripts; the Project step reads in its worker with
+        :meth:`read_volume_layers` and adds with :meth:`add_volume_layers`)."""
+        layer = self.layer_for_volume(volume)
+        if layer is None:
+            layer = self.add_volume_layers(volume, self.read_volume_layers(volume))
+        layer.metadata[VOLUME_KEY] = volume.id
+        return layer
 
-        The file's own label images come along hidden (they stay out of the way of review).
-        """
+    @staticmethod
+    def read_volume_layers(volume: VolumeRecord) -> list:
+        """The volume's layer data (no Qt: a worker may call it): the store's metadata and
+        the contrast limits' sample are read here."""
         from napari_pvs import io
         from napari_pvs._reader import volume_layer_data
 
-        layer = self.layer_for_volume(volume)
-        if layer is None:
-            try:
-                data = volume_layer_data(io.open_volume(volume.path), name=volume.name)
-            except (ValueError, FileNotFoundError) as exc:
-                raise FileNotFoundError(
-                    f"{exc} (was the volume moved? add it again from its new place)"
-                ) from exc
-            layers = [self.viewer.add_layer(Layer.create(*item)) for item in data]
-            for extra in layers[1:]:
-                extra.visible = False
-            layer = layers[0]
+        try:
+            return volume_layer_data(io.open_volume(volume.path), name=volume.name)
+        except (ValueError, FileNotFoundError) as exc:
+            raise FileNotFoundError(
+                f"{exc} (was the volume moved? add it again from its new place)"
+            ) from exc
+
+    def add_volume_layers(self, volume: VolumeRecord, data: list) -> Image:
+        """Add the layers :meth:`read_volume_layers` read (the image, its label images
+        hidden); a large volume is shown first at the level
+        :func:`start_at_affordable_level` picks. Returns the image layer."""
+        # added hidden (not sliced), so the first plane read is the affordable level's
+        layers = [
+            self.viewer.add_layer(Layer.create(values, {**kwargs, "visible": False}, kind))
+            for values, kwargs, kind in data
+        ]
+        layer = layers[0]
         layer.metadata[VOLUME_KEY] = volume.id
+        start_at_affordable_level(self.viewer, layer)
+        layer.visible = True
         return layer

@@ -3,8 +3,10 @@
 Thin over :mod:`napari_pvs.rounds`: ``start_round`` spawns the worker process; a QTimer on the
 GUI thread drains ``handle.poll()`` a few times a second (the only place round events touch
 Qt), feeding the progress bar and one loss line and one validation-Dice line that are updated
-in place. Cancel asks the worker to stop. The versions table is ``project.versions()``;
-Compare shows ``project.compare``; Roll back calls ``project.rollback``. When a round ends,
+in place. Cancel asks the worker to stop. The versions table is ``project.versions()`` and
+``project.compare`` read in the step's ``reader`` (a worker thread: the ledger is never read on
+the GUI thread); Compare shows the last read's rows; Make current calls ``project.rollback``
+in ``rollback_job``. When a round ends,
 the other steps hear ``versions_changed`` / ``predictions_changed`` / ``queue_changed``.
 """
 
@@ -31,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pvs._widgets._common import collapsed, compact_table, fill_table, notify, status_label
-from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress, Refresher
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
 from napari_pvs.rounds import RoundConfig, start_round
@@ -50,6 +52,18 @@ def validation_dice(metrics: dict[str, Any]) -> float | None:
 def version_dice(project, version) -> tuple[float | None, int]:
     """The versions table's Dice and set size: the project's one validation score."""
     return project.validation_score(version.version)
+
+
+def version_state(version, current: int) -> str:
+    """The versions table's status of ``version``: what it is now, never what it was when
+    made (a round's version is "current" only while it is)."""
+    if version.version == current:
+        return "current"
+    if version.status != "ready":
+        return version.status
+    if version.metrics.get("worse_than_base"):
+        return "kept aside"  # the worse-round guard: Make current offers it
+    return "ready"
 
 
 class TrainStep(QWidget):
@@ -84,6 +98,12 @@ class TrainStep(QWidget):
         self.rollback_job = BackgroundJob(self)
         self.rollback_job.succeeded.connect(self._rolled_back)
         self.rollback_job.failed.connect(self._rollback_failed)
+        # the versions table and the reviewed line: read in a worker (the ledger)
+        self.versions: list = []
+        self._compared: dict[int, dict] = {}
+        self.reader = Refresher(self._read_versions, self)
+        self.reader.shown.connect(self._show_versions)
+        self.reader.failed.connect(lambda message: self._report(message, "error"))
         self._on_project_changed()
 
     # ---------------------------------------------------------------- building
@@ -157,7 +177,8 @@ class TrainStep(QWidget):
                 "the round that made it",
                 "Dice on the project's fixed validation patches (for a version a round started "
                 "from, as measured then)",
-                "ready or failed",
+                "current (predicts and ranks), kept aside by the worse-round guard, ready "
+                "(Make current uses it) or failed",
             ],
             fit=(0, 1, 2),
         )
@@ -197,14 +218,12 @@ class TrainStep(QWidget):
         self._show_labelled()
 
     def _show_labelled(self) -> None:
-        project = self.state.project
-        if project is None:
-            self.labelled_label.setText("open a project first (Project step)")
-            return
-        annotations = project.annotations()
-        validation = sum(a.split == "validation" for a in annotations)
+        """The reviewed patches' line (read with the versions, off the GUI thread)."""
+        self.refresh_versions()
+
+    def _show_labelled_counts(self, reviewed: int, validation: int) -> None:
         self.labelled_label.setText(
-            f"{len(annotations)} reviewed patches: {len(annotations) - validation} train, "
+            f"{reviewed} reviewed patches: {reviewed - validation} train, "
             f"{validation} validation (fixed when accepted)"
         )
 
@@ -212,35 +231,69 @@ class TrainStep(QWidget):
         """A round starting or running (until its outcome is in the ledger)."""
         return self._starting or (self.handle is not None and bool(self.handle.running))
 
+    def is_refreshing(self) -> bool:
+        """The versions table and the reviewed line are being read again."""
+        return self.reader.is_running()
+
     def refresh_versions(self) -> None:
+        """Read the versions, their validation Dice, the stop hint and the reviewed patches in
+        ``reader`` (off the GUI thread); :meth:`_show_versions` fills the table."""
+        if self.state.project is None:
+            self._show_versions(None)
+            return
+        self.reader.request()
+
+    def _read_versions(self) -> dict | None:
+        """In the worker: what the versions table, Compare and the reviewed line show."""
         project = self.state.project
         if project is None:
+            return None
+        versions = project.versions()
+        annotations = project.annotations()
+        return {
+            "project": project,
+            "versions": versions,
+            "current": project.current_version().version,
+            "dice": [version_dice(project, version) for version in versions],
+            "compare": project.compare() if versions else [],
+            "hint": project.stop_hint(),
+            "reviewed": len(annotations),
+            "validation": sum(a.split == "validation" for a in annotations),
+        }
+
+    def _show_versions(self, read: dict | None) -> None:
+        project = self.state.project
+        if read is not None and read["project"] is not project:
+            self.refresh_versions()  # read for a project since closed or replaced
+            return
+        if read is None:
+            self.versions, self._compared = [], {}
             fill_table(self.versions_table, [])
             self.hint_label.setText("")
+            self.labelled_label.setText("open a project first (Project step)")
             return
-        current = project.current_version().version
+        self.versions = read["versions"]
+        self._compared = {row["version"]: row for row in read["compare"]}
         rows, tips = [], []
-        for version in project.versions():
-            dice, patches = version_dice(project, version)
+        for version, (dice, patches) in zip(read["versions"], read["dice"], strict=True):
             rows.append([
-                f"v{version.version}" + ("*" if version.version == current else ""),
+                f"v{version.version}" + ("*" if version.version == read["current"] else ""),
                 "-" if version.parent is None else f"v{version.parent}",
                 "-" if version.round is None else version.round,
                 "-" if dice is None else f"{dice:.3f} on {patches}",
-                version.status,
+                version_state(version, read["current"]),
             ])  # fmt: skip
             tips.append(", ".join(f"{k} {v}" for k, v in version.metrics.items()) or "no metrics")
         fill_table(self.versions_table, rows, tips)
-        hint = project.stop_hint() if hasattr(project, "stop_hint") else None
-        self.hint_label.setText(hint or "")
+        self.hint_label.setText(read["hint"] or "")
+        self._show_labelled_counts(read["reviewed"], read["validation"])
 
     def selected_versions(self) -> list[int]:
-        project = self.state.project
-        if project is None:
+        """The selected rows' versions, as the table's last read listed them."""
+        if self.state.project is None:
             return []
-        versions = project.versions()
         rows = sorted(index.row() for index in self.versions_table.selectionModel().selectedRows())
-        return [versions[r].version for r in rows if r < len(versions)]
+        return [self.versions[r].version for r in rows if r < len(self.versions)]
 
     # ---------------------------------------------------------------- a round
     def config(self) -> RoundConfig:
@@ -406,7 +459,9 @@ class TrainStep(QWidget):
         if project is None or not chosen:
             self._report("select one or more versions in the table first", "error")
             return []
-        rows = project.compare(chosen)
+        rows = [self._compared[v] for v in chosen if v in self._compared]  # the last read's
+        if not rows:
+            return []
         keys = [k for k in rows[0] if k not in ("version", "created", "current")]
         lines = []
         for row in rows:

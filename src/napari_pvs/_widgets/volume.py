@@ -1,6 +1,7 @@
 """The volume panel: open a volume, see its geometry, set its modality, convert NIfTI to
 OME-Zarr in the background, and save a labels layer. Qt only; all work is done by the core
-(:mod:`napari_pvs.io`) and the reader/writer adapters.
+(:mod:`napari_pvs.io`) and the reader/writer adapters, off the GUI thread: Convert in ``job``,
+Open (the store's metadata, a contrast sample) and Save (a whole labels volume) in ``io_job``.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
@@ -50,6 +52,14 @@ class VolumePanel(QWidget):
         self.job.succeeded.connect(self._on_convert_finished)
         self.job.failed.connect(self._on_convert_failed)
         self.job.cancelled.connect(self._on_convert_cancelled)
+        # Open and Save read and write stores: here, one at a time, never on the GUI thread
+        self.io_job = BackgroundJob(self)
+        self.io_job.succeeded.connect(self._on_io_done)
+        self.io_job.failed.connect(self._on_io_failed)
+        self._after_io = None
+        #: the layers the last Open added; the path the last Save wrote
+        self.opened: list[Layer] = []
+        self.saved: str | None = None
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_open_box())
@@ -233,22 +243,53 @@ class VolumePanel(QWidget):
         if path:
             self.path_edit.setText(path)
 
-    def open_path(self) -> list:
-        """Open the path in the field as layers; returns the new layers."""
+    def is_busy(self) -> bool:
+        """An Open or a Save runs in the panel's worker."""
+        return self.io_job.is_running()
+
+    def _start_io(self, work, description: str, after) -> bool:
+        """Run ``work`` in ``io_job``, the Open and Save buttons disabled; ``after(result)``
+        on the GUI thread when it succeeded."""
+        if self.io_job.is_running():
+            self._report("wait for the panel's open or save to finish", error=True)
+            return False
+        self._after_io = after
+        self._enable_io(False)
+        self.status_label.setText(f"{description}…")
+        return self.io_job.start(lambda progress, cancel: work(), description)
+
+    def _enable_io(self, enabled: bool) -> None:
+        for button in (self.open_button, self.save_zarr_button, self.save_file_button):
+            button.setEnabled(enabled)
+
+    def _on_io_done(self, value) -> None:
+        after, self._after_io = self._after_io, None
+        self._enable_io(True)
+        if after is not None:
+            after(value)
+
+    def _on_io_failed(self, message: str) -> None:
+        self._after_io = None
+        self._enable_io(True)
+        self._report(message, error=True)
+
+    def open_path(self) -> bool:
+        """Open the path in the field as layers: read in ``io_job``, added on the GUI thread
+        (``opened`` holds them). False when nothing started."""
         path = self.path_edit.text().strip()
         if not path:
             self._report("enter or choose a path first", error=True)
-            return []
-        try:
-            volume = io.open_volume(path)
-            layer_data = volume_layer_data(volume)
-        except (ValueError, FileNotFoundError) as exc:
-            self._report(str(exc), error=True)
-            return []
-        layers = [self.viewer.add_layer(Layer.create(*data)) for data in layer_data]
-        self.volume_combo.setCurrentText(layers[0].name)
+            return False
+        return self._start_io(
+            lambda: volume_layer_data(io.open_volume(path)),
+            f"opening {path}",
+            lambda layer_data: self._opened(path, layer_data),
+        )
+
+    def _opened(self, path: str, layer_data: list) -> None:
+        self.opened = [self.viewer.add_layer(Layer.create(*data)) for data in layer_data]
+        self.volume_combo.setCurrentText(self.opened[0].name)
         self._report(f"opened {path}")
-        return layers
 
     # ---------------------------------------------------------------- convert
     def _convert_paths(self) -> tuple[Path, Path]:
@@ -329,28 +370,30 @@ class VolumePanel(QWidget):
             "translate": tuple(labels.translate),
         }
 
-    def save_labels_to_volume(self) -> str | None:
-        """Write the chosen labels layer as labels/<name> into the volume's OME-Zarr."""
+    def save_labels_to_volume(self) -> bool:
+        """Write the chosen labels layer as labels/<name> into the volume's OME-Zarr (in
+        ``io_job``; ``saved`` names what was written). False when nothing started."""
         labels, volume = self.current_labels_layer(), self.current_volume_layer()
         source = volume.metadata.get("source") if volume is not None else None
         if labels is None:
             self._report("no labels layer to save", error=True)
-            return None
+            return False
         if not source or not Path(source).is_dir():
             self._report(
                 "the volume has no OME-Zarr on disk; convert or save it as OME-Zarr first, "
                 "or use 'Save as file…'",
                 error=True,
             )
-            return None
+            return False
         return self._save(labels, source)
 
-    def save_labels_as_file(self) -> str | None:
-        """Ask for a .nii/.nii.gz/.zarr path and write the chosen labels layer there."""
+    def save_labels_as_file(self) -> bool:
+        """Ask for a .nii/.nii.gz/.zarr path and write the chosen labels layer there (in
+        ``io_job``). False when nothing started."""
         labels = self.current_labels_layer()
         if labels is None:
             self._report("no labels layer to save", error=True)
-            return None
+            return False
         path, _ = QFileDialog.getSaveFileName(
             self,
             "Save labels",
@@ -358,9 +401,12 @@ class VolumePanel(QWidget):
             "NIfTI (*.nii.gz *.nii);;OME-Zarr (*.zarr)",
             options=QFileDialog.Option.DontConfirmOverwrite,  # the panel asks, naming what
         )
-        return self._save(labels, path) if path else None
+        return self._save(labels, path) if path else False
 
-    def _save(self, labels: Labels, path: str) -> str | None:
+    def _save(self, labels: Labels, path: str) -> bool:
+        """Ask before replacing a label image, then write ``labels`` (full resolution) in
+        ``io_job``; a layer in memory is copied first, so painting on meanwhile is not saved
+        half-way."""
         name = self.label_name_edit.text().strip() or labels.name
         replaced = existing_label_target(path, name)
         if replaced is not None:
@@ -372,12 +418,15 @@ class VolumePanel(QWidget):
             )
             if choice != "Replace":
                 self._report(f"not saved: {replaced} is unchanged")
-                return None
-        try:
-            data = as_dask(labels.data[0] if labels.multiscale else labels.data)  # full resolution
-            written = save_labels(path, data, self._labels_meta(labels, name))
-        except (ValueError, OSError) as exc:  # bad labels, refused or failed write: nothing lost
-            self._report(str(exc), error=True)
-            return None
-        self._report(f"saved {labels.name} to {written}")
-        return written
+                return False
+        full = labels.data[0] if labels.multiscale else labels.data  # full resolution
+        data = as_dask(full.copy() if isinstance(full, np.ndarray) else full)
+        meta = self._labels_meta(labels, name)
+
+        def saved(written: str) -> None:
+            self.saved = written
+            self._report(f"saved {labels.name} to {written}")
+
+        # bad labels, a refused or failed write: the job's error names it; nothing is lost
+        return self._start_io(lambda: save_labels(path, data, meta), f"saving {labels.name}",
+                              saved)  # fmt: skip
