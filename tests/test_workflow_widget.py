@@ -471,6 +471,8 @@ class Heartbeat:
         return f"the GUI waited {self.longest * 1000:.0f} ms; slow gc {self.collections}\n{stalls}"
 
     def __exit__(self, *exc) -> None:
+        # a stall in the turn that ended the block is seen by no tick: count it here
+        self._tick()
         self.timer.stop()
         self._done.set()
         self._watchdog.join()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Labels
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -102,6 +103,13 @@ class ReviewStep(QWidget):
         self.skip_job = BackgroundJob(self)
         self.skip_job.succeeded.connect(self._on_skipped)
         self.skip_job.failed.connect(self._on_skip_failed)
+        # a volume not on the canvas yet is read here; its layers and the patch's are then
+        # added in two turns of their own (one turn building both froze the canvas 1-3 s)
+        self.volume_job = BackgroundJob(self)
+        self.volume_job.succeeded.connect(self._on_volume_read)
+        self.volume_job.failed.connect(self._on_volume_failed)
+        #: the patch waiting for its volume's layers, or None
+        self._opening: PatchRecord | None = None
         #: the candidate whose patch is open for an edit (Candidates mode's E), or None
         self.editing: CandidateRecord | None = None
         #: the open patch: its record, volume, prefilled labels and when it was opened
@@ -316,11 +324,9 @@ class ReviewStep(QWidget):
         """Zoom to ``patch``, draw its box and open its prefilled labels layer, active."""
         project = self.state.project
         volume = project.volume(patch.volume_id)
-        try:
-            image = self.state.show_volume(volume)
-        except FileNotFoundError as exc:
-            self._report(str(exc), "error")
-            return False
+        image = self.state.layer_for_volume(volume)
+        if image is None:
+            return self._read_volume_then_show(patch, volume)
         self.patch, self.volume = patch, volume
         prefill = self.layers.prefill_labels(patch)
         self._prefill = prefill.copy()
@@ -348,6 +354,33 @@ class ReviewStep(QWidget):
         for control in (self.previous_button, self.next_button):
             control.setEnabled(self.editing is None)
         return True
+
+    def _read_volume_then_show(self, patch: PatchRecord, volume: VolumeRecord) -> bool:
+        """Read ``volume``'s layers in the worker, then show ``patch`` (True: on its way)."""
+        self._close_patch()
+        self._opening = patch
+        if self.volume_job.is_running():  # the read in flight ends by showing this patch
+            return True
+        self.status_label.setText(f"opening {volume.name}…")
+        return self.volume_job.start(
+            lambda progress, cancel: (volume, self.state.read_volume_layers(volume)),
+            f"opening {volume.name}",
+        )
+
+    def _on_volume_read(self, result: tuple[VolumeRecord, list]) -> None:
+        """This turn adds the volume's layers; the next one the patch's."""
+        volume, data = result
+        self.state.add_volume_layers(volume, data)
+        QTimer.singleShot(0, self._show_opening)
+
+    def _show_opening(self) -> None:
+        patch, self._opening = self._opening, None
+        if patch is not None and self._show_patch(patch):
+            self.queue_box.show_queue()
+
+    def _on_volume_failed(self, message: str) -> None:
+        self._opening = None
+        self._report(message, "error")
 
     def edit_candidate(self, candidate: CandidateRecord) -> bool:
         """Candidates mode's E: open the patch around ``candidate`` to paint (its layer and
@@ -443,11 +476,12 @@ class ReviewStep(QWidget):
         return name
 
     def is_busy(self) -> bool:
-        """Whether a ranking, an Accept, a Skip, a candidates' listing or answers' saving runs
-        in the step's workers."""
+        """Whether a ranking, an Accept, a Skip, a volume's opening, a candidates' listing or
+        answers' saving runs in the step's workers."""
         candidates = self.candidates_box
         return (self.queue_box.job.is_running() or self.accept_job.is_running()
-                or self.skip_job.is_running() or candidates.load_job.is_running()
+                or self.skip_job.is_running() or self.volume_job.is_running()
+                or self._opening is not None or candidates.load_job.is_running()
                 or candidates.is_saving())  # fmt: skip
 
     def _start_accept(self, then=None) -> bool:
