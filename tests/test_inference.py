@@ -123,12 +123,16 @@ def test_bfloat16_fast_path_agrees_with_monai_on_the_same_weights(tmp_path):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_inference_copy_fuses_norm_and_prelu_without_touching_the_model(dtype, channels_last):
-    from napari_pvs.inference.fused import InstanceNormPReLU, inference_copy
+    from napari_pvs.inference.fused import InstanceNormPReLU, OneSlopeLeakyReLU, inference_copy
 
     model = tiny_models.tiny_unet(channels=(4, 8, 16))
+    with torch.no_grad():
+        model.act.weight.fill_(0.1)  # the last activation: a slope other than the default
     before = {k: v.clone() for k, v in model.state_dict().items()}
     copy, fused = inference_copy(model, dtype, channels_last)
     assert fused == sum(isinstance(m, InstanceNormPReLU) for m in copy.modules()) > 0
+    assert isinstance(copy.act, OneSlopeLeakyReLU) and copy.act.slope == pytest.approx(0.1)
+    assert not any(isinstance(m, torch.nn.PReLU) for m in copy.modules())
     assert not any(isinstance(m, InstanceNormPReLU) for m in model.modules())
     for key, value in model.state_dict().items():  # the given model keeps its weights, exactly
         assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
@@ -141,6 +145,36 @@ def test_inference_copy_fuses_norm_and_prelu_without_touching_the_model(dtype, c
     tolerance = 1e-5 if dtype is None else 0.03
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
     torch.testing.assert_close(single, expected[1:2], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["zarr", "dask", "numpy", "one chunk"])
+def test_windows_read_through_the_chunk_cache_equal_direct_reads(tmp_path, kind):
+    """Boxes that cross chunk edges, and the volume's own edges, read through the cache equal
+    the array's own slicing; the cache stays within its budget, and a volume stored as one
+    chunk larger than a quarter of it is read directly."""
+    import dask.array as da
+    import zarr
+
+    from napari_pvs.inference.inputs import ChunkCache
+
+    values = np.random.default_rng(0).random((23, 30, 17)).astype(np.float32)
+    stored = zarr.create_array(tmp_path / "v.zarr", shape=values.shape, chunks=(8, 7, 5),
+                               dtype="float32")  # fmt: skip
+    stored[...] = values
+    data = {"zarr": stored, "dask": da.from_zarr(stored), "numpy": values,
+            "one chunk": da.from_array(values, chunks=values.shape)}[kind]  # fmt: skip
+    budget = 12 * 8 * 7 * 5 * 4  # twelve chunks
+    cache = ChunkCache(data, budget_bytes=budget)
+    assert (cache.bounds is None) == (kind in ("numpy", "one chunk"))
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        lo = [int(rng.integers(0, n)) for n in values.shape]
+        box = [(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, values.shape)]
+        got = cache.read(box)
+        np.testing.assert_array_equal(got, values[tuple(slice(a, b) for a, b in box)])
+        assert cache._bytes <= budget
+    if kind in ("zarr", "dask"):
+        assert len(cache._blocks) > 1
 
 
 def test_channels_last_by_default_only_for_models_with_the_fused_path():

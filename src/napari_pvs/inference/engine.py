@@ -21,7 +21,7 @@ import torch
 
 from napari_pvs.inference.blending import Frontier
 from napari_pvs.inference.fused import fusable_blocks, inference_copy
-from napari_pvs.inference.inputs import read_windows
+from napari_pvs.inference.inputs import ChunkCache, read_windows
 from napari_pvs.inference.planning import RemainingWork
 from napari_pvs.inference.writer import ChunkWriter
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled
@@ -161,17 +161,20 @@ class WindowEngine:
         run = 0
         progress(0, total, "predicting")
         writes: deque[Future] = deque()
+        source = ChunkCache(data)
         try:
             with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(1) as chunks_out:
                 future = (
-                    reader.submit(read_windows, data, plan, todo[0][1], intensity) if todo else None
+                    reader.submit(read_windows, source, plan, todo[0][1], intensity)
+                    if todo
+                    else None
                 )
                 for position, (batch_index, windows) in enumerate(todo):
                     check_cancelled(cancel)
                     image = future.result()
                     if position + 1 < len(todo):
                         future = reader.submit(
-                            read_windows, data, plan, todo[position + 1][1], intensity
+                            read_windows, source, plan, todo[position + 1][1], intensity
                         )
                     moments = self.run_batch(image, modality, batch_index)
                     for k, idx in enumerate(windows):

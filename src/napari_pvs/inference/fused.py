@@ -9,6 +9,7 @@ conv weight to bfloat16 again. The copy made here
 * replaces each instance norm (no affine, no running statistics) followed by a PReLU, MONAI's
   ``ADN`` block, with :class:`InstanceNormPReLU`: per-sample ``batch_norm`` (the same
   statistics, accumulated in float32, in the input's dtype and memory format) then PReLU;
+* replaces the other one-slope PReLUs with leaky ReLUs (:class:`OneSlopeLeakyReLU`);
 * stores the feature convolutions' weights in the run's reduced precision once (autocast
   would cast them to exactly these values on every call);
 * puts weights in channels-last 3D, so oneDNN (AMX on this CPU) reads activations without
@@ -52,6 +53,30 @@ class InstanceNormPReLU(nn.Module):
                     out=out[i : i + 1], save_mean=stats, save_invstd=stats.clone(),
                 )  # fmt: skip
         return F.leaky_relu_(out, self.slope)
+
+
+class OneSlopeLeakyReLU(nn.Module):
+    """A one-slope PReLU for inference: a leaky ReLU with its slope fixed. Under autocast
+    PReLU runs in float32 (a copy of its input in and a float32 output for the next layer);
+    the leaky ReLU keeps the input's dtype and memory format (the residual UNet's last
+    activation, on 16 full-resolution channels: 2.3 of 21 ms a 64^3 window in bfloat16)."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        self.slope = float(prelu.weight.detach().reshape(()).item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, self.slope)
+
+
+def _one_slope_prelus(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, replacement)`` for every one-slope PReLU left after the fusion."""
+    return [
+        (parent, name, OneSlopeLeakyReLU(child))
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.PReLU) and child.weight.numel() == 1
+    ]
 
 
 def _plain_instance_norm(module: nn.Module) -> bool:
@@ -106,7 +131,7 @@ def inference_copy(
         return model, 0
     inference = copy.deepcopy(model).eval()
     blocks = fusable_blocks(inference)
-    for parent, name, replacement in blocks:
+    for parent, name, replacement in [*blocks, *_one_slope_prelus(inference)]:
         setattr(parent, name, replacement)
     head = getattr(inference, "mc_head", None)
     head_modules = set(head.modules()) if head is not None else set()

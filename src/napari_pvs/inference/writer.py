@@ -9,11 +9,13 @@ and marked done in ``_chunks_done`` in groups, never before their bytes are dura
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from napari_pvs import atomic
 from napari_pvs.inference.blending import Frontier
@@ -24,6 +26,17 @@ from napari_pvs.uncertainty import UNCERTAINTY_NAMES, uncertainty_from_moments
 #: Written chunks are flushed to the disk and marked done in groups of this many (and at the
 #: end, or when a run stops): one sync per group instead of one fsync per chunk file.
 SYNC_EVERY_CHUNKS = 8
+
+
+def _store_all(writes) -> None:
+    """Store ``(array, slices, values)`` writes in one call into zarr's event loop."""
+
+    pending = [(array._async_array, slices, values) for array, slices, values in writes]
+
+    async def store() -> None:
+        await asyncio.gather(*(array.setitem(slices, values) for array, slices, values in pending))
+
+    sync(store())
 
 
 class ChunkWriter:
@@ -42,40 +55,53 @@ class ChunkWriter:
         self.arrays = tuple(arrays)
         self.threshold = threshold
         self.frontier = frontier
-        self._unsynced: list[Chunk] = []
+        #: chunks normalised but not stored yet: (chunk, its slices, each array's values)
+        self._unsynced: list[tuple[Chunk, tuple[slice, ...], dict[str, np.ndarray]]] = []
 
     def write(self, chunk: Chunk, acc: np.ndarray) -> None:
-        """Normalise a gathered chunk and write every output array; mark chunks done in groups.
+        """Normalise a gathered chunk into every output array's values; store them with the
+        next group (:meth:`mark_done`).
 
-        Runs on the writer thread, one chunk after another, so a chunk is marked done only
-        once all its arrays are stored, and compression and storage overlap the network.
+        Runs on the writer thread, one chunk after another, so compression and storage overlap
+        the network.
         """
-        group = self.group
         slices = self.frontier.plan.chunk_slices(chunk)
         values = acc / self.frontier.chunk_weight(chunk, slices)
         probability = values[0]
-        group["probability"][slices] = probability.astype(np.float16)
-        group["segmentation"][slices] = (probability >= self.threshold).astype(np.uint8)
+        arrays = {
+            "probability": probability.astype(np.float16),
+            "segmentation": (probability >= self.threshold).astype(np.uint8),
+        }
         if len(values) > 1:
             measures = uncertainty_from_moments(values[0], values[1], values[2])
             for name in UNCERTAINTY_NAMES:
-                group[name][slices] = measures[name].astype(np.float16)
-        self._unsynced.append(chunk)
+                arrays[name] = measures[name].astype(np.float16)
+        self._unsynced.append((chunk, slices, arrays))
         if len(self._unsynced) >= SYNC_EVERY_CHUNKS:
             self.mark_done()
 
     def mark_done(self) -> None:
-        """Flush the written chunks to the disk, then mark them done: a chunk is never marked
-        done before its bytes are durable (one ``syncfs`` per group of chunks where the system
-        has it, else an fsync per chunk file)."""
+        """Store the group's chunks, flush them to the disk, then mark them done: a chunk is
+        never marked done before its bytes are durable (one ``syncfs`` per group of chunks
+        where the system has it, else an fsync per chunk file).
+
+        Each step is one call into zarr's event loop for the whole group: handing every array
+        of every chunk to that loop one call at a time cost the network more than the
+        compression did (each hand-over waited for a core that the network's threads held).
+        """
         if not self._unsynced:
             return
-        chunks, self._unsynced = self._unsynced, []
+        written, self._unsynced = self._unsynced, []
+        _store_all(
+            (self.group[name], slices, data)
+            for _, slices, arrays in written
+            for name, data in arrays.items()
+        )
+        chunks = [chunk for chunk, _, _ in written]
         atomic.sync_files([path for chunk in chunks for path in self.chunk_files(chunk)], self.root)
-        for chunk in chunks:
-            self.group[DONE_ARRAY][tuple(slice(c, c + 1) for c in chunk)] = np.ones(
-                (1, 1, 1), np.uint8
-            )
+        done = self.group[DONE_ARRAY]
+        flag = np.ones((1, 1, 1), np.uint8)
+        _store_all((done, tuple(slice(c, c + 1) for c in chunk), flag) for chunk in chunks)
 
     def chunk_files(self, chunk: Chunk) -> list[Path]:
         """The files of one chunk of every output array (zarr v3 default keys ``c/i/j/k``)."""
