@@ -169,7 +169,7 @@ def test_windows_read_through_the_chunk_cache_equal_direct_reads(tmp_path, kind)
     rng = np.random.default_rng(1)
     for _ in range(40):
         lo = [int(rng.integers(0, n)) for n in values.shape]
-        box = [(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, values.shape)]
+        box = [(a, int(rng.integers(a + 1, n + 1))) for a, n in zip(lo, values.shape, strict=True)]
         got = cache.read(box)
         np.testing.assert_array_equal(got, values[tuple(slice(a, b) for a, b in box)])
         assert cache._bytes <= budget
