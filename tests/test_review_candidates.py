@@ -214,7 +214,8 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     assert box.queue.current().id != edited.id
     assert box.counter_label.text() == "answered 2: 0 yes, 1 no, 1 edited · 0 skipped · 4 left"
     assert [a.answer for a in project.answers(vid)] == ["no"]
-    # the Report counts the answers beside the patches
+    # the Report counts the answers beside the patches (read in its worker)
+    wait(qtbot, workflow.report_step.is_refreshing)
     report = workflow.report_step.reviewed_label.text()
     assert report == reviewed_text(project.status()) and report.startswith("reviewed: 1 patches")
     assert "1 candidate answers: 0 yes, 1 no, 0 skipped" in report

@@ -212,8 +212,12 @@ class ReportStep(QWidget):
         return self.curve_reader.is_running()
 
     def _read_curve(self) -> dict | None:
+        """The learning curve and the reviewed line (ledger reads: in the curve's worker)."""
         project = self.state.project
-        return None if project is None else {"project": project, "points": learning_curve(project)}
+        if project is None:
+            return None
+        return {"project": project, "points": learning_curve(project),
+                "reviewed": reviewed_text(project.status())}  # fmt: skip
 
     def _show_curve(self, read: dict | None) -> None:
         if read is not None and read["project"] is not self.state.project:
@@ -222,14 +226,13 @@ class ReportStep(QWidget):
         self.curve_points = read["points"] if read is not None else {
             "round": [], "reviewed patches": [], "dice": []}  # fmt: skip
         self.refresh_curve()
-        self.refresh_reviewed()
+        self.reviewed_label.setText(read["reviewed"] if read is not None else "")
 
-    def refresh_reviewed(self) -> str:
-        """Count the reviewed patches and the candidate answers (ledger counts: quick)."""
-        project = self.state.project
-        text = reviewed_text(project.status()) if project is not None else ""
-        self.reviewed_label.setText(text)
-        return text
+    def refresh_reviewed(self) -> None:
+        """Count the reviewed patches and the candidate answers again (with the curve, in its
+        worker: ``project.status()`` waits for a save holding the ledger)."""
+        if self.state.project is not None:
+            self.curve_reader.request()
 
     def refresh_curve(self) -> dict[str, list[float]]:
         """Draw the last read's learning curve against the chosen axis; returns its points."""
