@@ -3,13 +3,14 @@
 Thin over the project: ``project.refresh_candidates`` (predicting first when the current
 version has no prediction) and ``project.candidates`` fill the list in ``load_job``;
 their clusters (``project.candidate_mask``) come with the list; ``project.answer`` /
-``project.undo_answer`` record what the annotator said, one at a time in
-``save_job``, in the order given. An answer changes the list and the counter at once and the
-next candidate is shown without waiting for its save; a save that fails is shown and its
-candidate is asked again. The candidate's layers: :mod:`.review_candidate_layers`; the list:
-:mod:`.review_candidate_queue`. E(dit) hands the candidate to the Review step, which opens the
-patch around it as in Patches mode (``edit`` callback) and, once that patch is accepted, calls
-``project.mark_candidate_edited`` and comes back here (:meth:`CandidatesBox.edit_finished`).
+``project.undo_answer`` record what the annotator said, one at a time in the worker, in the
+order given (:mod:`.review_answer_saves`). An answer changes the list and the counter at once
+and the next candidate is shown without waiting for its save; a save that fails is shown and
+its candidate is asked again. The candidate's layers: :mod:`.review_candidate_layers`; the
+list: :mod:`.review_candidate_queue`. E(dit) hands the candidate to the Review step, which
+opens the patch around it as in Patches mode (``edit`` callback) and, once that patch is
+accepted, calls ``project.mark_candidate_edited`` and comes back here
+(:meth:`CandidatesBox.edit_finished`).
 
 The keys are bound on the candidate's own layer, so they work only while it is the active
 layer and go with it when the mode ends. N answers "not a PVS", so the issue's N for "next"
@@ -21,7 +22,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import fill_volume_combo
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets.review_answer_saves import AnswerSaves, Save
 from napari_pvs._widgets.review_candidate_layers import (
     CandidateLayers,
     CandidateView,
@@ -76,19 +77,6 @@ ORDER_MEANINGS = {
 FLUSH_WAIT_S = 30.0
 
 
-@dataclass
-class Save:
-    """One ledger write waiting for (or in) the step's worker: an answer, or the undoing of
-    the candidate's answer (``answer`` None). ``before`` is the candidate's status to go back
-    to if the write fails."""
-
-    candidate_id: int | None
-    answer: str | None
-    seconds: float | None
-    annotator: str
-    before: str
-
-
 class CandidatesBox(QGroupBox):
     """Choose a volume, find its candidates, answer them one key at a time."""
 
@@ -115,16 +103,11 @@ class CandidatesBox(QGroupBox):
         self.load_job.succeeded.connect(self._on_loaded)
         self.load_job.failed.connect(lambda message: self._loaded_failed(message))
         self.load_job.cancelled.connect(lambda: self._loaded_failed("finding cancelled"))
-        #: writes answers and undos, one at a time, in the order given
-        self.save_job = BackgroundJob(self, progress_bar=False)
-        self.save_job.succeeded.connect(self._on_saved)
-        self.save_job.failed.connect(self._on_save_failed)
-        self.pending: deque[Save] = deque()
-        self._saving: Save | None = None
         #: this session's answered candidates, oldest first (what U undoes, newest first)
         self.history: list[int] = []
-        #: the ledger's answer id of each candidate answered (filled as saves return)
-        self.answer_ids: dict[int, int] = {}
+        #: the answers' and undos' writes, one at a time in the worker, in the order given
+        self.saves = AnswerSaves(self, state, self.queue, self.history, self.show_candidate,
+                                 lambda: self.active, self._volume_id, report, say)  # fmt: skip
         self.active = False
         self.view: CandidateView | None = None
         #: each listed candidate's cluster, a mask over its box (read with the list)
@@ -137,6 +120,14 @@ class CandidatesBox(QGroupBox):
         self.queue.connect(self.show_counts)
         state.volumes_changed.connect(self.refresh_volumes)
         state.versions_changed.connect(self._on_versions_changed)
+
+    @property
+    def pending(self) -> deque[Save]:
+        """The writes waiting for the worker, oldest first."""
+        return self.saves.pending
+
+    def _volume_id(self) -> int | None:
+        return self._volume.id if self._volume is not None else None
 
     # ---------------------------------------------------------------- building
     def _build(self) -> None:
@@ -242,11 +233,8 @@ class CandidatesBox(QGroupBox):
 
     def project_changed(self) -> None:
         """Another project: nothing of the last one's list, history or images stays."""
-        if self.pending:  # the last project is closed already: these cannot be written now
-            self._report(f"{len(self.pending)} answers were not saved: their project was closed "
-                         "before they could be written", "warning")  # fmt: skip
-        self.pending.clear()
-        self.history, self.answer_ids = [], {}
+        self.saves.forget_project()
+        self.history.clear()  # shared with the saves: emptied, not replaced
         self._volume = self._image = None
         self.queue.set_candidates([])
         self.layers.remove()
@@ -335,9 +323,7 @@ class CandidatesBox(QGroupBox):
             self.reload()
             return
         # what the worker listed may predate answers still waiting to be saved: keep ours
-        waiting = {s.candidate_id: s for s in self.pending}
-        if self._saving is not None:
-            waiting[self._saving.candidate_id] = self._saving
+        waiting = self.saves.waiting_ids()
         mine = {c.id: c.status for c in self.queue.candidates if c.id in waiting}
         self.queue.set_candidates(listed)
         self.masks = masks
@@ -450,13 +436,14 @@ class CandidatesBox(QGroupBox):
         if annotator is None:
             return False
         seconds = time.monotonic() - self._shown_at
+        saves = []
         if candidate.status in ("yes", "no"):  # changing an earlier answer: undo it first
             self._forget(candidate.id)
-            self.pending.append(Save(candidate.id, None, None, annotator, candidate.status))
-        self.pending.append(Save(candidate.id, answer, seconds, annotator, candidate.status))
+            saves.append(Save(candidate.id, None, None, annotator, candidate.status))
+        saves.append(Save(candidate.id, answer, seconds, annotator, candidate.status))
         self.history.append(candidate.id)
         self.queue.set_status(candidate.id, ANSWER_STATUS[answer])
-        self._drain()
+        self.saves.add(*saves)
         self._say(f"candidate {candidate.id}: {ANSWER_WORDS[answer]}")
         self._show_next_to_ask()
         return True
@@ -476,24 +463,24 @@ class CandidatesBox(QGroupBox):
         if annotator is None:
             return False
         if not self.history:
-            self.pending.append(Save(None, None, None, annotator, "open"))
-            self._drain()
+            self.saves.add(Save(None, None, None, annotator, "open"))
             self._say("undoing the project's latest answer…")
             return True
         cid = self.history.pop()
         candidate = self.queue.get(cid)
         waiting = next((s for s in reversed(self.pending)
                         if s.candidate_id == cid and s.answer is not None), None)  # fmt: skip
+        saves = []
         if waiting is not None:  # not written yet, and now it never will be
             self.pending.remove(waiting)
             # back to what it was, unless an earlier answer is still to be undone (re-answer)
             status = "open" if waiting.before in ("yes", "no") else waiting.before
         else:
             before = candidate.status if candidate is not None else "open"
-            self.pending.append(Save(cid, None, None, annotator, before))
+            saves.append(Save(cid, None, None, annotator, before))
             status = "open"
         self.queue.set_status(cid, status)
-        self._drain()
+        self.saves.add(*saves)
         self._say(f"candidate {cid}: answer undone")
         index = self.queue.position(cid)
         if index >= 0:
@@ -504,91 +491,9 @@ class CandidatesBox(QGroupBox):
         if cid in self.history:
             self.history.remove(cid)
 
-    def _drain(self) -> None:
-        """Start the next waiting save when none runs."""
-        if self.save_job.is_running() or not self.pending:
-            return
-        save = self.pending.popleft()
-        project = self.state.project
-        if save.answer is None:
-            answer_id = self.answer_ids.get(save.candidate_id) if save.candidate_id else None
-
-            def work(progress, cancel):
-                undo_id = answer_id
-                if save.candidate_id is not None and answer_id is None:  # answered before
-                    earlier = [a for a in project.answers()
-                               if a.candidate_id == save.candidate_id]  # fmt: skip
-                    if not earlier:
-                        return save, None, None
-                    undo_id = earlier[-1].id
-                record = project.undo_answer(undo_id, annotator=save.annotator)
-                # open again, or stale when its version's candidates were found anew since
-                after = project.candidate(record.candidate_id).status if record else None
-                return save, record, after
-
-            what = "undoing an answer"
-        else:
-
-            def work(progress, cancel):
-                record = project.answer(save.candidate_id, save.answer,
-                                        annotator=save.annotator, seconds=save.seconds)  # fmt: skip
-                return save, record, None
-
-            what = f"saving the answer on candidate {save.candidate_id}"
-        self._saving = save
-        self.save_job.start(work, what)
-
     def is_saving(self) -> bool:
         """Whether answers wait for (or are in) the worker."""
-        return self.save_job.is_running() or bool(self.pending)
-
-    def _on_saved(self, value) -> None:
-        save, record, after = value
-        self._saving = None
-        if save.answer is not None:
-            self.answer_ids[save.candidate_id] = record.id
-        elif record is not None:
-            cid = record.candidate_id
-            self.answer_ids.pop(cid, None)
-            if not any(s.candidate_id == cid for s in self.pending):  # nothing newer given
-                self.queue.set_status(cid, after)
-            if after == "stale":
-                self._report(
-                    f"candidate {cid}: answer undone; its model version's candidates were found "
-                    "anew since, so it is not asked again",
-                    "warning",
-                )
-            elif save.candidate_id is None:  # the project's latest answer: its candidate is back
-                index = self.queue.position(cid)
-                if index >= 0 and self.active:
-                    self.show_candidate(index)
-                self._say(f"candidate {cid}: answer undone")
-        elif save.candidate_id is None:
-            self._report("no answer to undo")
-        self._drain_then_tell()
-
-    def _drain_then_tell(self) -> None:
-        """Start the next save; once none waits, tell the other steps the answers changed."""
-        self._drain()
-        if not self.is_saving() and self._volume is not None:
-            self.state.answers_changed.emit(self._volume.id)
-
-    def _on_save_failed(self, message: str) -> None:
-        save, self._saving = self._saving, None
-        if save is not None and save.candidate_id is not None:
-            self.queue.set_status(save.candidate_id, save.before)
-            self._forget(save.candidate_id)
-            # an answer that followed this write is dropped with it (it built on it)
-            for later in [s for s in self.pending if s.candidate_id == save.candidate_id]:
-                self.pending.remove(later)
-            if save.answer is None and save.before in ("yes", "no", "skipped"):
-                self.history.append(save.candidate_id)  # the answer stands: U may try again
-            what = "answer" if save.answer is not None else "undo"
-            self._report(f"could not save the {what} on candidate {save.candidate_id}: "
-                         f"{message}; it is back in the list", "error")  # fmt: skip
-        else:
-            self._report(f"could not undo: {message}", "error")
-        self._drain_then_tell()
+        return self.saves.is_saving()
 
     # ---------------------------------------------------------------- edit
     def edit(self) -> bool:
