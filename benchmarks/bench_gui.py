@@ -49,7 +49,7 @@ from pathlib import Path
 scan, work, size, steps, patch = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
 import numpy as np
 import napari
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QEventLoop, Qt, QTimer
 from qtpy.QtTest import QTest
 from qtpy.QtWidgets import QApplication
 
@@ -92,12 +92,21 @@ class Beat:
         self.longest, self.last = 0.0, time.perf_counter()
 
 def wait(condition, what, limit=3600.0):
+    # in Qt's own event loop, as a session waits for its user: a loop that polled
+    # processEvents every few ms would take the GIL and a core from the work it waits for
     started = time.perf_counter()
-    while not condition():
-        app.processEvents()
-        if time.perf_counter() - started > limit:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.002)
+    loop = QEventLoop()
+    def check():
+        if condition() or time.perf_counter() - started > limit:
+            loop.quit()
+    poll = QTimer()
+    poll.timeout.connect(check)
+    poll.start(20)
+    if not condition():
+        loop.exec()
+    poll.stop()
+    if not condition():
+        raise SystemExit(f"timed out waiting for {what}")
 
 beat = Beat()
 wait(lambda: time.perf_counter() - beat.last > 0.2 or beat.longest > 0, "the first tick", 10)

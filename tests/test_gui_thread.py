@@ -123,6 +123,29 @@ def test_progress_is_throttled_to_a_few_reports_a_second():
     assert len(received) <= 4 + elapsed * PROGRESS_REPORTS_PER_SECOND
 
 
+def test_napari_in_progress_indicator_stays_still_while_a_job_runs(workflow, qtbot):
+    """napari's status bar shows its "in progress" GIF while a job's progress bar is open,
+    but on one frame: each frame would repaint the window with its OpenGL canvas (a third
+    of the CPU under software OpenGL)."""
+    from napari_pvs._widgets._jobs import BackgroundJob
+
+    indicator = workflow.viewer.window._status_bar._activity_item._inProgressIndicator
+    movie = indicator.movie()
+    release = threading.Event()
+    job = BackgroundJob(workflow)
+    assert job.start(lambda progress, cancel: release.wait(10), "waiting")
+    try:
+        qtbot.waitUntil(lambda: not indicator.isHidden(), timeout=5000)
+        first = movie.currentFrameNumber()
+        qtbot.wait(600)  # several frames of the GIF's own timing
+        assert movie.frameCount() > 1 and movie.currentFrameNumber() == first
+        assert movie.state() != movie.MovieState.Running
+    finally:
+        release.set()
+        qtbot.waitUntil(lambda: not job.is_running(), timeout=10000)
+    assert indicator.isHidden()
+
+
 def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbot, tmp_path):
     """Modality round trip: the Project table's Contrast -> the ledger -> the Segment step's
     choice -> the prediction's run signature (what the model was told)."""

@@ -22,7 +22,7 @@ from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from napari_pvs._widgets._common import notify, status_label
-from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress, keep_activity_indicator_still
 from napari_pvs._widgets._layers import (
     EDITED_KEY,
     PREDICTION_KEY,
@@ -77,6 +77,7 @@ class SegmentPanel(SegmentOptions):
         standalone: bool = True,
     ) -> None:
         super().__init__(napari_viewer, state)
+        keep_activity_indicator_still(napari_viewer)
         self.job = BackgroundJob(self)
         self.job.succeeded.connect(self._on_succeeded)
         self.job.failed.connect(self._on_failed)

@@ -15,6 +15,7 @@ from napari.layers import Image, Layer
 from qtpy.QtCore import QObject, Signal
 
 from napari_pvs._widgets._common import Ask, ask_with_dialog
+from napari_pvs._widgets._jobs import keep_activity_indicator_still
 from napari_pvs._widgets._layers import layer_source, start_at_affordable_level
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class WorkflowState(QObject):
     ) -> None:
         super().__init__(parent)
         self.viewer = viewer
+        keep_activity_indicator_still(viewer)
         self.ask: Ask = ask or ask_with_dialog
         self.project: Project | None = None
         #: PVS counts already computed, by (volume id, model version): Segment fills it, the
