@@ -146,6 +146,38 @@ def test_napari_in_progress_indicator_stays_still_while_a_job_runs(workflow, qtb
     assert indicator.isHidden()
 
 
+EXIT_CHILD = """
+import sys, time
+import numpy as np, zarr
+from qtpy.QtWidgets import QApplication
+app = QApplication([])
+from napari_pvs._widgets._jobs import BackgroundJob
+store = zarr.create_array(sys.argv[1], shape=(64, 64, 64), chunks=(16, 16, 16), dtype="uint8")
+store[...] = 1
+def work(progress, cancel):
+    time.sleep(1.0)  # the interpreter is exiting meanwhile
+    print("read", int(np.asarray(zarr.open_array(sys.argv[1], mode="r")[...]).sum()), flush=True)
+BackgroundJob(progress_bar=False).start(work, "reading")
+time.sleep(0.2)
+"""
+
+
+def test_exit_waits_for_a_worker_still_reading_a_store(tmp_path):
+    """Closing napari while a job reads a store: the job ends and the process exits (it
+    crashed, or hung for good, when the exit shut down zarr's threads under the read)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(EXIT_CHILD)
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "s.zarr")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "read 262144" in done.stdout
+
+
 def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbot, tmp_path):
     """Modality round trip: the Project table's Contrast -> the ledger -> the Segment step's
     choice -> the prediction's run signature (what the model was told)."""
