@@ -147,6 +147,36 @@ def test_inference_copy_fuses_norm_and_prelu_without_touching_the_model(dtype, c
     torch.testing.assert_close(single, expected[1:2], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_inference_copy_rewrites_the_cross_modal_models_instance_norms(dtype):
+    """Affine instance norms outside norm + PReLU blocks (the default model's residual
+    blocks) become per-sample batch norms: the same probabilities, the model untouched."""
+    from napari_pvs.inference.fused import InstanceNormAsBatchNorm, inference_copy
+    from test_models import tiny
+
+    model = tiny("cross_modal", seed=2).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(n.affine for n in norms)
+    with torch.no_grad():  # affine parameters other than the initial 1 and 0
+        for norm in norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.3, 0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy, rewritten = inference_copy(model, dtype, channels_last=True)
+    assert rewritten == len(norms) == sum(isinstance(m, InstanceNormAsBatchNorm)
+                                          for m in copy.modules())  # fmt: skip
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in copy.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    x = torch.rand(2, 1, 16, 16, 16)
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(x, ["T2", "T1"]))
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            cl = x.contiguous(memory_format=torch.channels_last_3d)
+            got = torch.sigmoid(copy(cl, ["T2", "T1"]).float())
+    torch.testing.assert_close(got, expected, atol=1e-5 if dtype is None else 0.03, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["zarr", "dask", "numpy", "one chunk"])
 def test_windows_read_through_the_chunk_cache_equal_direct_reads(tmp_path, kind):
     """Boxes that cross chunk edges, and the volume's own edges, read through the cache equal

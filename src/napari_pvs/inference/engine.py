@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from napari_pvs.inference.blending import Frontier
-from napari_pvs.inference.fused import fusable_blocks, inference_copy
+from napari_pvs.inference.fused import inference_copy, rewritable_norms
 from napari_pvs.inference.inputs import ChunkCache, read_windows
 from napari_pvs.inference.planning import RemainingWork
 from napari_pvs.inference.writer import ChunkWriter
@@ -68,10 +68,10 @@ class WindowEngine:
     (:func:`.fused.inference_copy`: fused norm + PReLU, weights in the run's precision,
     channels-last where asked).
 
-    ``channels_last=None`` chooses it: on CUDA, and on CPU when every model's norm + PReLU
-    blocks are fused (measured on 2 AVX512-BF16/AMX cores, residual UNet, 64^3 windows: a
-    window took 0.5x the time of the unfused contiguous model in bfloat16 and 0.7x in float32;
-    without the fusion channels-last measured no faster on CPU).
+    ``channels_last=None`` chooses it: on CUDA, and on CPU when every model's instance norms
+    are rewritten (measured on 2 AVX512-BF16/AMX cores, 64^3 windows: a residual UNet window
+    took 0.5x the time of the unfused contiguous model in bfloat16 and 0.7x in float32, a
+    cross-modal one 0.7-0.8x; without the rewrite channels-last measured no faster on CPU).
 
     ``models`` are the models given (their weights sign the run); ``runners`` are the copies
     that run. Each batch draws its MC-dropout masks from its own seed (``seed`` and the batch
@@ -97,7 +97,7 @@ class WindowEngine:
         self.seed = seed
         self.models = [m.to(self.device).eval() for m in models]
         # The fused path was measured on CPUs only; other devices run the models as given.
-        fuse = device.type == "cpu" and all(fusable_blocks(m) for m in self.models)
+        fuse = device.type == "cpu" and all(rewritable_norms(m) for m in self.models)
         if channels_last is None:
             channels_last = device.type == "cuda" or fuse
         self.channels_last = bool(channels_last)
