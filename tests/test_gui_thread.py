@@ -146,6 +146,38 @@ def test_napari_in_progress_indicator_stays_still_while_a_job_runs(workflow, qtb
     assert indicator.isHidden()
 
 
+def test_the_heap_is_frozen_after_a_job_that_imported_many_modules(workflow, qtbot):
+    """A job that imported many modules (the first prediction imports torch) freezes the
+    heap as it returns, so napari's collection on each layer removal has little to scan; a
+    job that imported nothing freezes nothing."""
+    import gc
+    import sys
+    import types
+
+    from napari_pvs._widgets import _jobs
+
+    names = [f"napari_pvs_test_module_{i}" for i in range(_jobs.FREEZE_AFTER_MODULES + 5)]
+
+    def importing(progress, cancel):
+        for name in names:
+            sys.modules[name] = types.ModuleType(name)
+
+    gc.unfreeze()
+    _jobs._modules_at_freeze[0] = len(sys.modules)
+    try:
+        for work, frozen in ((lambda progress, cancel: None, False), (importing, True),
+                             (lambda progress, cancel: None, False)):  # fmt: skip
+            before = gc.get_freeze_count()
+            job = _jobs.BackgroundJob(workflow)
+            assert job.start(work, "a job")
+            qtbot.waitUntil(lambda job=job: not job.is_running(), timeout=10000)
+            assert (gc.get_freeze_count() > before) == frozen
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        gc.unfreeze()
+
+
 EXIT_CHILD = """
 import sys, time
 import numpy as np, zarr
