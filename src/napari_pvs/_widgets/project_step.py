@@ -143,9 +143,8 @@ class ProjectStep(QWidget):
 
     def start_set_modality(self, modality: str) -> bool:
         """Store the selected volume's contrast (a ledger write: in the step's worker)."""
-        volume = self.volumes_box.selected_volume()
+        volume = self.volumes_box.selected_or_say()
         if volume is None:
-            self._report("select a volume in the table first", "error")
             return False
         project = self.state.project
 
@@ -158,9 +157,8 @@ class ProjectStep(QWidget):
     def start_remove_selected(self) -> bool:
         """Take the selected volume out of the project in the step's worker (a ledger write;
         its reviewed labels are moved to archive/, not lost)."""
-        volume = self.volumes_box.selected_volume()
+        volume = self.volumes_box.selected_or_say()
         if volume is None:
-            self._report("select a volume in the table first", "error")
             return False
         project = self.state.project
 

@@ -126,6 +126,13 @@ class VolumesBox(QGroupBox):
             return None
         return self.records[rows[0].row()] if rows[0].row() < len(self.records) else None
 
+    def selected_or_say(self) -> VolumeRecord | None:
+        """:meth:`selected_volume`, or None after telling the user to select one."""
+        volume = self.selected_volume()
+        if volume is None:
+            self._report("select a volume in the table first", "error")
+        return volume
+
     def show_selected_modality(self) -> None:
         volume = self.selected_volume()
         self.modality_combo.setEnabled(volume is not None)
@@ -136,9 +143,8 @@ class VolumesBox(QGroupBox):
         """Select the volume's image layer; one not open yet is read in ``show_job`` (the
         store's metadata and a contrast sample, off the GUI thread) and added when read, then
         ``shown`` holds it. Returns the layer when it was open already, else None."""
-        volume = self.selected_volume()
+        volume = self.selected_or_say()
         if volume is None:
-            self._report("select a volume in the table first", "error")
             return None
         layer = self.state.layer_for_volume(volume)
         if layer is not None:
