@@ -189,8 +189,13 @@ class ReportStep(QWidget):
         """A round or Make current changed the current version: the curve follows, and a
         burden table already shown is counted again with it (in the worker)."""
         self.refresh()
+        self._recount_if_stale()
+
+    def _recount_if_stale(self) -> None:
+        """Count again when the table shows another version's counts than the current one
+        (also when a count that started before the change ends: it counted the old one)."""
         project = self.state.project
-        if project is None or not self.rows:
+        if project is None or not self.rows or self.job.is_running():
             return
         if any(r["model_version"] != project.current_version().version for r in self.rows):
             self._report("the current model changed: counting PVS again with it…")
@@ -352,3 +357,4 @@ class ReportStep(QWidget):
         else:
             self.exported = value
             self._report(f"exported {len(value['files'])} files to {value['folder']}")
+        self._recount_if_stale()  # the version changed while this job ran

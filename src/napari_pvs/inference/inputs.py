@@ -55,10 +55,14 @@ def as_source(volume) -> VolumeSource:
 
 
 def _read_box(data, slices: tuple[slice, ...]) -> np.ndarray:
-    """Read a box of a numpy/zarr/dask array (dask computed synchronously: no thread storm)."""
+    """Read a box of a numpy/zarr/dask array: dask computed synchronously (no thread storm)
+    and without dask's global callbacks. napari registers its chunk cache as one; dask hands
+    the global callbacks from thread to thread without a lock, so a read here while napari
+    sliced the same chunks on the GUI thread ran the cache's callbacks twice for one chunk
+    (a KeyError in napari's slicing, seen in the whole-loop test)."""
     block = data[slices]
     if hasattr(block, "compute"):
-        block = block.compute(scheduler="synchronous")
+        block = block.compute(scheduler="synchronous", callbacks=[])
     return np.asarray(block)
 
 
