@@ -3,21 +3,20 @@ predicted clusters answered yes/no one key at a time (the mode switch at its top
 
 Patches mode is thin over the project: the queue box (:mod:`.review_ranking`: ``project.rank``
 off the GUI thread, ``project.queue`` listed in :mod:`.patch_table`) picks a patch;
-``project.accept`` / ``project.skip`` (both in the step's workers) record what the user did
-with it. Selecting a patch zooms the
-view to it, draws its box and opens one in-memory labels layer for the patch at its offset
-(``translate`` = the box's first voxel in world coordinates, ``scale`` = the spacing),
-prefilled with the model's segmentation (or the accepted labels of a reviewed patch), active,
-with a 1-voxel brush and the PVS label (those layers: :mod:`.review_layers`). Painting uses
-the layer's own tools, so its undo works. The review keys are bound on that layer only (they
-go with it) and avoid napari's own. Candidates mode is :mod:`.review_candidates`; its Edit
-opens the patch around a candidate here (a patch-size box centred on it, not a queue row),
-and accepting it also calls ``project.mark_candidate_edited``.
+``project.accept`` / ``project.skip`` record what the user did with it, in the workers of
+:mod:`.review_patch_saves`. Selecting a patch zooms the view to it, draws its box and opens
+one in-memory labels layer for the patch at its offset (``translate`` = the box's first
+voxel in world coordinates, ``scale`` = the spacing), prefilled with the model's
+segmentation (or the accepted labels of a reviewed patch), active, with a 1-voxel brush and
+the PVS label (those layers: :mod:`.review_layers`). Painting uses the layer's own tools, so
+its undo works. The review keys are bound on that layer only (they go with it) and avoid
+napari's own. Candidates mode is :mod:`.review_candidates`; its Edit opens the patch around
+a candidate here (a patch-size box centred on it, not a queue row), and accepting it also
+calls ``project.mark_candidate_edited``.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,6 +41,7 @@ from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
 from napari_pvs._widgets.review_candidates import CandidatesBox
 from napari_pvs._widgets.review_layers import PatchLayers
+from napari_pvs._widgets.review_patch_saves import PatchSaves
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.review_ranking import QueueBox
 from napari_pvs._widgets.state import WorkflowState
@@ -57,8 +57,6 @@ KEY_HELP = (
     "Keys on the patch layer: A accept · S skip · N next · Shift+N previous · "
     "[ / ] brush smaller / larger · Ctrl+Z undo · Ctrl+Shift+Z redo"
 )
-#: What switching away from a patch with unsaved edits can do (the last changes nothing).
-UNSAVED_CHOICES = ("Accept", "Discard", "Cancel")
 #: The two ways to review: paint ranked patches, or answer predicted clusters yes/no.
 MODES = ("Patches", "Candidates")
 
@@ -93,16 +91,6 @@ class ReviewStep(QWidget):
         #: the patch's layers on the canvas (the review keys are bound on its labels layer)
         self.layers = PatchLayers(state, self._bind_keys)
         self.queue = ReviewQueue()
-        # Accept writes the label store and the ledger (fsynced): off the GUI thread too
-        self.accept_job = BackgroundJob(self)
-        self.accept_job.succeeded.connect(self._on_accepted)
-        self.accept_job.failed.connect(self._on_accept_failed)
-        self._after_accept = None
-        self._saving_rank = 0
-        # Skip writes the ledger: in its own worker, the next patch opens meanwhile
-        self.skip_job = BackgroundJob(self)
-        self.skip_job.succeeded.connect(self._on_skipped)
-        self.skip_job.failed.connect(self._on_skip_failed)
         # a volume not on the canvas yet is read here; its layers and the patch's are then
         # added in two turns of their own (one turn building both froze the canvas 1-3 s)
         self.volume_job = BackgroundJob(self)
@@ -112,15 +100,20 @@ class ReviewStep(QWidget):
         self._opening: PatchRecord | None = None
         #: the candidate whose patch is open for an edit (Candidates mode's E), or None
         self.editing: CandidateRecord | None = None
-        #: the open patch: its record, volume, prefilled labels and when it was opened
+        #: the open patch: its record, volume and the labels it starts from
         self.patch: PatchRecord | None = None
         self.volume: VolumeRecord | None = None
         self._prefill: np.ndarray | None = None
-        self._opened_at = 0.0
 
         self.status_label = status_label()
+        #: Accept and Skip, each written in its own worker; unsaved edits' question
+        self.saves = PatchSaves(self, state, self.queue, self.layers, lambda: self.patch,
+                                lambda: self.editing, self.has_unsaved_edits, self.annotator,
+                                self._enable_patch_controls, self._patch_saved,
+                                lambda: self.queue_box.reload_queue(), self._report,
+                                self.status_label.setText)  # fmt: skip
         self.queue_box = QueueBox(state, self.queue, self._report, self.status_label.setText,
-                                  self.resolve_unsaved, self.open_patch)  # fmt: skip
+                                  self.saves.resolve_unsaved, self.open_patch)  # fmt: skip
         self.candidates_box = CandidatesBox(state, self.annotator, self.edit_candidate,
                                             self._report, self.status_label.setText)  # fmt: skip
         layout = QVBoxLayout(self)
@@ -250,7 +243,7 @@ class ReviewStep(QWidget):
         if mode == self.mode() and self.editing is None:
             self.mode_buttons[mode].setChecked(True)
             return True
-        if not self.resolve_unsaved(retry=lambda: self.set_mode(mode)):
+        if not self.saves.resolve_unsaved(retry=lambda: self.set_mode(mode)):
             self.mode_buttons[self.mode()].setChecked(True)
             return False
         self.editing = None
@@ -283,34 +276,11 @@ class ReviewStep(QWidget):
             and not np.array_equal(np.asarray(layer.data), self._prefill)
         )
 
-    def resolve_unsaved(self, retry=None) -> bool:
-        """Before leaving a patch: ask what to do with unsaved edits; False = stay for now.
-
-        "Accept" saves in the step's worker and then calls ``retry`` (the action that asked),
-        so the answer "stay" comes back at once and the action happens once the patch is saved.
-        """
-        if self.accept_job.is_running():
-            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
-            return False
-        if not self.has_unsaved_edits():
-            return True
-        choice = self.state.ask(
-            self,
-            "Unsaved corrections",
-            f"Patch {self.patch.rank} has corrections that are not accepted yet. Accept them, "
-            "discard them, or stay on this patch?",
-            list(UNSAVED_CHOICES),
-        )
-        if choice == "Accept":
-            self._start_accept(retry)
-            return False
-        return choice == "Discard"
-
     def open_patch(self, index: int) -> bool:
         """Show queue row ``index``: zoom, box, the prefilled patch layer. False if it stays."""
         if index == self.queue.index and self.patch is not None:
             return True
-        if not self.resolve_unsaved(retry=lambda: self.open_patch(index)):
+        if not self.saves.resolve_unsaved(retry=lambda: self.open_patch(index)):
             return False
         patch = self.queue.select(index)
         if patch is None:
@@ -335,7 +305,7 @@ class ReviewStep(QWidget):
         self._show_uncertainty(self.uncertainty_check.isChecked())
         if self.view3d_check.isChecked():
             self._show_3d()
-        self._opened_at = time.monotonic()
+        self.saves.start_clock()
         size = "x".join(str(b - a) for a, b in zip(patch.start, patch.stop, strict=True))
         if self.editing is not None:
             self.patch_label.setText(
@@ -349,8 +319,7 @@ class ReviewStep(QWidget):
                 f"{list(patch.start)}; {patch.predicted_pvs} predicted PVS, {patch.strategy} "
                 f"score {patch.score:.3g} (model v{patch.model_version})"
             )
-        for control in self.patch_controls:
-            control.setEnabled(True)
+        self._enable_patch_controls(True)
         for control in (self.previous_button, self.next_button):
             control.setEnabled(self.editing is None)
         return True
@@ -416,8 +385,26 @@ class ReviewStep(QWidget):
         self.patch, self.volume, self._prefill = None, None, None
         self.layers.remove()
         self.patch_label.setText("no patch open")
+        self._enable_patch_controls(False)
+
+    def _enable_patch_controls(self, on: bool) -> None:
         for control in self.patch_controls:
-            control.setEnabled(False)
+            control.setEnabled(on)
+
+    def _patch_saved(self, patch: PatchRecord, labels: np.ndarray | None) -> None:
+        """``patch`` was accepted (``labels``) or skipped (None): if it is still open, that is
+        what it starts from now (skipped: its edits dropped on purpose, no question), and a
+        queue row's record is the queue's, with its new status."""
+        if self.patch is None or self.patch.id != patch.id:
+            return
+        self._prefill = None if labels is None else labels.copy()
+        layer = self.layers.labels()
+        if labels is not None and layer is not None and np.array_equal(
+            np.asarray(layer.data) > 0, labels > 0
+        ):
+            layer.data = labels  # fresh history: what is saved is the new starting point
+        if patch.id >= 0:
+            self.patch = self.queue.current()
 
     def teardown(self) -> None:
         """Stop the ranking and the candidates' listing; the candidate's layer (and its keys)
@@ -479,89 +466,26 @@ class ReviewStep(QWidget):
         """Whether a ranking, an Accept, a Skip, a volume's opening, a candidates' listing or
         answers' saving runs in the step's workers."""
         candidates = self.candidates_box
-        return (self.queue_box.job.is_running() or self.accept_job.is_running()
-                or self.skip_job.is_running() or self.volume_job.is_running()
-                or self._opening is not None or candidates.load_job.is_running()
-                or candidates.is_saving())  # fmt: skip
+        return (self.queue_box.job.is_running() or self.saves.is_saving()
+                or self.volume_job.is_running() or self._opening is not None
+                or candidates.load_job.is_running() or candidates.is_saving())  # fmt: skip
 
-    def _start_accept(self, then=None) -> bool:
-        """Save the open patch through ``project.accept`` in the step's worker, the patch's
-        controls disabled meanwhile; ``then()`` runs on the GUI thread once it is saved."""
-        layer = self.layers.labels()
-        if self.patch is None or layer is None:
-            self._report("no patch open; select one in the queue", "error")
-            return False
-        if self.accept_job.is_running():
-            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
-            return False
-        annotator = self.annotator()
-        if annotator is None:
-            return False
-        patch, project, candidate = self.patch, self.state.project, self.editing
-        labels = (np.asarray(layer.data) > 0).astype(np.uint8)
-        seconds = time.monotonic() - self._opened_at
+    @property
+    def accept_job(self) -> BackgroundJob:
+        """Accept's worker (:class:`.review_patch_saves.PatchSaves`)."""
+        return self.saves.accept_job
 
-        def work(progress, cancel):
-            annotation = project.accept(
-                patch.volume_id,
-                patch.start,
-                patch.stop,
-                labels,
-                annotator=annotator,
-                seconds=seconds,
-                patch_id=None if candidate is not None else patch.id,
-                model_version=patch.model_version,
-            )
-            if candidate is not None:
-                project.mark_candidate_edited(candidate.id, annotation.id)
-            return patch, labels, annotation
-
-        self._after_accept, self._saving_rank = then, patch.rank
-        for control in self.patch_controls:
-            control.setEnabled(False)
-        self.status_label.setText(f"saving patch {patch.rank}…")
-        return self.accept_job.start(work, f"saving patch {patch.rank}")
-
-    def _on_accepted(self, value) -> None:
-        patch, labels, annotation = value
-        then, self._after_accept = self._after_accept, None
-        for control in self.patch_controls:
-            control.setEnabled(self.patch is not None)
-        layer = self.layers.labels()
-        if self.patch is not None and self.patch.id == patch.id:
-            self._prefill = labels.copy()
-            if layer is not None and np.array_equal(np.asarray(layer.data) > 0, labels > 0):
-                layer.data = labels  # fresh history: what is saved is the new starting point
-        name = self.state.project.volume(patch.volume_id).name
-        if patch.id < 0:  # a candidate's edit (not a queue row)
-            self._report(
-                f"accepted the edit of candidate {-patch.id} of {name} "
-                f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
-            )
-        else:
-            self.queue.set_status(patch.id, "reviewed")
-            if self.patch is not None and self.patch.id == patch.id:
-                self.patch = self.queue.current()
-            self._report(
-                f"accepted patch {patch.rank} of {name} "
-                f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})"
-            )
-        self.state.queue_changed.emit(patch.volume_id)
-        if then is not None:
-            then()
-
-    def _on_accept_failed(self, message: str) -> None:
-        self._after_accept = None
-        for control in self.patch_controls:
-            control.setEnabled(self.patch is not None)
-        self._report(f"could not accept patch {self._saving_rank}: {message}", "error")
+    @property
+    def skip_job(self) -> BackgroundJob:
+        """Skip's worker (:class:`.review_patch_saves.PatchSaves`)."""
+        return self.saves.skip_job
 
     def accept(self) -> bool:
         """Accept the open patch (empty counts as reviewed background) in the step's worker,
         then open the next new one (after a candidate's edit: the next candidate)."""
         if self.editing is not None:
-            return self._start_accept(lambda: self._end_edit(edited=True))
-        return self._start_accept(
+            return self.saves.accept(lambda: self._end_edit(edited=True))
+        return self.saves.accept(
             lambda: self._move(self.queue.next_index("new"), "all patches of this queue are done")
         )
 
@@ -569,45 +493,11 @@ class ReviewStep(QWidget):
         """Leave the open patch out (without saving edits) and open the next new one; the
         ledger's record of it is written in the step's worker meanwhile. A candidate's edit
         is left unsaved, back to the candidate."""
-        if self.patch is None:
-            self._report("no patch open; select one in the queue", "error")
-            return False
-        if self.accept_job.is_running():
-            self._report(f"saving patch {self._saving_rank}… (wait a moment)", "warning")
-            return False
         if self.editing is not None:
-            self._prefill = None  # skipping drops the edits on purpose: no question
-            self._report(f"left the edit of candidate {self.editing.id} unsaved")
-            self._end_edit(edited=False)
-            return True
-        if self.skip_job.is_running():
-            self._report("saving the last skip… (wait a moment)", "warning")
-            return False
-        annotator = self.annotator()
-        if annotator is None:
-            return False
-        patch, project = self.patch, self.state.project
-
-        def work(progress, cancel):
-            project.skip(patch.id, annotator=annotator)
-            return patch
-
-        self.skip_job.start(work, f"skipping patch {patch.rank}")
-        self._prefill = None  # skipping drops the edits on purpose: no question
-        self.queue.set_status(patch.id, "skipped")
-        self.patch = self.queue.current()
-        self.status_label.setText(f"skipping patch {patch.rank}…")
-        self._move(self.queue.next_index("new"), "no new patch after this one")
-        return True
-
-    def _on_skipped(self, patch: PatchRecord) -> None:
-        self._report(f"skipped patch {patch.rank}")
-        self.state.queue_changed.emit(patch.volume_id)
-
-    def _on_skip_failed(self, message: str) -> None:
-        """The skip is not in the ledger: the patch is new again (reload the queue)."""
-        self._report(f"could not skip the patch: {message}", "error")
-        self.queue_box.reload_queue()
+            return self.saves.skip(lambda: self._end_edit(edited=False))
+        return self.saves.skip(
+            lambda: self._move(self.queue.next_index("new"), "no new patch after this one")
+        )
 
     def next(self) -> bool:
         if self._editing_refuses():
