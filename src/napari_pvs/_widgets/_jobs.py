@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +122,10 @@ def keep_activity_indicator_still(viewer) -> bool:
     progress bars go on moving.
     """
     window = getattr(viewer, "window", None)
-    item = getattr(getattr(window, "_status_bar", None), "_activity_item", None)
+    with warnings.catch_warnings():  # napari warns of private access from plugin code
+        warnings.simplefilter("ignore", FutureWarning)
+        status_bar = getattr(window, "_status_bar", None)
+    item = getattr(status_bar, "_activity_item", None)
     indicator = getattr(item, "_inProgressIndicator", None)
     movie = indicator.movie() if indicator is not None else None
     if movie is None:
