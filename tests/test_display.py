@@ -146,6 +146,20 @@ def test_squeezed_channel_axis_and_opened_volumes_match_their_levels(tmp_path):
         np.testing.assert_array_equal(np.asarray(shown[2]), level[2].compute())
 
 
+def test_the_reader_gives_label_images_as_direct_views_too(tmp_path):
+    """napari slices the reader's label images through direct store views, like its image
+    (a dask label image ran dask's scheduler on the GUI thread at every plane)."""
+    from napari_pvs._reader import volume_layer_data
+
+    image = np.random.default_rng(4).integers(0, 900, (20, 24, 28)).astype(np.uint16)
+    pvs = (image > 800).astype(np.uint8)
+    store = io.save_ome_zarr(tmp_path / "l.ome.zarr", image, chunks=8, labels={"pvs": pvs})
+    layers = volume_layer_data(io.open_volume(store))
+    (labels,) = [data for data, _kwargs, kind in layers if kind == "labels"]
+    assert len(labels) == 3 and all(isinstance(level, DisplayLevel) for level in labels)
+    np.testing.assert_array_equal(np.asarray(labels[0][:, 5]), pvs[:, 5])
+
+
 def test_a_damaged_chunk_is_named_when_napari_reads_it(tmp_path):
     store = io.save_ome_zarr(tmp_path / "d.ome.zarr", np.ones((16, 16, 16), np.uint16) * 7,
                              levels=1, chunks=8)  # fmt: skip

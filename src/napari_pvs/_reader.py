@@ -156,9 +156,12 @@ def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerD
     layers: list[LayerData] = [image]
     for label_name in volume.label_names:
         labels = io.open_labels(volume.source, label_name)
+        # direct store views, as for the image: napari slicing a dask label image ran dask's
+        # threaded scheduler on the GUI thread at every plane (100-170 ms at 256^3)
+        label_levels = labels.display_levels()
         layers.append(
             (
-                labels.levels if len(labels.levels) > 1 else labels.data,
+                label_levels if len(label_levels) > 1 else label_levels[0],
                 {
                     "name": f"{name} {label_name}",
                     "multiscale": len(labels.levels) > 1,
