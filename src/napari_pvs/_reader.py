@@ -164,7 +164,7 @@ def volume_layer_data(volume: io.Volume, name: str | None = None) -> list[LayerD
                 label_levels if len(label_levels) > 1 else label_levels[0],
                 {
                     "name": f"{name} {label_name}",
-                    "multiscale": len(labels.levels) > 1,
+                    "multiscale": len(label_levels) > 1,
                     "metadata": {**volume_metadata(volume), "label_name": label_name},
                     # one label image at a time over the MRI: the PVS one, the rest on request
                     "opacity": 0.6,

@@ -101,24 +101,18 @@ class OneSlopeLeakyReLU(nn.Module):
         return F.leaky_relu(x, self.slope)
 
 
-def _one_slope_prelus(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """``(parent, name, replacement)`` for every one-slope PReLU left after the fusion."""
+def _replacements(model: nn.Module, match, make) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, make(child))`` for every child module of ``model`` that ``match``es."""
     return [
-        (parent, name, OneSlopeLeakyReLU(child))
+        (parent, name, make(child))
         for parent in model.modules()
         for name, child in parent.named_children()
-        if isinstance(child, nn.PReLU) and child.weight.numel() == 1
+        if match(child)
     ]
 
 
-def _lone_instance_norms(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """``(parent, name, replacement)`` for every instance norm left after the fusion."""
-    return [
-        (parent, name, InstanceNormAsBatchNorm(child))
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if _batch_statistics_norm(child)
-    ]
+def _one_slope_prelu(module: nn.Module) -> bool:
+    return isinstance(module, nn.PReLU) and module.weight.numel() == 1
 
 
 def rewritable_norms(model: nn.Module) -> int:
@@ -132,11 +126,7 @@ def _batch_statistics_norm(module: nn.Module) -> bool:
 
 
 def _plain_instance_norm(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.InstanceNorm3d)
-        and not module.affine
-        and not module.track_running_stats
-    )
+    return _batch_statistics_norm(module) and not module.affine
 
 
 def _fuse_norm_prelu(block: nn.Sequential) -> nn.Module | None:
@@ -147,8 +137,7 @@ def _fuse_norm_prelu(block: nn.Sequential) -> nn.Module | None:
     if (
         len(active) == 2
         and _plain_instance_norm(active[0])
-        and isinstance(active[1], nn.PReLU)
-        and active[1].weight.numel() == 1
+        and _one_slope_prelu(active[1])
     ):
         return InstanceNormPReLU(active[0].eps, active[1])
     return None
@@ -185,9 +174,10 @@ def inference_copy(
         return model, 0
     inference = copy.deepcopy(model).eval()
     blocks = fusable_blocks(inference)
-    for parent, name, replacement in [*blocks, *_one_slope_prelus(inference)]:
+    prelus = _replacements(inference, _one_slope_prelu, OneSlopeLeakyReLU)
+    for parent, name, replacement in [*blocks, *prelus]:
         setattr(parent, name, replacement)
-    lone = _lone_instance_norms(inference)
+    lone = _replacements(inference, _batch_statistics_norm, InstanceNormAsBatchNorm)
     for parent, name, replacement in lone:
         setattr(parent, name, replacement)
     head = getattr(inference, "mc_head", None)
