@@ -413,7 +413,10 @@ class CountingModel(torch.nn.Module):
         return self.inner.head(features, sample=sample)
 
 
-def test_cancel_stops_within_one_batch(tmp_path):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_cancel_stops_within_one_batch_per_lane(tmp_path, lanes):
+    """Cancelled after the first batch is blended: the batches already on the network lanes
+    finish, nothing new starts."""
     model = CountingModel(tiny_unet())
     cancel = threading.Event()
     seen = []
@@ -423,13 +426,62 @@ def test_cancel_stops_within_one_batch(tmp_path):
         if done > 0:
             cancel.set()
 
-    predictor = Predictor(model, window=16, batch=2, device="cpu")
+    predictor = Predictor(model, window=16, batch=2, device="cpu", lanes=lanes)
     with pytest.raises(Cancelled):
         predictor.predict(
             noisy_volume((40, 40, 40)), tmp_path / "p.zarr", cancel_after_first_batch, cancel
         )
-    assert predictor.engine.runners[0].calls == 1  # the inference copy of the model ran
+    assert predictor.engine.runners[0].calls == lanes  # the inference copy of the model ran
     assert seen == [0, 2]
+
+
+def test_network_lanes_write_the_same_bytes_and_draws(tmp_path):
+    """Batches run at once on several lanes write the same bytes whichever lane runs which
+    batch, MC-dropout draws included (each batch draws from its own stream), and what one lane
+    on both threads writes up to rounding; torch's thread count is as before afterwards."""
+    model = tiny_unet(dropout=0.5)
+    volume = noisy_volume((40, 30, 36))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stores = {}
+        for lanes in (1, 2, 3):
+            out = tmp_path / f"lanes{lanes}.zarr"
+            Predictor(model, window=16, batch=2, device="cpu", mc_samples=3, tta=4, lanes=lanes,
+                      amp=False).predict(volume, out)  # fmt: skip
+            assert torch.get_num_threads() == 2
+            stores[lanes] = zarr.open_group(str(out), mode="r")
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("probability", "entropy", "mutual_information", "variance"):
+        # two and three lanes: one thread each, so the same sums in the same order
+        np.testing.assert_array_equal(read(stores[3], name), read(stores[2], name))
+        # one lane on two threads: sums split across threads round differently, no more
+        np.testing.assert_allclose(
+            read(stores[2], name).astype(np.float32),
+            read(stores[1], name).astype(np.float32),
+            atol=2e-3,
+        )
+    np.testing.assert_array_equal(read(stores[3], "segmentation"), read(stores[2], "segmentation"))
+    assert read(stores[1], "mutual_information").max() > 0  # the draws differed per sample
+
+
+def test_batch_draws_continue_each_batchs_own_stream():
+    """Sections of two batches' draws, interleaved as lanes make them, draw what each batch
+    drew alone from its seed, and leave the process's generator as it was."""
+    from napari_pvs.inference.engine import BatchDraws
+
+    first, second = BatchDraws(7, torch.device("cpu")), BatchDraws(8, torch.device("cpu"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    drawn = {7: [], 8: []}
+    for draws, seed in ((first, 7), (second, 8), (first, 7), (first, 7), (second, 8)):
+        with draws():
+            drawn[seed].append(torch.rand(3))
+    assert torch.equal(torch.get_rng_state(), before)
+    for seed, values in drawn.items():
+        torch.manual_seed(seed)
+        assert torch.equal(torch.cat(values), torch.rand(3 * len(values)))
 
 
 def test_incompatible_store_is_refused_with_the_difference(tmp_path):
@@ -463,6 +515,8 @@ def test_bad_arguments_have_clear_messages():
         Predictor(model, window=16, device="cpu").predict(np.zeros((4, 4)), "unused.zarr")
     with pytest.raises(ValueError, match="memory must be one of"):
         Predictor(model, memory="hoard")
+    with pytest.raises(ValueError, match="lanes must be at least 1"):
+        Predictor(model, lanes=0)
 
 
 def test_heap_policies_change_memory_use_not_results(tmp_path):

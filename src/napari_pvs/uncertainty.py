@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -207,17 +208,26 @@ def predictive_moments(
     modality: str | list[str] | None,
     mc: int = 0,
     tta: bool | int = False,
+    draws: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
     """Moments ``(B, 3, ...)`` (see :class:`MomentAccumulator`) of every sample of
     :func:`predictive_samples`, the same draws in the same order, without materialising
     probabilities one sample at a time: each feature map's MC logits go in as one stack.
+
+    Every MC-dropout draw is made inside ``draws()``: a caller running several batches at
+    once on threads makes each batch's draws there, from that batch's own random stream
+    (:class:`napari_pvs.inference.engine.BatchDraws`); the features never draw.
     """
     acc = MomentAccumulator()
     for model in models:
         for flip in flip_sets(tta):
             flipped = torch.flip(image, flip) if flip else image
             features = model.features(flipped, modality)
-            logits = _head_logits(model, features, mc) if mc > 0 else model.head(features)[None]
+            if mc > 0:
+                with draws():
+                    logits = _head_logits(model, features, mc)
+            else:
+                logits = model.head(features)[None]
             if flip:
                 logits = torch.flip(logits, [d + 1 for d in flip])
             acc.add_logits(logits)

@@ -79,7 +79,10 @@ class Predictor:
     head (features computed once), ``tta`` averages test-time mirrorings (``True`` or 8: all 8
     axis mirrorings; 4: the identity and one mirror per axis; ``False`` or 1: none; default: the
     model's calibrated ``segmentation_rule``, else none). ``batch`` windows run
-    together (default :func:`.engine.default_batch`: 4 on CUDA; on CPU 1 in bfloat16, else 2).
+    together (default :func:`.engine.default_batch`: 4 on CUDA; on CPU 1 in bfloat16, else 2),
+    and ``lanes`` batches at once on CPU, each on its share of torch's threads (default
+    :func:`.engine.default_lanes`: one per thread, at most four; the MC-dropout draws do not
+    depend on it, the rounding of sums split across a lane's threads may).
     With more than one sample in total, ``entropy``, ``mutual_information`` and ``variance``
     are written too.
     ``threshold`` and ``min_cluster_mm3`` (clusters smaller than this are removed from the
@@ -116,6 +119,7 @@ class Predictor:
         seed: int = 0,
         memory: str = "reuse",
         display_edge: int | None = None,
+        lanes: int | None = None,
     ) -> None:
         from napari_pvs.models import autocast_dtype, resolve_device
 
@@ -162,6 +166,7 @@ class Predictor:
             self.mc_samples,
             self.tta,
             self.seed,
+            lanes,
         )
         self.models = self.engine.models
         self.channels_last = self.engine.channels_last
