@@ -281,7 +281,8 @@ class SegmentPanel(SegmentOptions):
         return True
 
     def cancel(self) -> None:
-        """Stop the running segmentation within one batch; finished chunks are kept."""
+        """Stop the running segmentation within one batch per network lane; finished chunks
+        are kept."""
         self.job.cancel()
         self.cancel_button.setEnabled(False)
         self.status_label.setText("cancelling…")

@@ -224,12 +224,12 @@ class Predictor:
         """Predict ``volume`` into the zarr group ``out`` (resuming a compatible partial run).
 
         ``volume`` is an :class:`napari_pvs.io.Volume` or a 3D array (numpy, dask, zarr).
-        Raises :class:`napari_pvs.progress.Cancelled` within one batch of ``cancel`` being set;
-        finished chunks are kept and a rerun resumes from them. ``out`` may not be the
-        volume's own file; a store from other settings is replaced only with ``overwrite``,
-        and then only once the new one is complete (an interrupted overwrite resumes when run
-        again with ``overwrite``). Raises :class:`napari_pvs.atomic.Locked` while another run
-        writes ``out``.
+        Raises :class:`napari_pvs.progress.Cancelled` within one batch per network lane of
+        ``cancel`` being set; finished chunks are kept and a rerun resumes from them. ``out``
+        may not be the volume's own file; a store from other settings is replaced only with
+        ``overwrite``, and then only once the new one is complete (an interrupted overwrite
+        resumes when run again with ``overwrite``). Raises :class:`napari_pvs.atomic.Locked`
+        while another run writes ``out``.
         """
         out = Path(out)
         source = getattr(volume, "source", None)
