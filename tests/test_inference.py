@@ -466,6 +466,17 @@ def test_network_lanes_write_the_same_bytes_and_draws(tmp_path):
     assert read(stores[1], "mutual_information").max() > 0  # the draws differed per sample
 
 
+def test_default_lanes_one_per_thread_in_bfloat16_on_cpu_only():
+    from napari_pvs.inference.engine import MAX_LANES, default_lanes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_lanes(cpu, 2, torch.bfloat16) == 2
+    assert default_lanes(cpu, 1, torch.bfloat16) == 1
+    assert default_lanes(cpu, 16, torch.bfloat16) == MAX_LANES == 4
+    assert default_lanes(cpu, 2, None) == 1  # float32: one lane (memory)
+    assert default_lanes(cuda, 8, torch.float16) == 1
+
+
 def test_batch_draws_continue_each_batchs_own_stream():
     """Sections of two batches' draws, interleaved as lanes make them, draw what each batch
     drew alone from its seed, and leave the process's generator as it was."""

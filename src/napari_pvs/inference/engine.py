@@ -53,17 +53,20 @@ def default_batch(device: torch.device, precision: torch.dtype | None = None) ->
 MAX_LANES = 4
 
 
-def default_lanes(device: torch.device, threads: int) -> int:
-    """Batches run at once: on CPU one per torch thread (at most :data:`MAX_LANES`), each
-    lane then running its batch on ``threads // lanes`` threads; one on other devices.
+def default_lanes(device: torch.device, threads: int, precision: torch.dtype | None) -> int:
+    """Batches run at once: in bfloat16 on CPU one per torch thread (at most
+    :data:`MAX_LANES`), each lane then running its batch on ``threads // lanes`` threads;
+    otherwise one.
 
     Measured on 2 AVX512-BF16/AMX cores (residual UNet, 64^3 windows, 2 torch threads): one
-    batch on both threads kept the second core idle a third of the time (every layer's
-    threads meet at a barrier, and the small layers are over before a sleeping thread
-    wakes), so two lanes of one thread each ran a bfloat16 window in 21.6 ms against 36.3 ms,
-    float32 (batch 2) in 52.8 ms against 66.3 ms.
+    bfloat16 batch on both threads kept the second core idle a third of the time (every
+    layer's threads meet at a barrier, and the small layers are over before a sleeping thread
+    wakes), so two lanes of one thread each ran a window in 21.6 ms against 36.3 ms, for 200
+    against 150 MB above the baseline at 256^3. In float32 two lanes (batch 2) ran a window in
+    52.8 ms against 66.3 ms but held 380 MB against 280 MB, more than half of MONAI's 600 MB,
+    so float32 keeps one lane (pass ``lanes`` to trade memory for that speed).
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or precision != torch.bfloat16:
         return 1
     return max(1, min(int(threads), MAX_LANES))
 
@@ -196,7 +199,7 @@ class WindowEngine:
         (:func:`default_lanes`), and their number; torch's thread count is as before once
         they are done."""
         threads = torch.get_num_threads()
-        lanes = self.lanes or default_lanes(self.device, threads)
+        lanes = self.lanes or default_lanes(self.device, threads, self.amp_dtype)
         try:
             with ThreadPoolExecutor(
                 lanes,

@@ -80,9 +80,10 @@ class Predictor:
     axis mirrorings; 4: the identity and one mirror per axis; ``False`` or 1: none; default: the
     model's calibrated ``segmentation_rule``, else none). ``batch`` windows run
     together (default :func:`.engine.default_batch`: 4 on CUDA; on CPU 1 in bfloat16, else 2),
-    and ``lanes`` batches at once on CPU, each on its share of torch's threads (default
-    :func:`.engine.default_lanes`: one per thread, at most four; the MC-dropout draws do not
-    depend on it, the rounding of sums split across a lane's threads may).
+    and ``lanes`` batches at once, each on its share of torch's threads (default
+    :func:`.engine.default_lanes`: in bfloat16 on CPU one per thread, at most four, else one;
+    the MC-dropout draws do not depend on it, the rounding of sums split across a lane's
+    threads may).
     With more than one sample in total, ``entropy``, ``mutual_information`` and ``variance``
     are written too.
     ``threshold`` and ``min_cluster_mm3`` (clusters smaller than this are removed from the
