@@ -226,7 +226,7 @@ def test_contrast_set_in_the_project_table_reaches_the_prediction(workflow, qtbo
     assert step.start_create()
     qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
     project = workflow.state.project
-    project.update_settings(device="cpu", predict_mc=0, predict_tta=1)
+    workflow.state.update_settings(device="cpu", predict_mc=0, predict_tta=1)
     assert step.start_add_paths([scan])
     qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
     assert project.volumes()[0].modality == "unknown"  # noise says nothing of its contrast
@@ -308,6 +308,35 @@ def test_rank_and_accept_keep_the_gui_responsive(workflow, qtbot, tmp_path, monk
     assert review.patch is not None and review.patch.id != first.id  # the next one opened
     assert review.accept_button.isEnabled()
     assert len(threads) == 2 and threading.main_thread() not in threads
+
+
+def test_settings_are_read_from_the_ledger_once_per_project_and_change(
+    workflow, tmp_path, monkeypatch
+):
+    """The steps read settings on the GUI thread: from the ledger once per opened project and
+    after each change, else from what was read (this window holds the project's lock)."""
+    from napari_pvs.project import Project
+
+    reads = []
+    original = Project.settings
+
+    def counted(self):
+        reads.append(self)
+        return original(self)
+
+    monkeypatch.setattr(Project, "settings", counted)
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    state = workflow.state
+    state.set_project(Project.create(tmp_path / "first", model=checkpoint))  # steps read them
+    assert state.settings()["brush_size"] == state.settings()["brush_size"]
+    assert len(reads) == 1
+    state.settings()["patch"] = 999  # a copy: the cached values cannot be changed by a reader
+    state.update_settings(patch=12, brush_size=3)
+    assert (state.settings()["patch"], state.settings()["brush_size"]) == (12, 3)
+    assert len(reads) == 2  # one more: what the change stored, read back once
+    state.set_project(Project.create(tmp_path / "second", model=checkpoint))
+    assert state.settings()["patch"] != 12  # the new project's own, read afresh
+    assert len(reads) == 3
 
 
 def test_the_annotator_starts_as_the_os_user(workflow):

@@ -65,6 +65,10 @@ class WorkflowState(QObject):
         #: volumes a step is predicting right now (id -> what), so two steps never write one
         #: prediction store at once
         self.busy: dict[int, str] = {}
+        #: the open project's settings as last read or written here (this window holds the
+        #: project's write lock, so nothing else changes them): steps read them on the GUI
+        #: thread, where a ledger query waited up to 160 ms behind a worker's write
+        self._settings: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- project
     def set_project(self, project: Project | None) -> None:
@@ -72,6 +76,7 @@ class WorkflowState(QObject):
         if self.project is not None and self.project is not project:
             self.project.close()
         self.project = project
+        self._settings = None
         self.pvs_counts = {}
         self.project_changed.emit()
         self.volumes_changed.emit()
@@ -95,6 +100,7 @@ class WorkflowState(QObject):
         if self.project is not None:
             self.project.close()
             self.project = None
+            self._settings = None
 
     def require_project(self) -> Project:
         if self.project is None:
@@ -105,7 +111,9 @@ class WorkflowState(QObject):
     def settings(self) -> dict[str, Any]:
         """The project's settings over the defaults (the defaults with no project)."""
         if self.project is not None:
-            return self.project.settings()  # the project's, over its defaults
+            if self._settings is None:
+                self._settings = self.project.settings()  # the project's, over its defaults
+            return dict(self._settings)
         from napari_pvs.project import DEFAULT_SETTINGS
 
         return dict(DEFAULT_SETTINGS)
@@ -115,6 +123,7 @@ class WorkflowState(QObject):
             current = self.settings()
             changed = {k: v for k, v in values.items() if current.get(k) != v}
             if changed:
+                self._settings = None  # read back as stored (validated, normalised)
                 self.project.update_settings(**changed)
                 self.settings_changed.emit()
 
