@@ -415,8 +415,8 @@ class CountingModel(torch.nn.Module):
 
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_cancel_stops_within_one_batch_per_lane(tmp_path, lanes):
-    """Cancelled after the first batch is blended: the batches already on the network lanes
-    finish, nothing new starts."""
+    """Cancelled after the first batch is blended: the batches already running on the network
+    lanes finish, nothing new starts."""
     model = CountingModel(tiny_unet())
     cancel = threading.Event()
     seen = []
@@ -431,7 +431,9 @@ def test_cancel_stops_within_one_batch_per_lane(tmp_path, lanes):
         predictor.predict(
             noisy_volume((40, 40, 40)), tmp_path / "p.zarr", cancel_after_first_batch, cancel
         )
-    assert predictor.engine.runners[0].calls == lanes  # the inference copy of the model ran
+    # the inference copy ran: the first batch, and the others already on a lane (a batch
+    # still waiting for its lane when the cancel came is dropped)
+    assert 1 <= predictor.engine.runners[0].calls <= lanes
     assert seen == [0, 2]
 
 
