@@ -234,3 +234,20 @@ def test_resolve_device_sends_the_fallback_note_to_the_callback(capsys):
         assert device.type == "cpu"
         assert len(notes) == 1 and "falling back to CPU" in notes[0]
         assert capsys.readouterr().err == ""  # told the callback, not stderr
+
+
+def test_non_finite_voxels_are_refused_and_huge_finite_ones_are_not():
+    """The input check: any NaN or infinite voxel is named, however the rest sums; finite
+    voxels whose sum overflows float32 are still accepted."""
+    import tiny_models
+
+    model = tiny_models.tiny_unet(0, 0.0).eval()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        image = torch.zeros(1, 1, 8, 8, 8)
+        image[0, 0, 3, 4, 5] = bad
+        with pytest.raises(ValueError, match="NaN or infinite values"):
+            model.features(image)
+    huge = torch.full((1, 1, 8, 8, 8), 3e38)  # finite; their float32 sum is inf
+    assert not torch.isfinite(huge.sum())
+    with torch.inference_mode():
+        model.features(huge)  # accepted (what the network makes of it is its own matter)
