@@ -4,10 +4,11 @@
 time: padding to the models' ``size_divisor``, reduced precision where the device has it
 natively (autocast), and, with MC dropout, test-time mirrorings or an
 ensemble, the running moments of the probability samples (:mod:`napari_pvs.uncertainty`).
-:meth:`WindowEngine.stream` runs a whole prediction in tile order: on CPU several batches at
-once, each on its own network lane (a thread with its share of torch's threads), blended in
-order on the calling thread, while two helper threads keep the lanes busy: one reads and
-normalises the next batches' windows, one normalises, compresses and stores finished chunks.
+:meth:`WindowEngine.stream` runs a whole prediction in tile order: in bfloat16 on CPU several
+batches at once, each on its own network lane (a thread with its share of torch's threads),
+blended in order on the calling thread, while two helper threads keep the lanes busy: one
+reads and normalises the next batches' windows, one normalises, compresses and stores
+finished chunks.
 """
 
 from __future__ import annotations
