@@ -55,8 +55,8 @@ def as_source(volume) -> VolumeSource:
 
 
 def _read_box(data, slices: tuple[slice, ...] | tuple[int, ...]) -> np.ndarray:
-    """Read a box of a numpy/zarr/dask array (or one block of a dask array: ``slices`` an index
-    into its ``.blocks``, half the dask overhead of slicing, measured per 64^3 chunk):
+    """Read a box of a numpy/zarr/dask array (or one stored block: ``slices`` an index into
+    its ``.blocks``, for dask half the overhead of slicing, measured per 64^3 chunk):
     dask computed synchronously (no thread storm)
     and without dask's global callbacks. napari registers its chunk cache as one; dask hands
     the global callbacks from thread to thread without a lock, so a read here while napari
@@ -134,7 +134,7 @@ class ChunkCache:
         if block is not None:
             self._blocks.move_to_end(index)
             return block
-        if hasattr(self.data, "blocks"):  # dask: the block itself, no slicing of the graph
+        if hasattr(self.data, "blocks"):  # dask or zarr: the stored block by its index
             block = _read_box(self.data.blocks, index)
         else:
             slices = tuple(
