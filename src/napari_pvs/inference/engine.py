@@ -59,13 +59,14 @@ def default_lanes(device: torch.device, threads: int, precision: torch.dtype | N
     :data:`MAX_LANES`), each lane then running its batch on ``threads // lanes`` threads;
     otherwise one.
 
-    Measured on 2 AVX512-BF16/AMX cores (residual UNet, 64^3 windows, 2 torch threads): one
-    bfloat16 batch on both threads kept the second core idle a third of the time (every
-    layer's threads meet at a barrier, and the small layers are over before a sleeping thread
-    wakes), so two lanes of one thread each ran a window in 21.6 ms against 36.3 ms, for 200
-    against 150 MB above the baseline at 256^3. In float32 two lanes (batch 2) ran a window in
-    52.8 ms against 66.3 ms but held 380 MB against 280 MB, more than half of MONAI's 600 MB,
-    so float32 keeps one lane (pass ``lanes`` to trade memory for that speed).
+    Measured on 2 AVX512-BF16/AMX cores (``benchmarks/bench_lanes.py``: residual UNet, 64^3
+    windows, 2 torch threads): one bfloat16 batch on both threads kept the second core idle a
+    third of the time (every layer's threads meet at a barrier, and the small layers are over
+    before a sleeping thread wakes), so two lanes of one thread each ran a window in 20.9 ms
+    against 36.3 ms, for 200 against 150 MB above the baseline at 256^3. In float32 two lanes
+    (batch 2) ran a window in 49.4 ms against 71.2 ms but held 380 MB against 280 MB, more
+    than half of MONAI's 600 MB, so float32 keeps one lane (pass ``lanes`` to trade memory
+    for that speed).
     """
     if device.type != "cpu" or precision != torch.bfloat16:
         return 1
