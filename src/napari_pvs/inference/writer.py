@@ -4,7 +4,9 @@ The writer runs on its own thread, one chunk after another, so compression and s
 the network. Each gathered chunk is normalised by its blending weights and written to every
 output array (probability, the thresholded segmentation and, with several samples, the
 uncertainty measures of :mod:`napari_pvs.uncertainty`). Written chunks are flushed to the disk
-and marked done in ``_chunks_done`` in groups, never before their bytes are durable.
+and marked done in ``_chunks_done`` in groups, never before their bytes are durable. Chunks
+are written as their files directly (:mod:`.chunkfiles`) where the store is laid out as ours
+are, else through zarr.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from zarr.core.sync import sync
 
 from napari_pvs import atomic
 from napari_pvs.inference.blending import Frontier
+from napari_pvs.inference.chunkfiles import ChunkFiles
 from napari_pvs.inference.planning import Chunk
 from napari_pvs.inference.store import DONE_ARRAY
 from napari_pvs.uncertainty import UNCERTAINTY_NAMES, uncertainty_from_moments
@@ -40,7 +43,13 @@ def _store_all(writes) -> None:
 
 
 class ChunkWriter:
-    """Writes a run's completed chunks into ``group`` (stored at ``root``) and marks them done."""
+    """Writes a run's completed chunks into ``group`` (stored at ``root``) and marks them done.
+
+    ``frontier`` gives each chunk's blending weights to :meth:`write` (None where chunks come
+    final, through :meth:`add`). ``direct`` writes each array's chunk files itself where
+    :meth:`.chunkfiles.ChunkFiles.of` can (``False``: everything through zarr, the same bytes;
+    ``benchmarks/bench_writer.py`` compares the two).
+    """
 
     def __init__(
         self,
@@ -48,7 +57,8 @@ class ChunkWriter:
         root: Path,
         arrays: Sequence[str],
         threshold: float,
-        frontier: Frontier,
+        frontier: Frontier | None,
+        direct: bool = True,
     ) -> None:
         self.group = group
         self.root = root
@@ -57,6 +67,11 @@ class ChunkWriter:
         self.frontier = frontier
         #: chunks normalised but not stored yet: (chunk, its slices, each array's values)
         self._unsynced: list[tuple[Chunk, tuple[slice, ...], dict[str, np.ndarray]]] = []
+        #: each array's chunk files where written directly, else None (zarr writes it)
+        self._files = {
+            name: ChunkFiles.of(group[name]) if direct else None
+            for name in (*self.arrays, DONE_ARRAY)
+        }
 
     def write(self, chunk: Chunk, acc: np.ndarray) -> None:
         """Normalise a gathered chunk into every output array's values; store them with the
@@ -76,6 +91,11 @@ class ChunkWriter:
             measures = uncertainty_from_moments(values[0], values[1], values[2])
             for name in UNCERTAINTY_NAMES:
                 arrays[name] = measures[name].astype(np.float16)
+        self.add(chunk, slices, arrays)
+
+    def add(self, chunk: Chunk, slices: tuple[slice, ...], arrays: dict[str, np.ndarray]) -> None:
+        """Queue one chunk's final values (``arrays``: output name -> values in ``slices``);
+        every :data:`SYNC_EVERY_CHUNKS` chunks the group is stored and marked done."""
         self._unsynced.append((chunk, slices, arrays))
         if len(self._unsynced) >= SYNC_EVERY_CHUNKS:
             self.mark_done()
@@ -85,23 +105,37 @@ class ChunkWriter:
         never marked done before its bytes are durable (one ``syncfs`` per group of chunks
         where the system has it, else an fsync per chunk file).
 
-        Each step is one call into zarr's event loop for the whole group: handing every array
-        of every chunk to that loop one call at a time cost the network more than the
-        compression did (each hand-over waited for a core that the network's threads held).
+        Chunks go to their files directly (:class:`.chunkfiles.ChunkFiles`); an array that
+        cannot be written so is stored through zarr, in one call into its event loop for the
+        whole group (handing each chunk over one call at a time cost the network more than the
+        compression did).
         """
         if not self._unsynced:
             return
         written, self._unsynced = self._unsynced, []
-        _store_all(
-            (self.group[name], slices, data)
-            for _, slices, arrays in written
+        self._store(
+            (name, chunk, slices, data)
+            for chunk, slices, arrays in written
             for name, data in arrays.items()
         )
         chunks = [chunk for chunk, _, _ in written]
         atomic.sync_files([path for chunk in chunks for path in self.chunk_files(chunk)], self.root)
-        done = self.group[DONE_ARRAY]
         flag = np.ones((1, 1, 1), np.uint8)
-        _store_all((done, tuple(slice(c, c + 1) for c in chunk), flag) for chunk in chunks)
+        self._store(
+            (DONE_ARRAY, chunk, tuple(slice(c, c + 1) for c in chunk), flag) for chunk in chunks
+        )
+
+    def _store(self, writes) -> None:
+        """Store ``(array name, chunk, slices, values)`` writes of whole chunks."""
+        through_zarr = []
+        for name, chunk, slices, values in writes:
+            files = self._files[name]
+            if files is None:
+                through_zarr.append((self.group[name], slices, values))
+            else:
+                files.write(chunk, values)
+        if through_zarr:
+            _store_all(through_zarr)
 
     def chunk_files(self, chunk: Chunk) -> list[Path]:
         """The files of one chunk of every output array (zarr v3 default keys ``c/i/j/k``)."""
