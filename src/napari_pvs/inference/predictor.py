@@ -42,14 +42,15 @@ from napari_pvs.inference.segmentation import (
     segmentation_rule,
 )
 from napari_pvs.inference.store import (
+    DIGEST_SAMPLE_VOXELS,
     STORE_FORMAT,
     complete_store,
-    input_digest,
     open_store,
+    sample_digest,
     weights_digest,
 )
 from napari_pvs.inference.writer import ChunkWriter
-from napari_pvs.intensity import robust_range
+from napari_pvs.intensity import RANGE_SAMPLE_VOXELS, sample_range, strided_samples
 from napari_pvs.memory import check_policy, memory_policy
 from napari_pvs.models import DEFAULT_WINDOW
 from napari_pvs.progress import CancelToken, ProgressCallback, no_progress
@@ -270,8 +271,12 @@ class Predictor:
         src = as_source(volume)
         modality = self.modality or src.modality
         plan = WindowPlan(src.data.shape, self.window, self.overlap, self.chunks)
-        intensity = robust_range(src.data)
-        signature = self._signature(plan.shape, modality, intensity, input_digest(src.data))
+        # The intensity range's sample and the digest's, decoded in one pass over the input.
+        range_sample, digest_sample = strided_samples(
+            src.data, RANGE_SAMPLE_VOXELS, DIGEST_SAMPLE_VOXELS
+        )
+        intensity = sample_range(range_sample)
+        signature = self._signature(plan.shape, modality, intensity, sample_digest(digest_sample))
         store = open_store(out, signature, plan, src, self.output_arrays, overwrite, locks)
         skipped = int(store.done.sum())
         work = remaining_work(plan, store.done, self.batch)

@@ -76,12 +76,21 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def input_digest(data, max_voxels: int = 32768) -> str:
+#: Voxels of the strided sample the input's digest is taken from.
+DIGEST_SAMPLE_VOXELS = 32768
+
+
+def input_digest(data, max_voxels: int = DIGEST_SAMPLE_VOXELS) -> str:
     """A short digest of the input's voxels (a strided sample of about ``max_voxels``), for
     the run signature: a store made from another scan of the same shape is never resumed."""
     from napari_pvs.intensity import strided_sample
 
-    sample = np.ascontiguousarray(strided_sample(data, max_voxels))
+    return sample_digest(strided_sample(data, max_voxels))
+
+
+def sample_digest(sample: np.ndarray) -> str:
+    """:func:`input_digest` of its sample already drawn."""
+    sample = np.ascontiguousarray(sample)
     digest = hashlib.sha256(f"{sample.dtype.str}{sample.shape}".encode())
     digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
