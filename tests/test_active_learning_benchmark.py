@@ -244,3 +244,27 @@ def test_make_data_writes_shifted_phantoms_and_says_how_far(tmp_path):
     assert "25% below the lowest" in shift and "anisotropy 2.5:1" in shift
     with pytest.raises(FileExistsError):
         make_benchmark_data(tmp_path / "d", shape=(32, 40, 32))
+
+
+def test_site_t1_preset_writes_its_own_field_of_view(tmp_path, monkeypatch):
+    """The site-t1 preset: thick-slice T1w with a strong bias field, at its own shape unless
+    one is given; the shift lines name the bias field."""
+    import napari_pvs.phantom as phantom_module
+
+    shapes = []
+    real = phantom_module.make_phantom
+
+    def small_phantom(shape, **options):  # record the shape asked for, make a small one
+        shapes.append(tuple(shape))
+        return real((24, 40, 32), **options)
+
+    monkeypatch.setattr(phantom_module, "make_phantom", small_phantom)
+    description = make_benchmark_data(tmp_path / "d", preset="site-t1", pool=1, test=1)
+    assert shapes == [(68, 192, 160)] * 2 and description["shape"] == [68, 192, 160]
+    assert "shape" not in description["parameters"]
+    image = io.open_volume(description["test"][0])
+    assert image.spacing == (2.5, 0.9, 0.9) and image.modality == "T1"
+    assert description["phantoms"][0]["bias_strength"] == 2.5
+    assert "bias field: 2.5x the trained amplitude" in " ".join(description["shift"])
+    make_benchmark_data(tmp_path / "e", preset="site-t1", shape=(24, 40, 32), pool=1, test=1)
+    assert shapes[-1] == (24, 40, 32)

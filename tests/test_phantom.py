@@ -254,3 +254,17 @@ def test_mni_without_nilearn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn now fails
     with pytest.raises(ImportError, match=r"pip install 'napari-pvs\[mni\]'"):
         make_phantom((32, 32, 32), anatomy="mni")
+
+
+def test_bias_strength_scales_the_bias_fields_log_amplitude():
+    """Everything but the bias field is the same phantom; the field's log is scaled."""
+    options = dict(shape=(32, 40, 36), spacing=2.0, seed=5, snr=math.inf)
+    flat = make_phantom(**options, bias_field=False).image
+    usual = make_phantom(**options).image
+    strong = make_phantom(**options, bias_strength=2.5).image
+    inside = flat > 0.05
+    log_usual = np.log(usual[inside] / flat[inside])
+    np.testing.assert_allclose(np.log(strong[inside] / flat[inside]), 2.5 * log_usual, atol=1e-4)
+    assert 0.05 < np.abs(log_usual).max() < 0.5
+    with pytest.raises(ValueError, match="bias_strength"):
+        make_phantom(**options, bias_strength=-1)

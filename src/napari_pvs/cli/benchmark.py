@@ -177,7 +177,11 @@ def _add_make_data(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="new or empty folder")
     parser.add_argument("--preset", choices=list(PRESETS), default="shifted")
     parser.add_argument(
-        "--shape", type=int, nargs=3, default=[160, 192, 160], metavar=("Z", "Y", "X")
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="voxels (default: the preset's field of view; 160 192 160 for shifted)",
     )
     parser.add_argument("--pool", type=int, default=2, help="pool volumes (default 2)")
     parser.add_argument("--test", type=int, default=1, help="test volumes (default 1)")

@@ -48,12 +48,14 @@ def compose_image(
     bias_field: bool,
     snr: float,
     csf_ratio: float | None = None,
+    bias_strength: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """MR-like intensities: tissue contrast with partial volume and texture, confounders and PVS
     mixed in by their partial volume, then bias field and Rician noise. Returns (image, CSF/WM).
 
     ``csf_ratio`` replaces the drawn CSF/PVS contrast (the draw is still made, so everything
-    else about the phantom stays the same)."""
+    else about the phantom stays the same); ``bias_strength`` scales the bias field's
+    amplitude (1: the usual +-8-18%)."""
     shape = regions.shape
     drawn = float(rng.uniform(*_CSF_RATIO_RANGE[modality]))
     csf_ratio = drawn if csf_ratio is None else float(csf_ratio)
@@ -79,7 +81,7 @@ def compose_image(
     image += pvs_fraction * (np.float32(csf_ratio) - image)
     image *= (regions > 0) | (image > 0.05)
     if bias_field:
-        image *= _bias_field(shape, spacing, rng)
+        image *= _bias_field(shape, spacing, rng, bias_strength)
     if math.isfinite(snr):
         sigma = np.float32(1.0 / snr)
         noise_re = rng.standard_normal(shape, dtype=np.float32) * sigma
@@ -88,12 +90,13 @@ def compose_image(
     return image.astype(np.float32, copy=False), csf_ratio
 
 
-def _bias_field(shape, spacing, rng) -> np.ndarray:
-    """Smooth multiplicative field (about +-10-20%) from a few long-wavelength cosines."""
+def _bias_field(shape, spacing, rng, strength: float = 1.0) -> np.ndarray:
+    """Smooth multiplicative field (about +-8-18% times ``strength`` in log intensity) from a
+    few long-wavelength cosines; the draws do not depend on ``strength``."""
     z, y, x = axis_coords(shape, spacing)
     extent = float(np.max(np.array(shape) * np.array(spacing)))
     log_field = np.zeros(shape, dtype=np.float32)
-    amplitude = rng.uniform(0.08, 0.18)
+    amplitude = rng.uniform(0.08, 0.18) * float(strength)
     for _ in range(3):
         d = rng.normal(size=3)
         d /= np.linalg.norm(d)

@@ -62,6 +62,7 @@ def make_phantom(
     anatomy: str = "procedural",
     snr: float | None = None,
     bias_field: bool = True,
+    bias_strength: float = 1.0,
     n_pvs: int | None = None,
     confounders: bool = True,
     csf_ratio: float | None = None,
@@ -77,13 +78,16 @@ def make_phantom(
     (default drawn from 2.4..3.6 on T2w, 0.35..0.5 on T1w); ``pvs_diameter_mm`` moves the median
     PVS diameter (default 1.4 mm); ``pvs_per_brain`` replaces severity's 20..300 PVS per
     adult-size brain (still scaled by the brain volume; ``n_pvs`` overrides it), so PVS can be
-    denser than any severity gives. These exist to make data unlike the default model's
-    training data. The same arguments and ``seed`` always give the same phantom.
+    denser than any severity gives; ``bias_strength`` scales the bias field's amplitude (1: the
+    usual +-8-18%; another scanner's coil might give 2-3x). These exist to make data unlike the
+    default model's training data. The same arguments and ``seed`` always give the same phantom.
     """
     shape = _check_shape(shape)
     spacing = check_spacing(spacing)
     modality = _phantom_modality(modality)
     _check_options(severity, anatomy, snr, n_pvs, pvs_per_brain, csf_ratio, pvs_diameter_mm)
+    if not float(bias_strength) >= 0:
+        raise ValueError(f"bias_strength must be >= 0 (1: the usual field), got {bias_strength!r}")
 
     rng = np.random.default_rng(seed)
     snr_value = float(rng.uniform(15, 60)) if snr is None else float(snr)
@@ -102,14 +106,16 @@ def make_phantom(
     pvs = place_pvs(placer, anat, target if brain_mm3 > 0 else 0, rng, pvs_diameter_mm)
     del placer
     image, csf_ratio = compose_image(
-        regions, modality, conf, pvs.fraction, spacing, rng, bias_field, snr_value, csf_ratio
-    )
+        regions, modality, conf, pvs.fraction, spacing, rng, bias_field, snr_value, csf_ratio,
+        bias_strength,
+    )  # fmt: skip
     settings = {
         "seed": int(seed),
         "severity": float(severity),
         "snr": snr_value,
         "anatomy": anatomy,
         "bias_field": bool(bias_field),
+        "bias_strength": float(bias_strength),
     }
     return Phantom(
         image=image,
