@@ -207,6 +207,31 @@ def test_windows_read_through_the_chunk_cache_equal_direct_reads(tmp_path, kind)
         assert len(cache._blocks) > 1
 
 
+@pytest.mark.parametrize("kind", ["zarr", "dask", "numpy"])
+def test_range_and_digest_samples_drawn_together_equal_each_drawn_alone(tmp_path, kind):
+    """The predictor draws the range's and the digest's samples in one pass: the same values,
+    so the run signature (and a resume of an existing store) does not change."""
+    import dask.array as da
+    import zarr
+
+    from napari_pvs.inference.store import DIGEST_SAMPLE_VOXELS, input_digest, sample_digest
+    from napari_pvs.intensity import RANGE_SAMPLE_VOXELS, sample_range, strided_samples
+
+    values = noisy_volume((70, 64, 60))
+    stored = zarr.create_array(tmp_path / "v.zarr", shape=values.shape, chunks=(16, 16, 16),
+                               dtype="float32")  # fmt: skip
+    stored[...] = values
+    data = {"zarr": stored, "dask": da.from_zarr(stored), "numpy": values}[kind]
+    # a range sample smaller than the volume, so the two strides differ (2 and 6)
+    range_sample, digest_sample = strided_samples(data, 40_000, 2_000)
+    assert range_sample.shape == (35, 32, 30) and digest_sample.shape == (12, 11, 10)
+    assert sample_range(range_sample) == robust_range(values, max_voxels=40_000)
+    assert sample_digest(digest_sample) == input_digest(values, 2_000)
+    full_range, full_digest = strided_samples(data, RANGE_SAMPLE_VOXELS, DIGEST_SAMPLE_VOXELS)
+    assert sample_range(full_range) == robust_range(values)
+    assert sample_digest(full_digest) == input_digest(values)
+
+
 def test_channels_last_by_default_only_for_models_with_the_fused_path():
     assert Predictor(tiny_unet(), window=16, device="cpu").channels_last
 
