@@ -63,6 +63,11 @@ def test_chunk_files_are_the_bytes_zarr_writes(tmp_path, dtype, compressors, fil
     assert files is not None
     # a stale file of the all-fill chunk, as an earlier interrupted run could leave: removed
     files.write((0, 0, 0), np.ones(chunks, dtype))
+    # values in another dtype are cast first: a chunk that is all fill only once cast is not
+    # stored either (zarr compares after casting)
+    if dtype == "float16":
+        files.write((0, 1, 0), np.full(chunks, 1e-9))
+        assert not files.path((0, 1, 0)).exists()
     for index, box in chunk_boxes(shape, chunks):
         stores["zarr"][box] = values[box]
         files.write(index, values[box])

@@ -67,8 +67,9 @@ class ChunkFiles:
     def encode(self, values: np.ndarray) -> bytes | None:
         """The stored bytes of a chunk holding ``values`` (its part inside the array, padded
         with the fill value to the full chunk shape as zarr stores edge chunks), or None for a
-        chunk of only the fill value, which zarr does not store."""
-        values = np.asarray(values)
+        chunk of only the fill value, which zarr does not store. Values are cast to the array's
+        dtype first, as zarr casts them before it compares them with the fill value."""
+        values = np.asarray(values, dtype=self.dtype)
         if values.shape != self.chunks:
             if any(v > c for v, c in zip(values.shape, self.chunks, strict=True)):
                 raise ValueError(f"values of shape {values.shape} exceed the chunk {self.chunks}")
@@ -77,7 +78,7 @@ class ChunkFiles:
             values = full
         if not self.keep_empty and not np.any(values != self.fill_value):
             return None
-        raw = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        raw = np.ascontiguousarray(values).tobytes()
         return raw if self._codec is None else bytes(self._codec.encode(raw))
 
     def write(self, chunk: tuple[int, ...], values: np.ndarray) -> Path:
