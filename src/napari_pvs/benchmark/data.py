@@ -123,10 +123,10 @@ def describe_shift(preset: str | dict[str, Any]) -> list[str]:
             f"{low:g}-{high:g}): {outside(params['pvs_per_brain'], low, high)}"
         )
     if params.get("bias_strength") is not None:
+        times = params["bias_strength"] / train["bias_strength"]
         lines.append(
-            f"bias field: {params['bias_strength']:g}x the trained amplitude (trained "
-            f"+-8-18%, here +-{8 * params['bias_strength']:.0f}-"
-            f"{18 * params['bias_strength']:.0f}%)"
+            f"bias field: {times:g}x the trained amplitude (trained +-8-18%, here "
+            f"+-{8 * times:.0f}-{18 * times:.0f}%)"
         )
     return lines
 
