@@ -221,3 +221,32 @@ def test_queue_checks_sizes_first_and_ranks_every_volume_it_can(project, tmp_pat
     assert "b: 2 patches to review" in out  # ranked after #1 failed
     assert "1 of 2 volume(s) could not be ranked" in err and "#1 a:" in err
     assert "Traceback" not in err
+
+
+def test_the_size_divisor_is_read_without_torch_and_is_the_models_own():
+    """Ranking checks the patch edge against the model's divisor: read from the checkpoint's
+    header by one torch-free rule, so a GUI's first ranking does not import torch (whose
+    import held the GIL, and so the viewer, for 0.2-0.4 s)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from napari_pvs.models import build_model, list_models, size_divisor
+
+    code = (
+        "import sys; from napari_pvs import limits; "
+        "print(limits.model_size_divisor('default'), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "False"]
+    for name in list_models():
+        options = {"use_text": False} if name == "cross_modal" else {}
+        with torch.device("meta"):
+            model = build_model(name, **options)
+        assert size_divisor(name, model.config) == model.size_divisor, name
+    with pytest.raises(ValueError, match="unet needs at least two levels"):
+        size_divisor("unet", {"channels": [8]})
+    with pytest.raises(ValueError, match="unknown model 'bogus'"):
+        size_divisor("bogus", {})

@@ -58,11 +58,12 @@ def check_count(n: int, flag: str = "--n") -> int:
 
 def model_size_divisor(model: str | os.PathLike | Sequence[str | os.PathLike]) -> int:
     """The edge every model input is padded to a multiple of (the least common multiple for an
-    ensemble), read from the checkpoint header: ``'default'`` or a checkpoint path."""
+    ensemble), read from the checkpoint header without importing torch: ``'default'`` or a
+    checkpoint path (its tensors are checked against the model when it is loaded)."""
     if not isinstance(model, str | os.PathLike):
         return math.lcm(*(model_size_divisor(m) for m in model))
-    from napari_pvs.models.checkpoint import default_checkpoint_path
-    from napari_pvs.models.checkpoint_checks import model_skeleton, read_header
+    from napari_pvs.models import default_checkpoint_path, size_divisor
+    from napari_pvs.models.checkpoint_checks import read_header
 
     path = default_checkpoint_path() if str(model) == "default" else Path(model)
     if not path.is_file():
@@ -71,8 +72,11 @@ def model_size_divisor(model: str | os.PathLike | Sequence[str | os.PathLike]) -
             "written by napari-pvs"
         )
     source = repr(str(path))
-    meta, shapes = read_header(path, source)
-    return int(model_skeleton(meta, shapes, source).size_divisor)
+    meta, _ = read_header(path, source)
+    try:
+        return size_divisor(meta["model"]["name"], dict(meta["model"].get("config") or {}))
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
 def patch_range(shape: Sequence[int], divisor: int = 1) -> tuple[int, int]:

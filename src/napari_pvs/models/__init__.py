@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 #: name -> (module, factory function, one-line description)
@@ -71,6 +73,34 @@ def prediction_options(**given: Any) -> dict[str, Any]:
 #: Largest ``min_cluster_mm3`` a rule may hold: 10 cm^3, far above any PVS (a larger cut-off
 #: would silently remove every cluster).
 MAX_MIN_CLUSTER_MM3 = 1e4
+
+
+#: The bundled default checkpoint's file name, in the package's ``weights`` folder.
+DEFAULT_CHECKPOINT = "default.safetensors"
+
+
+def default_checkpoint_path() -> Path:
+    """Where the bundled default checkpoint lives inside the installed package."""
+    return Path(str(resources.files("napari_pvs") / "weights" / DEFAULT_CHECKPOINT))
+
+
+#: The edge a MedNeXt input is padded to a multiple of (its four 2x downsamplings).
+MEDNEXT_SIZE_DIVISOR = 16
+
+
+def size_divisor(name: str, config: dict[str, Any]) -> int:
+    """The edge every input of model ``name`` with ``config`` is padded to a multiple of: one
+    halving per level below the first for the encoder-decoders with ``channels``, 16 for
+    MedNeXt. Torch-free, so that ranking and argument checks read it from a checkpoint's
+    header without importing torch; the models themselves take it from here."""
+    if name.startswith("mednext_"):
+        return MEDNEXT_SIZE_DIVISOR
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_REGISTRY)}")
+    channels = config.get("channels")
+    if not isinstance(channels, list | tuple) or len(channels) < 2:
+        raise ValueError(f"{name} needs at least two levels in 'channels', got {channels!r}")
+    return 2 ** (len(channels) - 1)
 
 
 def list_models() -> dict[str, str]:

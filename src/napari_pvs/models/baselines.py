@@ -15,6 +15,7 @@ from monai.networks.nets import UNet
 from monai.networks.nets.mednext import MedNeXt
 from torch import nn
 
+from napari_pvs.models import size_divisor
 from napari_pvs.models.base import MCHead, SegmentationModel
 
 
@@ -37,7 +38,7 @@ class ResidualUNet(SegmentationModel):
             "feature_channels": int(feature_channels),
             "dropout": float(dropout),
         }
-        super().__init__("unet", config, size_divisor=2 ** (len(channels) - 1))
+        super().__init__("unet", config, size_divisor=size_divisor("unet", config))
         self.unet = UNet(
             spatial_dims=3,
             in_channels=1,
@@ -114,7 +115,7 @@ class MedNeXtPVS(SegmentationModel):
             "dropout": float(dropout),
         }
         model_name = name or f"mednext_{size.lower()}"
-        super().__init__(model_name, config, size_divisor=16)
+        super().__init__(model_name, config, size_divisor=size_divisor(model_name, config))
         self.net = MedNeXt(
             spatial_dims=3,
             init_filters=int(init_filters),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from napari_pvs import __version__, atomic
 from napari_pvs.intensity import DEFAULT_PERCENTILES
 from napari_pvs.models import (
     build_model,
+    default_checkpoint_path,
     list_models,
     resolve_device,
 )
@@ -48,8 +48,6 @@ from napari_pvs.models.checkpoint_checks import (
     model_skeleton,
     read_header,
 )
-
-DEFAULT_CHECKPOINT = "default.safetensors"
 
 #: How intensities were normalised for training; inference must do the same.
 INTENSITY_SCHEME = {
@@ -229,11 +227,6 @@ def optimizer_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors, _ = read_checkpoint(path)
     n = len(OPTIMIZER_PREFIX)
     return {k[n:]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
-
-
-def default_checkpoint_path() -> Path:
-    """Where the bundled default checkpoint lives inside the installed package."""
-    return Path(str(resources.files("napari_pvs") / "weights" / DEFAULT_CHECKPOINT))
 
 
 def load_default_model(device: str = "cpu"):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from napari_pvs import __version__
 from napari_pvs.models import (
@@ -217,6 +216,8 @@ def model_skeleton(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], sou
             raise ValueError(f"{source}: stored prompt embeddings have a bad shape {shape}")
         # the real values are not needed for shapes: a small zero tensor of the stored shape
         config["prompt_embeddings"] = np.zeros(shape, dtype=np.float32)
+    import torch  # here: reading a header stays torch-free (ranking, argument checks)
+
     try:
         with torch.device("meta"):
             skeleton = build_model(name, **config)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_pvs.models import MODALITIES
+from napari_pvs.models import MODALITIES, size_divisor
 from napari_pvs.models.base import MCHead, SegmentationModel
 from napari_pvs.models.graph import GraphInteraction
 
@@ -91,7 +91,7 @@ class CrossModalPVSNet(SegmentationModel):
             "text_dim": int(text_dim),
             "text_model": None if text_model is None else str(text_model),
         }
-        super().__init__("cross_modal", config, size_divisor=2 ** (len(channels) - 1))
+        super().__init__("cross_modal", config, size_divisor=size_divisor("cross_modal", config))
         self.use_text = config["use_text"]
         self.use_graph = config["use_graph"]
         self.use_cross_attention = config["use_cross_attention"]
