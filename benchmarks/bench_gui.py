@@ -9,7 +9,8 @@ own buttons and fields: Create (a project with the default model), Add (the file
 guessed), Segment (the Segment step, the project's default rule), Rank (Review step), ten
 Accepts (the prefilled patches as they are), a round (Train step, ``--steps`` steps on the
 CPU, then its re-prediction and the Segment step's refreshed layers), Make current (v0 again),
-Report (Count PVS), the 3D view of the open patch (until the canvas has drawn it), the Review
+Report (Count PVS), the 3D view of the open patch (until the canvas has drawn it in 3D with
+its labels; one screenshot afterwards checks that it is not blank), the Review
 step's Candidates mode (Find candidates, then ten answers as key presses on the canvas, Y and
 N in turn, a fifth of a second apart, until every save is in the ledger) and Close + Open. A
 50 ms QTimer runs throughout; each phase reports its wall time and the longest wait between
@@ -185,11 +186,23 @@ phase("report", report.burden_button.click, lambda: not report.job.is_running())
 first = review.queue.first_new()
 review.open_patch(max(first, 0))
 
-def drawn():
-    pixels = viewer.screenshot(canvas_only=True, flash=False)
-    return bool(np.any(pixels[..., :3] > 0))
+# "drawn" is the canvas's first draw in 3D (a screenshot per poll would itself hold the GUI
+# thread 0.3 s under software OpenGL); one screenshot after the phase checks what it drew
+draws = []
 
-phase("3D view", lambda: review.view3d_check.setChecked(True), drawn)
+def on_draw(event):
+    patch_layer = review.layers.labels()
+    draws.append((viewer.dims.ndisplay, patch_layer is not None and patch_layer.visible))
+
+viewer.window._qt_viewer.canvas._scene_canvas.events.draw.connect(on_draw)
+
+def show_3d():
+    draws.clear()
+    review.view3d_check.setChecked(True)
+
+phase("3D view", show_3d, lambda: (3, True) in draws)  # the patch drawn in 3D
+pixels = viewer.screenshot(canvas_only=True, flash=False)
+extra["3d_drawn"] = bool(np.any(pixels[..., :3] > 0))
 review.view3d_check.setChecked(False)
 candidates = review.candidates_box
 review.set_mode("Candidates")
@@ -323,6 +336,7 @@ def main() -> None:
     print(f"candidates: {gui['candidates']} found; {gui['answers']} answers by key, longest "
           f"key to next candidate drawn {gui['answer_to_next_ms']} ms (goal "
           f"{GOAL_WAIT_S * 1000:.0f} ms)")  # fmt: skip
+    print(f"3D view drawn (not blank): {'yes' if gui['3d_drawn'] else 'NO'}")
 
 
 if __name__ == "__main__":
