@@ -27,7 +27,6 @@ from qtpy.QtCore import Qt, QTimer
 from napari_pvs import io
 from napari_pvs._widgets import PVSWorkflow, VolumePanel
 from napari_pvs._widgets.review_layers import (
-    BOX_LAYER,
     CONTEXT_LAYER,
     PATCH_LAYER,
     UNCERTAINTY_LAYER,
@@ -215,7 +214,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     np.testing.assert_array_equal(layer.data, direct["segmentation"][box] > 0)
     assert viewer.layers.selection.active is layer and layer.mode == "paint"
     assert layer.brush_size == 1 and layer.selected_label == 1
-    assert viewer.layers[-1] is layer and BOX_LAYER in viewer.layers
+    # the box is the patch layer's own outline (no layer of its own to build and draw)
+    assert viewer.layers[-1] is layer and layer.bounding_box.visible
+    assert not layer.bounding_box.points
     centre = (np.asarray(patch.start) + patch.stop - 1) / 2 * SPACING + image.translate
     np.testing.assert_allclose(viewer.scene.camera.center[-2:], centre[-2:])
     np.testing.assert_allclose(viewer.dims.point[0], centre[0], atol=SPACING / 2 + 1e-6)
@@ -232,7 +233,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert layer.contour == 1
     review.contour_check.setChecked(False)
     review.view3d_check.setChecked(True)
-    assert viewer.dims.ndisplay == 3
+    assert viewer.dims.ndisplay == 2  # the surroundings first, 3D in the next turns
+    qtbot.waitUntil(lambda: viewer.dims.ndisplay == 3 and layer.visible, timeout=5000)
     np.testing.assert_allclose(viewer.scene.camera.center, centre)
     # the 3D view is the patch's box with a margin, the rest of the volume hidden
     context = viewer.layers[CONTEXT_LAYER]
@@ -274,6 +276,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     np.testing.assert_array_equal(stored, painted)
     assert review.queue.patches[0].status == "reviewed" == review.queue_box.table.item(0, 3).text()
     assert review.patch.id == review.queue.patches[1].id
+    # the next patch's prefill was read in the Accept's worker: the same labels as read now
+    np.testing.assert_array_equal(layer.data, review.layers.prefill_labels(review.patch))
+    assert layer.bounding_box.visible and "accepted patch" in review.status_label.text()
 
     # -- an emptied patch counts as reviewed; the keys are the patch layer's (A, S, N, Shift+N)
     layer.n_edit_dimensions = 3

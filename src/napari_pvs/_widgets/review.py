@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
+from napari_pvs._widgets._layers import StagedLayers
 from napari_pvs._widgets.review_candidates import CandidatesBox
 from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_patch_saves import PatchSaves
@@ -90,6 +91,8 @@ class ReviewStep(QWidget):
         self.viewer = state.viewer
         #: the patch's layers on the canvas (the review keys are bound on its labels layer)
         self.layers = PatchLayers(state, self._bind_keys)
+        #: the 3D view's steps, one per event-loop turn
+        self.staged_3d = StagedLayers(self)
         self.queue = ReviewQueue()
         # a volume not on the canvas yet is read here; its layers and the patch's are then
         # added in two turns of their own (one turn building both froze the canvas 1-3 s)
@@ -298,7 +301,7 @@ class ReviewStep(QWidget):
         if image is None:
             return self._read_volume_then_show(patch, volume)
         self.patch, self.volume = patch, volume
-        prefill = self.layers.prefill_labels(patch)
+        prefill = self.layers.take_prefill(patch)
         self._prefill = prefill.copy()
         self.layers.show(patch, prefill, image, self.brush_spin.value(),
                          self.contour_check.isChecked())  # fmt: skip
@@ -383,6 +386,7 @@ class ReviewStep(QWidget):
 
     def _close_patch(self) -> None:
         self.patch, self.volume, self._prefill = None, None, None
+        self.staged_3d.stop()
         self.layers.remove()
         self.patch_label.setText("no patch open")
         self._enable_patch_controls(False)
@@ -424,10 +428,12 @@ class ReviewStep(QWidget):
         self.layers.set_contour(on)
 
     def _set_3d(self, on: bool) -> None:
-        """3D: the patch's box with a margin (:meth:`PatchLayers.show_3d`); 2D: as before."""
+        """3D: the patch's box with a margin (:meth:`PatchLayers.show_3d_steps`, one step per
+        event-loop turn); 2D: as before."""
         if on and self.patch is not None:
             self._show_3d()  # hides the volume before napari switches to 3D
             return
+        self.staged_3d.stop()
         self.layers.hide_3d()
         self.viewer.dims.ndisplay = 3 if on else 2
         if self.patch is not None:
@@ -439,7 +445,7 @@ class ReviewStep(QWidget):
         except FileNotFoundError as exc:
             self._report(str(exc), "error")
             return
-        self.layers.show_3d(self.patch, image)
+        self.staged_3d.run(self.layers.show_3d_steps(self.patch, image))
 
     def _show_uncertainty(self, on: bool) -> None:
         if not on or self.patch is None:

@@ -3,9 +3,10 @@
 The patch is one in-memory labels layer at the box (``translate`` = the box's first voxel in
 world coordinates, ``scale`` = the spacing), prefilled with the model's segmentation of the
 box (the prediction the patch was ranked on, else the current version's) and, where the
-volume was reviewed, the accepted labels. The box is outlined in its own shapes layer; the
-overlay is the patch's predictive entropy from the same prediction store. All three carry
-the volume id (:data:`~napari_pvs._widgets._layers.PATCH_OF_KEY`) and are removed together.
+volume was reviewed, the accepted labels. The box is outlined by the labels layer's own
+bounding box (napari's overlay: no layer of its own to build, tessellate and draw); the
+overlay is the patch's predictive entropy from the same prediction store. Both carry the
+volume id (:data:`~napari_pvs._widgets._layers.PATCH_OF_KEY`) and are removed together.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from napari.layers import Image, Labels
 
-from napari_pvs._widgets._layers import PATCH_OF_KEY, box_world, find_layer, show_box, zoom_to
+from napari_pvs._widgets._layers import PATCH_OF_KEY, box_world, find_layer, zoom_to
 from napari_pvs._widgets.state import WorkflowState
 
 if TYPE_CHECKING:
     from napari_pvs.project import PatchRecord
 
 PATCH_LAYER = "patch under review"
-BOX_LAYER = "patch box"
+#: The patch box's outline: its labels layer's bounding box, in canvas pixels.
+BOX_COLOR = "yellow"
+BOX_LINE_PIXELS = 2.0
 UNCERTAINTY_LAYER = "patch uncertainty"
 CONTEXT_LAYER = "patch surroundings (3D)"
 #: The 3D view shows the patch's box grown by this fraction of its edge on every side (at
@@ -36,6 +39,11 @@ MIN_MARGIN = 4
 def patch_box(patch: PatchRecord) -> tuple[slice, slice, slice]:
     """The patch's voxels in its volume, as slices."""
     return tuple(slice(a, b) for a, b in zip(patch.start, patch.stop, strict=True))
+
+
+def _prefill_key(patch: PatchRecord) -> tuple:
+    """What a patch's prefill depends on: its volume, box and the prediction it was ranked on."""
+    return (patch.volume_id, tuple(patch.start), tuple(patch.stop), patch.model_version)
 
 
 def grown_box(start, stop, shape, fraction: float, minimum: int) -> tuple[list[int], list[int]]:
@@ -66,6 +74,9 @@ class PatchLayers:
         self.bind_keys = bind_keys
         #: layers the 3D view hid (shown again when it ends)
         self._hidden_for_3d: list = []
+        #: the next patch's prefilled labels, read in the last Accept's worker:
+        #: ``(patch key, labels)``, used once by :meth:`take_prefill`
+        self._read_ahead: tuple[tuple, np.ndarray] | None = None
 
     def labels(self) -> Labels | None:
         """The patch's labels layer, if it is open."""
@@ -103,6 +114,18 @@ class PatchLayers:
         labels[reviewed] = stored[reviewed]
         return labels
 
+    def keep_read_ahead(self, patch: PatchRecord, labels: np.ndarray) -> None:
+        """Keep ``patch``'s prefill, read ahead in a worker, for its :meth:`take_prefill`."""
+        self._read_ahead = (_prefill_key(patch), labels)
+
+    def take_prefill(self, patch: PatchRecord) -> np.ndarray:
+        """``patch``'s prefill: the one read ahead when it is this patch's, else read now (a
+        patch's few chunks; after an Accept the next patch's were read in its worker)."""
+        ahead, self._read_ahead = self._read_ahead, None
+        if ahead is not None and ahead[0] == _prefill_key(patch):
+            return ahead[1]
+        return self.prefill_labels(patch)
+
     def show(
         self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
     ) -> Labels:
@@ -112,7 +135,6 @@ class PatchLayers:
         translate = tuple(float(t) for t in image.translate[-3:])
         origin, centre = box_world(patch.start, patch.stop, scale, translate)
         layer = self._put(data, origin, scale, patch, brush, contour)
-        show_box(self.viewer, BOX_LAYER, patch.start, patch.stop, scale, translate)
         self.raise_to_top(layer)
         extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
         zoom_to(self.viewer, centre, extent)
@@ -131,6 +153,9 @@ class PatchLayers:
                 opacity=0.8, units=("mm",) * 3,
             )  # fmt: skip
             self.bind_keys(layer)
+            box = layer.bounding_box
+            box.points, box.line_color, box.line_thickness = False, BOX_COLOR, BOX_LINE_PIXELS
+            box.visible = True
         else:
             layer.scale, layer.translate = scale, origin
             layer.data = data  # a new array: the previous patch's undo history goes with it
@@ -147,9 +172,11 @@ class PatchLayers:
             self.viewer.layers.move(index, len(self.viewer.layers))
 
     def remove(self) -> None:
-        """Take the patch, its box, its overlay and its 3D surroundings off the canvas."""
+        """Take the patch (its box with it), its overlay and its 3D surroundings off the
+        canvas."""
         self.hide_3d()
-        for name in (PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER):
+        self._read_ahead = None
+        for name in (PATCH_LAYER, UNCERTAINTY_LAYER):
             layer = find_layer(self.viewer, name)
             if layer is not None:
                 self.viewer.layers.remove(layer)
@@ -172,41 +199,67 @@ class PatchLayers:
             centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
             zoom_to(self.viewer, centre, shape * scale)
 
-    def show_3d(self, patch: PatchRecord, image: Image) -> Image:
-        """The patch's box with a margin as its own small image layer, every other layer but
-        the patch's hidden, then the 3D view with the camera on the box (the whole volume is
-        neither drawn nor uploaded)."""
-        start, stop = context_box(patch, image.data.shape[-3:] if not image.multiscale
-                                  else image.data[0].shape[-3:])  # fmt: skip
-        data = image.data[0] if image.multiscale else image.data
-        crop = np.asarray(data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))],
-                          dtype=np.float32)  # fmt: skip
+    def show_3d(self, patch: PatchRecord, image: Image) -> None:
+        """The 3D view of ``patch`` at once (:meth:`show_3d_steps` one after the other)."""
+        for step in self.show_3d_steps(patch, image):
+            step()
+
+    def show_3d_steps(self, patch: PatchRecord, image: Image) -> list[Callable[[], object]]:
+        """The 3D view in three steps, for three event-loop turns (under software OpenGL each
+        new shader's first draw takes 0.1-0.3 s, so each turn draws one). First the patch's box
+        with a margin as its own small image layer, not yet shown, and every other layer but
+        the patch's hidden; then the 3D view of that layer with the camera on the box (the
+        whole volume is neither drawn nor uploaded); then the patch's labels in 3D."""
+        shape = image.data[0].shape[-3:] if image.multiscale else image.data.shape[-3:]
+        start, stop = context_box(patch, shape)
         scale = tuple(float(v) for v in image.scale[-3:])
-        origin, _ = box_world(start, stop, scale, image.translate[-3:])
-        layer = find_layer(self.viewer, CONTEXT_LAYER)
-        if isinstance(layer, Image):
-            layer.data, layer.translate = crop, origin
-            layer.scale = scale
-        else:
-            layer = self.viewer.add_image(
-                crop, name=CONTEXT_LAYER, scale=scale, translate=origin, units=("mm",) * 3,
-                colormap="gray", contrast_limits=tuple(image.contrast_limits),
-                rendering="mip", metadata={PATCH_OF_KEY: patch.volume_id},
-            )  # fmt: skip
-        ours = {PATCH_LAYER, BOX_LAYER, UNCERTAINTY_LAYER, CONTEXT_LAYER}
-        for other in self.viewer.layers:
-            if other.name not in ours and other.visible:
-                other.visible = False
-                self._hidden_for_3d.append(other)
-        patch_layer = self.labels()
-        if patch_layer is not None:
-            self.raise_to_top(patch_layer)
-            self.viewer.layers.selection.active = patch_layer
-        self.viewer.dims.ndisplay = 3  # (only now: the whole volume is never drawn in 3D)
-        extent = (np.asarray(stop) - np.asarray(start)) * np.asarray(scale)
-        _, centre = box_world(patch.start, patch.stop, scale, image.translate[-3:])
-        zoom_to(self.viewer, centre, extent, fraction=0.6)  # on the patch, its margin in view
-        return layer
+        translate = image.translate[-3:]
+
+        def surroundings() -> None:
+            data = image.data[0] if image.multiscale else image.data
+            box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+            crop = np.asarray(data[box], dtype=np.float32)
+            origin, _ = box_world(start, stop, scale, translate)
+            layer = find_layer(self.viewer, CONTEXT_LAYER)
+            if isinstance(layer, Image):
+                layer.visible = False
+                layer.data, layer.translate = crop, origin
+                layer.scale = scale
+            else:
+                self.viewer.add_image(
+                    crop, name=CONTEXT_LAYER, scale=scale, translate=origin, units=("mm",) * 3,
+                    colormap="gray", contrast_limits=tuple(image.contrast_limits),
+                    rendering="mip", metadata={PATCH_OF_KEY: patch.volume_id}, visible=False,
+                )  # fmt: skip
+            ours = {PATCH_LAYER, UNCERTAINTY_LAYER, CONTEXT_LAYER}
+            for other in self.viewer.layers:
+                if other.name not in ours and other.visible:
+                    other.visible = False
+                    self._hidden_for_3d.append(other)
+            patch_layer = self.labels()
+            if patch_layer is not None:
+                self.raise_to_top(patch_layer)
+                self.viewer.layers.selection.active = patch_layer
+
+        def in_3d() -> None:
+            layer = find_layer(self.viewer, CONTEXT_LAYER)
+            if layer is None:  # the patch was closed in between
+                return
+            patch_layer = self.labels()
+            if patch_layer is not None:
+                patch_layer.visible = False  # drawn in 3D in the next turn (its own shader)
+            layer.visible = True
+            self.viewer.dims.ndisplay = 3  # (only now: the whole volume is never drawn in 3D)
+            extent = (np.asarray(stop) - np.asarray(start)) * np.asarray(scale)
+            _, centre = box_world(patch.start, patch.stop, scale, translate)
+            zoom_to(self.viewer, centre, extent, fraction=0.6)  # the patch, its margin in view
+
+        def patch_in_3d() -> None:
+            patch_layer = self.labels()
+            if patch_layer is not None and self.viewer.dims.ndisplay == 3:
+                patch_layer.visible = True
+
+        return [surroundings, in_3d, patch_in_3d]
 
     def hide_3d(self) -> None:
         """End the 3D view: its layer goes, the layers it hid come back."""

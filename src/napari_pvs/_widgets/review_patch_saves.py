@@ -70,14 +70,15 @@ class PatchSaves(QObject):
         self._reload_queue = reload_queue
         self._report = report
         self._say = say
-        # Accept writes the label store and the ledger (fsynced): off the GUI thread too
-        self.accept_job = BackgroundJob(self)
+        # Accept writes the label store and the ledger (fsynced): off the GUI thread too, with
+        # the status line for progress (a napari progress bar costs the GUI thread 10-80 ms)
+        self.accept_job = BackgroundJob(self, progress_bar=False)
         self.accept_job.succeeded.connect(self._on_accepted)
         self.accept_job.failed.connect(self._on_accept_failed)
         self._after_accept: Callable[[], object] | None = None
         self._saving_rank = 0
         # Skip writes the ledger: in its own worker, the next patch opens meanwhile
-        self.skip_job = BackgroundJob(self)
+        self.skip_job = BackgroundJob(self, progress_bar=False)
         self.skip_job.succeeded.connect(self._on_skipped)
         self.skip_job.failed.connect(self._on_skip_failed)
         #: when the open patch was shown: Accept records the seconds spent on it
@@ -133,9 +134,11 @@ class PatchSaves(QObject):
         annotator = self._annotator()
         if annotator is None:
             return False
-        project, candidate = self.state.project, self._editing()
+        project, candidate, layers = self.state.project, self._editing(), self.layers
         labels = (np.asarray(layer.data) > 0).astype(np.uint8)
         seconds = time.monotonic() - self._opened_at
+        # the patch Accept moves on to (the next new one): its prefill is read in the worker
+        upcoming = None if candidate is not None else self.queue.row(self.queue.next_index("new"))
 
         def work(progress, cancel):
             annotation = project.accept(
@@ -150,7 +153,8 @@ class PatchSaves(QObject):
             )
             if candidate is not None:
                 project.mark_candidate_edited(candidate.id, annotation.id)
-            return patch, labels, annotation
+            ahead = None if upcoming is None else (upcoming, layers.prefill_labels(upcoming))
+            return patch, labels, annotation, ahead
 
         self._after_accept, self._saving_rank = then, patch.rank
         self._enable_controls(False)
@@ -158,8 +162,10 @@ class PatchSaves(QObject):
         return self.accept_job.start(work, f"saving patch {patch.rank}")
 
     def _on_accepted(self, value) -> None:
-        patch, labels, annotation = value
+        patch, labels, annotation, ahead = value
         then, self._after_accept = self._after_accept, None
+        if ahead is not None:
+            self.layers.keep_read_ahead(*ahead)
         self._enable_controls(self._patch() is not None)
         if patch.id >= 0:  # a queue row (not a candidate's edit)
             self.queue.set_status(patch.id, "reviewed")
@@ -167,8 +173,10 @@ class PatchSaves(QObject):
         name = self.state.project.volume(patch.volume_id).name
         what = (f"the edit of candidate {-patch.id}" if patch.id < 0
                 else f"patch {patch.rank}")  # fmt: skip
-        self._report(f"accepted {what} of {name} "
-                     f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})")  # fmt: skip
+        # the status line alone: a notification on every Accept floods napari's corner and
+        # costs the GUI thread a widget each time (failures still notify)
+        self._say(f"accepted {what} of {name} "
+                  f"({annotation.pvs_voxels or 0} PVS voxels, {annotation.split})")  # fmt: skip
         self.state.queue_changed.emit(patch.volume_id)
         if then is not None:
             then()
@@ -214,7 +222,7 @@ class PatchSaves(QObject):
         return True
 
     def _on_skipped(self, patch: PatchRecord) -> None:
-        self._report(f"skipped patch {patch.rank}")
+        self._say(f"skipped patch {patch.rank}")
         self.state.queue_changed.emit(patch.volume_id)
 
     def _on_skip_failed(self, message: str) -> None:

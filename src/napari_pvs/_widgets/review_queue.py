@@ -49,7 +49,11 @@ class SelectableRows:
         self._changed()
 
     def current(self):
-        return self.rows[self.index] if 0 <= self.index < len(self.rows) else None
+        return self.row(self.index)
+
+    def row(self, index: int):
+        """The record at ``index``; None when there is none (``index`` -1 included)."""
+        return self.rows[index] if 0 <= index < len(self.rows) else None
 
     def position(self, row_id: int) -> int:
         return next((i for i, r in enumerate(self.rows) if r.id == row_id), -1)
