@@ -368,9 +368,15 @@ class SegmentPanel(SegmentOptions):
         def add(array: str) -> None:
             # a large prediction is drawn from its display levels (see Predictor.display_edge)
             levels = result.levels[array]  # opened in the worker
-            # one level: dask, which a labels layer can be painted over (on the first stroke
-            # it becomes numpy); several: display views napari reads directly (read-only)
-            data = levels if len(levels) > 1 else levels[0].to_dask()
+            # display views napari reads directly (read-only; one plane per slice, no dask
+            # graph on the GUI thread); the segmentation of one level as dask, which a labels
+            # layer can be painted over (on the first stroke it becomes numpy)
+            if len(levels) > 1:
+                data = levels
+            elif array == "segmentation":
+                data = levels[0].to_dask()
+            else:
+                data = levels[0]
             if array == "segmentation":
                 layer = self._put_layer(
                     names[array], data, "labels", metadata=dict(metadata), **common
