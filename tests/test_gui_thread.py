@@ -410,3 +410,44 @@ def test_the_versions_status_says_what_a_version_is_now():
     assert version_state(version(2, worse_than_base=True), current=1) == "kept aside"
     assert version_state(version(2, worse_than_base=True), current=2) == "current"  # made so
     assert version_state(version(3, status="failed"), current=1) == "failed"
+
+
+def test_a_job_shows_napari_progress_bar_only_once_it_runs_past_the_delay(
+    workflow, qtbot, monkeypatch
+):
+    """A napari progress bar costs the GUI thread 10-80 ms to make: a quick job (an Accept, a
+    count) makes none; a long one gets it after BAR_DELAY_MS, with its last report."""
+    from napari_pvs._widgets import _jobs
+    from napari_pvs._widgets._jobs import BAR_DELAY_MS, BackgroundJob
+
+    made = []
+
+    def counted(*args, **kwargs):
+        made.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    real = _jobs.napari_progress
+    monkeypatch.setattr(_jobs, "napari_progress", counted)
+    job = BackgroundJob(workflow)
+    assert job.start(lambda progress_, cancel: 42, "quick")
+    qtbot.waitUntil(lambda: not job.is_running(), timeout=5000)
+    qtbot.wait(BAR_DELAY_MS + 100)
+    assert made == []
+
+    release = threading.Event()
+
+    def slow(report, cancel):
+        report(3, 10, "counting")
+        release.wait(10)
+
+    assert job.start(slow, "slow")
+    try:
+        qtbot.wait(BAR_DELAY_MS // 4)
+        assert job._bar is None
+        qtbot.waitUntil(lambda: job._bar is not None, timeout=5000)
+        qtbot.waitUntil(lambda: job._bar.n == 3 and job._bar.total == 10, timeout=5000)
+        assert made == ["slow"]
+    finally:
+        release.set()
+        qtbot.waitUntil(lambda: not job.is_running(), timeout=10000)
+    assert job._bar is None

@@ -35,6 +35,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 Work = Callable[[ProgressCallback, CancelToken], Any]
 
+#: A job's napari progress bar appears once it has run this long (a shorter one shows none).
+BAR_DELAY_MS = 500
+
 #: At most this many progress reports a second cross to the GUI thread (each costs it a turn).
 PROGRESS_REPORTS_PER_SECOND = 5.0
 
@@ -163,8 +166,10 @@ def throttled(report: ProgressCallback, per_second: float = PROGRESS_REPORTS_PER
 class BackgroundJob(QObject):
     """One background call at a time; ``start`` refuses a second while one runs.
 
-    ``progress_bar=False``: no napari progress bar (making one costs the GUI thread 10-80 ms;
-    for short writes started on a key press, such as a candidate's answer).
+    The napari progress bar appears only once the call has run :data:`BAR_DELAY_MS` (making
+    one costs the GUI thread 10-80 ms under software OpenGL, and a call done sooner needs
+    none: the step's status line says what runs). ``progress_bar=False``: never one (short
+    writes started on a key press, such as a candidate's answer).
     """
 
     started = Signal(str)
@@ -179,6 +184,13 @@ class BackgroundJob(QObject):
         self._worker = None
         self._cancel: threading.Event | None = None
         self._bar: napari_progress | None = None
+        self._bar_timer = QTimer(self)
+        self._bar_timer.setSingleShot(True)
+        self._bar_timer.setInterval(BAR_DELAY_MS)
+        self._bar_timer.timeout.connect(self._open_bar)
+        self._description = ""
+        #: the last report, for a bar opened after it: (done, total, message)
+        self._last: tuple[int, int, str] | None = None
         self._running = False
         self.progress.connect(self._on_progress)
 
@@ -191,7 +203,9 @@ class BackgroundJob(QObject):
             return False
         self._running = True
         self._cancel = threading.Event()
-        self._bar = napari_progress(total=0, desc=description) if self._progress_bar else None
+        self._bar, self._description, self._last = None, description, None
+        if self._progress_bar:
+            self._bar_timer.start()
         cancel, emit = self._cancel, throttled(self.progress.emit)
 
         def run() -> tuple[str, Any]:
@@ -219,7 +233,16 @@ class BackgroundJob(QObject):
         if self._cancel is not None:
             self._cancel.set()
 
+    def _open_bar(self) -> None:
+        """The call is still running after :data:`BAR_DELAY_MS`: show napari's bar."""
+        if not self._running or self._bar is not None:
+            return
+        self._bar = napari_progress(total=0, desc=self._description)
+        if self._last is not None:
+            self._on_progress(*self._last)
+
     def _on_progress(self, done: int, total: int, message: str) -> None:
+        self._last = (done, total, message)
         # a local reference: updating the bar may process events, and so close it under us
         bar = self._bar
         if bar is None:
@@ -231,6 +254,7 @@ class BackgroundJob(QObject):
         bar.refresh()
 
     def _on_returned(self, outcome: tuple[str, Any]) -> None:
+        self._bar_timer.stop()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
