@@ -197,7 +197,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "Segment step is predicting" in review.status_label.text()
     workflow.state.release(vid)
     review.queue_box.rank_button.click()
-    wait(qtbot, review.queue_box.job.is_running)
+    wait(qtbot, review.is_busy)  # ranked, and the first patch shown
     queued = project.queue(vid, status="new")
     assert review.queue_box.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()

@@ -91,8 +91,9 @@ class ReviewStep(QWidget):
         self.viewer = state.viewer
         #: the patch's layers on the canvas (the review keys are bound on its labels layer)
         self.layers = PatchLayers(state, self._bind_keys)
-        #: the 3D view's steps, one per event-loop turn
+        #: the 3D view's steps, one per event-loop turn; and a newly made patch layer's
         self.staged_3d = StagedLayers(self)
+        self.staged_show = StagedLayers(self)
         self.queue = ReviewQueue()
         # a volume not on the canvas yet is read here; its layers and the patch's are then
         # added in two turns of their own (one turn building both froze the canvas 1-3 s)
@@ -303,8 +304,9 @@ class ReviewStep(QWidget):
         self.patch, self.volume = patch, volume
         prefill = self.layers.take_prefill(patch)
         self._prefill = prefill.copy()
-        self.layers.show(patch, prefill, image, self.brush_spin.value(),
-                         self.contour_check.isChecked())  # fmt: skip
+        _, rest = self.layers.show_steps(patch, prefill, image, self.brush_spin.value(),
+                                         self.contour_check.isChecked())  # fmt: skip
+        self.staged_show.run(rest)
         self._show_uncertainty(self.uncertainty_check.isChecked())
         if self.view3d_check.isChecked():
             self._show_3d()
@@ -387,6 +389,7 @@ class ReviewStep(QWidget):
     def _close_patch(self) -> None:
         self.patch, self.volume, self._prefill = None, None, None
         self.staged_3d.stop()
+        self.staged_show.stop()
         self.layers.remove()
         self.patch_label.setText("no patch open")
         self._enable_patch_controls(False)
@@ -434,6 +437,8 @@ class ReviewStep(QWidget):
             self._show_3d()  # hides the volume before napari switches to 3D
             return
         self.staged_3d.stop()
+        if not on:  # 2D first: the layers shown again are then sliced as planes, not volumes
+            self.viewer.dims.ndisplay = 2
         self.layers.hide_3d()
         self.viewer.dims.ndisplay = 3 if on else 2
         if self.patch is not None:
@@ -470,11 +475,13 @@ class ReviewStep(QWidget):
 
     def is_busy(self) -> bool:
         """Whether a ranking, an Accept, a Skip, a volume's opening, a candidates' listing or
-        answers' saving runs in the step's workers."""
+        answers' saving runs in the step's workers, or a new patch layer is still being
+        shown."""
         candidates = self.candidates_box
         return (self.queue_box.job.is_running() or self.saves.is_saving()
                 or self.volume_job.is_running() or self._opening is not None
-                or candidates.load_job.is_running() or candidates.is_saving())  # fmt: skip
+                or candidates.load_job.is_running() or candidates.is_saving()
+                or self.staged_show.is_running())  # fmt: skip
 
     @property
     def accept_job(self) -> BackgroundJob:

@@ -130,27 +130,58 @@ class PatchLayers:
         self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
     ) -> Labels:
         """Zoom to the patch, outline it and open ``data`` as its labels layer on top, active,
-        in paint mode."""
+        in paint mode (:meth:`show_steps` one after the other)."""
+        layer, rest = self.show_steps(patch, data, image, brush, contour)
+        for step in rest:
+            step()
+        return layer
+
+    def show_steps(
+        self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
+    ) -> tuple[Labels, list[Callable[[], object]]]:
+        """:meth:`show` as its labels layer, there at once, and the steps left for the next
+        event-loop turns. The first time, the layer is made hidden and shown in the next turn:
+        building it (its visual, its controls) and its first draw (a shader compiled under
+        software OpenGL) then take a turn each. Afterwards the layer is reused: one turn."""
         scale = tuple(float(s) for s in image.scale[-3:])
         translate = tuple(float(t) for t in image.translate[-3:])
         origin, centre = box_world(patch.start, patch.stop, scale, translate)
-        layer = self._put(data, origin, scale, patch, brush, contour)
-        self.raise_to_top(layer)
         extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
-        zoom_to(self.viewer, centre, extent)
-        self.viewer.layers.selection.active = layer
-        layer.mode = "paint"
-        return layer
+        made = self.labels() is None
+        zoom_to(self.viewer, centre, extent)  # first: the new layer is sliced once, there
+        layer = self._put(data, origin, scale, patch, brush, contour, visible=not made)
+
+        def on_top() -> None:
+            if self.labels() is not layer:  # closed in between
+                return
+            layer.visible = True
+            self.raise_to_top(layer)
+            self.viewer.layers.selection.active = layer
+            layer.mode = "paint"
+
+        if made:
+            self.raise_to_top(layer)
+            self.viewer.layers.selection.active = layer
+            return layer, [on_top]
+        on_top()
+        return layer, []
 
     def _put(
-        self, data: np.ndarray, origin, scale, patch: PatchRecord, brush: int, contour: bool
+        self,
+        data: np.ndarray,
+        origin,
+        scale,
+        patch: PatchRecord,
+        brush: int,
+        contour: bool,
+        visible: bool = True,
     ) -> Labels:
         layer = self.labels()
         metadata = {PATCH_OF_KEY: patch.volume_id, "patch_id": patch.id}
         if layer is None:
             layer = self.viewer.add_labels(
                 data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
-                opacity=0.8, units=("mm",) * 3,
+                opacity=0.8, units=("mm",) * 3, visible=visible,
             )  # fmt: skip
             self.bind_keys(layer)
             box = layer.bounding_box
@@ -160,7 +191,7 @@ class PatchLayers:
             layer.scale, layer.translate = scale, origin
             layer.data = data  # a new array: the previous patch's undo history goes with it
             layer.metadata = metadata
-            layer.visible = True
+            layer.visible = visible
         layer.selected_label = 1
         layer.brush_size = brush
         layer.contour = 1 if contour else 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QPushButton
 
-from napari_pvs._widgets._common import fill_volume_combo
+from napari_pvs._widgets._common import fill_volume_combo, notify
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
 from napari_pvs._widgets.patch_table import queue_table, show_queue
 from napari_pvs._widgets.review_queue import ReviewQueue
@@ -169,7 +170,10 @@ class QueueBox(QGroupBox):
         message = f"{len(records)} patches queued for {volume.name}"
         why = shortfall_message(len(records), self._asked_n, volume.shape, int(settings["patch"]))
         self._shortfalls[vid] = why or ""
-        self._report(f"{message}. {why}" if why else message, "warning" if why else "info")
+        text = f"{message}. {why}" if why else message
+        self._set_status(text)
+        # napari's notification in a turn of its own: the first patch is shown in this one
+        QTimer.singleShot(0, lambda: notify(None, text, "warning" if why else "info"))
         self.state.predictions_changed.emit(vid)
         self.state.queue_changed.emit(vid)
         if self.volume_combo.currentData() == vid:
