@@ -103,12 +103,16 @@ def has_unsaved_edits(layer: Layer | None) -> bool:
 def prepare_layer_dependencies() -> None:
     """Do in a worker what napari does on the GUI thread for the first layers of a session:
     build pint's unit registry (every layer's units: 0.4-1 s, once), import scipy.ndimage
-    (the first thumbnail: up to 0.8 s) and pandas (the first labels layer's feature table:
-    0.3-0.6 s). Called by the workers that hand back something to show (a project opened or
-    created, a segmentation), so the layers built from it find them ready."""
+    (the first thumbnail: up to 0.8 s), pandas (the first labels layer's feature table:
+    0.3-0.6 s), skimage.color (every labels layer's random colours: 0.17 s the first
+    time) and scipy.spatial (the 3D camera's rotations: 0.05-0.1 s). Called by the workers
+    that hand back something to show (a project opened or created, a segmentation), so the
+    layers built from it find them ready."""
     import pandas  # noqa: F401
     import pint
+    import skimage.color  # noqa: F401
     from scipy import ndimage  # noqa: F401
+    from scipy.spatial import transform  # noqa: F401
 
     pint.get_application_registry().pixel  # noqa: B018 (the lazy registry builds itself here)
 
