@@ -126,45 +126,38 @@ class PatchLayers:
             return ahead[1]
         return self.prefill_labels(patch)
 
-    def show(
-        self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
-    ) -> Labels:
-        """Zoom to the patch, outline it and open ``data`` as its labels layer on top, active,
-        in paint mode (:meth:`show_steps` one after the other)."""
-        layer, rest = self.show_steps(patch, data, image, brush, contour)
-        for step in rest:
-            step()
-        return layer
-
     def show_steps(
         self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
     ) -> tuple[Labels, list[Callable[[], object]]]:
-        """:meth:`show` as its labels layer, there at once, and the steps left for the next
-        event-loop turns. The first time, the layer is made hidden and shown in the next turn:
-        building it (its visual, its controls) and its first draw (a shader compiled under
-        software OpenGL) then take a turn each. Afterwards the layer is reused: one turn."""
+        """:meth:`show` as its labels layer, there at once (hidden, its data in place), and the
+        steps left, one per event-loop turn: the view moves to the patch (every shown layer
+        read and drawn at its plane), then the patch's layer is shown on top, active, in paint
+        mode (the first time its first draw compiles a shader under software OpenGL). Each
+        turn stays short, where all of it in one turn held the viewer 0.25-0.45 s."""
         scale = tuple(float(s) for s in image.scale[-3:])
         translate = tuple(float(t) for t in image.translate[-3:])
         origin, centre = box_world(patch.start, patch.stop, scale, translate)
         extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
-        made = self.labels() is None
-        zoom_to(self.viewer, centre, extent)  # first: the new layer is sliced once, there
-        layer = self._put(data, origin, scale, patch, brush, contour, visible=not made)
+        layer = self._put(data, origin, scale, patch, brush, contour, visible=False)
+        self.raise_to_top(layer)
+        self.viewer.layers.selection.active = layer
+
+        def mine() -> bool:
+            return self.labels() is layer and layer.metadata.get("patch_id") == patch.id
+
+        def move_view() -> None:
+            if mine():  # (not when another patch opened, or the patch closed, in between)
+                zoom_to(self.viewer, centre, extent)
 
         def on_top() -> None:
-            if self.labels() is not layer:  # closed in between
+            if not mine():
                 return
             layer.visible = True
             self.raise_to_top(layer)
             self.viewer.layers.selection.active = layer
             layer.mode = "paint"
 
-        if made:
-            self.raise_to_top(layer)
-            self.viewer.layers.selection.active = layer
-            return layer, [on_top]
-        on_top()
-        return layer, []
+        return layer, [move_view, on_top]
 
     def _put(
         self,
@@ -229,11 +222,6 @@ class PatchLayers:
             scale, shape = np.asarray(layer.scale[-3:]), np.asarray(layer.data.shape)
             centre = np.asarray(layer.translate[-3:]) + (shape - 1) / 2 * scale
             zoom_to(self.viewer, centre, shape * scale)
-
-    def show_3d(self, patch: PatchRecord, image: Image) -> None:
-        """The 3D view of ``patch`` at once (:meth:`show_3d_steps` one after the other)."""
-        for step in self.show_3d_steps(patch, image):
-            step()
 
     def show_3d_steps(self, patch: PatchRecord, image: Image) -> list[Callable[[], object]]:
         """The 3D view in three steps, for three event-loop turns (under software OpenGL each
