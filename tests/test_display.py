@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import dask.array as da
 import numpy as np
@@ -170,31 +171,64 @@ def test_a_damaged_chunk_is_named_when_napari_reads_it(tmp_path):
         np.asarray(view[0])
 
 
-def test_scrolling_reads_a_chunk_slab_once_then_planes_from_memory():
-    data = np.random.default_rng(5).random((20, 30, 26)).astype(np.float16)
+def test_a_plane_is_read_alone_then_its_slab_and_the_next_one_in_the_background():
+    data = np.random.default_rng(5).random((28, 30, 26)).astype(np.float16)
     reader = CountingReader(data, chunks=(8, 8, 8))
     view = DisplayLevel(reader).astype(np.float32)
     extent = (slice(None), slice(2, 28), slice(0, 26))  # napari: the drawn extent, then planes
-    for z in (9, 10, 11, 15):  # all in the chunk slab 8..16
+    rows = (slice(2, 28, 1), slice(0, 26, 1))
+    np.testing.assert_array_equal(np.asarray(view[extent][9]), data[9, 2:28].astype(np.float32))
+    slab_cache.wait_idle()
+    # the first look reads the plane alone, now; its slab (8..16) comes in the background
+    assert reader.reads == [(9, *rows), (slice(8, 16), *rows)]
+    for z in (10, 11, 12):  # scrolling on: planes from memory, the next slab read ahead
         np.testing.assert_array_equal(np.asarray(view[extent][z]), data[z, 2:28].astype(np.float32))
-    assert reader.reads[0] == (9, slice(2, 28, 1), slice(0, 26, 1))  # first look: the plane alone
-    assert reader.reads[1] == (slice(8, 16), slice(2, 28, 1), slice(0, 26, 1))  # second: the slab
-    assert len(reader.reads) == 2  # every later plane of the slab comes from memory
-    np.asarray(view[extent][16])  # scrolling on into the next slab: read whole at once
-    assert reader.reads[-1] == (slice(16, 20), slice(2, 28, 1), slice(0, 26, 1))
-    assert len(reader.reads) == 3
-    # another view axis (a sagittal plane) and a panned extent are other slabs
-    for x in (3, 4, 5):
+    slab_cache.wait_idle()
+    assert reader.reads[2:] == [(slice(16, 24), *rows)]  # once, however many planes asked
+    for z in range(13, 20):  # across the chunk border: no read on the way, the next ahead
+        np.testing.assert_array_equal(np.asarray(view[extent][z]), data[z, 2:28].astype(np.float32))
+    slab_cache.wait_idle()
+    assert reader.reads[3:] == [(slice(24, 28), *rows)]  # the last slab, clipped at the edge
+    for z in (27, 26, 25, 24, 23):  # and back: every plane from memory
+        np.testing.assert_array_equal(np.asarray(view[extent][z]), data[z, 2:28].astype(np.float32))
+    slab_cache.wait_idle()
+    assert len(reader.reads) == 4
+    # another view axis (a sagittal plane) is another way, with slabs of its own
+    for x in (3, 4):
         np.testing.assert_array_equal(np.asarray(view[:, 1:20, x]), data[:, 1:20, x])
-    assert reader.reads[-1] == (slice(0, 20, 1), slice(1, 20, 1), slice(0, 8))
-    assert len(reader.reads) == 5
+    slab_cache.wait_idle()
+    assert reader.reads[4:] == [(slice(0, 28, 1), slice(1, 20, 1), 3),
+                                (slice(0, 28, 1), slice(1, 20, 1), slice(0, 8)),
+                                (slice(0, 28, 1), slice(1, 20, 1), slice(8, 16))]  # fmt: skip
     # napari asks for its plane as a one-long slice (the axis kept): the same cache serves it
     for z in (17, 18, 19):
         plane = np.asarray(view[extent][z : z + 1])
         np.testing.assert_array_equal(plane, data[z : z + 1, 2:28].astype(np.float32))
-    assert len(reader.reads) == 5  # all three from the slab read at plane 16
-    np.asarray(view[extent][3])  # a jump two slabs away is a single look: that plane alone
-    assert reader.reads[-1] == (3, slice(2, 28, 1), slice(0, 26, 1)) and len(reader.reads) == 6
+    # a jump (not the next plane): that plane's slab only, nothing read ahead
+    slab_cache.clear()
+    reader.reads.clear()
+    np.asarray(view[extent][3])
+    slab_cache.wait_idle()
+    assert reader.reads == [(3, *rows), (slice(0, 8), *rows)]
+
+
+def test_a_plane_asked_while_its_slab_is_on_its_way_waits_for_that_read():
+    data = np.arange(16 * 8 * 8, dtype=np.float32).reshape(16, 8, 8)
+    release = threading.Event()
+
+    class SlowSlabs(CountingReader):
+        def __getitem__(self, key):
+            if isinstance(key[0], slice):
+                release.wait(10)  # the background slab read is slow
+            return super().__getitem__(key)
+
+    reader = SlowSlabs(data, chunks=(8, 8, 8))
+    view = DisplayLevel(reader)
+    np.testing.assert_array_equal(np.asarray(view[2]), data[2])  # the slab now on its way
+    threading.Timer(0.2, release.set).start()
+    np.testing.assert_array_equal(np.asarray(view[5]), data[5])  # waits, reads nothing more
+    assert reader.reads == [(2, slice(0, 8, 1), slice(0, 8, 1)),
+                            (slice(0, 8), slice(0, 8, 1), slice(0, 8, 1))]  # fmt: skip
 
 
 def test_slabs_over_the_budget_are_never_read_and_the_cache_stays_within_it(monkeypatch):

@@ -9,12 +9,14 @@ of it. A :class:`DisplayLevel` only composes indices until the values are asked 
 its reader once (zarr decodes the touched chunks concurrently and keeps none of them).
 
 Scrolling reads the next plane, which lies in the same chunks: every store chunk is decoded
-whole, so a plane of 48^3 chunks costs as much as the 48 planes around it. When a second plane
-is asked for from the same chunk slab (or, scrolling on, the first plane of the next slab), the
-whole slab (the drawn extent, one chunk deep) is read once and kept in a small shared cache
-(:data:`SLAB_CACHE_BYTES`, least recently used out first), and the planes after it are copies
-from memory. The first plane of a layer reads that plane alone: opening stays as fast and as
-small as one read.
+whole, so a plane of 48^3 chunks costs as much as the 48 planes around it. A plane not in
+memory is read alone (opening stays as fast as one read), and its whole slab (the drawn extent,
+one chunk deep) is then read in a background thread and kept in a small shared cache
+(:data:`SLAB_CACHE_BYTES`, least recently used out first): the planes after it are copies from
+memory, and a plane asked for while its slab is on its way waits for that read rather than
+decoding the same chunks again. Scrolling on, the next slab along the way is read ahead the
+same way, so a chunk border is crossed without a stall (at 1024^3 a slab of three layers took
+1.2 s on the GUI thread).
 
 A multiscale layer's first plane is read on the GUI thread, in one event-loop turn, at the
 level napari picks for the canvas: at 1024^3 on a 600-pixel canvas that is full resolution, a
@@ -29,11 +31,13 @@ which give the same values as a dask array chunked like the store.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask.array as da
@@ -45,6 +49,8 @@ MAX_FANCY_BYTES = 256 << 20
 #: Decoded slabs kept for scrolling, all layers together; a slab bigger than this is never kept
 #: (its planes are read one by one, as on first display).
 SLAB_CACHE_BYTES = 192 << 20
+#: Background slab reads that may wait at once (all layers together); more are not started.
+MAX_READS_AHEAD = 8
 #: The most voxels reading a layer's first plane (whole, at the level it is first shown) may
 #: decode: about 30-90 ms on one busy core (see :func:`first_level`). Voxels, not bytes: the
 #: time went with them (a uint8 plane of 54 M voxels took as long as a float16 one).
@@ -55,18 +61,22 @@ class _SlabCache:
     """Decoded chunk slabs by (reader, slab key), least recently used evicted past a budget.
 
     Readers are held weakly: when a layer goes and its reader with it, so do its slabs (and
-    its ``id`` can only be reused after that). ``_last`` remembers, per reader, the slab of the
-    plane read before: a slab is read and kept only when the user scrolls (a second plane in
-    it, or the first plane of the next slab right after the last one), never for a single look.
+    its ``id`` can only be reused after that; a background read holds its reader until it
+    ends). ``_last`` remembers, per reader and way (axis and drawn extent), the plane drawn
+    before, so that scrolling (the next or previous plane) reads the next slab ahead. Slabs are
+    read in one background thread, at most :data:`MAX_READS_AHEAD` waiting.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._slabs: OrderedDict[tuple[int, tuple], np.ndarray] = OrderedDict()
-        self._last: dict[int, tuple] = {}
+        self._last: dict[tuple, int] = {}
         self._watched: set[int] = set()
         self._bytes = 0
         self._lock = threading.RLock()
+        #: background slab reads on their way, by (reader id, slab key)
+        self._pending: dict[tuple[int, tuple], Future] = {}
+        self._reader_thread: ThreadPoolExecutor | None = None
 
     def _watch(self, reader: Any) -> int:
         ident = id(reader)
@@ -78,28 +88,70 @@ class _SlabCache:
     def _forget(self, ident: int) -> None:
         with self._lock:
             self._watched.discard(ident)
-            self._last.pop(ident, None)
+            for last in [k for k in self._last if k[0] == ident]:
+                del self._last[last]
             for key in [k for k in self._slabs if k[0] == ident]:
                 self._bytes -= self._slabs.pop(key).nbytes
 
     def get(self, reader: Any, key: tuple) -> np.ndarray | None:
+        """The slab ``key`` of ``reader`` if it is in memory, or once its background read
+        (already on its way) has finished; None otherwise (or when that read failed: the
+        caller's own read then says why)."""
+        with self._lock:
+            pending = self._pending.get((id(reader), key))
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # the caller reads again and reports it
+                return None
         with self._lock:
             slab = self._slabs.get((id(reader), key))
             if slab is not None:
                 self._slabs.move_to_end((id(reader), key))
             return slab
 
-    def scrolling(self, reader: Any, key: tuple, depth: int) -> bool:
-        """Record a plane read from slab ``key`` (``(axis, start, extent)``, ``depth`` planes);
-        True when the plane before was from the same slab or the next one along the same axis
-        and extent: the user is scrolling, not taking a single look."""
+    def read_ahead(self, reader: Any, key: tuple, index: tuple) -> None:
+        """Read ``reader[index]`` (slab ``key``) in the background thread and keep it, unless
+        it is in memory or on its way already, or :data:`MAX_READS_AHEAD` reads wait."""
         with self._lock:
             ident = self._watch(reader)
-            last, self._last[ident] = self._last.get(ident), key
-            if last is None:
-                return False
-            same_way = last[0] == key[0] and last[2] == key[2]
-            return same_way and abs(last[1] - key[1]) in (0, depth)
+            if (ident, key) in self._slabs or (ident, key) in self._pending:
+                return
+            if len(self._pending) >= MAX_READS_AHEAD:
+                return
+            if self._reader_thread is None:
+                self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="napari-pvs-slabs")
+
+            def read() -> None:
+                try:
+                    self.put(reader, key, np.asarray(reader[index]))
+                finally:
+                    with self._lock:
+                        self._pending.pop((ident, key), None)
+
+            self._pending[(ident, key)] = self._reader_thread.submit(read)
+
+    def moved(self, reader: Any, way: tuple, plane: int) -> int:
+        """Record that ``plane`` was drawn along ``way`` (the axis and the drawn extent); +1 or
+        -1 when it is the next or the previous plane of the last one drawn that way (the user
+        scrolls), else 0."""
+        with self._lock:
+            last_key = (self._watch(reader), way)
+            last, self._last[last_key] = self._last.get(last_key), plane
+        if last is None or abs(plane - last) != 1:
+            return 0
+        return plane - last
+
+    def wait_idle(self) -> None:
+        """Wait until every background read has finished (tests, and :meth:`clear`)."""
+        while True:
+            with self._lock:
+                pending = list(self._pending.values())
+            if not pending:
+                return
+            for future in pending:
+                with contextlib.suppress(Exception):  # a failed read left nothing behind
+                    future.result()
 
     def put(self, reader: Any, key: tuple, slab: np.ndarray) -> None:
         if slab.nbytes > self.budget:
@@ -113,6 +165,7 @@ class _SlabCache:
                 self._bytes -= self._slabs.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
+        self.wait_idle()
         with self._lock:
             self._slabs.clear()
             self._last.clear()
@@ -213,19 +266,23 @@ class DisplayLevel:
         if slab is None:
             return np.asarray(self.reader[key])
         axis, plane, start, stop, slab_key = slab
-        scrolling = slab_cache.scrolling(self.reader, slab_key, int(self.reader.chunks[axis]))
         cached = slab_cache.get(self.reader, slab_key)
         if cached is None:
-            if not scrolling:
-                return np.asarray(self.reader[key])  # one look: read the plane alone
-            wide = list(key)
-            wide[axis] = slice(start, stop)
-            cached = np.asarray(self.reader[tuple(wide)])
-            slab_cache.put(self.reader, slab_key, cached)
-        position = sum(isinstance(k, slice) for k in key[:axis])  # the slab axis in `cached`
-        # an integer drops the axis, a one-long slice (napari's) keeps it
-        which = plane - start if isinstance(key[axis], int) else [plane - start]
-        return np.take(cached, which, axis=position)
+            values = np.asarray(self.reader[key])  # the plane alone, now
+            slab_cache.read_ahead(self.reader, slab_key, _along(key, axis, start, stop))
+        else:
+            position = sum(isinstance(k, slice) for k in key[:axis])  # the slab axis in it
+            # an integer drops the axis, a one-long slice (napari's) keeps it
+            which = plane - start if isinstance(key[axis], int) else [plane - start]
+            values = np.take(cached, which, axis=position)
+        step = slab_cache.moved(self.reader, (axis, slab_key[2]), plane)
+        depth, edge = int(self.reader.chunks[axis]), int(self.reader.shape[axis])
+        ahead = start + depth if step > 0 else start - depth
+        if step and 0 <= ahead < edge:  # scrolling: the next slab along the way, meanwhile
+            after = min(ahead + depth, edge)
+            slab_cache.read_ahead(self.reader, (axis, ahead, slab_key[2]),
+                                  _along(key, axis, ahead, after))  # fmt: skip
+        return values
 
     def _slab_of(self, key: tuple) -> tuple[int, int, int, int, tuple] | None:
         """For a plane (one voxel deep along exactly one axis chunked deeper than 1, written
@@ -318,6 +375,13 @@ def as_dask(data: Any) -> da.Array:
     if isinstance(data, DisplayLevel):
         return data.to_dask()
     return da.asarray(data)
+
+
+def _along(key: tuple, axis: int, start: int, stop: int) -> tuple:
+    """``key`` with ``start:stop`` along ``axis``: the slab of a plane's index."""
+    wide = list(key)
+    wide[axis] = slice(start, stop)
+    return tuple(wide)
 
 
 def _expand(key: Any, ndim: int) -> tuple[int | slice, ...]:
