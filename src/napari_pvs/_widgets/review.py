@@ -91,7 +91,7 @@ class ReviewStep(QWidget):
         self.viewer = state.viewer
         #: the patch's layers on the canvas (the review keys are bound on its labels layer)
         self.layers = PatchLayers(state, self._bind_keys)
-        #: the 3D view's steps, one per event-loop turn; and a newly made patch layer's
+        #: the 3D view's steps, one per event-loop turn; and an opened patch's
         self.staged_3d = StagedLayers(self)
         self.staged_show = StagedLayers(self)
         self.queue = ReviewQueue()
@@ -475,7 +475,7 @@ class ReviewStep(QWidget):
 
     def is_busy(self) -> bool:
         """Whether a ranking, an Accept, a Skip, a volume's opening, a candidates' listing or
-        answers' saving runs in the step's workers, or a new patch layer is still being
+        answers' saving runs in the step's workers, or an opened patch is still being
         shown."""
         candidates = self.candidates_box
         return (self.queue_box.job.is_running() or self.saves.is_saving()

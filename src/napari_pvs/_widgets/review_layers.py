@@ -129,16 +129,17 @@ class PatchLayers:
     def show_steps(
         self, patch: PatchRecord, data: np.ndarray, image: Image, brush: int, contour: bool
     ) -> tuple[Labels, list[Callable[[], object]]]:
-        """:meth:`show` as its labels layer, there at once (hidden, its data in place), and the
-        steps left, one per event-loop turn: the view moves to the patch (every shown layer
-        read and drawn at its plane), then the patch's layer is shown on top, active, in paint
-        mode (the first time its first draw compiles a shader under software OpenGL). Each
-        turn stays short, where all of it in one turn held the viewer 0.25-0.45 s."""
+        """Open ``data`` as the patch's labels layer: the layer at once (hidden, its data in
+        place), and the steps left, one per event-loop turn: the view moves to the patch
+        (every shown layer read and drawn at its plane), then the patch's layer is shown on
+        top, active, in paint mode (the first time its first draw compiles a shader under
+        software OpenGL). Each turn stays short, where all of it in one turn held the viewer
+        0.25-0.45 s."""
         scale = tuple(float(s) for s in image.scale[-3:])
         translate = tuple(float(t) for t in image.translate[-3:])
         origin, centre = box_world(patch.start, patch.stop, scale, translate)
         extent = (np.asarray(patch.stop) - np.asarray(patch.start)) * np.asarray(scale)
-        layer = self._put(data, origin, scale, patch, brush, contour, visible=False)
+        layer = self._put_hidden(data, origin, scale, patch, brush, contour)
         self.raise_to_top(layer)
         self.viewer.layers.selection.active = layer
 
@@ -159,32 +160,27 @@ class PatchLayers:
 
         return layer, [move_view, on_top]
 
-    def _put(
-        self,
-        data: np.ndarray,
-        origin,
-        scale,
-        patch: PatchRecord,
-        brush: int,
-        contour: bool,
-        visible: bool = True,
+    def _put_hidden(
+        self, data: np.ndarray, origin, scale, patch: PatchRecord, brush: int, contour: bool
     ) -> Labels:
+        """The patch's labels layer (made once, then reused) holding ``data``, hidden: it is
+        read and drawn only when shown, at the patch."""
         layer = self.labels()
         metadata = {PATCH_OF_KEY: patch.volume_id, "patch_id": patch.id}
         if layer is None:
             layer = self.viewer.add_labels(
                 data, name=PATCH_LAYER, scale=scale, translate=origin, metadata=metadata,
-                opacity=0.8, units=("mm",) * 3, visible=visible,
+                opacity=0.8, units=("mm",) * 3, visible=False,
             )  # fmt: skip
             self.bind_keys(layer)
             box = layer.bounding_box
             box.points, box.line_color, box.line_thickness = False, BOX_COLOR, BOX_LINE_PIXELS
             box.visible = True
         else:
+            layer.visible = False  # first: the new data is not read where it is not shown
             layer.scale, layer.translate = scale, origin
             layer.data = data  # a new array: the previous patch's undo history goes with it
             layer.metadata = metadata
-            layer.visible = visible
         layer.selected_label = 1
         layer.brush_size = brush
         layer.contour = 1 if contour else 0
