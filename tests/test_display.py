@@ -295,3 +295,28 @@ def test_first_level_is_the_finest_whose_plane_fits_the_budget(tmp_path, monkeyp
     assert first_level(levels, 0, budget=1) == 2  # nothing fits: the coarsest
     monkeypatch.setattr(display, "FIRST_PLANE_VOXELS", costs[1])  # the default, read per call
     assert first_level(levels, 0) == 1
+
+
+def test_close_drops_the_reads_not_started_and_lets_the_running_one_finish():
+    """At exit (``close``, before the thread pools stop) the slab read on its way finishes,
+    those still waiting are dropped and no new one starts."""
+    cache = display._SlabCache(1 << 20)
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(CountingReader):
+        def __getitem__(self, key):
+            started.set()
+            release.wait(10)
+            return super().__getitem__(key)
+
+    reader = Slow(np.ones((16, 8, 8), np.float32), chunks=(8, 8, 8))
+    cache.read_ahead(reader, ("first",), (slice(0, 8),))
+    cache.read_ahead(reader, ("second",), (slice(8, 16),))
+    assert started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    cache.close()
+    assert reader.reads == [(slice(0, 8),)]  # the second never read
+    assert cache.get(reader, ("first",)) is not None and cache.get(reader, ("second",)) is None
+    cache.read_ahead(reader, ("third",), (slice(0, 4),))
+    cache.wait_idle()
+    assert reader.reads == [(slice(0, 8),)]  # closed: nothing new starts

@@ -77,6 +77,8 @@ class _SlabCache:
         #: background slab reads on their way, by (reader id, slab key)
         self._pending: dict[tuple[int, tuple], Future] = {}
         self._reader_thread: ThreadPoolExecutor | None = None
+        #: set when the interpreter exits: no read is started any more
+        self._closed = False
 
     def _watch(self, reader: Any) -> int:
         ident = id(reader)
@@ -115,7 +117,7 @@ class _SlabCache:
         it is in memory or on its way already, or :data:`MAX_READS_AHEAD` reads wait."""
         with self._lock:
             ident = self._watch(reader)
-            if (ident, key) in self._slabs or (ident, key) in self._pending:
+            if (ident, key) in self._slabs or (ident, key) in self._pending or self._closed:
                 return
             if len(self._pending) >= MAX_READS_AHEAD:
                 return
@@ -164,6 +166,18 @@ class _SlabCache:
             while self._bytes > self.budget:
                 self._bytes -= self._slabs.popitem(last=False)[1].nbytes
 
+    def close(self) -> None:
+        """Start no more reads, drop those not started and let the one running finish:
+        called as the interpreter exits, before the thread pools (zarr's included) stop
+        taking work, so that a read in flight neither fails nor prints zarr's errors on the
+        way out."""
+        with self._lock:
+            self._closed = True
+            for key, future in list(self._pending.items()):
+                if future.cancel():
+                    del self._pending[key]
+        self.wait_idle()
+
     def clear(self) -> None:
         self.wait_idle()
         with self._lock:
@@ -178,6 +192,9 @@ class _SlabCache:
 
 #: The one cache every display view shares (see the module docstring).
 slab_cache = _SlabCache(SLAB_CACHE_BYTES)
+# Thread pools stop taking work in threading's exit hooks, run last-registered first: this one
+# (registered after concurrent.futures') lets a slab read on its way finish before they stop.
+getattr(threading, "_register_atexit", lambda hook: None)(slab_cache.close)
 
 
 class DisplayLevel:
