@@ -276,7 +276,7 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     np.testing.assert_array_equal(stored, painted)
     assert review.queue.patches[0].status == "reviewed" == review.queue_box.table.item(0, 3).text()
     assert review.patch.id == review.queue.patches[1].id
-    # the next patch's prefill was read in the Accept's worker: the same labels as read now
+    # the next patch's prefill (taken from the Accept's read-ahead): equal to a fresh read
     np.testing.assert_array_equal(layer.data, review.layers.prefill_labels(review.patch))
     assert layer.bounding_box.visible and "accepted patch" in review.status_label.text()
 
