@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +254,35 @@ def test_non_finite_voxels_are_refused_and_huge_finite_ones_are_not():
     assert not torch.isfinite(huge.sum())
     with torch.inference_mode():
         model.features(huge)  # accepted (what the network makes of it is its own matter)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_torch_libraries_preload_without_importing_torch():
+    """The GUI's workers load torch's libraries with the GIL released before importing it
+    (``models.native``): loaded, mapped into the process, torch not imported yet, and the
+    import that follows works on them. (The GUI thread's wait it saves is measured in
+    ``benchmarks/bench_torch_import.py``.)"""
+    code = (
+        "import sys\n"
+        "from napari_pvs.models.native import preload_torch_libraries, torch_library_path\n"
+        "path = torch_library_path()\n"
+        "before = str(path) in open('/proc/self/maps').read()\n"
+        "loaded = preload_torch_libraries()\n"
+        "after = str(path) in open('/proc/self/maps').read()\n"
+        "print(before, loaded, after, 'torch' in sys.modules)\n"
+        "import torch\n"
+        "print(float(torch.ones(3).sum()), preload_torch_libraries())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True", "False", "3.0", "True"]
+
+
+def test_torch_library_preload_gives_up_quietly(monkeypatch):
+    """Where there is nothing to preload (no library found), nothing fails: the import then
+    loads the libraries itself."""
+    from napari_pvs.models import native
+
+    assert native._dlopen(None) is False
+    monkeypatch.setattr(native.sys, "platform", "win32")
+    assert native.torch_library_path() is None

@@ -29,6 +29,7 @@ from napari_pvs._widgets._layers import layer_source, prepare_layer_dependencies
 from napari_pvs._widgets.project_settings import SettingsBox
 from napari_pvs._widgets.project_table import VolumesBox
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
+from napari_pvs.models.native import preload_torch_libraries
 
 if TYPE_CHECKING:
     from napari_pvs.project import VolumeRecord
@@ -38,6 +39,7 @@ def _create(folder: Path, model: str):
     """A new project in ``folder`` with ``model`` as version 0 (imports torch: off the GUI)."""
     from napari_pvs.project import Project
 
+    preload_torch_libraries()  # the checkpoint's check imports torch: its libraries, GIL-free
     project = Project.create(folder, model=model)
     prepare_layer_dependencies()  # its volumes are shown next
     return project

@@ -23,6 +23,7 @@ from napari_pvs.cohort import modality_warning
 from napari_pvs.io import open_prediction
 from napari_pvs.metrics import label_clusters
 from napari_pvs.models import DEFAULT_WINDOW, prediction_options
+from napari_pvs.models.native import preload_torch_libraries
 from napari_pvs.progress import CancelToken, ProgressCallback
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ def run_segmentation(
         request.volume_id, request.version
     )
     # a version's complete prediction is shown as stored: no device, no torch import
+    if not stored:
+        preload_torch_libraries()  # before the device check imports torch (see its module)
     device, note = ("", "") if stored else resolve_device_noting(request.device)
     notes = [note] if note else []
     options = prediction_options(  # the rule napari-pvs predict uses

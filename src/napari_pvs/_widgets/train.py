@@ -36,6 +36,7 @@ from napari_pvs._widgets._common import collapsed, compact_table, fill_table, no
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress, Refresher
 from napari_pvs._widgets._plots import LivePlot
 from napari_pvs._widgets.state import WorkflowState
+from napari_pvs.models.native import preload_torch_libraries
 from napari_pvs.rounds import RoundConfig, start_round
 
 #: How often round events are drained (ms): a few Hz keeps the plot live and the GUI idle.
@@ -484,6 +485,7 @@ class TrainStep(QWidget):
         version = chosen[0]
 
         def work(progress, cancel):
+            preload_torch_libraries()  # the rollback's checks import torch (see its module)
             project.rollback(version)
             return version
 
