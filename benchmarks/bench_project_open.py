@@ -13,7 +13,8 @@ Built once and cached (``NAPARI_PVS_BENCH_DIR``, default ``$TMPDIR/napari-pvs-be
   options, so the run signature matches and ``has_prediction`` sees it complete); the arrays
   are then filled slab by slab with cheap values (thin tubes of high probability), the
   Predictor's ``write_display_levels`` writes the max-pooled display levels (512^3, 256^3), every
-  chunk is marked done and ``complete`` is set, as a finished run leaves it.
+  chunk is marked done and ``complete`` is set with the PVS count recorded (the core's
+  ``count_pvs``), as a finished run leaves it.
 
 Rows (a fresh ``xvfb-run`` process each; napari viewer with ``show=False``, the window grabbed
 once to lay it out before the clock starts; "drawn" = ``viewer.screenshot(canvas_only=True)``
@@ -172,11 +173,14 @@ def bench_project(size: int) -> tuple[Path, Path]:
     from napari_pvs.inference.store import create_store
     from napari_pvs.intensity import robust_range
     from napari_pvs.io import ATTRS_KEY
+    from napari_pvs.io.predictions import PVS_COUNT, pvs_count_record
+    from napari_pvs.metrics import count_pvs
     from napari_pvs.project import Project
 
     volume_path = bench_store(size)
     folder = volume_path.parent / f"project_{size}"
     if (folder / ".bench-complete-levels-256").exists():
+        record_pvs_count(folder)  # a build from before stores recorded it: added once
         return volume_path, folder
     if folder.exists():
         import shutil
@@ -217,11 +221,30 @@ def bench_project(size: int) -> tuple[Path, Path]:
         group[DONE_ARRAY][...] = np.ones(plan.chunk_grid, np.uint8)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
+        attrs[PVS_COUNT] = pvs_count_record(*count_pvs(group["segmentation"]))
         group.attrs[ATTRS_KEY] = attrs
         assert project.has_prediction(record.id), "the synthetic store is not seen as complete"
     (folder / ".bench-complete-levels-256").write_text("")  # (older layouts: rebuilt)
     print(f"\nbuilt {folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return volume_path, folder
+
+
+def record_pvs_count(folder: Path) -> None:
+    """Record the PVS count in a cached build's store, as the predictor does, if it has none."""
+    import zarr
+
+    from napari_pvs.io import ATTRS_KEY
+    from napari_pvs.io.predictions import PVS_COUNT, pvs_count_record, recorded_pvs_count
+    from napari_pvs.metrics import count_pvs
+    from napari_pvs.project import Project
+
+    with Project.open(folder) as project:
+        out = project.prediction_path(project.volumes()[0].id)
+    group = zarr.open_group(str(out), mode="r+")
+    if recorded_pvs_count(group) is None:
+        attrs = dict(group.attrs[ATTRS_KEY])
+        attrs[PVS_COUNT] = pvs_count_record(*count_pvs(group["segmentation"]))
+        group.attrs[ATTRS_KEY] = attrs
 
 
 def measure(mode: str, volume: Path, folder: Path, repeats: int) -> dict:

@@ -826,3 +826,59 @@ def test_display_levels_are_used_only_once_complete(tmp_path):
     levels = prediction_levels(group, "probability", tmp_path / "p.zarr")
     assert len(levels) == 4 and group.attrs["napari_pvs"]["complete"] is True  # 24, 12, 6
     np.testing.assert_array_equal(np.asarray(levels[1]), block_max(read(group, "probability")))
+
+
+def test_a_completed_store_records_its_pvs_count_and_showing_it_reads_no_voxel(
+    tmp_path, monkeypatch
+):
+    """The predictor records the segmentation's voxels and 26-connected clusters when it
+    completes the store (the Segment step showed a 1024^3 count by reading 1 GB beside a
+    scrolling viewer); the panel's statistics read the record, and an older store without one
+    is counted from its voxels, to the same figures."""
+    from napari_pvs._widgets import segment_run
+    from napari_pvs.io import ATTRS_KEY
+    from napari_pvs.io.predictions import recorded_pvs_count
+
+    model = tiny_unet()
+    volume = noisy_volume((30, 34, 28))
+    Predictor(model, window=16, device="cpu", amp=False).predict(volume, tmp_path / "p.zarr")
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    mask = read(group, "segmentation") > 0
+    expected = (int(mask.sum()), label_clusters(mask)[1])
+    assert expected[0] > 0 and expected[1] > 1  # the case has several clusters to count
+    assert recorded_pvs_count(group) == expected
+    voxel_mm3 = 1.0  # noisy volumes are numpy arrays: unit spacing
+    with monkeypatch.context() as patched:  # the record is read: counting would fail
+        patched.setattr(segment_run, "count_pvs", lambda _: pytest.fail("counted again"))
+        assert segment_run.pvs_statistics(tmp_path / "p.zarr") == (
+            expected[0], expected[0] * voxel_mm3, expected[1]
+        )  # fmt: skip
+        assert segment_run.pvs_cluster_count(tmp_path / "p.zarr") == expected[1]
+    # an older store, completed before counts were recorded: counted from its voxels
+    writable = zarr.open_group(str(tmp_path / "p.zarr"), mode="r+")
+    attrs = dict(writable.attrs[ATTRS_KEY])
+    del attrs["pvs"]
+    writable.attrs[ATTRS_KEY] = attrs
+    assert recorded_pvs_count(writable) is None
+    assert segment_run.pvs_statistics(tmp_path / "p.zarr") == (
+        expected[0], expected[0] * voxel_mm3, expected[1]
+    )  # fmt: skip
+    # an incomplete store's record is not trusted
+    attrs.update(complete=False, pvs={"voxels": 1, "clusters": 1})
+    writable.attrs[ATTRS_KEY] = attrs
+    assert recorded_pvs_count(writable) is None
+
+
+def test_count_pvs_counts_26_connected_clusters_and_stops_at_its_size_limit(monkeypatch):
+    from napari_pvs import metrics
+
+    mask = np.zeros((10, 12, 14), np.uint8)
+    mask[1, 1, 1] = mask[2, 2, 2] = 1  # corner neighbours: one cluster
+    mask[6:9, 5, 5] = 1
+    store = zarr.create_array(zarr.storage.MemoryStore(), shape=mask.shape, chunks=(4, 4, 4),
+                              dtype="uint8")  # fmt: skip
+    store[...] = mask
+    assert metrics.count_pvs(store) == (5, 2)
+    assert metrics.count_pvs(np.zeros((3, 3, 3), np.uint8)) == (0, 0)
+    monkeypatch.setattr(metrics, "MAX_COUNT_VOXELS", mask.size - 1)
+    assert metrics.count_pvs(store) == (5, None)  # voxels still summed, clusters not counted

@@ -89,6 +89,28 @@ def label_clusters(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
+#: Counting clusters labels the whole mask in memory (5 bytes per voxel); above this many voxels
+#: only the segmented voxels are counted (streamed), and the clusters are not.
+MAX_COUNT_VOXELS = 256**3
+
+
+def count_pvs(segmentation) -> tuple[int, int | None]:
+    """Segmented voxels and 26-connected clusters of a stored mask (zarr, dask or numpy); the
+    voxels are summed chunk by chunk, the clusters counted only up to :data:`MAX_COUNT_VOXELS`
+    (None above it)."""
+    import dask.array as da
+
+    if isinstance(segmentation, da.Array | np.ndarray):
+        lazy = da.asarray(segmentation)
+    else:  # a store's array: one task per stored chunk
+        lazy = da.from_array(segmentation, chunks=segmentation.chunks)
+    voxels = int(lazy.sum(dtype=np.int64).compute(scheduler="synchronous"))
+    clusters = None
+    if int(np.prod(segmentation.shape)) <= MAX_COUNT_VOXELS:
+        clusters = label_clusters(np.asarray(segmentation[...]) > 0)[1] if voxels else 0
+    return voxels, clusters
+
+
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Voxel Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found)."""
     total = int(pred.sum()) + int(gt.sum())

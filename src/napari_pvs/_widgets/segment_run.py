@@ -4,8 +4,8 @@ The panel captures a :class:`SegmentRequest` on the GUI thread and runs
 :func:`run_segmentation` in a :class:`~napari_pvs._widgets._jobs.BackgroundJob`: the core's
 :class:`napari_pvs.inference.Predictor` (or, for a volume of the open project,
 :meth:`napari_pvs.project.Project.predict` with the project's model version) writes a resumable
-prediction store chunk by chunk; :func:`pvs_statistics` counts the PVS
-(:func:`napari_pvs.metrics.label_clusters`) once the layers are on screen.
+prediction store chunk by chunk and records its PVS count; :func:`pvs_statistics` reads it (or
+counts an older store with :func:`napari_pvs.metrics.count_pvs`) once the layers are on screen.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 
 from napari_pvs import io
 from napari_pvs.cohort import modality_warning
 from napari_pvs.io import open_prediction
-from napari_pvs.metrics import label_clusters
+from napari_pvs.io.predictions import recorded_pvs_count
+from napari_pvs.metrics import MAX_COUNT_VOXELS, count_pvs
 from napari_pvs.models import DEFAULT_WINDOW, prediction_options
 from napari_pvs.models.native import preload_torch_libraries
 from napari_pvs.progress import CancelToken, ProgressCallback
@@ -29,10 +29,6 @@ from napari_pvs.progress import CancelToken, ProgressCallback
 if TYPE_CHECKING:
     from napari_pvs.inference import PredictionSummary
 
-#: Counting clusters labels the whole mask in memory (5 bytes per voxel); above this many
-#: voxels only the PVS volume (streamed) is reported and the per-patch counts of the ranking
-#: table remain.
-MAX_COUNT_VOXELS = 256**3
 #: Uncertainty arrays a run may write -> the title and contrast limits of their layers.
 UNCERTAINTY_DISPLAY = {
     "entropy": ("entropy", (0.0, 1.0)),
@@ -109,27 +105,27 @@ def resolve_device_noting(device: str) -> tuple[Any, str]:
 
 
 def pvs_statistics(store: str | Path) -> tuple[int, float, int | None]:
-    """Segmented voxels, their volume in mm³ and the number of PVS (26-connected clusters).
+    """Segmented voxels, their volume in mm³ and the number of PVS (26-connected clusters;
+    ``None`` above :data:`~napari_pvs.metrics.MAX_COUNT_VOXELS`).
 
-    The voxel sum is streamed; the cluster count needs the mask in memory, so it is ``None``
-    above :data:`MAX_COUNT_VOXELS`.
+    A store the predictor completed recorded them (no voxel is read); an older one is counted
+    now (:func:`napari_pvs.metrics.count_pvs`).
     """
     group = open_prediction(store)
-    segmentation = group["segmentation"]
     affine = np.asarray(dict(group.attrs)["napari_pvs"]["affine"], dtype=np.float64)
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
-    voxels = int(da.from_zarr(segmentation).sum(dtype=np.int64).compute(scheduler="synchronous"))
-    count = None
-    if int(np.prod(segmentation.shape)) <= MAX_COUNT_VOXELS:
-        _, count = label_clusters(np.asarray(segmentation[...]) > 0)
+    voxels, count = recorded_pvs_count(group) or count_pvs(group["segmentation"])
     return voxels, voxels * voxel_mm3, count
 
 
 def pvs_cluster_count(store: str | Path) -> int | None:
-    """The number of PVS in a store, or None above :data:`MAX_COUNT_VOXELS` (without reading
-    the segmentation then: the voxel sum :func:`pvs_statistics` streams is not needed)."""
-    segmentation = open_prediction(store)["segmentation"]
-    if int(np.prod(segmentation.shape)) > MAX_COUNT_VOXELS:
+    """The number of PVS in a store, or None above :data:`~napari_pvs.metrics.MAX_COUNT_VOXELS`
+    (without reading the segmentation then: the voxel sum is not needed)."""
+    group = open_prediction(store)
+    recorded = recorded_pvs_count(group)
+    if recorded is not None:
+        return recorded[1]
+    if int(np.prod(group["segmentation"].shape)) > MAX_COUNT_VOXELS:
         return None
     return pvs_statistics(store)[2]
 

@@ -52,6 +52,7 @@ from napari_pvs.inference.store import (
 from napari_pvs.inference.writer import ChunkWriter
 from napari_pvs.intensity import RANGE_SAMPLE_VOXELS, sample_range, strided_samples
 from napari_pvs.memory import check_policy, memory_policy
+from napari_pvs.metrics import count_pvs
 from napari_pvs.models import DEFAULT_WINDOW
 from napari_pvs.progress import CancelToken, ProgressCallback, no_progress
 from napari_pvs.uncertainty import UNCERTAINTY_NAMES, flip_count
@@ -288,7 +289,8 @@ class Predictor:
         removed = self._finish_outputs(
             store.group, plan, src.spacing, work.windows, progress, cancel
         )
-        complete_store(store, out)
+        progress(work.windows, work.windows, "counting PVS")
+        complete_store(store, out, count_pvs(store.group["segmentation"]))
         return PredictionSummary(
             out=str(out),
             shape=plan.shape,

@@ -33,6 +33,7 @@ from napari_pvs import atomic
 from napari_pvs.inference.inputs import VolumeSource
 from napari_pvs.inference.planning import WindowPlan
 from napari_pvs.io import ATTRS_KEY
+from napari_pvs.io.predictions import PVS_COUNT, pvs_count_record
 
 #: Version of the prediction store layout; bump when the layout changes.
 STORE_FORMAT = 1
@@ -198,12 +199,17 @@ def create_store(
     atomic.fsync_folder(target.parent)
 
 
-def complete_store(store: OpenedStore, out: Path) -> None:
-    """Mark a fully written store complete; an overwrite's staging store then replaces ``out``
-    in one swap (the lock file held inside it moves with it)."""
+def complete_store(
+    store: OpenedStore, out: Path, pvs_count: tuple[int, int | None] | None = None
+) -> None:
+    """Mark a fully written store complete, with its segmentation's ``pvs_count`` (voxels,
+    clusters) recorded where given; an overwrite's staging store then replaces ``out`` in one
+    swap (the lock file held inside it moves with it)."""
     group = store.group
     attrs = dict(group.attrs[ATTRS_KEY])
     attrs["complete"] = True
+    if pvs_count is not None:
+        attrs[PVS_COUNT] = pvs_count_record(*pvs_count)
     group.attrs[ATTRS_KEY] = attrs  # zarr writes metadata by rename: atomic
     if store.path != out:  # overwrite: the complete new store replaces the old one in one swap
         atomic.commit(store.path, out)

@@ -7,6 +7,11 @@ from pathlib import Path
 import zarr
 
 from napari_pvs.io.damage import guarded_display, guarded_from_zarr
+from napari_pvs.io.metadata import ATTRS_KEY
+
+#: Key, in a store's napari-pvs attributes, of its segmentation's PVS count, recorded when the
+#: store is completed (see :func:`pvs_count_record`).
+PVS_COUNT = "pvs"
 
 
 def is_prediction_group(node) -> bool:
@@ -60,6 +65,24 @@ def prediction_levels(
         levels.append(read(stored[str(k)], store))
         k += 1
     return levels
+
+
+def pvs_count_record(voxels: int, clusters: int | None) -> dict:
+    """The attribute a completed store keeps of its segmentation's PVS count (from
+    :func:`napari_pvs.metrics.count_pvs`), so that showing it reads no voxel: at 1024^3 the
+    count read the whole segmentation (1 GB) beside a scrolling viewer."""
+    return {"voxels": int(voxels), "clusters": None if clusters is None else int(clusters)}
+
+
+def recorded_pvs_count(group: zarr.Group) -> tuple[int, int | None] | None:
+    """The segmented voxels and clusters a complete store recorded; None when it recorded
+    none (an incomplete store, or one written before the count was recorded)."""
+    attrs = dict(group.attrs).get(ATTRS_KEY, {})
+    record = attrs.get(PVS_COUNT) if attrs.get("complete") else None
+    if not isinstance(record, dict) or not isinstance(record.get("voxels"), int):
+        return None
+    clusters = record.get("clusters")
+    return record["voxels"], clusters if isinstance(clusters, int) else None
 
 
 def is_prediction_store(path: str | Path) -> bool:
