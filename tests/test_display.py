@@ -320,3 +320,40 @@ def test_close_drops_the_reads_not_started_and_lets_the_running_one_finish():
     cache.read_ahead(reader, ("third",), (slice(0, 4),))
     cache.wait_idle()
     assert reader.reads == [(slice(0, 8),)]  # closed: nothing new starts
+
+
+def test_prefetch_reads_a_whole_planes_slab_so_the_plane_comes_from_memory():
+    data = np.random.default_rng(3).random((20, 12, 10)).astype(np.float32)
+    reader = CountingReader(data, chunks=(8, 4, 4))
+    view = DisplayLevel(reader)
+    read = display.prefetch_plane(view, 0, 9)
+    assert read is not None
+    read.result()
+    assert reader.reads == [(slice(8, 16), slice(0, 12, 1), slice(0, 10, 1))]
+    assert display.prefetch_plane(view, 0, 10) is None  # the same slab, in memory already
+    # napari's two-step read of that plane, and of another plane of the slab: no read at all
+    np.testing.assert_array_equal(np.asarray(view[:, 0:12, 0:10][9]), data[9])
+    np.testing.assert_array_equal(np.asarray(view[15]), data[15])
+    assert len(reader.reads) == 1
+    # along another axis, a plane outside the level, and memory: their own answers
+    display.prefetch_plane(view, 2, 3).result()
+    assert reader.reads[1] == (slice(0, 20, 1), slice(0, 12, 1), slice(0, 4))
+    assert display.prefetch_plane(view, 0, 20) is None
+    assert display.prefetch_plane(data, 0, 3) is None
+
+
+def test_prefetch_of_a_slab_on_its_way_gives_that_read():
+    data = np.zeros((16, 8, 8), np.float32)
+    release = threading.Event()
+
+    class SlowReader(CountingReader):
+        def __getitem__(self, key):
+            release.wait(10)
+            return super().__getitem__(key)
+
+    view = DisplayLevel(SlowReader(data, chunks=(8, 8, 8)))
+    first = display.prefetch_plane(view, 0, 2)
+    assert display.prefetch_plane(view, 0, 5) is first and not first.done()
+    release.set()
+    first.result()
+    assert len(view.reader.reads) == 1

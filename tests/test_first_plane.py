@@ -7,12 +7,14 @@ plane, and napari chooses levels itself again once the user zooms or turns to 3D
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from napari_pvs import display, io
 from napari_pvs._widgets import PVSWorkflow, SegmentPanel
-from napari_pvs.display import DisplayLevel, plane_read_voxels
+from napari_pvs.display import DisplayLevel, plane_read_voxels, slab_cache
 from test_segment_widget import configure, run, volume
 from test_workflow_widget import Answers
 from tiny_models import tiny_checkpoint
@@ -34,8 +36,26 @@ def reads(monkeypatch):
     return shapes
 
 
+@pytest.fixture
+def gui_thread_reads(monkeypatch):
+    """Planes the GUI thread read from a store itself (their slab not in memory yet): the
+    shape of the level each came from."""
+    shapes: list[tuple[int, ...]] = []
+    original = DisplayLevel._read
+
+    def recorded(self, key):
+        slab = self._slab_of(key)
+        on_gui = threading.current_thread() is threading.main_thread()
+        if on_gui and slab is not None and (id(self.reader), slab[4]) not in slab_cache._slabs:
+            shapes.append(tuple(int(n) for n in self.reader.shape))
+        return original(self, key)
+
+    monkeypatch.setattr(DisplayLevel, "_read", recorded)
+    return shapes
+
+
 def test_show_in_viewer_reads_the_affordable_level_until_the_user_zooms(
-    make_napari_viewer, qtbot, tmp_path, monkeypatch, reads
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, reads, gui_thread_reads
 ):
     from napari_pvs.project import Project
 
@@ -63,6 +83,8 @@ def test_show_in_viewer_reads_the_affordable_level_until_the_user_zooms(
     assert layer.locked_data_level == 1 and layer.data_level == 1
     assert reads and (96, 96, 96) not in reads  # level 0 never read for the first plane
     assert set(reads) <= {(48, 48, 48), (24, 24, 24)}  # level 1, and the thumbnail's
+    # and read before the layer was shown, off the GUI thread: napari's reads came from memory
+    assert not gui_thread_reads
 
     viewer.scene.camera.zoom *= 4  # the user zooms in: napari chooses again
     assert layer.locked_data_level is None
@@ -90,7 +112,7 @@ def test_default_budget_leaves_small_volumes_to_napari(make_napari_viewer, tmp_p
 
 
 def test_segment_result_layers_start_at_the_affordable_level(
-    make_napari_viewer, qtbot, tmp_path, monkeypatch, reads
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, reads, gui_thread_reads
 ):
     from napari_pvs.inference import levels
 
@@ -112,6 +134,7 @@ def test_segment_result_layers_start_at_the_affordable_level(
     for layer in (probability, segmentation):
         assert layer.locked_data_level == 1 and layer.data_level == 1, layer.name
     assert (48, 48, 48) not in reads  # no full-resolution plane read for the first planes
+    assert not gui_thread_reads  # each read before its layer was shown, off the GUI thread
     # a second run gives the layers new data: locked again for the new levels
     run(panel, qtbot)
     assert viewer.layers["scan PVS probability"].locked_data_level == 1

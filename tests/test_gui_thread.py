@@ -451,3 +451,28 @@ def test_a_job_shows_napari_progress_bar_only_once_it_runs_past_the_delay(
         release.set()
         qtbot.waitUntil(lambda: not job.is_running(), timeout=10000)
     assert job._bar is None
+
+
+def test_a_staged_step_that_returns_reads_holds_the_next_until_they_are_done(qtbot):
+    """How a layer is shown once its first plane is read: the step after the reads waits,
+    the event loop turning meanwhile (a timer still fires)."""
+    from concurrent.futures import Future
+
+    from qtpy.QtCore import QTimer
+
+    from napari_pvs._widgets._layers import StagedLayers
+
+    staged = StagedLayers()
+    read: Future = Future()
+    done: list[str] = []
+    staged.run([lambda: [read], lambda: done.append("shown")])
+    ticks: list[int] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(5)
+    qtbot.waitUntil(lambda: len(ticks) >= 5, timeout=5000)
+    assert done == [] and staged.is_running()  # the read is not done: nothing shown yet
+    read.set_result(None)
+    qtbot.waitUntil(lambda: not staged.is_running(), timeout=5000)
+    assert done == ["shown"]
+    timer.stop()

@@ -112,15 +112,18 @@ class _SlabCache:
                 self._slabs.move_to_end((id(reader), key))
             return slab
 
-    def read_ahead(self, reader: Any, key: tuple, index: tuple) -> None:
+    def read_ahead(self, reader: Any, key: tuple, index: tuple) -> Future | None:
         """Read ``reader[index]`` (slab ``key``) in the background thread and keep it, unless
-        it is in memory or on its way already, or :data:`MAX_READS_AHEAD` reads wait."""
+        it is in memory already, or :data:`MAX_READS_AHEAD` reads wait. Returns the read on
+        its way (this one or an earlier one), None when none is."""
         with self._lock:
             ident = self._watch(reader)
-            if (ident, key) in self._slabs or (ident, key) in self._pending or self._closed:
-                return
+            if (ident, key) in self._pending:
+                return self._pending[(ident, key)]
+            if (ident, key) in self._slabs or self._closed:
+                return None
             if len(self._pending) >= MAX_READS_AHEAD:
-                return
+                return None
             if self._reader_thread is None:
                 self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="napari-pvs-slabs")
 
@@ -131,7 +134,8 @@ class _SlabCache:
                     with self._lock:
                         self._pending.pop((ident, key), None)
 
-            self._pending[(ident, key)] = self._reader_thread.submit(read)
+            future = self._pending[(ident, key)] = self._reader_thread.submit(read)
+            return future
 
     def moved(self, reader: Any, way: tuple, plane: int) -> int:
         """Record that ``plane`` was drawn along ``way`` (the axis and the drawn extent); +1 or
@@ -260,7 +264,8 @@ class DisplayLevel:
             return np.asarray(view)[()]
         return view
 
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+    def _reader_key(self) -> tuple[tuple, list[int]]:
+        """The reader's index of this view, and the view's axes it gives reversed."""
         key, flip, out_axis = [], [], 0
         for axis in self._axes:
             if isinstance(axis, int):
@@ -271,7 +276,11 @@ class DisplayLevel:
                 axis = axis[::-1]
             key.append(slice(axis.start, axis.start + len(axis) * axis.step, axis.step))
             out_axis += 1
-        values = self._read(tuple(key))
+        return tuple(key), flip
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        key, flip = self._reader_key()
+        values = self._read(key)
         if flip:
             values = np.flip(values, axis=tuple(flip))
         values = values.astype(dtype or self.dtype, copy=False)
@@ -341,6 +350,24 @@ class DisplayLevel:
             return self._lazy
         meta = np.empty((0,) * self.ndim, self.dtype)
         return da.from_array(self, chunks="auto", asarray=True, meta=meta)
+
+
+def prefetch_plane(level: Any, axis: int, plane: int) -> Future | None:
+    """Start reading, in the slab cache's background thread, the slab that the whole plane
+    ``plane`` of ``level`` along ``axis`` lies in, so that napari's first read of that plane
+    on the GUI thread is a copy from memory. Returns the read on its way; None when there is
+    nothing to wait for (not a display view, not read by slabs, or in memory already)."""
+    if not isinstance(level, DisplayLevel) or not 0 <= plane < level.shape[axis]:
+        return None
+    view = level[tuple(plane if i == axis else slice(None) for i in range(level.ndim))]
+    if not isinstance(view, DisplayLevel):
+        return None
+    key, _ = view._reader_key()
+    slab = view._slab_of(key)
+    if slab is None:
+        return None
+    along, _, start, stop, slab_key = slab
+    return slab_cache.read_ahead(view.reader, slab_key, _along(key, along, start, stop))
 
 
 def store_chunks(level: Any) -> tuple[int, ...] | None:

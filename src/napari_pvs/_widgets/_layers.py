@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +20,13 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_pvs import io
 from napari_pvs.cohort import output_name
-from napari_pvs.display import as_dask, first_level
+from napari_pvs.display import as_dask, first_level, prefetch_plane
 
 if TYPE_CHECKING:
     import napari
+
+#: How often a staged step waiting for reads looks whether they are done (ms).
+WAIT_POLL_MS = 10
 
 #: Metadata key marking layers made from a prediction store (value: the store path).
 PREDICTION_KEY = "prediction"
@@ -173,11 +177,50 @@ def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int
     return level
 
 
+def prefetch_first_plane(viewer: napari.viewer.Viewer, layer: Layer) -> list[Future]:
+    """Start reading, off the GUI thread, what a hidden layer's first plane reads once shown
+    (:func:`napari_pvs.display.prefetch_plane`: the slabs of its shown level and of its
+    thumbnail's, at the viewer's current plane); returns the reads on their way.
+
+    Showing a 1024^3 layer read that plane on the GUI thread, in the turn that made it
+    visible: 0.2-0.37 s with the event loop held. Shown once these reads are done, napari's
+    own read of the same plane is a copy from memory. Best effort: a layer whose data is not
+    a display view, a 3D view, or a plane napari then reads differently (the view zoomed
+    meanwhile) is read as before, on the GUI thread.
+    """
+    if viewer.dims.ndisplay != 2:
+        return []
+    across = [axis - (viewer.dims.ndim - layer.ndim) for axis in viewer.dims.not_displayed]
+    across = [axis for axis in across if axis >= 0]
+    if len(across) != 1:
+        return []
+    axis = across[0]
+    point = float(layer.world_to_data(viewer.dims.point)[axis])
+    if getattr(layer, "multiscale", False):
+        levels = list(layer.data)
+        shown = layer.locked_data_level
+        shown = layer.data_level if shown is None else shown
+        wanted = {shown, getattr(layer, "_thumbnail_level", len(levels) - 1)}
+        factors = [float(layer.downsample_factors[k][axis]) for k in range(len(levels))]
+    else:
+        levels, wanted, factors = [layer.data], {0}, [1.0]
+    reads = []
+    for k in sorted(wanted):
+        at = point / factors[k]  # napari rounds it: both neighbours (mostly one slab)
+        for plane in {int(np.floor(at)), int(np.ceil(at))}:
+            read = prefetch_plane(levels[k], axis, plane)
+            if read is not None:
+                reads.append(read)
+    return reads
+
+
 class StagedLayers(QObject):
     """Runs layer-building steps one per event-loop turn, so the viewer draws between them.
 
-    ``run`` replaces whatever was still pending (a newer result supersedes an older one);
-    ``finished`` fires after the last step.
+    A step may return reads on their way (a list of futures, as from
+    :func:`prefetch_first_plane`): the next step then runs once they are done, the event loop
+    turning meanwhile. ``run`` replaces whatever was still pending (a newer result supersedes
+    an older one); ``finished`` fires after the last step.
     """
 
     finished = Signal()
@@ -185,6 +228,8 @@ class StagedLayers(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._steps: list[Callable[[], object]] = []
+        #: reads the next step waits for (what the last step returned)
+        self._waiting: list[Future] = []
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(0)
@@ -192,26 +237,35 @@ class StagedLayers(QObject):
 
     def run(self, steps: Sequence[Callable[[], object]]) -> None:
         self._steps = list(steps)
-        self._timer.start()
+        self._waiting = []
+        self._timer.start(0)
 
     def is_running(self) -> bool:
         return bool(self._steps) or self._timer.isActive()
 
     def stop(self) -> None:
         self._steps = []
+        self._waiting = []
         self._timer.stop()
 
     def _next(self) -> None:
+        if self._waiting:
+            if not all(read.done() for read in self._waiting):
+                self._timer.start(WAIT_POLL_MS)
+                return
+            self._waiting = []
         if not self._steps:
             return
         step = self._steps.pop(0)
         try:
-            step()
+            outcome = step()
         finally:
             if self._steps:
-                self._timer.start()
+                self._timer.start(0)
             else:
                 self.finished.emit()
+        if isinstance(outcome, list) and all(isinstance(r, Future) for r in outcome):
+            self._waiting = list(outcome)
 
 
 #: The box outline's width in voxels: thin enough to see the voxels along its edge.

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPush
 
 from napari_pvs._widgets._common import compact_table, fill_table, set_combo_items
 from napari_pvs._widgets._jobs import BackgroundJob, Refresher
-from napari_pvs._widgets._layers import input_image_layers
+from napari_pvs._widgets._layers import StagedLayers, input_image_layers, prefetch_first_plane
 from napari_pvs._widgets.state import VOLUME_KEY, WorkflowState
 from napari_pvs.io.modality import MODALITIES
 
@@ -42,6 +42,8 @@ class VolumesBox(QGroupBox):
         self.shown: Layer | None = None
         self._showing: VolumeRecord | None = None
         self.show_job = BackgroundJob(self)
+        #: a shown volume's first plane read, then the layer shown
+        self.staged = StagedLayers(self)
         self.show_job.succeeded.connect(self._add_shown)
         self.show_job.failed.connect(lambda message: report(message, "error"))
         # the table's rows: read in a worker (the ledger and the stores' attributes)
@@ -161,15 +163,24 @@ class VolumesBox(QGroupBox):
         return None
 
     def is_showing(self) -> bool:
-        return self.show_job.is_running()
+        """A volume is being read, or its first plane before it is shown."""
+        return self.show_job.is_running() or self.staged.is_running()
 
     def _add_shown(self, data: list) -> None:
+        """Add the volume read in ``show_job``, hidden; show it once its first plane is read
+        (off the GUI thread: :func:`prefetch_first_plane`)."""
         volume, self._showing = self._showing, None
         if self.state.project is None:  # closed (or the workflow torn down) meanwhile
             return
         layer = self.state.layer_for_volume(volume)  # opened meanwhile (another step)
         if layer is None:
-            layer = self.state.add_volume_layers(volume, data)
+            layer = self.state.add_volume_layers(volume, data, show=False)
+
+            def show() -> None:
+                if layer in self.viewer.layers:
+                    layer.visible = True
+
+            self.staged.run([lambda: prefetch_first_plane(self.viewer, layer), show])
         self.viewer.layers.selection.active = self.shown = layer
 
     # ---------------------------------------------------------------- the table

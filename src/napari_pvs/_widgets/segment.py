@@ -29,6 +29,7 @@ from napari_pvs._widgets._layers import (
     StagedLayers,
     find_layer,
     has_unsaved_edits,
+    prefetch_first_plane,
     prepare_layer_dependencies,
     start_at_affordable_level,
     track_edits,
@@ -410,6 +411,12 @@ class SegmentPanel(SegmentOptions):
                 )
             self.result_layers[array] = layer
 
+        def read_ahead(array: str) -> list:
+            layer = self.result_layers.get(array)
+            if layer is None or layer not in self.viewer.layers:
+                return []
+            return prefetch_first_plane(self.viewer, layer)  # shown once read
+
         def show(array: str) -> None:
             layer = self.result_layers.get(array)
             if layer is not None and layer in self.viewer.layers:
@@ -418,7 +425,8 @@ class SegmentPanel(SegmentOptions):
         steps = []
         for array in ("probability", "segmentation"):
             if array in wanted:
-                steps += [lambda a=array: add(a), lambda a=array: show(a)]
+                steps += [lambda a=array: add(a), lambda a=array: read_ahead(a),
+                          lambda a=array: show(a)]  # fmt: skip
         # uncertainty layers stay hidden (not sliced) until the user shows one
         steps += [lambda a=array: add(a) for array in wanted if array in UNCERTAINTY_DISPLAY]
         steps.append(lambda: self._finish_segmentation(result))

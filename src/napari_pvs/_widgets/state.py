@@ -171,10 +171,11 @@ class WorkflowState(QObject):
                 f"{exc} (was the volume moved? add it again from its new place)"
             ) from exc
 
-    def add_volume_layers(self, volume: VolumeRecord, data: list) -> Image:
+    def add_volume_layers(self, volume: VolumeRecord, data: list, show: bool = True) -> Image:
         """Add the layers :meth:`read_volume_layers` read (the image, its label images
         hidden); a large volume is shown first at the level
-        :func:`start_at_affordable_level` picks. Returns the image layer."""
+        :func:`start_at_affordable_level` picks. Returns the image layer, hidden unless
+        ``show``."""
         # added hidden (not sliced), so the first plane read is the affordable level's
         layers = [
             self.viewer.add_layer(Layer.create(values, {**kwargs, "visible": False}, kind))
@@ -183,5 +184,5 @@ class WorkflowState(QObject):
         layer = layers[0]
         layer.metadata[VOLUME_KEY] = volume.id
         start_at_affordable_level(self.viewer, layer)
-        layer.visible = True
+        layer.visible = show
         return layer
