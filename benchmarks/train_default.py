@@ -47,6 +47,7 @@ from napari_pvs.models.checkpoint import (
     manifest_hash,
     save_checkpoint,
 )
+from napari_pvs.models.checkpoint_checks import write_bundled_digest
 from napari_pvs.phantom import make_phantom
 from napari_pvs.progress import TerminalProgress
 from napari_pvs.training import (
@@ -138,6 +139,8 @@ def calibrate(path: Path) -> dict:
     training = {**meta.get("training", {}), "calibration": {"seed": TUNING_SEED, "rows": rows}}
     save_checkpoint(model, path, metrics=meta.get("metrics"), training=training, segmentation=rule)
     print(f"segmentation rule {rule} -> {path}")
+    if path.resolve() == default_checkpoint_path().resolve():
+        write_bundled_digest(path)  # a new project checks the bundled file by it, without torch
     return rule
 
 

@@ -164,3 +164,40 @@ def test_the_calibrated_segmentation_rule_travels_with_the_weights(tmp_path):
         save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"threshold": 1.5})
     with pytest.raises(ValueError, match="tta one of"):
         save_checkpoint(model, tmp_path / "bad.safetensors", segmentation={"tta": 3})
+
+
+def test_the_bundled_checkpoint_is_checked_by_its_recorded_digest_without_torch(tmp_path):
+    """A new project with the bundled model checks it by the SHA-256 recorded beside it (no
+    torch, no torch-geometric: their imports held napari's GUI thread); the record is the file
+    as shipped, its metadata the same as a full read's; a file whose bytes changed is read
+    in full, and refused when tampered."""
+    import shutil
+    import subprocess
+    import sys
+
+    from napari_pvs.models.checkpoint_checks import BUNDLED_DIGEST_SUFFIX, bundled_metadata
+
+    bundled = default_checkpoint_path()
+    assert bundled_metadata(bundled) == read_checkpoint(bundled)[1]  # the record is current
+    code = (
+        "import sys; from napari_pvs.project import Project\n"
+        f"Project.create({str(tmp_path / 'p')!r}, model='default').close()\n"
+        "print('torch' in sys.modules, 'torch_geometric' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+    # the same file with one tensor byte changed: not the file shipped, so read in full
+    copy = tmp_path / "default.safetensors"
+    shutil.copyfile(bundled, copy)
+    shutil.copyfile(bundled.with_name(bundled.name + BUNDLED_DIGEST_SUFFIX),
+                    copy.with_name(copy.name + BUNDLED_DIGEST_SUFFIX))  # fmt: skip
+    assert bundled_metadata(copy) is not None
+    data = bytearray(copy.read_bytes())
+    data[-10] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    assert bundled_metadata(copy) is None
+    with pytest.raises(ValueError, match="integrity check"):
+        read_checkpoint(copy)
+    copy.with_name(copy.name + BUNDLED_DIGEST_SUFFIX).unlink()
+    assert bundled_metadata(copy) is None  # no record: never trusted

@@ -36,10 +36,12 @@ if TYPE_CHECKING:
 
 
 def _create(folder: Path, model: str):
-    """A new project in ``folder`` with ``model`` as version 0 (imports torch: off the GUI)."""
+    """A new project in ``folder`` with ``model`` as version 0 (a checkpoint other than the
+    bundled one is checked in full, which imports torch: off the GUI thread)."""
     from napari_pvs.project import Project
 
-    preload_torch_libraries()  # the checkpoint's check imports torch: its libraries, GIL-free
+    if model != "default":  # (the bundled one is checked by its digest, without torch)
+        preload_torch_libraries()  # its full check imports torch: its libraries, GIL-free
     project = Project.create(folder, model=model)
     prepare_layer_dependencies()  # its volumes are shown next
     return project
@@ -81,7 +83,7 @@ class ProjectStep(QWidget):
         super().__init__()
         self.state = state
         self.viewer = state.viewer
-        # Create and Add run here, off the GUI thread (Create imports torch; Add reads a sample)
+        # Create and Add run here, off the GUI thread (Create checks the model; Add reads a sample)
         self.project_job = BackgroundJob(self)
         self.project_job.progress.connect(self._on_project_job_progress)
         self.project_job.succeeded.connect(self._on_project_job_done)
@@ -237,7 +239,7 @@ class ProjectStep(QWidget):
         self._report(message, "error")
 
     def start_create(self) -> bool:
-        """Create the project in the step's worker (torch and the first model load there)."""
+        """Create the project in the step's worker (the model's checkpoint is checked there)."""
         folder = self._folder()
         if folder is None:
             return False

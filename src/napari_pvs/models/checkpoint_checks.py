@@ -9,6 +9,7 @@ read. :mod:`napari_pvs.models.checkpoint` reads and writes checkpoints through t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -342,3 +343,44 @@ def read_header(path: Path, source: str) -> tuple[dict[str, Any], dict[str, tupl
             raise ValueError(not_safetensors)
         shapes[name] = tuple(shape)
     return parse_metadata(metadata[METADATA_KEY], source), shapes
+
+
+#: What the bundled checkpoint's SHA-256 is kept in, beside it (``default.safetensors.sha256``).
+BUNDLED_DIGEST_SUFFIX = ".sha256"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundled_digest(path: Path) -> Path:
+    """Record ``path``'s SHA-256 beside it: the bundled checkpoint's, when it is (re)made."""
+    target = path.with_name(path.name + BUNDLED_DIGEST_SUFFIX)
+    target.write_text(file_sha256(path) + "\n")
+    return target
+
+
+def bundled_metadata(path: Path) -> dict[str, Any] | None:
+    """The metadata of a bundled checkpoint whose bytes are exactly those shipped (its SHA-256
+    equals the one recorded beside it), read from its header alone; None when there is no
+    record or the bytes differ (the caller then verifies it in full).
+
+    Full verification (:func:`napari_pvs.models.checkpoint.read_checkpoint`) builds the model
+    and reads every tensor: it imports torch and torch-geometric, whose imports held the GIL,
+    and so napari's GUI thread, for 0.1-0.2 s at a time while a new project was created. The
+    bundled file is the one napari-pvs ships and its tests load in full; the digest proves it
+    is still that file.
+    """
+    record = path.with_name(path.name + BUNDLED_DIGEST_SUFFIX)
+    try:
+        expected = record.read_text().strip()
+    except OSError:
+        return None
+    if not expected or file_sha256(path) != expected:
+        return None
+    return read_header(path, repr(str(path)))[0]

@@ -25,7 +25,8 @@ def create_project_folder(
 ) -> Path:
     """The new project's folder (see :meth:`Project.create <napari_pvs.project.Project.create>`
     for the arguments and what is refused)."""
-    from napari_pvs.models.checkpoint import default_checkpoint_path, read_checkpoint
+    from napari_pvs.models import default_checkpoint_path
+    from napari_pvs.models.checkpoint_checks import bundled_metadata
 
     folder = Path(folder).expanduser().absolute()
     if folder.is_dir():  # a create killed half-way through a contents swap (a mount point)
@@ -43,7 +44,12 @@ def create_project_folder(
     if int(validation_max) < 0:
         raise ValueError(f"validation_max must be >= 0, got {validation_max}")
     source = default_checkpoint_path() if str(model) == "default" else Path(model)
-    _, meta = read_checkpoint(source)  # refuses a missing, corrupt or tampered checkpoint
+    # the bundled checkpoint as shipped: its digest, no torch; anything else read in full
+    meta = bundled_metadata(source) if str(model) == "default" else None
+    if meta is None:
+        from napari_pvs.models.checkpoint import read_checkpoint
+
+        _, meta = read_checkpoint(source)  # refuses a missing, corrupt or tampered checkpoint
     created = now()
     with atomic.atomic_output(folder, overwrite=folder.exists()) as tmp:
         tmp.mkdir()
