@@ -177,10 +177,13 @@ def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int
     return level
 
 
-def prefetch_first_plane(viewer: napari.viewer.Viewer, layer: Layer) -> list[Future]:
+def prefetch_first_plane(
+    viewer: napari.viewer.Viewer, layer: Layer, point: Sequence[float] | None = None
+) -> list[Future]:
     """Start reading, off the GUI thread, what a hidden layer's first plane reads once shown
     (:func:`napari_pvs.display.prefetch_plane`: the slabs of its shown level and of its
-    thumbnail's, at the viewer's current plane); returns the reads on their way.
+    thumbnail's, at the viewer's current plane, or at the world ``point`` the view is about
+    to move to); returns the reads on their way.
 
     Showing a 1024^3 layer read that plane on the GUI thread, in the turn that made it
     visible: 0.2-0.37 s with the event loop held. Shown once these reads are done, napari's
@@ -195,7 +198,7 @@ def prefetch_first_plane(viewer: napari.viewer.Viewer, layer: Layer) -> list[Fut
     if len(across) != 1:
         return []
     axis = across[0]
-    point = float(layer.world_to_data(viewer.dims.point)[axis])
+    point = float(layer.world_to_data(viewer.dims.point if point is None else point)[axis])
     if getattr(layer, "multiscale", False):
         levels = list(layer.data)
         shown = layer.locked_data_level
