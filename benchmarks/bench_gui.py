@@ -10,7 +10,8 @@ guessed), Segment (the Segment step, the project's default rule), Rank (Review s
 Accepts (the prefilled patches as they are), a round (Train step, ``--steps`` steps on the
 CPU, then its re-prediction and the Segment step's refreshed layers), Make current (v0 again),
 Report (Count PVS), the 3D view of the open patch (until the canvas has drawn it in 3D with
-its labels; one screenshot afterwards checks that it is not blank), the Review
+its labels; one screenshot afterwards checks that it is not blank) and back to 2D (until the
+layers it hid are shown again), the Review
 step's Candidates mode (Find candidates, then ten answers as key presses on the canvas, Y and
 N in turn, a fifth of a second apart, until every save is in the ledger) and Close + Open. A
 50 ms QTimer runs throughout; each phase reports its wall time and the longest wait between
@@ -21,7 +22,7 @@ The same work through the CLI, each a fresh ``python -m napari_pvs.cli`` process
 runs it (start-up included): ``project init``, ``project add --modality T2``, ``predict``
 (the same default rule, into a separate store), ``rank`` of that store, ten ``project accept``
 of the GUI's boxes and labels, ``round`` with the same training settings, ``project rollback``,
-none for the Report's count, the 3D view and the candidates (the CLI project has no
+none for the Report's count, the 3D view (in and out) and the candidates (the CLI project has no
 prediction by its current version to list them from), and ``project status`` for the reopen.
 
 Run: ``.venv/bin/python benchmarks/bench_gui.py [--size 256] [--steps 20]`` (``xvfb-run``
@@ -203,7 +204,8 @@ def show_3d():
 phase("3D view", show_3d, lambda: (3, True) in draws)  # the patch drawn in 3D
 pixels = viewer.screenshot(canvas_only=True, flash=False)
 extra["3d_drawn"] = bool(np.any(pixels[..., :3] > 0))
-review.view3d_check.setChecked(False)
+phase("leave 3D", lambda: review.view3d_check.setChecked(False),
+      lambda: not review.staged_3d.is_running())  # the layers it hid shown again
 candidates = review.candidates_box
 review.set_mode("Candidates")
 wait(lambda: not candidates.load_job.is_running(), "the candidates' list")
@@ -288,6 +290,7 @@ def cli_times(scan: Path, work: Path, gui: dict, steps: int, patch: int) -> dict
     times["make current"] = cli("project", "rollback", project, "v0")
     times["report"] = None
     times["3D view"] = None
+    times["leave 3D"] = None
     times["find candidates"] = None
     times["ten answers"] = None
     times["close and reopen"] = cli("project", "status", project)

@@ -247,7 +247,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     )
     assert not image.visible and layer.visible and context.visible
     review.view3d_check.setChecked(False)
-    assert viewer.dims.ndisplay == 2
+    assert viewer.dims.ndisplay == 2  # at once; the hidden layers come back in the next turns
+    qtbot.waitUntil(lambda: not review.staged_3d.is_running(), timeout=5000)
     assert CONTEXT_LAYER not in viewer.layers and image.visible
 
     # -- paint with the layer's own API; undo works; unsaved edits are never dropped silently

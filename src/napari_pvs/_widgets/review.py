@@ -437,12 +437,15 @@ class ReviewStep(QWidget):
             self._show_3d()  # hides the volume before napari switches to 3D
             return
         self.staged_3d.stop()
-        if not on:  # 2D first: the layers shown again are then sliced as planes, not volumes
-            self.viewer.dims.ndisplay = 2
-        self.layers.hide_3d()
-        self.viewer.dims.ndisplay = 3 if on else 2
+        if on:  # no patch open: nothing to show in 3D
+            self.layers.hide_3d()
+            self.viewer.dims.ndisplay = 3
+            return
+        # 2D first: the layers shown again are then sliced as planes, not volumes
+        self.viewer.dims.ndisplay = 2
         if self.patch is not None:
             self.layers.frame()
+        self.staged_3d.run(self.layers.hide_3d_steps())
 
     def _show_3d(self) -> None:
         try:

@@ -235,11 +235,12 @@ class PatchLayers:
             zoom_to(self.viewer, centre, shape * scale)
 
     def show_3d_steps(self, patch: PatchRecord, image: Image) -> list[Callable[[], object]]:
-        """The 3D view in three steps, for three event-loop turns (under software OpenGL each
+        """The 3D view in four steps, for four event-loop turns (under software OpenGL each
         new shader's first draw takes 0.1-0.3 s, so each turn draws one). First the patch's box
         with a margin as its own small image layer, not yet shown, and every other layer but
-        the patch's hidden; then the 3D view of that layer with the camera on the box (the
-        whole volume is neither drawn nor uploaded); then the patch's labels in 3D."""
+        the patch's hidden; then the 3D view with the camera on the box, nothing drawn yet;
+        then that layer (the whole volume is neither drawn nor uploaded); then the patch's
+        labels in 3D."""
         shape = image.data[0].shape[-3:] if image.multiscale else image.data.shape[-3:]
         start, stop = context_box(patch, shape)
         scale = tuple(float(v) for v in image.scale[-3:])
@@ -277,22 +278,53 @@ class PatchLayers:
                 return
             patch_layer = self.labels()
             if patch_layer is not None:
-                patch_layer.visible = False  # drawn in 3D in the next turn (its own shader)
-            layer.visible = True
+                patch_layer.visible = False  # drawn in 3D in a later turn (its own shader)
             self.viewer.dims.ndisplay = 3  # (only now: the whole volume is never drawn in 3D)
             extent = (np.asarray(stop) - np.asarray(start)) * np.asarray(scale)
             _, centre = box_world(patch.start, patch.stop, scale, translate)
             zoom_to(self.viewer, centre, extent, fraction=0.6)  # the patch, its margin in view
+
+        def surroundings_in_3d() -> None:
+            layer = find_layer(self.viewer, CONTEXT_LAYER)
+            if layer is not None and self.viewer.dims.ndisplay == 3:
+                layer.visible = True  # its own turn: the volume shader's first draw
 
         def patch_in_3d() -> None:
             patch_layer = self.labels()
             if patch_layer is not None and self.viewer.dims.ndisplay == 3:
                 patch_layer.visible = True
 
-        return [surroundings, in_3d, patch_in_3d]
+        return [surroundings, in_3d, surroundings_in_3d, patch_in_3d]
+
+    def hide_3d_steps(self) -> list[Callable[[], object]]:
+        """Leaving the 3D view, one step per event-loop turn (all in one turn held the viewer
+        0.24 s under software OpenGL): its layer goes, then each layer it hid comes back, its
+        plane read off the GUI thread first (:func:`prefetch_first_plane`), one a turn. Call
+        in 2D: the layers shown again are then sliced as planes."""
+
+        def remove_surroundings() -> None:
+            layer = find_layer(self.viewer, CONTEXT_LAYER)
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+
+        def read(other) -> list:
+            if other not in self._hidden_for_3d or other not in self.viewer.layers:
+                return []
+            return prefetch_first_plane(self.viewer, other)
+
+        def show(other) -> None:
+            if other in self._hidden_for_3d:
+                self._hidden_for_3d.remove(other)
+                if other in self.viewer.layers:
+                    other.visible = True
+
+        steps: list[Callable[[], object]] = [remove_surroundings]
+        for other in list(self._hidden_for_3d):
+            steps += [lambda o=other: read(o), lambda o=other: show(o)]
+        return steps
 
     def hide_3d(self) -> None:
-        """End the 3D view: its layer goes, the layers it hid come back."""
+        """End the 3D view at once: its layer goes, the layers it hid come back."""
         layer = find_layer(self.viewer, CONTEXT_LAYER)
         if layer is not None:
             self.viewer.layers.remove(layer)
