@@ -175,7 +175,11 @@ def test_the_bundled_checkpoint_is_checked_by_its_recorded_digest_without_torch(
     import subprocess
     import sys
 
-    from napari_pvs.models.checkpoint_checks import BUNDLED_DIGEST_SUFFIX, bundled_metadata
+    from napari_pvs.models.checkpoint_checks import (
+        BUNDLED_DIGEST_SUFFIX,
+        bundled_metadata,
+        write_bundled_digest,
+    )
 
     bundled = default_checkpoint_path()
     assert bundled_metadata(bundled) == read_checkpoint(bundled)[1]  # the record is current
@@ -190,14 +194,13 @@ def test_the_bundled_checkpoint_is_checked_by_its_recorded_digest_without_torch(
     # the same file with one tensor byte changed: not the file shipped, so read in full
     copy = tmp_path / "default.safetensors"
     shutil.copyfile(bundled, copy)
-    shutil.copyfile(bundled.with_name(bundled.name + BUNDLED_DIGEST_SUFFIX),
-                    copy.with_name(copy.name + BUNDLED_DIGEST_SUFFIX))  # fmt: skip
-    assert bundled_metadata(copy) is not None
+    assert bundled_metadata(copy) is None  # no digest recorded beside it yet
+    record = write_bundled_digest(copy)  # as train_default.py does for the bundled file
+    assert record.read_text() == bundled.with_name(bundled.name + BUNDLED_DIGEST_SUFFIX).read_text()
+    assert bundled_metadata(copy) == read_checkpoint(bundled)[1]
     data = bytearray(copy.read_bytes())
     data[-10] ^= 0xFF
     copy.write_bytes(bytes(data))
     assert bundled_metadata(copy) is None
     with pytest.raises(ValueError, match="integrity check"):
         read_checkpoint(copy)
-    copy.with_name(copy.name + BUNDLED_DIGEST_SUFFIX).unlink()
-    assert bundled_metadata(copy) is None  # no record: never trusted

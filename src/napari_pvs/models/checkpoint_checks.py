@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_pvs import __version__
+from napari_pvs import __version__, atomic
 from napari_pvs.models import (
     DEFAULT_SEGMENTATION_RULE,
     FLIP_COUNTS,
@@ -361,7 +361,7 @@ def file_sha256(path: Path) -> str:
 def write_bundled_digest(path: Path) -> Path:
     """Record ``path``'s SHA-256 beside it: the bundled checkpoint's, when it is (re)made."""
     target = path.with_name(path.name + BUNDLED_DIGEST_SUFFIX)
-    target.write_text(file_sha256(path) + "\n")
+    atomic.write_text(target, file_sha256(path) + "\n", overwrite=True)  # follows the file
     return target
 
 
