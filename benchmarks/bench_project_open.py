@@ -173,8 +173,6 @@ def bench_project(size: int) -> tuple[Path, Path]:
     from napari_pvs.inference.store import create_store
     from napari_pvs.intensity import robust_range
     from napari_pvs.io import ATTRS_KEY
-    from napari_pvs.io.predictions import PVS_COUNT, pvs_count_record
-    from napari_pvs.metrics import count_pvs
     from napari_pvs.project import Project
 
     volume_path = bench_store(size)
@@ -221,9 +219,9 @@ def bench_project(size: int) -> tuple[Path, Path]:
         group[DONE_ARRAY][...] = np.ones(plan.chunk_grid, np.uint8)
         attrs = dict(group.attrs[ATTRS_KEY])
         attrs["complete"] = True
-        attrs[PVS_COUNT] = pvs_count_record(*count_pvs(group["segmentation"]))
         group.attrs[ATTRS_KEY] = attrs
         assert project.has_prediction(record.id), "the synthetic store is not seen as complete"
+    record_pvs_count(folder)  # as the predictor does when it completes a store
     (folder / ".bench-complete-levels-256").write_text("")  # (older layouts: rebuilt)
     print(f"\nbuilt {folder} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return volume_path, folder

@@ -127,7 +127,7 @@ def pvs_cluster_count(store: str | Path) -> int | None:
         return recorded[1]
     if int(np.prod(group["segmentation"].shape)) > MAX_COUNT_VOXELS:
         return None
-    return pvs_statistics(store)[2]
+    return count_pvs(group["segmentation"])[1]
 
 
 def _store_arrays(store: Path) -> tuple[str, ...]:

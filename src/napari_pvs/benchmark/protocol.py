@@ -51,7 +51,6 @@ configuration are in :mod:`.config`, the volumes in :mod:`.cases`, the reviewer 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -80,6 +79,7 @@ from napari_pvs.benchmark.report import (
     write_csv,
 )
 from napari_pvs.benchmark.scoring import score
+from napari_pvs.models.checkpoint_checks import file_sha256
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 
 
@@ -204,7 +204,7 @@ class _Runner:
         """Test metrics of the current version (cached by checkpoint content) and seconds."""
         started = time.perf_counter()
         path = project.checkpoint_path()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         if digest not in self.score_cache:
             model, _ = project.load_model(device=self.config.device)
             self.score_cache[digest] = score(model, self.test, self.config.test_tta,
