@@ -44,10 +44,9 @@ from napari_pvs.models import build_model
 from napari_pvs.models.checkpoint import (
     default_checkpoint_path,
     load_checkpoint,
-    manifest_hash,
     save_checkpoint,
 )
-from napari_pvs.models.checkpoint_checks import write_bundled_digest
+from napari_pvs.models.checkpoint_checks import manifest_hash, write_bundled_digest
 from napari_pvs.phantom import make_phantom
 from napari_pvs.progress import TerminalProgress
 from napari_pvs.training import (

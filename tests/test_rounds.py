@@ -194,6 +194,52 @@ run_round(project, RoundConfig(steps=100000, patch=16, device="cpu"), on_event=d
 """
 
 
+CHILD_TORCH_FREE_ROUND = """
+import sys
+from napari_pvs.project import Project
+from napari_pvs.rounds import RoundConfig, start_round
+with Project.open(sys.argv[1]) as project:
+    outcome = start_round(project, RoundConfig(steps=3, patch=16, device="cpu")).wait(300)
+    print(outcome.status, outcome.version, project.current_version().version)
+print('torch' in sys.modules, 'torch_geometric' in sys.modules)
+"""
+
+
+def test_a_round_in_its_worker_imports_no_torch_in_the_project_process(project):
+    """napari's process starts and commits the round; only the worker needs torch (its import
+    and the model's build held napari's GUI thread for seconds): the new checkpoint is committed
+    by the digest of what the worker wrote and read back in full."""
+    folder = project.path
+    project.close()
+    env = {**os.environ, "PYTHONPATH": SRC}
+    result = subprocess.run([sys.executable, "-c", CHILD_TORCH_FREE_ROUND, str(folder)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", "1", "1", "False", "False"], result.stdout
+    with Project.open(folder) as proj:
+        read_checkpoint(proj.checkpoint_path(1))  # what became current reads in full
+
+
+def test_a_checkpoint_changed_after_its_worker_verified_it_is_not_committed(project):
+    from napari_pvs.models.checkpoint_checks import file_sha256
+    from napari_pvs.rounds import abandon_round, commit_round, execute_round, prepare_round
+
+    plan = prepare_round(project, RoundConfig(**TINY))
+    result = execute_round(plan)
+    checkpoint = project.path / "models" / "v1.safetensors"
+    assert result["checkpoint_sha256"] == file_sha256(checkpoint)
+    data = bytearray(checkpoint.read_bytes())
+    data[-5] ^= 0xFF  # a weight byte: the header still parses
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="changed after the round's worker verified it"):
+        commit_round(project, plan, result)
+    with pytest.raises(ValueError):  # without the digest, the full read refuses it too
+        commit_round(project, plan, {**result, "checkpoint_sha256": None})
+    abandon_round(project, plan, "failed", "failed at commit")
+    assert project.current_version().version == 0
+    assert [v.version for v in project.versions()] == [0]
+
+
 @pytest.mark.slow
 def test_process_killed_mid_round_is_repaired_on_reopen(project):
     folder = project.path

@@ -74,7 +74,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from napari_pvs.models import build_model
-    from napari_pvs.models.checkpoint import load_model, manifest_hash
+    from napari_pvs.models.checkpoint import load_model
+    from napari_pvs.models.checkpoint_checks import manifest_hash
     from napari_pvs.progress import TerminalProgress
     from napari_pvs.training import TrainConfig, distributed_context, fit
 

@@ -69,11 +69,6 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def manifest_hash(items: list[dict[str, Any]] | list[str]) -> str:
-    """A stable hash of the training data's description (paths, seeds, patch boxes)."""
-    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def save_checkpoint(
     model,
     path: str | os.PathLike,

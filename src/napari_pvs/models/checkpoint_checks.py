@@ -345,6 +345,11 @@ def read_header(path: Path, source: str) -> tuple[dict[str, Any], dict[str, tupl
     return parse_metadata(metadata[METADATA_KEY], source), shapes
 
 
+def manifest_hash(items: list[dict[str, Any]] | list[str]) -> str:
+    """A stable hash of the training data's description (paths, seeds, patch boxes)."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
 #: What the bundled checkpoint's SHA-256 is kept in, beside it (``default.safetensors.sha256``).
 BUNDLED_DIGEST_SUFFIX = ".sha256"
 
@@ -383,4 +388,22 @@ def bundled_metadata(path: Path) -> dict[str, Any] | None:
         return None
     if not expected or file_sha256(path) != expected:
         return None
+    return read_header(path, repr(str(path)))[0]
+
+
+def metadata_if_unchanged(path: Path, sha256: str) -> dict[str, Any]:
+    """The metadata of a checkpoint that another process verified in full and digested
+    (``sha256``), read from its header alone once its bytes are shown to be those same bytes.
+
+    A round's worker writes the new version, reads it back through
+    :func:`napari_pvs.models.checkpoint.read_checkpoint` and reports its SHA-256; the project's
+    process (napari's, for a round started there) commits it after this check instead of a
+    second full read, which would import torch and torch-geometric there only for that.
+    Raises ``ValueError`` when the file changed since.
+    """
+    if file_sha256(path) != sha256:
+        raise ValueError(
+            f"checkpoint {str(path)!r} changed after the round's worker verified it (its "
+            "SHA-256 differs); it is not made a version. Run the round again"
+        )
     return read_header(path, repr(str(path)))[0]

@@ -381,10 +381,12 @@ class Project:
         strategy: str | None = None,
         make_current: bool = True,
         message: str | None = None,
+        checkpoint_sha256: str | None = None,
     ) -> ModelVersion:
         return self._round_log.commit_round(
             round_id, metrics=metrics, manifest_hash=manifest_hash, queues=queues,
             strategy=strategy, make_current=make_current, message=message,
+            checkpoint_sha256=checkpoint_sha256,
         )  # fmt: skip
 
     def _finish_round(self, round_id: int, status: str, message: str) -> None:

@@ -12,6 +12,7 @@ import shutil
 from typing import Any
 
 from napari_pvs import atomic
+from napari_pvs.models.checkpoint_checks import metadata_if_unchanged
 from napari_pvs.project.annotations import Annotations
 from napari_pvs.project.ledger import Ledger
 from napari_pvs.project.queue import Queue
@@ -101,16 +102,25 @@ class RoundLog:
         strategy: str | None = None,
         make_current: bool = True,
         message: str | None = None,
+        checkpoint_sha256: str | None = None,
     ) -> ModelVersion:
         """Make the round's checkpoint a ready version, current with its new queues; with
         ``make_current`` False (the worse-round guard) it is kept as a ready version only and
-        the current version and its queues stay."""
-        from napari_pvs.models.checkpoint import read_checkpoint
+        the current version and its queues stay.
 
+        The checkpoint is verified before it can become current: by ``checkpoint_sha256``, the
+        digest of the bytes the round's worker wrote and read back in full (no torch here, which
+        may be napari's process), or else by a full read.
+        """
         info = self.round(round_id)
         number = int(info.new_version)
         checkpoint = self._ledger.folder / "models" / f"v{number}.safetensors"
-        read_checkpoint(checkpoint)  # verified before it can become current
+        if checkpoint_sha256:
+            metadata_if_unchanged(checkpoint, checkpoint_sha256)
+        else:
+            from napari_pvs.models.checkpoint import read_checkpoint
+
+            read_checkpoint(checkpoint)
         atomic.fsync_path(checkpoint)
         with self._ledger.transaction() as db:
             self._versions.add_ready(

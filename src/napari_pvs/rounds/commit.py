@@ -56,6 +56,7 @@ def commit_round(project, plan: dict[str, Any], result: dict[str, Any]) -> Round
         queues=queues,
         make_current=not worse,
         message=message,
+        checkpoint_sha256=result.get("checkpoint_sha256"),
     )
     _clean_work(plan)
     return RoundOutcome(

@@ -91,10 +91,11 @@ def execute_round(
         metrics["worse_than_base"] = decision.worse
         metrics["guard"] = asdict(decision)
         emit({"kind": "validation", "step": total, "dice": new_dice})
-    _write_version(plan, model, metrics, info, emit)
+    digest = _write_version(plan, model, metrics, info, emit)
     queues = predict_and_rank(plan, model, emit, cancel)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    return {"version": plan["new_version"], "metrics": metrics, "queues": queues}
+    return {"version": plan["new_version"], "metrics": metrics, "queues": queues,
+            "checkpoint_sha256": digest}  # fmt: skip
 
 
 def _load_crops(plan: dict[str, Any], emit: Callable[[Event], None]) -> tuple[list, list]:
@@ -220,12 +221,17 @@ def _write_version(
     metrics: dict[str, Any],
     info: dict[str, Any],
     emit: Callable[[Event], None],
-) -> None:
+) -> str:
     """``models/v<N>.safetensors`` (atomic): the new weights with the round's metrics,
-    manifest hash, round and annotation ids."""
-    from napari_pvs.models.checkpoint import save_checkpoint
+    manifest hash, round and annotation ids. It is read back and verified in full here, where
+    torch is loaded anyway; the SHA-256 returned lets the project's process commit it without
+    a second full read (:func:`~napari_pvs.models.checkpoint_checks.metadata_if_unchanged`)."""
+    from napari_pvs.models.checkpoint import read_checkpoint, save_checkpoint
+    from napari_pvs.models.checkpoint_checks import file_sha256
 
     checkpoint = Path(plan["checkpoint"])
     with atomic.atomic_output(checkpoint, overwrite=True) as tmp:
         save_checkpoint(model, tmp, metrics=metrics, training={**info, "config": plan["config"]})
+    read_checkpoint(checkpoint)
     emit({"kind": "stage", "message": f"wrote {checkpoint.name}"})
+    return file_sha256(checkpoint)

@@ -38,7 +38,7 @@ def prepare_round(project, config: RoundConfig | None = None) -> dict[str, Any]:
 
 def _write_plan(project, record, config: RoundConfig) -> dict[str, Any]:
     """Write the snapshot; return the plan, everything the worker needs (no ledger access)."""
-    from napari_pvs.models.checkpoint import manifest_hash
+    from napari_pvs.models.checkpoint_checks import manifest_hash  # torch-free: GUI process
 
     folder = project.path / "rounds" / f"r{record.id}"
     (folder / "train").mkdir(parents=True, exist_ok=True)
