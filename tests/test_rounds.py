@@ -218,6 +218,10 @@ def test_a_round_in_its_worker_imports_no_torch_in_the_project_process(project):
     assert result.stdout.split() == ["done", "1", "1", "False", "False"], result.stdout
     with Project.open(folder) as proj:
         read_checkpoint(proj.checkpoint_path(1))  # what became current reads in full
+    # the worker runs as batch work at nice 0: a nicer worker lost to every other program
+    log = (folder / "rounds" / "r1" / "worker.log").read_text()
+    expected = "batch scheduling" if hasattr(os, "SCHED_BATCH") else "default scheduling"
+    assert f"round worker: {expected}" in log and ", nice 0" in log, log
 
 
 def test_a_checkpoint_changed_after_its_worker_verified_it_is_not_committed(project):

@@ -44,13 +44,11 @@ from napari_pvs.rounds.prepare import prepare_round
 from napari_pvs.rounds.run import run_round
 from napari_pvs.rounds.snapshot import SNAPSHOT_CONTEXT, load_snapshot
 from napari_pvs.rounds.validation import validation_counts, validation_dice
-from napari_pvs.rounds.worker import WORKER_NICENESS
 
 __all__ = [
     "CANCEL_GRACE_S",
     "SNAPSHOT_CONTEXT",
     "STEPS_PER_EPOCH",
-    "WORKER_NICENESS",
     "Event",
     "RoundConfig",
     "RoundHandle",
