@@ -186,6 +186,9 @@ phase("make current", train.rollback_button.click, lambda: not train.rollback_jo
 phase("report", report.burden_button.click, lambda: not report.job.is_running())
 first = review.queue.first_new()
 review.open_patch(max(first, 0))
+# a person looks at the patch before turning it in 3D: its showing (timed with the accepts,
+# each of which opens the next) is over before the 3D phase starts
+wait(lambda: not review.is_busy(), "the open patch shown")
 
 # "drawn" is the canvas's first draw in 3D (a screenshot per poll would itself hold the GUI
 # thread 0.3 s under software OpenGL); one screenshot after the phase checks what it drew
