@@ -476,3 +476,56 @@ def test_a_staged_step_that_returns_reads_holds_the_next_until_they_are_done(qtb
     qtbot.waitUntil(lambda: not staged.is_running(), timeout=5000)
     assert done == ["shown"]
     timer.stop()
+
+
+def test_3d_view_reads_a_closed_volume_in_the_worker_and_keeps_the_edits(
+    workflow, qtbot, tmp_path, monkeypatch
+):
+    """The 3D view of an open patch whose volume layer the user closed: the volume is read in
+    the Review step's worker (1.5 s slower here), then shown in 3D; the patch's unsaved
+    edits stay."""
+    from napari_pvs._widgets.review_layers import CONTEXT_LAYER, PATCH_LAYER
+    from napari_pvs._widgets.state import WorkflowState
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    phantom = make_phantom(SHAPE, SPACING, "T2", seed=3, severity=1.0, snr=20.0)
+    scan = io.save_ome_zarr(tmp_path / "case_1.zarr", phantom.image, phantom.spacing, levels=1)
+    step, review, viewer = workflow.project_step, workflow.review_step, workflow.viewer
+    step.folder_edit.setText(str(tmp_path / "project"))
+    step.model_edit.setText(str(checkpoint))
+    assert step.start_create()
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    workflow.state.update_settings(device="cpu", predict_mc=2, predict_tta=1, patch=12, n=4)
+    assert step.start_add_paths([scan])
+    qtbot.waitUntil(lambda: not step.is_busy(), timeout=60000)
+    assert review.queue_box.rank()
+    qtbot.waitUntil(lambda: not review.is_busy(), timeout=120000)
+    assert review.patch is not None, review.status_label.text()
+    labels = viewer.layers[PATCH_LAYER]
+    labels.paint(tuple(np.argwhere(np.asarray(labels.data) == 0)[0]), 1)
+    edited = np.asarray(labels.data).copy()
+    assert review.has_unsaved_edits()
+    viewer.layers.remove(workflow.state.layer_for_volume(review.volume))
+
+    threads: list[threading.Thread] = []
+    read = WorkflowState.read_volume_layers
+
+    def slow_read(volume):
+        threads.append(threading.current_thread())
+        time.sleep(SLOW_S)
+        return read(volume)
+
+    monkeypatch.setattr(WorkflowState, "read_volume_layers", staticmethod(slow_read))
+    with Heartbeat() as beat:
+        review.view3d_check.setChecked(True)
+        assert "opening" in review.status_label.text()
+        qtbot.waitUntil(
+            lambda: viewer.dims.ndisplay == 3 and CONTEXT_LAYER in viewer.layers
+            and viewer.layers[CONTEXT_LAYER].visible and viewer.layers[PATCH_LAYER].visible,
+            timeout=60000,
+        )  # fmt: skip
+    assert beat.longest < FREEZE_S, "3D view: " + beat.report()
+    assert threads and threading.main_thread() not in threads
+    assert workflow.state.layer_for_volume(review.volume) is not None
+    assert viewer.layers[PATCH_LAYER] is labels and review.has_unsaved_edits()
+    np.testing.assert_array_equal(np.asarray(labels.data), edited)

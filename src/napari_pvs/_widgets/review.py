@@ -349,8 +349,15 @@ class ReviewStep(QWidget):
 
     def _show_opening(self) -> None:
         patch, self._opening = self._opening, None
-        if patch is not None and self._show_patch(patch):
-            self.queue_box.show_queue()
+        if patch is not None:
+            if self._show_patch(patch):
+                self.queue_box.show_queue()
+        elif (  # read for the 3D view of the open patch (its edits stay as they are)
+            self.patch is not None
+            and self.view3d_check.isChecked()
+            and self.state.layer_for_volume(self.volume) is not None
+        ):
+            self._show_3d()
 
     def _on_volume_failed(self, message: str) -> None:
         self._opening = None
@@ -448,10 +455,15 @@ class ReviewStep(QWidget):
         self.staged_3d.run(self.layers.hide_3d_steps())
 
     def _show_3d(self) -> None:
-        try:
-            image = self.state.show_volume(self.volume)
-        except FileNotFoundError as exc:
-            self._report(str(exc), "error")
+        image = self.state.layer_for_volume(self.volume)
+        if image is None:  # its layer was closed: read in the worker (it held the viewer), 3D next
+            if not self.volume_job.is_running():
+                volume = self.volume
+                self.status_label.setText(f"opening {volume.name} for the 3D view…")
+                self.volume_job.start(
+                    lambda progress, cancel: (volume, self.state.read_volume_layers(volume)),
+                    f"opening {volume.name}",
+                )
             return
         self.staged_3d.run(self.layers.show_3d_steps(self.patch, image))
 
