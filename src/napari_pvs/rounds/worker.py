@@ -19,9 +19,9 @@ from napari_pvs.rounds.execute import execute_round
 def run_as_batch_work() -> str:
     """Schedule this process as CPU-bound batch work (Linux ``SCHED_BATCH``); say how it runs.
 
-    The viewer's GUI thread wakes for a moment at a time and should get a core at once, which
-    ``SCHED_BATCH`` gives it (the worker's threads do not preempt a waking thread) while the
-    worker keeps a normal share of the machine against other programs. An earlier ``nice 5``
+    The scheduler then takes the worker for CPU-bound work and mildly disfavours its threads
+    when they wake (they do not preempt the viewer's GUI thread), while it keeps nice 0's share
+    of the machine against other programs (``sched(7)``). An earlier ``nice 5``
     also made the worker lose to every other program: with the other core of a 2-core machine
     busy, a GUI round took 91-94 s where the command line's took 77 s, and 74 s as batch work,
     with the heartbeat's longest wait 91-128 ms either way. Elsewhere the priority is left as
