@@ -527,5 +527,6 @@ def test_3d_view_reads_a_closed_volume_in_the_worker_and_keeps_the_edits(
     assert beat.longest < FREEZE_S, "3D view: " + beat.report()
     assert threads and threading.main_thread() not in threads
     assert workflow.state.layer_for_volume(review.volume) is not None
+    assert "opening" not in review.status_label.text()
     assert viewer.layers[PATCH_LAYER] is labels and review.has_unsaved_edits()
     np.testing.assert_array_equal(np.asarray(labels.data), edited)

@@ -357,6 +357,7 @@ class ReviewStep(QWidget):
             and self.view3d_check.isChecked()
             and self.state.layer_for_volume(self.volume) is not None
         ):
+            self.status_label.setText("")  # (it said the volume was being opened)
             self._show_3d()
 
     def _on_volume_failed(self, message: str) -> None:

@@ -386,7 +386,13 @@ def bundled_metadata(path: Path) -> dict[str, Any] | None:
         expected = record.read_text().strip()
     except OSError:
         return None
-    if not expected or file_sha256(path) != expected:
+    return _header_if_digest(path, expected) if expected else None
+
+
+def _header_if_digest(path: Path, sha256: str) -> dict[str, Any] | None:
+    """The metadata from ``path``'s header when its bytes have SHA-256 ``sha256`` (the file a
+    full verification read), else None."""
+    if file_sha256(path) != sha256:
         return None
     return read_header(path, repr(str(path)))[0]
 
@@ -401,9 +407,10 @@ def metadata_if_unchanged(path: Path, sha256: str) -> dict[str, Any]:
     second full read, which would import torch and torch-geometric there only for that.
     Raises ``ValueError`` when the file changed since.
     """
-    if file_sha256(path) != sha256:
+    metadata = _header_if_digest(path, sha256)
+    if metadata is None:
         raise ValueError(
             f"checkpoint {str(path)!r} changed after the round's worker verified it (its "
             "SHA-256 differs); it is not made a version. Run the round again"
         )
-    return read_header(path, repr(str(path)))[0]
+    return metadata
