@@ -341,6 +341,14 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     train.batch_spin.setValue(1)
     train.patch_spin.setValue(12)
     train.device_combo.setCurrentText("cpu")
+    # shown result layers take the new version's data without being hidden (hiding and
+    # showing makes the canvas compile their shaders again)
+    shown = [lyr for lyr in viewer.layers if lyr.name.startswith(f"{image.name} PVS ")
+             and lyr.visible]  # fmt: skip
+    assert segmentation in shown
+    hidden = []
+    for lyr in shown:
+        lyr.events.visible.connect(lambda e, lyr=lyr: lyr.visible or hidden.append(lyr.name))
     with Heartbeat() as beat:
         train.start_button.click()
         assert train.is_running() and not train.start_button.isEnabled()
@@ -366,6 +374,9 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert segmentation.metadata["model_version"] == "v1"
     assert segmentation.metadata["prediction"] == str(project.prediction_path(vid, 1))
     assert result_layer_names(viewer, image) == result_layers  # the same set, v1's data
+    assert hidden == [] and all(lyr.visible for lyr in shown)
+    v1 = zarr.open_group(str(project.prediction_path(vid, 1)), mode="r")
+    np.testing.assert_array_equal(np.asarray(segmentation.data), v1["segmentation"][...])
     # the Report counted with v0 before the round counts again with v1, named per row
     wait(qtbot, report.job.is_running)
     assert {r["model_version"] for r in report.rows} == {1}

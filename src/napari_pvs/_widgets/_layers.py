@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels, Layer, Shapes
@@ -178,12 +178,17 @@ def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int
 
 
 def prefetch_first_plane(
-    viewer: napari.viewer.Viewer, layer: Layer, point: Sequence[float] | None = None
+    viewer: napari.viewer.Viewer,
+    layer: Layer,
+    point: Sequence[float] | None = None,
+    data: Any = None,
 ) -> list[Future]:
     """Start reading, off the GUI thread, what a hidden layer's first plane reads once shown
     (:func:`napari_pvs.display.prefetch_plane`: the slabs of its shown level and of its
     thumbnail's, at the viewer's current plane, or at the world ``point`` the view is about
-    to move to); returns the reads on their way.
+    to move to); returns the reads on their way. With ``data`` (one level, of the layer's
+    shape), the plane of that data, which is about to replace the layer's: a shown layer
+    then swaps to it without a read on the GUI thread.
 
     Showing a 1024^3 layer read that plane on the GUI thread, in the turn that made it
     visible: 0.2-0.37 s with the event loop held. Shown once these reads are done, napari's
@@ -199,7 +204,9 @@ def prefetch_first_plane(
         return []
     axis = across[0]
     point = float(layer.world_to_data(viewer.dims.point if point is None else point)[axis])
-    if getattr(layer, "multiscale", False):
+    if data is not None:
+        levels, wanted, factors = [data], {0}, [1.0]
+    elif getattr(layer, "multiscale", False):
         levels = list(layer.data)
         shown = layer.locked_data_level
         shown = layer.data_level if shown is None else shown

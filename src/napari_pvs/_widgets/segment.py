@@ -308,11 +308,34 @@ class SegmentPanel(SegmentOptions):
             if layer is not None and not has_unsaved_edits(layer):
                 self.viewer.layers.remove(layer)
 
-    def _put_layer(self, name: str, data, kind: str, **kwargs) -> Image | Labels:
+    def _swappable_in_view(self, name: str, data, kind: str) -> Image | Labels | None:
+        """The shown layer of that name that can take ``data`` without being hidden: one
+        level in and out, the same shape (the same volume predicted again, as after a round).
+
+        Hiding and showing a layer makes the canvas build its visuals' programs again (after a
+        round: about eight shader compilations under software OpenGL, 200+ ms of GUI thread
+        with the other core busy); such a layer keeps showing and swaps data once the new
+        data's plane is read (:func:`prefetch_first_plane` with ``data``).
+        """
+        existing = find_layer(self.viewer, name)
+        if (
+            isinstance(existing, Labels if kind == "labels" else Image)
+            and existing.visible
+            and not existing.multiscale
+            and not isinstance(data, list)
+            and tuple(existing.data.shape) == tuple(data.shape)
+        ):
+            return existing
+        return None
+
+    def _put_layer(
+        self, name: str, data, kind: str, keep_visible: bool = False, **kwargs
+    ) -> Image | Labels:
         """Add the layer, or give an existing one of that name the new data (keeps display).
 
         The layer comes back hidden: a hidden layer is not sliced, so building it and reading
-        its first slice (a ``show`` step later) happen in different event-loop turns.
+        its first slice (a ``show`` step later) happen in different event-loop turns. With
+        ``keep_visible``, a shown layer stays shown (see :meth:`_swappable_in_view`).
         """
         existing = find_layer(self.viewer, name)
         kwargs["visible"] = False
@@ -321,11 +344,14 @@ class SegmentPanel(SegmentOptions):
         if isinstance(existing, Labels if kind == "labels" else Image) and (
             existing.multiscale == multiscale
         ):
-            existing.visible = False
-            existing.data = data
-            existing.metadata = kwargs["metadata"]
-            if "contrast_limits" in kwargs:
+            if not keep_visible:
+                existing.visible = False
+            if "contrast_limits" in kwargs and tuple(existing.contrast_limits) != tuple(
+                kwargs["contrast_limits"]
+            ):
                 existing.contrast_limits = kwargs["contrast_limits"]
+            existing.metadata = kwargs["metadata"]
+            existing.data = data
             start_at_affordable_level(self.viewer, existing)
             return existing  # (a layer cannot turn multiscale: then it is built anew)
         if existing is not None:
@@ -366,21 +392,29 @@ class SegmentPanel(SegmentOptions):
         if self.ranking_box is not None:
             self.ranking_box.clear()
 
-        def add(array: str) -> None:
+        def data_of(array: str):
             # a large prediction is drawn from its display levels (see Predictor.display_edge)
             levels = result.levels[array]  # opened in the worker
             # display views napari reads directly (read-only; one plane per slice, no dask
             # graph on the GUI thread); the segmentation of one level as dask, which a labels
             # layer can be painted over (on the first stroke it becomes numpy)
-            if len(levels) > 1:
-                data = levels
-            elif array == "segmentation":
-                data = levels[0].to_dask()
-            else:
-                data = levels[0]
+            if array == "segmentation":
+                return levels if len(levels) > 1 else levels[0].to_dask()
+            return as_float32(levels if len(levels) > 1 else levels[0])
+
+        def kind_of(array: str) -> str:
+            return "labels" if array == "segmentation" else "image"
+
+        order = [a for a in ("probability", "segmentation") if a in wanted]
+        order += [a for a in wanted if a in UNCERTAINTY_DISPLAY]
+        datas = {array: data_of(array) for array in order}
+
+        def add(array: str, keep_visible: bool = False) -> None:
+            data = datas[array]
+            keep = {"keep_visible": keep_visible}
             if array == "segmentation":
                 layer = self._put_layer(
-                    names[array], data, "labels", metadata=dict(metadata), **common
+                    names[array], data, "labels", metadata=dict(metadata), **keep, **common
                 )
                 layer.metadata.pop(EDITED_KEY, None)
                 layer.brush_size = int(self.state.settings()["brush_size"])
@@ -389,24 +423,26 @@ class SegmentPanel(SegmentOptions):
             elif array == "probability":
                 layer = self._put_layer(
                     names[array],
-                    as_float32(data),
+                    data,
                     "image",
                     metadata=dict(metadata),
                     contrast_limits=(0.0, 1.0),
                     colormap="inferno",
                     blending="additive",
                     opacity=0.7,
+                    **keep,
                     **common,
                 )
             else:
                 _, limits = UNCERTAINTY_DISPLAY[array]
                 layer = self._put_layer(
                     names[array],
-                    as_float32(data),
+                    data,
                     "image",
                     metadata=dict(metadata),
                     contrast_limits=limits,
                     colormap="viridis",
+                    **keep,
                     **common,
                 )
             self.result_layers[array] = layer
@@ -422,13 +458,22 @@ class SegmentPanel(SegmentOptions):
             if layer is not None and layer in self.viewer.layers:
                 layer.visible = True
 
+        def read_ahead_of_swap(array: str, layer: Image | Labels) -> list:
+            if layer not in self.viewer.layers:
+                return []
+            return prefetch_first_plane(self.viewer, layer, data=datas[array])
+
         steps = []
-        for array in ("probability", "segmentation"):
-            if array in wanted:
+        for array in order:
+            shown = self._swappable_in_view(names[array], datas[array], kind_of(array))
+            if shown is not None:  # swapped in place once its new plane is read
+                steps += [lambda a=array, s=shown: read_ahead_of_swap(a, s),
+                          lambda a=array: add(a, keep_visible=True)]  # fmt: skip
+            elif array in ("probability", "segmentation"):
                 steps += [lambda a=array: add(a), lambda a=array: read_ahead(a),
                           lambda a=array: show(a)]  # fmt: skip
-        # uncertainty layers stay hidden (not sliced) until the user shows one
-        steps += [lambda a=array: add(a) for array in wanted if array in UNCERTAINTY_DISPLAY]
+            else:  # uncertainty layers stay hidden (not sliced) until the user shows one
+                steps.append(lambda a=array: add(a))
         steps.append(lambda: self._finish_segmentation(result))
         self.staged.run(steps)
 
