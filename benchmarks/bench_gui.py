@@ -15,8 +15,9 @@ layers it hid are shown again), the Review
 step's Candidates mode (Find candidates, then ten answers as key presses on the canvas, Y and
 N in turn, a fifth of a second apart, until every save is in the ledger) and Close + Open. A
 50 ms QTimer runs throughout; each phase reports its wall time and the longest wait between
-two ticks (the GUI thread's longest stall). For the answers, the longest time from a key
-press to the next candidate drawn is printed too (goal: under 200 ms).
+two ticks (the GUI thread's longest stall), and how many shader programs the canvas linked
+in it (each compiled on the GUI thread under software OpenGL). For the answers, the longest
+time from a key press to the next candidate drawn is printed too (goal: under 200 ms).
 
 The same work through the CLI, each a fresh ``python -m napari_pvs.cli`` process as a user
 runs it (start-up included): ``project init``, ``project add --modality T2``, ``predict``
@@ -62,6 +63,16 @@ workflow = PVSWorkflow(viewer, ask=lambda parent, title, question, choices: choi
 viewer.window.add_dock_widget(workflow, area="right")
 viewer.window._qt_window.resize(1600, 1000)
 app = QApplication.instance()
+
+# shader programs linked per phase: under software OpenGL each link compiles on the GUI
+# thread (tens of ms); vispy calls gl.glLinkProgram through the module, looked up per call
+from vispy.gloo import gl as vispy_gl
+linked = [0]
+link_program = vispy_gl.glLinkProgram
+def counted_link(handle):
+    linked[0] += 1
+    return link_program(handle)
+vispy_gl.glLinkProgram = counted_link
 
 import threading, traceback
 
@@ -118,6 +129,7 @@ def phase(name, action, done):
     app.processEvents()
     beat.phase = name
     beat.reset()
+    linked_before = linked[0]
     started = time.perf_counter()
     action()
     wait(done, name)
@@ -125,7 +137,7 @@ def phase(name, action, done):
     seconds = ended - started
     wait(lambda: beat.last >= ended, "one more tick", 60)  # the gap the phase ended in
     rows.append({"phase": name, "seconds": round(seconds, 3),
-                 "longest_wait": round(beat.longest, 3)})
+                 "longest_wait": round(beat.longest, 3), "linked": linked[0] - linked_before})
     print(f"{name}: {seconds:.2f} s, longest wait {beat.longest * 1000:.0f} ms",
           file=sys.stderr, flush=True)
 
@@ -329,14 +341,15 @@ def main() -> None:
           f"{gui['modality']}; round {gui['round']}")  # fmt: skip
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
           f"{os.cpu_count()} CPUs")
-    print(f"{'phase':<18}{'GUI s':>9}{'CLI s':>9}{'ratio':>8}{'longest wait ms':>17}")
+    print(f"{'phase':<18}{'GUI s':>9}{'CLI s':>9}{'ratio':>8}{'longest wait ms':>17}"
+          f"{'programs linked':>17}")
     for row in gui["rows"]:
         cli_s = times.get(row["phase"])
         ratio = f"{row['seconds'] / cli_s:.2f}" if cli_s else "-"
         cli_text = f"{cli_s:.2f}" if cli_s else "-"
         flag = " *" if row["longest_wait"] > GOAL_WAIT_S else ""
         print(f"{row['phase']:<18}{row['seconds']:>9.2f}{cli_text:>9}{ratio:>8}"
-              f"{row['longest_wait'] * 1000:>17.0f}{flag}")
+              f"{row['longest_wait'] * 1000:>17.0f}{row.get('linked', 0):>17}{flag}")
     print(f"(* = a wait over the {GOAL_WAIT_S * 1000:.0f} ms goal; ratio goal <= {GOAL_RATIO} "
           f"for segment and round; the GUI thread's stack at each stall: {work / 'stalls.txt'})")
     print(f"candidates: {gui['candidates']} found; {gui['answers']} answers by key, longest "

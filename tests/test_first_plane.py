@@ -140,3 +140,21 @@ def test_segment_result_layers_start_at_the_affordable_level(
     assert viewer.layers["scan PVS probability"].locked_data_level == 1
     viewer.scene.camera.zoom *= 4
     assert probability.locked_data_level is None and segmentation.locked_data_level is None
+
+
+def test_replaced_labels_do_not_undo_the_previous_datas_strokes(make_napari_viewer):
+    # napari's data setter keeps the undo history: Ctrl+Z wrote the previous patch's last
+    # stroke (its voxels and old values) into the next patch
+    from napari_pvs._widgets._layers import replace_labels
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.zeros((8, 8, 8), np.uint8))
+    layer.n_edit_dimensions, layer.brush_size = 3, 3
+    layer.paint((4, 4, 4), 1)
+    assert np.count_nonzero(layer.data) > 0
+    replace_labels(layer, np.ones((8, 8, 8), np.uint8))
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, np.ones((8, 8, 8), np.uint8))
+    layer.paint((1, 1, 1), 0)  # its own strokes undo as before
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, np.ones((8, 8, 8), np.uint8))

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
+from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt, QTimer
 
 from napari_pvs import io
@@ -201,6 +202,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     queued = project.queue(vid, status="new")
     assert review.queue_box.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()
+    shortfall = notification_manager.records[-1]  # a shortfall is a warning: it is a toast too
+    assert shortfall.severity == "warning" and f"only {len(queued)} of 20" in shortfall.message
     # and under the queue, where it stays: why fewer (overlap, tissue, reviewed voxels)
     why = review.queue_box.queue_label.text()
     assert f"only {len(queued)} of 20" in why and "overlapping" in why and "tissue" in why
@@ -268,6 +271,8 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert review.patch.id == patch.id and review.queue.index == 0
 
     # -- Accept (button): written through project.accept, shown as reviewed, next one opens
+    # a routine outcome is no napari toast: the status line says it
+    toasts = len(notification_manager.records)
     review.accept_button.click()
     assert not review.accept_button.isEnabled() and "saving patch" in review.status_label.text()
     wait(qtbot, review.is_busy)
@@ -280,6 +285,10 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     # the next patch's prefill (taken from the Accept's read-ahead): equal to a fresh read
     np.testing.assert_array_equal(layer.data, review.layers.prefill_labels(review.patch))
     assert layer.bounding_box.visible and "accepted patch" in review.status_label.text()
+    assert len(notification_manager.records) == toasts
+    prefill = np.asarray(layer.data).copy()
+    layer.undo()  # the accepted patch's strokes are not undone inside this one
+    np.testing.assert_array_equal(layer.data, prefill)
 
     # -- an emptied patch counts as reviewed; the keys are the patch layer's (A, S, N, Shift+N)
     layer.n_edit_dimensions = 3

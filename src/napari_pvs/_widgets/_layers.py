@@ -134,6 +134,17 @@ def warm_up_labels_visuals() -> None:
     DashAtlas()
 
 
+def replace_labels(layer: Labels, data) -> None:
+    """Give a labels layer new data, with an undo history that starts from it.
+
+    napari's data setter keeps the layer's history, whose strokes are voxel indices and
+    values: Ctrl+Z after the swap wrote the previous data's last stroke into the new data
+    (the previous patch's stroke undone inside the next patch's prefill).
+    """
+    layer.data = data
+    layer._reset_history()  # (napari has no public call for it)
+
+
 def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int | None:
     """Show a multiscale layer first at the finest level whose whole plane decodes at most
     :data:`napari_pvs.display.FIRST_PLANE_VOXELS`, until the user zooms or turns to 3D.

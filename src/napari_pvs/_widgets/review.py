@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs._widgets._common import notify, status_label
 from napari_pvs._widgets._jobs import BackgroundJob
-from napari_pvs._widgets._layers import StagedLayers
+from napari_pvs._widgets._layers import StagedLayers, replace_labels
 from napari_pvs._widgets.review_candidates import CandidatesBox
 from napari_pvs._widgets.review_layers import PatchLayers
 from napari_pvs._widgets.review_patch_saves import PatchSaves
@@ -417,7 +417,7 @@ class ReviewStep(QWidget):
         if labels is not None and layer is not None and np.array_equal(
             np.asarray(layer.data) > 0, labels > 0
         ):
-            layer.data = labels  # fresh history: what is saved is the new starting point
+            replace_labels(layer, labels)  # fresh history: what is saved is the start now
         if patch.id >= 0:
             self.patch = self.queue.current()
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from napari.layers import Image, Labels
 
-from napari_pvs._widgets._layers import PATCH_OF_KEY, find_layer, zoom_to
+from napari_pvs._widgets._layers import PATCH_OF_KEY, find_layer, replace_labels, zoom_to
 from napari_pvs._widgets.review_layers import grown_box
 from napari_pvs._widgets.state import WorkflowState
 
@@ -158,7 +158,7 @@ class CandidateLayers:
             if not np.allclose(layer.scale[-3:], scale):
                 layer.scale = tuple(scale)
             layer.translate = tuple(origin)
-            layer.data = data
+            replace_labels(layer, data)
             layer.metadata = metadata
             if not layer.visible:
                 layer.visible = True

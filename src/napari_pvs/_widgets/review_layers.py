@@ -22,6 +22,7 @@ from napari_pvs._widgets._layers import (
     box_world,
     find_layer,
     prefetch_first_plane,
+    replace_labels,
     zoom_to,
 )
 from napari_pvs._widgets.state import WorkflowState
@@ -198,7 +199,7 @@ class PatchLayers:
         else:
             layer.visible = False  # first: the new data is not read where it is not shown
             layer.scale, layer.translate = scale, origin
-            layer.data = data  # a new array: the previous patch's undo history goes with it
+            replace_labels(layer, data)  # the previous patch's undo history goes
             layer.metadata = metadata
         layer.selected_label = 1
         layer.brush_size = brush

@@ -31,6 +31,7 @@ from napari_pvs._widgets._layers import (
     has_unsaved_edits,
     prefetch_first_plane,
     prepare_layer_dependencies,
+    replace_labels,
     start_at_affordable_level,
     track_edits,
     warm_up_labels_visuals,
@@ -312,10 +313,11 @@ class SegmentPanel(SegmentOptions):
         """The shown layer of that name that can take ``data`` without being hidden: one
         level in and out, the same shape (the same volume predicted again, as after a round).
 
-        Hiding and showing a layer makes the canvas build its visuals' programs again (after a
-        round: about eight shader compilations under software OpenGL, 200+ ms of GUI thread
-        with the other core busy); such a layer keeps showing and swaps data once the new
-        data's plane is read (:func:`prefetch_first_plane` with ``data``).
+        Hiding and showing a layer makes the canvas link its visuals' shader programs again,
+        each compiled on the GUI thread under software OpenGL (``bench_gui``'s count for the
+        round phase: 8 with the hide and show, 4 with the swap; napari relinks a labels
+        layer's program on every new data anyway). Such a layer keeps showing and swaps data
+        once the new data's plane is read (:func:`prefetch_first_plane` with ``data``).
         """
         existing = find_layer(self.viewer, name)
         if (
@@ -351,7 +353,10 @@ class SegmentPanel(SegmentOptions):
             ):
                 existing.contrast_limits = kwargs["contrast_limits"]
             existing.metadata = kwargs["metadata"]
-            existing.data = data
+            if isinstance(existing, Labels):
+                replace_labels(existing, data)  # no undo of the earlier result's strokes
+            else:
+                existing.data = data
             start_at_affordable_level(self.viewer, existing)
             return existing  # (a layer cannot turn multiscale: then it is built anew)
         if existing is not None:

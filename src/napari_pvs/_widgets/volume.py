@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Labels, Layer
-from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -29,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_pvs import io
 from napari_pvs._reader import volume_layer_data
-from napari_pvs._widgets._common import Ask, ask_with_dialog
+from napari_pvs._widgets._common import Ask, ask_with_dialog, notify
 from napari_pvs._widgets._jobs import BackgroundJob, run_cancel_row
 from napari_pvs._writer import existing_label_target, save_labels
 from napari_pvs.display import as_dask
@@ -156,8 +155,7 @@ class VolumePanel(QWidget):
 
     # ---------------------------------------------------------------- helpers
     def _report(self, message: str, error: bool = False) -> None:
-        self.status_label.setText(message)
-        (show_error if error else show_info)(message)
+        notify(self.status_label, message, "error" if error else "info")
 
     def _image_layers(self) -> list[Image]:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
