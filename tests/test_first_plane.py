@@ -158,3 +158,38 @@ def test_replaced_labels_do_not_undo_the_previous_datas_strokes(make_napari_view
     layer.paint((1, 1, 1), 0)  # its own strokes undo as before
     layer.undo()
     np.testing.assert_array_equal(layer.data, np.ones((8, 8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_replaced_labels_in_place_reuse_the_layers_array_without_a_data_event(
+    make_napari_viewer, in_place
+):
+    """``in_place``: the next patch goes into the layer's own array (no ``data`` event, which
+    makes napari's canvas link the labels shader again), its plane is what the layer shows,
+    and the previous data's stroke is not undone into it. A caller's array is never written:
+    another shape or dtype takes the setter."""
+    from napari_pvs._widgets._layers import replace_labels
+
+    viewer = make_napari_viewer()
+    first = np.zeros((8, 8, 8), np.uint8)
+    layer = viewer.add_labels(first)
+    own = layer.data
+    events = []
+    layer.events.data.connect(events.append)
+    layer.n_edit_dimensions, layer.brush_size = 3, 3
+    layer.paint((4, 4, 4), 1)
+    nxt = np.zeros((8, 8, 8), np.uint8)
+    nxt[:, :4] = 1
+    replace_labels(layer, nxt, in_place=in_place)
+    assert (layer.data is own) is in_place and (len(events) == 0) is in_place
+    np.testing.assert_array_equal(layer.data, nxt)
+    plane = int(viewer.dims.point[0])
+    np.testing.assert_array_equal(np.asarray(layer._slice.image.raw), nxt[plane])
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, nxt)
+    if in_place:  # the caller's array stays the caller's
+        nxt[:] = 7
+        assert layer.data.max() == 1
+    wider = np.ones((8, 8, 9), np.uint8)
+    replace_labels(layer, wider, in_place=True)
+    assert layer.data is wider and layer.data.shape == (8, 8, 9)

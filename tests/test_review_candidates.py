@@ -118,6 +118,40 @@ def stored(project, candidate) -> np.ndarray:
     return np.asarray(project.labels(candidate.volume_id)["labels"][box])
 
 
+def assert_holds_exactly(layer, candidate, mask: np.ndarray) -> None:
+    """The candidate layer holds ``candidate``'s cluster at its place on the volume's grid,
+    and nothing else."""
+    origin = np.round(np.asarray(layer.translate) / np.asarray(layer.scale)).astype(int)
+    inner = tuple(slice(a - o, b - o) for a, b, o in zip(candidate.bbox_start,
+                                                         candidate.bbox_stop, origin,
+                                                         strict=True))  # fmt: skip
+    np.testing.assert_array_equal(layer.data[inner] > 0, mask)
+    assert int((layer.data > 0).sum()) == candidate.voxels
+
+
+def test_candidate_canvas_reuses_the_layers_shape_inside_the_volume():
+    """A cluster whose surroundings fit in the layer's block is written into a block of that
+    shape, moved back inside the volume at its edge; a larger one grows the block."""
+    from napari_pvs._widgets.review_candidate_layers import CandidateView, candidate_canvas
+
+    class Shown:  # the layer's array is all candidate_canvas reads
+        data = np.zeros((10, 12, 12), np.uint8)
+
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1:3, 2:5, 0] = True
+    view = CandidateView([34, 5, 0], [40, 11, 6], mask, (1, 3, 0), np.zeros((6, 6, 6)))
+    start, data = candidate_canvas(view, (40, 40, 40), Shown())
+    assert data.shape == (10, 12, 12) and start == (30, 5, 0)  # 34 + 10 > 40: moved back
+    held = data[4:10, 0:6, 0:6]
+    np.testing.assert_array_equal(held > 0, mask)
+    assert int(data.sum()) == int(mask.sum())
+    big = CandidateView([0, 0, 0], [14, 6, 6], np.ones((14, 6, 6), bool), (0, 0, 0), mask)
+    start, data = candidate_canvas(big, (40, 40, 40), Shown())
+    assert start == (0, 0, 0) and data.shape == (14, 12, 12)
+    start, data = candidate_canvas(view, (40, 40, 40), None)  # no layer yet: the box itself
+    assert start == (34, 5, 0) and data.shape == (6, 6, 6)
+
+
 def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, project):
     viewer = workflow.viewer
     vid = project.volumes()[0].id
@@ -132,11 +166,7 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     assert first.id == listed[0].id  # rank 1 first
     # the layer holds exactly the cluster, placed on the volume's grid
     mask = project.candidate_mask(first.id)
-    origin = np.round(np.asarray(layer.translate) / np.asarray(layer.scale)).astype(int)
-    inner = tuple(slice(a - o, b - o) for a, b, o in zip(first.bbox_start, first.bbox_stop,
-                                                         origin, strict=True))  # fmt: skip
-    np.testing.assert_array_equal(layer.data[inner] > 0, mask)
-    assert int((layer.data > 0).sum()) == first.voxels
+    assert_holds_exactly(layer, first, mask)
     # the canvas is on the cluster's plane (the slider's point is inside the cluster's box)
     plane = viewer.dims.point[0] / SPACING
     assert first.bbox_start[0] <= round(plane) < first.bbox_stop[0]
@@ -152,6 +182,8 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     assert set(np.unique(values[mask])) == {1} and set(np.unique(values[~mask])) <= {UNREVIEWED}
     # -- N: not a PVS (its voxels become background)
     second = box.queue.current()
+    assert viewer.layers[CANDIDATE_LAYER] is layer  # the same layer: the next cluster only
+    assert_holds_exactly(layer, second, project.candidate_mask(second.id))
     key(workflow, qtbot, Qt.Key.Key_N)
     wait(qtbot, review.is_busy)
     assert project.candidate(second.id).status == "no"

@@ -134,15 +134,34 @@ def warm_up_labels_visuals() -> None:
     DashAtlas()
 
 
-def replace_labels(layer: Labels, data) -> None:
+def replace_labels(layer: Labels, data, *, in_place: bool = False) -> None:
     """Give a labels layer new data, with an undo history that starts from it.
 
     napari's data setter keeps the layer's history, whose strokes are voxel indices and
     values: Ctrl+Z after the swap wrote the previous data's last stroke into the new data
     (the previous patch's stroke undone inside the next patch's prefill).
+
+    ``in_place``: when the layer's array is its own (nobody else holds it) and ``data`` has
+    its shape and dtype, copy ``data`` into it and refresh. napari's vispy labels layer links
+    its shader program again on every ``data`` event (a probe under software OpenGL: a canvas
+    turn of 80-100 ms against 60-70 ms in place); a refresh only uploads the new plane.
     """
+    current = layer.data
+    if (
+        in_place
+        and isinstance(current, np.ndarray)
+        and isinstance(data, np.ndarray)
+        and current is not data
+        and current.shape == data.shape
+        and current.dtype == data.dtype
+        and current.flags.writeable
+    ):
+        current[...] = data
+        layer._reset_history()  # (napari has no public call for it)
+        layer.refresh()
+        return
     layer.data = data
-    layer._reset_history()  # (napari has no public call for it)
+    layer._reset_history()
 
 
 def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int | None:

@@ -417,7 +417,8 @@ class ReviewStep(QWidget):
         if labels is not None and layer is not None and np.array_equal(
             np.asarray(layer.data) > 0, labels > 0
         ):
-            replace_labels(layer, labels)  # fresh history: what is saved is the start now
+            # fresh history: what is saved is the start now
+            replace_labels(layer, labels, in_place=True)
         if patch.id >= 0:
             self.patch = self.queue.current()
 

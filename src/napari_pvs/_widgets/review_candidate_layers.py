@@ -143,9 +143,10 @@ class CandidateLayers:
         """The cluster's outline over its surroundings, active, the view on its widest plane."""
         scale = np.asarray(image.scale[-3:], dtype=float)
         translate = np.asarray(image.translate[-3:], dtype=float)
-        origin = np.asarray(view.start, float) * scale + translate
         layer = self.labels()
-        data = view.mask.astype(np.uint8)
+        volume_shape = (image.data[0] if image.multiscale else image.data).shape[-3:]
+        start, data = candidate_canvas(view, volume_shape, layer)
+        origin = np.asarray(start, float) * scale + translate
         metadata = {PATCH_OF_KEY: candidate.volume_id, "candidate_id": candidate.id}
         if layer is None:
             layer = self.viewer.add_labels(
@@ -158,7 +159,7 @@ class CandidateLayers:
             if not np.allclose(layer.scale[-3:], scale):
                 layer.scale = tuple(scale)
             layer.translate = tuple(origin)
-            replace_labels(layer, data)
+            replace_labels(layer, data, in_place=True)  # the same shape: no shader link
             layer.metadata = metadata
             if not layer.visible:
                 layer.visible = True
@@ -181,3 +182,26 @@ class CandidateLayers:
         layer = find_layer(self.viewer, CANDIDATE_LAYER)
         if layer is not None:
             self.viewer.layers.remove(layer)
+
+
+def candidate_canvas(
+    view: CandidateView, volume_shape: Sequence[int], layer: Labels | None
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """Where the candidate's layer starts (voxels) and what it holds: the cluster's mask in a
+    block of the shape the layer already has when the mask fits in it (placed to hold the
+    cluster's surroundings and stay inside the volume), else of the elementwise larger shape.
+
+    The layer's shape then settles after a few candidates and each next one is written into
+    its own array (:func:`replace_labels` in place): a new shape is a ``data`` event, and
+    napari links the labels shader program again on every one."""
+    box = np.asarray(view.stop) - np.asarray(view.start)
+    shape = box
+    if layer is not None and isinstance(layer.data, np.ndarray) and layer.data.ndim == 3:
+        shape = np.maximum(box, layer.data.shape)
+    shape = np.minimum(shape, np.asarray(volume_shape))
+    start = np.minimum(np.asarray(view.start), np.asarray(volume_shape) - shape).clip(0)
+    data = np.zeros(tuple(int(n) for n in shape), np.uint8)
+    inner = tuple(slice(a - s, b - s) for a, b, s in zip(view.start, view.stop, start,
+                                                         strict=True))  # fmt: skip
+    data[inner] = view.mask
+    return tuple(int(v) for v in start), data

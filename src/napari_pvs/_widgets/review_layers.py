@@ -199,7 +199,8 @@ class PatchLayers:
         else:
             layer.visible = False  # first: the new data is not read where it is not shown
             layer.scale, layer.translate = scale, origin
-            replace_labels(layer, data)  # the previous patch's undo history goes
+            # the previous patch's undo history goes; its array (the layer's own) is reused
+            replace_labels(layer, data, in_place=True)
             layer.metadata = metadata
         layer.selected_label = 1
         layer.brush_size = brush
