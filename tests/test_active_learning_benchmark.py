@@ -268,3 +268,47 @@ def test_site_t1_preset_writes_its_own_field_of_view(tmp_path, monkeypatch):
     assert "bias field: 2.5x the trained amplitude" in " ".join(description["shift"])
     make_benchmark_data(tmp_path / "e", preset="site-t1", shape=(24, 40, 32), pool=1, test=1)
     assert shapes[-1] == (24, 40, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tune", [True, False])
+def test_tune_start_trains_the_given_model_on_the_initial_patches_before_round_1(
+    tiny_data, tmp_path, tune
+):
+    """``--tune-start`` with a given checkpoint: the start project trains it on the initial
+    patches by the label-limited budget (4 + 1 x 2 training patches = 6 steps), that version
+    is round 0 of every strategy, and each round retrains from it. Without it round 0 is the
+    checkpoint as given and rounds retrain from that."""
+    from napari_pvs.models import build_model
+    from napari_pvs.models.checkpoint import save_checkpoint
+    from napari_pvs.project import Project
+
+    given = save_checkpoint(
+        build_model("unet", **json.loads(TINY_UNET)), tmp_path / "given.safetensors"
+    )
+    out = tmp_path / "bench"
+    argv = [
+        "benchmark", "active-learning",
+        "--pool-images", str(tiny_data["pool-1"]), str(tiny_data["pool-2"]),
+        "--test-images", str(tiny_data["test-1"]),
+        "--strategies", "random", "--rounds", "1", "--per-round", "2", "--patch", "16",
+        "--seeds", "1", "--init", str(given), "--steps", "4", "--steps-per-patch", "1",
+        "--max-steps", "12", "--validate-every", "2", "--patience", "2", "--mc", "0",
+        "--lr", "3e-3", "--initial-strategy", "fg-random", "--out", str(out),
+    ] + (["--tune-start"] if tune else [])  # fmt: skip
+    assert main(argv) == 0
+    start_version = 1 if tune else 0
+    with Project.open(out / "projects" / "start-seed0") as start:
+        assert start.current_version().version == start_version
+        if tune:
+            (tuned,) = start.rounds()
+            assert tuned.base_version == 0 and tuned.config["steps"] == 6
+            assert len(start.annotations(split="train")) == 2
+    with Project.open(out / "projects" / "random-seed0") as project:
+        strategy_round = project.rounds()[-1]
+        assert strategy_round.base_version == start_version
+    with open(out / "learning_curve.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["strategy"] == "random"]
+    assert int(rows[0]["version"]) == start_version  # round 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["tune_start"] is tune

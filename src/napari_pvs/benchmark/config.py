@@ -102,6 +102,9 @@ class BenchmarkConfig:
     patch: int = 32
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     init: str = "default"  # "default", "scratch" or a checkpoint path
+    # train the start model on the initial patches (label-limited budget) before round 1, so
+    # round 0 is a model that has seen them, as nnActive's protocol starts; "scratch" always does
+    tune_start: bool = False
     # retrain "start" (label-limited, the default): every round trains the start model on all
     # patches labelled so far for a budget of steps + steps_per_patch x training patches (at
     # most max_steps), validating every validate_every steps (None: budget / 8, at least 25)

@@ -20,7 +20,10 @@ grows with the labelled set (``steps + steps_per_patch x training patches``, at 
 validation Dice), stopped after ``patience`` validations without improvement, best weights
 kept. Each round reports its convergence evidence: the validation Dice (a moving mean of
 ``smooth`` validations) moved by less than 0.01 over the last quarter of its steps. So each
-point of the curve is a function of the labelled set, not of the steps trained.
+point of the curve is a function of the labelled set, not of the steps trained. With
+``tune_start`` (always with ``init="scratch"``) the start model is first trained on the initial
+patches by the same rule and that version is round 0 and the model every round starts from, so
+round 1 measures what the first round's labels add, not what the initial patches taught.
 **Step-limited** (``retrain="current"``, the product's loop): each round fine-tunes the current
 version ``steps`` steps; the model at round r has had r rounds of steps.
 
@@ -265,9 +268,12 @@ class _Runner:
                 self.annotator.accept(project, more)
             seconds_rank = time.perf_counter() - started
             seconds_round = 0.0
-            if c.init == "scratch":  # a start model worth ranking with: trained on them
+            if c.init == "scratch" or c.tune_start:  # a start model that has seen them
                 started = time.perf_counter()
-                self.run_round(project, c.steps, seed * 1000, rerank=False)
+                steps = c.steps if c.init == "scratch" else c.budget(
+                    len(project.annotations(split="train"))
+                )
+                self.run_round(project, steps, seed * 1000, rerank=False)
                 seconds_round = time.perf_counter() - started
             for vid in range(1, len(self.pool) + 1):
                 project.predict(vid)
@@ -543,7 +549,8 @@ def run_benchmark(
         f"{config.steps_per_patch}/patch steps, at most {config.max_steps})"
     )  # fmt: skip
     title = (
-        f"init {config.init}, {config.per_round} patches of {config.patch}^3 per round, "
+        f"init {config.init}{' tuned on the initial patches' if config.tune_start else ''}, "
+        f"{config.per_round} patches of {config.patch}^3 per round, "
         f"{training}, seeds {', '.join(map(str, config.seeds))}"
     )
     png_path = plot_learning_curve(summary, runner.rows, out / "learning_curve.png", title)

@@ -99,6 +99,12 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
         "the initial patches) or a checkpoint",
     )
     parser.add_argument(
+        "--tune-start", action="store_true",
+        help="train the start model on the initial patches (the label-limited budget) before "
+        "round 1, so that round 0 is a model that has seen them and each round measures only "
+        "what its own labels add ('scratch' always does)",
+    )  # fmt: skip
+    parser.add_argument(
         "--retrain",
         choices=["start", "current"],
         default="start",
@@ -230,6 +236,7 @@ def _run_active_learning(args: argparse.Namespace) -> int:
         patch=args.patch,
         seeds=list(range(args.seeds)),
         init=args.init,
+        tune_start=args.tune_start,
         steps=args.steps if args.steps is not None else (150 if args.retrain == "start" else 50),
         retrain=args.retrain,
         steps_per_patch=args.steps_per_patch,
