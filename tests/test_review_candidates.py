@@ -150,6 +150,30 @@ def test_candidate_canvas_reuses_the_layers_shape_inside_the_volume():
     assert start == (0, 0, 0) and data.shape == (14, 12, 12)
     start, data = candidate_canvas(view, (40, 40, 40), None)  # no layer yet: the box itself
     assert start == (34, 5, 0) and data.shape == (6, 6, 6)
+    start, data = candidate_canvas(view, (40, 40, 40), None, block=(8, 7, 9))  # the list's
+    assert start == (32, 5, 0) and data.shape == (8, 7, 9)
+    np.testing.assert_array_equal(data[2:8, 0:6, 0:6] > 0, mask)
+
+
+def test_block_shape_is_the_largest_surroundings_of_the_list():
+    from types import SimpleNamespace
+
+    from napari_pvs._widgets.review_candidate_layers import (
+        MARGIN_FRACTION,
+        MAX_BLOCK,
+        MIN_MARGIN,
+        block_shape,
+    )
+    from napari_pvs._widgets.review_layers import grown_box
+
+    listed = [SimpleNamespace(bbox_start=[10, 10, 10], bbox_stop=[12, 13, 11]),
+              SimpleNamespace(bbox_start=[0, 30, 30], bbox_stop=[5, 31, 31]),
+              SimpleNamespace(bbox_start=[40, 0, 0], bbox_stop=[41, 1, 200])]  # fmt: skip
+    boxes = [grown_box(c.bbox_start, c.bbox_stop, (80, 80, 300), MARGIN_FRACTION, MIN_MARGIN)
+             for c in listed]  # fmt: skip
+    sides = [np.subtract(stop, start) for start, stop in boxes]
+    expected = np.minimum(np.max(sides, axis=0), MAX_BLOCK).tolist()
+    assert block_shape(listed, (80, 80, 300)) == expected and expected[2] == MAX_BLOCK
 
 
 def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, project):
@@ -167,6 +191,7 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     # the layer holds exactly the cluster, placed on the volume's grid
     mask = project.candidate_mask(first.id)
     assert_holds_exactly(layer, first, mask)
+    array = layer.data  # one block for the list: the next candidates go into this array
     # the canvas is on the cluster's plane (the slider's point is inside the cluster's box)
     plane = viewer.dims.point[0] / SPACING
     assert first.bbox_start[0] <= round(plane) < first.bbox_stop[0]
@@ -182,7 +207,7 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     assert set(np.unique(values[mask])) == {1} and set(np.unique(values[~mask])) <= {UNREVIEWED}
     # -- N: not a PVS (its voxels become background)
     second = box.queue.current()
-    assert viewer.layers[CANDIDATE_LAYER] is layer  # the same layer: the next cluster only
+    assert viewer.layers[CANDIDATE_LAYER] is layer and layer.data is array  # no new data
     assert_holds_exactly(layer, second, project.candidate_mask(second.id))
     key(workflow, qtbot, Qt.Key.Key_N)
     wait(qtbot, review.is_busy)

@@ -139,13 +139,21 @@ class CandidateLayers:
         crop = np.asarray(data[box])
         return CandidateView(start, stop, mask, widest_point(mask), crop)
 
-    def show(self, candidate: CandidateRecord, view: CandidateView, image: Image) -> Labels:
-        """The cluster's outline over its surroundings, active, the view on its widest plane."""
+    def show(
+        self,
+        candidate: CandidateRecord,
+        view: CandidateView,
+        image: Image,
+        block: Sequence[int] | None = None,
+    ) -> Labels:
+        """The cluster's outline over its surroundings, active, the view on its widest plane.
+        ``block``: the layer's smallest shape (:func:`block_shape` of the list), so that the
+        next candidates are written into the same array."""
         scale = np.asarray(image.scale[-3:], dtype=float)
         translate = np.asarray(image.translate[-3:], dtype=float)
         layer = self.labels()
         volume_shape = (image.data[0] if image.multiscale else image.data).shape[-3:]
-        start, data = candidate_canvas(view, volume_shape, layer)
+        start, data = candidate_canvas(view, volume_shape, layer, block)
         origin = np.asarray(start, float) * scale + translate
         metadata = {PATCH_OF_KEY: candidate.volume_id, "candidate_id": candidate.id}
         if layer is None:
@@ -184,20 +192,40 @@ class CandidateLayers:
             self.viewer.layers.remove(layer)
 
 
+#: The largest block edge (voxels) :func:`block_shape` asks for: a rare long cluster grows the
+#: layer for itself rather than every candidate's layer for it.
+MAX_BLOCK = 64
+
+
+def block_shape(candidates: Sequence[CandidateRecord], volume_shape: Sequence[int]) -> list[int]:
+    """The elementwise largest surroundings (:func:`grown_box`) of ``candidates`` in a volume
+    of ``volume_shape``, at most :data:`MAX_BLOCK` a side: one layer shape for the list."""
+    shape = [1, 1, 1]
+    for candidate in candidates:
+        start, stop = grown_box(candidate.bbox_start, candidate.bbox_stop, volume_shape,
+                                MARGIN_FRACTION, MIN_MARGIN)  # fmt: skip
+        shape = [max(n, b - a) for n, a, b in zip(shape, start, stop, strict=True)]
+    return [min(n, MAX_BLOCK) for n in shape]
+
+
 def candidate_canvas(
-    view: CandidateView, volume_shape: Sequence[int], layer: Labels | None
+    view: CandidateView,
+    volume_shape: Sequence[int],
+    layer: Labels | None,
+    block: Sequence[int] | None = None,
 ) -> tuple[tuple[int, ...], np.ndarray]:
     """Where the candidate's layer starts (voxels) and what it holds: the cluster's mask in a
-    block of the shape the layer already has when the mask fits in it (placed to hold the
-    cluster's surroundings and stay inside the volume), else of the elementwise larger shape.
+    block of the shape the layer already has (or ``block``, if larger) when the mask fits in
+    it (placed to hold the cluster's surroundings and stay inside the volume), else of the
+    elementwise larger shape.
 
     The layer's shape then settles after a few candidates and each next one is written into
     its own array (:func:`replace_labels` in place): a new shape is a ``data`` event, and
     napari links the labels shader program again on every one."""
     box = np.asarray(view.stop) - np.asarray(view.start)
-    shape = box
+    shape = box if block is None else np.maximum(box, np.asarray(block))
     if layer is not None and isinstance(layer.data, np.ndarray) and layer.data.ndim == 3:
-        shape = np.maximum(box, layer.data.shape)
+        shape = np.maximum(shape, layer.data.shape)
     shape = np.minimum(shape, np.asarray(volume_shape))
     start = np.minimum(np.asarray(view.start), np.asarray(volume_shape) - shape).clip(0)
     data = np.zeros(tuple(int(n) for n in shape), np.uint8)

@@ -44,6 +44,7 @@ from napari_pvs._widgets.review_answer_saves import AnswerSaves, Save
 from napari_pvs._widgets.review_candidate_layers import (
     CandidateLayers,
     CandidateView,
+    block_shape,
     orthogonal_planes,
 )
 from napari_pvs._widgets.review_candidate_queue import CandidateQueue
@@ -385,7 +386,9 @@ class CandidatesBox(QGroupBox):
         except FileNotFoundError as exc:
             self._report(str(exc), "error")
             return False
-        self.layers.show(candidate, self.view, image)
+        volume_shape = (image.data[0] if image.multiscale else image.data).shape[-3:]
+        block = block_shape(self.queue.candidates, volume_shape)
+        self.layers.show(candidate, self.view, image, block)
         limits = image.contrast_limits
         spacing = [float(s) for s in image.scale[-3:]]
         picture = orthogonal_planes(self.view.crop, self.view.mask, self.view.point, spacing,
