@@ -157,11 +157,10 @@ def replace_labels(layer: Labels, data, *, in_place: bool = False) -> None:
         and current.flags.writeable
     ):
         current[...] = data
-        layer._reset_history()  # (napari has no public call for it)
         layer.refresh()
-        return
-    layer.data = data
-    layer._reset_history()
+    else:
+        layer.data = data
+    layer._reset_history()  # (napari has no public call for it)
 
 
 def start_at_affordable_level(viewer: napari.viewer.Viewer, layer: Layer) -> int | None:
