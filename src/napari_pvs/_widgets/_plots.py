@@ -4,8 +4,10 @@ One ``FigureCanvasQTAgg`` per plot and one ``Line2D`` per series, updated in pla
 ``set_data``. A full draw (axes, ticks, labels) costs 50-150 ms of GUI time on 2 busy cores, so
 it happens only when the axis limits must grow (they grow in generous steps) or the canvas
 resizes; every other update restores the saved background and blits the lines (about a
-millisecond), the usual matplotlib animation technique. All values plotted here are >= 0
-(steps, rounds, losses, Dice), so every axis starts at 0.
+millisecond), the usual matplotlib animation technique. A plot whose step is not shown does
+no full draw until it is shown (a prediction or a round refreshes the Report's curve while the
+user is in another step). All values plotted here are >= 0 (steps, rounds, losses, Dice), so
+every axis starts at 0.
 """
 
 from __future__ import annotations
@@ -70,8 +72,23 @@ class LivePlot(FigureCanvasQTAgg):
         self.axes[-1].set_xlabel(xlabel, color=text, fontsize=8)
         self.setMinimumHeight(int(height * 70))
         self._background = None
+        self._draw_when_shown = False
         self.full_draws = 0  # how often the axes were redrawn (the costly path)
         self.mpl_connect("draw_event", self._on_draw)
+
+    def draw_idle(self) -> None:
+        """A full draw at the next event-loop turn, or when the plot is next shown."""
+        if not self.isVisible():
+            self._draw_when_shown = True
+            return
+        super().draw_idle()
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._draw_when_shown:
+            self._draw_when_shown = False
+            self._background = None
+            super().draw_idle()
 
     def _on_draw(self, event) -> None:
         """After a full draw: keep the background, draw the (animated) lines over it."""
@@ -103,7 +120,7 @@ class LivePlot(FigureCanvasQTAgg):
         if name not in self.fixed and len(y) and max(y) > axis.get_ylim()[1]:
             axis.set_ylim(0, _room(max(y)))
             grow = True
-        if grow or self._background is None:
+        if grow or self._background is None or not self.isVisible():
             self._background = None
             self.draw_idle()  # axes change: one full draw; _on_draw puts the lines back
         else:
