@@ -35,8 +35,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 Work = Callable[[ProgressCallback, CancelToken], Any]
 
-#: A job's napari progress bar appears once it has run this long (a shorter one shows none).
-BAR_DELAY_MS = 500
+#: A job's napari progress bar appears once it has run this long (a shorter one shows none; the
+#: panel's own progress line shows every job at once). Opening napari's bar adds a widget to
+#: its activity dialog and processes every pending event in that call: 150-250 ms of GUI
+#: thread on a 2-core machine under software OpenGL (bench_gui), so the quick jobs (Create,
+#: Rank, Report, Find candidates: 1-2 s) go without it.
+BAR_DELAY_MS = 2500
 
 #: At most this many progress reports a second cross to the GUI thread (each costs it a turn).
 PROGRESS_REPORTS_PER_SECOND = 5.0
@@ -128,8 +132,8 @@ def keep_activity_indicator_still(viewer) -> bool:
     with warnings.catch_warnings():  # napari warns of private access from plugin code
         warnings.simplefilter("ignore", FutureWarning)
         status_bar = getattr(window, "_status_bar", None)
-    item = getattr(status_bar, "_activity_item", None)
-    indicator = getattr(item, "_inProgressIndicator", None)
+        item = getattr(status_bar, "_activity_item", None)
+        indicator = getattr(item, "_inProgressIndicator", None)
     movie = indicator.movie() if indicator is not None else None
     if movie is None:
         return False
