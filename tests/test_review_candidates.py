@@ -380,6 +380,38 @@ def test_answering_keeps_the_gui_responsive(workflow, qtbot, project):
     assert box.counter_label.text() == "answered 5: 3 yes, 2 no, 0 edited · 0 skipped · 1 left"
 
 
+def test_the_next_candidate_is_read_ahead_in_a_worker(workflow, qtbot, project, monkeypatch):
+    """While one candidate is shown, the one an answer shows next (its surroundings and
+    planes) is read in a worker: the key press shows it without reading the image on the GUI
+    thread, and what it shows is that candidate."""
+    import threading
+
+    layers = workflow.review_step.candidates_box.layers
+    read = layers.read
+    readers: list[bool] = []  # per read of surroundings: on the GUI thread?
+
+    def spy(*args):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return read(*args)
+
+    monkeypatch.setattr(layers, "read", spy)
+    review, box = start_candidates(workflow, qtbot)  # the first shown, the second read ahead
+    first = box.queue.current()
+    qtbot.waitUntil(lambda: False in readers, timeout=10000)
+    qtbot.wait(200)  # the worker's value reaches the GUI thread
+    on_gui = readers.count(True)
+    key(workflow, qtbot, Qt.Key.Key_Y)
+    second = box.queue.current()
+    assert second.id != first.id
+    assert readers.count(True) == on_gui  # the key press read nothing on the GUI thread
+    layer = workflow.viewer.layers[CANDIDATE_LAYER]
+    assert_holds_exactly(layer, second, project.candidate_mask(second.id))
+    plane = round(workflow.viewer.dims.point[0] / SPACING)  # the canvas on its plane
+    assert second.bbox_start[0] <= plane < second.bbox_stop[0]
+    assert not box.planes_label.pixmap().isNull()
+    wait(qtbot, review.is_busy)
+
+
 def test_the_list_order_and_what_is_asked_next():
     from napari_pvs.project import CandidateRecord
 

@@ -435,3 +435,42 @@ class Refresher(QObject):
             self.shown.emit(value)
         else:
             self.failed.emit(value)
+
+
+class ReadAhead(QObject):
+    """One value read in a worker before it is asked for: the next candidate's surroundings
+    while the user looks at this one, so that the key press shows them without a read on the
+    GUI thread. ``start(key, read)`` replaces an earlier request; ``take(key)`` gives the value
+    read for ``key`` once, else None (not read yet, another key, or the read failed): the caller
+    then reads it itself, and reports what goes wrong there."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._key: Any = None
+        self._value: Any = None
+
+    def start(self, key: Any, read: Callable[[], Any]) -> None:
+        if key == self._key:
+            return
+        self._key, self._value = key, None
+
+        def run() -> tuple[Any, Any]:
+            try:
+                return key, read()
+            except Exception:  # the caller reads again on the GUI thread and reports it
+                return key, None
+
+        worker = create_worker(_tracked(run))
+        worker.returned.connect(self._on_returned)
+        worker.start()
+
+    def _on_returned(self, outcome: tuple[Any, Any]) -> None:
+        key, value = outcome
+        if key == self._key:
+            self._value = value
+
+    def take(self, key: Any) -> Any:
+        if key != self._key or self._value is None:
+            return None
+        value, self._key, self._value = self._value, None, None
+        return value

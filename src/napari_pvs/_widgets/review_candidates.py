@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_pvs._widgets._common import fill_volume_combo
-from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._jobs import BackgroundJob, JobProgress, ReadAhead
 from napari_pvs._widgets.review_answer_saves import AnswerSaves, Save
 from napari_pvs._widgets.review_candidate_layers import (
     CandidateLayers,
@@ -117,6 +117,8 @@ class CandidatesBox(QGroupBox):
         self._image: Image | None = None
         self._loading_vid: int | None = None
         self._shown_at = 0.0
+        #: the candidate shown after this one: its surroundings and planes, read in a worker
+        self._ahead = ReadAhead(self)
         self._build()
         self.queue.connect(self.show_counts)
         state.volumes_changed.connect(self.refresh_volumes)
@@ -380,25 +382,53 @@ class CandidatesBox(QGroupBox):
             return False
         try:
             image = self._image_layer(self._volume)
-            if candidate.id not in self.masks:
-                self.masks[candidate.id] = self.state.project.candidate_mask(candidate.id)
-            self.view = self.layers.read(candidate, self.masks[candidate.id], image)
+            ahead = self._ahead.take(self._ahead_key(candidate, image))
+            if ahead is not None:
+                self.view, picture = ahead
+            else:
+                if candidate.id not in self.masks:
+                    self.masks[candidate.id] = self.state.project.candidate_mask(candidate.id)
+                self.view = self.layers.read(candidate, self.masks[candidate.id], image)
+                picture = None
         except FileNotFoundError as exc:
             self._report(str(exc), "error")
             return False
         volume_shape = (image.data[0] if image.multiscale else image.data).shape[-3:]
         block = block_shape(self.queue.candidates, volume_shape)
         self.layers.show(candidate, self.view, image, block)
-        limits = image.contrast_limits
-        spacing = [float(s) for s in image.scale[-3:]]
-        picture = orthogonal_planes(self.view.crop, self.view.mask, self.view.point, spacing,
-                                    limits)  # fmt: skip
+        if picture is None:
+            picture = _planes(self.view, image)
         self.planes_label.setPixmap(_pixmap(picture))
         self._shown_at = time.monotonic()
         self.candidate_label.setText(_describe(candidate, self.queue.index,
                                                len(self.queue.candidates)))  # fmt: skip
         self._enable_controls()
+        self._read_next_ahead(image)
         return True
+
+    @staticmethod
+    def _ahead_key(candidate: CandidateRecord, image: Image) -> tuple:
+        """What a candidate's read-ahead view and planes depend on."""
+        return (candidate.id, id(image), tuple(float(v) for v in image.contrast_limits))
+
+    def _read_next_ahead(self, image: Image) -> None:
+        """Read the candidate an answer shows next (its surroundings and three planes) in a
+        worker while the user looks at this one: the key press then shows it without reading
+        the image on the GUI thread."""
+        index = self.queue.next_to_ask()
+        if index < 0:
+            return
+        candidate = self.queue.candidates[index]
+        cluster = self.masks.get(candidate.id)
+        if cluster is None:
+            return
+        layers = self.layers
+
+        def read() -> tuple[CandidateView, np.ndarray]:
+            view = layers.read(candidate, cluster, image)
+            return view, _planes(view, image)
+
+        self._ahead.start(self._ahead_key(candidate, image), read)
 
     def _bind_keys(self, layer: Labels) -> None:
         actions = {
@@ -537,6 +567,12 @@ def _describe(candidate: CandidateRecord, index: int, total: int) -> str:
         f"probability {candidate.mean_probability:.2f}, uncertainty "
         f"{candidate.uncertainty:.2f} bits (model v{candidate.model_version})"
     )
+
+
+def _planes(view: CandidateView, image: Image) -> np.ndarray:
+    """The three planes through the candidate in the image layer's contrast."""
+    spacing = [float(s) for s in image.scale[-3:]]
+    return orthogonal_planes(view.crop, view.mask, view.point, spacing, image.contrast_limits)
 
 
 def _pixmap(picture: np.ndarray) -> QPixmap:
