@@ -196,10 +196,12 @@ def test_keys_answer_undo_skip_and_edit_through_the_ledger(workflow, qtbot, proj
     plane = viewer.dims.point[0] / SPACING
     assert first.bbox_start[0] <= round(plane) < first.bbox_stop[0]
     assert not box.planes_label.pixmap().isNull()
+    zoom = viewer.camera.zoom
 
     # -- Y: a PVS. The next candidate is shown at once, the counter follows, then the ledger
     key(workflow, qtbot, Qt.Key.Key_Y)
     assert box.queue.current().id != first.id
+    assert viewer.camera.zoom == zoom  # one zoom for the list: sizes compare
     assert box.counter_label.text().startswith("answered 1: 1 yes, 0 no")
     wait(qtbot, review.is_busy)
     assert project.candidate(first.id).status == "yes"

@@ -148,7 +148,7 @@ class CandidateLayers:
     ) -> Labels:
         """The cluster's outline over its surroundings, active, the view on its widest plane.
         ``block``: the layer's smallest shape (:func:`block_shape` of the list), so that the
-        next candidates are written into the same array."""
+        next candidates are written into the same array, and the frame the view zooms to."""
         scale = np.asarray(image.scale[-3:], dtype=float)
         translate = np.asarray(image.translate[-3:], dtype=float)
         layer = self.labels()
@@ -181,8 +181,10 @@ class CandidateLayers:
         if self.viewer.dims.ndisplay != 2:
             self.viewer.dims.ndisplay = 2
         point = (np.asarray(view.start) + np.asarray(view.point)) * scale + translate
-        extent = (np.asarray(view.stop) - np.asarray(view.start)) * scale
-        zoom_to(self.viewer, point, extent)
+        # one zoom for the list (its block's): sizes compare from one candidate to the next,
+        # and napari re-emits no layer's scale factor (a layer-list update each) per answer
+        frame = np.asarray(block if block is not None else np.subtract(view.stop, view.start))
+        zoom_to(self.viewer, point, frame * scale)
         return layer
 
     def remove(self) -> None:
