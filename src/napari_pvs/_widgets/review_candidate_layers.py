@@ -181,9 +181,12 @@ class CandidateLayers:
         if self.viewer.dims.ndisplay != 2:
             self.viewer.dims.ndisplay = 2
         point = (np.asarray(view.start) + np.asarray(view.point)) * scale + translate
-        # one zoom for the list (its block's): sizes compare from one candidate to the next,
-        # and napari re-emits no layer's scale factor (a layer-list update each) per answer
-        frame = np.asarray(block if block is not None else np.subtract(view.stop, view.start))
+        # one zoom for the list (its block's; a cluster longer than the block gets its own):
+        # sizes compare from one candidate to the next, and napari re-emits no layer's scale
+        # factor (a layer-list update each) per answer
+        frame = np.subtract(view.stop, view.start)
+        if block is not None:
+            frame = np.maximum(frame, np.asarray(block))
         zoom_to(self.viewer, point, frame * scale)
         return layer
 

@@ -117,6 +117,8 @@ class CandidatesBox(QGroupBox):
         self._image: Image | None = None
         self._loading_vid: int | None = None
         self._shown_at = 0.0
+        #: the candidate layer's shape for the listed candidates (:func:`block_shape`)
+        self._block: list[int] | None = None
         #: the candidate shown after this one: its surroundings and planes, read in a worker
         self._ahead = ReadAhead(self)
         self._build()
@@ -333,6 +335,7 @@ class CandidatesBox(QGroupBox):
         for cid, status in mine.items():
             self.queue.set_status(cid, status)
         self._volume = self.state.project.volume(vid)
+        self._block = block_shape(listed, self._volume.shape)  # once per list, not per answer
         versions = {c.model_version for c in listed if c.status in ("open", "skipped")}
         old = sorted(v for v in versions if v != current)
         if refreshed:
@@ -393,9 +396,7 @@ class CandidatesBox(QGroupBox):
         except FileNotFoundError as exc:
             self._report(str(exc), "error")
             return False
-        volume_shape = (image.data[0] if image.multiscale else image.data).shape[-3:]
-        block = block_shape(self.queue.candidates, volume_shape)
-        self.layers.show(candidate, self.view, image, block)
+        self.layers.show(candidate, self.view, image, self._block)
         if picture is None:
             picture = _planes(self.view, image)
         self.planes_label.setPixmap(_pixmap(picture))
