@@ -312,3 +312,34 @@ def test_tune_start_trains_the_given_model_on_the_initial_patches_before_round_1
     assert int(rows[0]["version"]) == start_version  # round 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["tune_start"] is tune
+
+
+def test_cluster_sweep_and_precision_at_a_matched_recall_against_a_hand_count(tmp_path):
+    """Three true PVS (A, C, E) and two false clusters (B, and a one-voxel speck D that the
+    smallest-cluster rule removes), each at its own probability: the sweep's precision and
+    recall at each threshold are the hand counts, and the precision at a recall is the best
+    one among the points that reach it."""
+    from napari_pvs.benchmark.cases import Case
+    from napari_pvs.benchmark.scoring import SWEEP_THRESHOLDS, cluster_sweep, precision_at_recall
+
+    truth = np.zeros((12, 12, 12), bool)
+    probability = np.zeros(truth.shape, np.float16)
+    truth[1, 1, 1:5] = truth[5, 5, 1:5] = truth[9, 9, 1:5] = True  # A, C, E
+    probability[1, 1, 1:5] = 0.8  # A
+    probability[1, 9, 1:5] = 0.3  # B: no PVS
+    probability[5, 5, 1:4] = 0.35  # C: three of its four voxels
+    probability[9, 1, 9] = 0.95  # D: one voxel, under the smallest cluster kept
+    case = Case("hand", tmp_path, np.zeros(truth.shape, np.float32), truth, None,
+                (1.0, 1.0, 1.0), np.eye(4), "T2", [[0, 0, 0], [12, 12, 12]])  # fmt: skip
+    sweep = cluster_sweep(probability, case, min_voxels=2)
+    expected = {0.1: (2 / 3, 2 / 3), 0.2: (2 / 3, 2 / 3), 0.3: (2 / 3, 2 / 3),
+                0.9: (0.0, 0.0)}  # fmt: skip
+    expected.update({t: (1.0, 1 / 3) for t in (0.4, 0.5, 0.6, 0.7, 0.8)})
+    assert [row[0] for row in sweep] == list(SWEEP_THRESHOLDS)
+    for threshold, precision, recall in sweep:
+        assert (precision, recall) == pytest.approx(expected[threshold]), threshold
+
+    metrics = {"cluster_precision": 1.0, "cluster_recall": 1 / 3, "cluster_sweep": sweep}
+    assert precision_at_recall(metrics, 1 / 3) == pytest.approx(1.0)  # the rule's own point
+    assert precision_at_recall(metrics, 0.68) == pytest.approx(2 / 3)  # 0.02 below is matched
+    assert precision_at_recall(metrics, 0.7) is None  # no threshold reaches it

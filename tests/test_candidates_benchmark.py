@@ -21,6 +21,10 @@ PRECISION_RECALL = re.compile(
     rf"^candidates: precision {NUMBER} -> {NUMBER}, recall {NUMBER} -> {NUMBER} "
     r"after (\d+) answers$"
 )
+AT_START_RECALL = re.compile(
+    rf"^candidates: at the start's recall \(threshold swept on the test volumes\): precision "
+    rf"{NUMBER} -> {NUMBER} after (\d+) answers; random {NUMBER} after its last round$"
+)
 EQUAL_MINUTES = re.compile(
     r"^candidates: Dice (\d\.\d{3}) at (\d+\.\d) annotator-minutes; best patch strategy "
     r"there: (n/a|\S+ \d\.\d{3})$"
@@ -72,6 +76,13 @@ def test_candidates_strategy_end_to_end_beside_a_patch_strategy(tiny_data, tmp_p
         _shown(first["cluster_precision"]), _shown(last["cluster_precision"]),
         _shown(first["cluster_recall"]), _shown(last["cluster_recall"]), "8",
     )  # fmt: skip
+    # the precision at the start's recall: from the CSV, and at the start at least the rule's
+    (line,) = [line for line in printed if AT_START_RECALL.match(line)]
+    assert AT_START_RECALL.match(line).groups() == (
+        _shown(first["precision_at_start_recall"]), _shown(last["precision_at_start_recall"]),
+        "8", _shown(patches[-1]["precision_at_start_recall"]),
+    )  # fmt: skip
+    assert float(first["precision_at_start_recall"]) >= float(first["cluster_precision"])
     (line,) = [line for line in printed if EQUAL_MINUTES.match(line)]
     dice, minutes, best = EQUAL_MINUTES.match(line).groups()
     assert (dice, minutes) == (f"{float(last['dice']):.3f}", "6.8")
@@ -136,19 +147,19 @@ def test_candidates_parse_as_a_benchmark_strategy_not_a_patch_ranking():
 def test_answer_summary_and_lines_against_a_hand_computation():
     config = BenchmarkConfig(parse_strategies("random,candidates"), seeds=[0, 1])
 
-    def row(strategy, seed, rnd, patches, answers, dice, precision, recall):
+    def row(strategy, seed, rnd, patches, answers, dice, precision, recall, matched):
         return {"strategy": strategy, "seed": seed, "round": rnd, "labelled_patches": patches,
                 "answers": answers, "dice": dice, "cluster_precision": precision,
-                "cluster_recall": recall,
+                "cluster_recall": recall, "precision_at_start_recall": matched,
                 "annotator_minutes": config.annotator_minutes(patches, answers)}  # fmt: skip
 
     rows = []
     for seed in (0, 1):
-        rows += [row("random", seed, 0, 4, 0, 0.40, 0.6, 0.5),
-                 row("random", seed, 1, 12, 0, 0.56, 0.6, 0.5),
-                 row("candidates", seed, 0, 4, 0, 0.40, 0.6, 0.5)]  # fmt: skip
-    rows += [row("candidates", 0, 1, 4, 100, 0.50, 0.70, 0.49),
-             row("candidates", 1, 1, 4, 100, 0.54, 0.74, 0.51)]  # fmt: skip
+        rows += [row("random", seed, 0, 4, 0, 0.40, 0.6, 0.5, 0.62),
+                 row("random", seed, 1, 12, 0, 0.56, 0.6, 0.5, 0.64 + 0.02 * seed),
+                 row("candidates", seed, 0, 4, 0, 0.40, 0.6, 0.5, 0.62)]  # fmt: skip
+    rows += [row("candidates", 0, 1, 4, 100, 0.50, 0.70, 0.49, 0.58),
+             row("candidates", 1, 1, 4, 100, 0.54, 0.74, 0.51, 0.60)]  # fmt: skip
     answers = summarise_answers(rows, config)
     # candidates: 8 + 5 = 13 minutes; random: 8 -> 24 minutes, Dice 0.40 -> 0.56, so at 13
     # minutes 0.40 + 0.16 x 5 / 16
@@ -157,5 +168,26 @@ def test_answer_summary_and_lines_against_a_hand_computation():
     assert answers["curve"][-1]["cluster_precision"] == pytest.approx(0.72)
     assert answer_lines(answers) == [
         "candidates: precision 0.600 -> 0.720, recall 0.500 -> 0.500 after 100 answers",
+        "candidates: at the start's recall (threshold swept on the test volumes): precision "
+        "0.620 -> 0.590 after 100 answers; random 0.650 after its last round",
         "candidates: Dice 0.520 at 13.0 annotator-minutes; best patch strategy there: random 0.450",
     ]
+
+
+def test_a_seed_that_never_reaches_the_start_recall_leaves_the_mean_undefined():
+    """One seed's model reaching no threshold at the start's recall (None) must not leave the
+    other seed's precision standing as the mean."""
+    config = BenchmarkConfig(parse_strategies("candidates"), seeds=[0, 1])
+    rows = [
+        {"strategy": "candidates", "seed": seed, "round": rnd, "labelled_patches": 4,
+         "answers": 25 * rnd, "dice": 0.5, "cluster_precision": 0.6, "cluster_recall": 0.5,
+         "precision_at_start_recall": None if (seed, rnd) == (1, 1) else 0.7,
+         "annotator_minutes": config.annotator_minutes(4, 25 * rnd)}
+        for seed in (0, 1) for rnd in (0, 1)
+    ]  # fmt: skip
+    answers = summarise_answers(rows, config)
+    assert [p["precision_at_start_recall"] for p in answers["curve"]] == [
+        pytest.approx(0.7),
+        None,
+    ]
+    assert "precision 0.700 -> n/a after 25 answers" in answer_lines(answers)[1]

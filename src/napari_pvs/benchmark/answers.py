@@ -79,6 +79,12 @@ def _seed_mean_curve(rows: Sequence[dict[str, Any]], label: str) -> list[dict[st
             values = [float(r[key]) for r in at if r.get(key) is not None]
             return float(np.mean(values)) if values else None
 
+        def mean_of_all(key: str, at=at) -> float | None:
+            """None unless every seed has a value (a seed whose model never reaches the
+            start's recall has none, and the others' mean would flatter it)."""
+            values = [r.get(key) for r in at]
+            return None if None in values or "" in values else mean(key)
+
         curve.append(
             {
                 "round": round_index,
@@ -88,6 +94,7 @@ def _seed_mean_curve(rows: Sequence[dict[str, Any]], label: str) -> list[dict[st
                 "dice": mean("dice"),
                 "cluster_precision": mean("cluster_precision"),
                 "cluster_recall": mean("cluster_recall"),
+                "precision_at_start_recall": mean_of_all("precision_at_start_recall"),
                 "seeds": len(at),
             }
         )
@@ -98,6 +105,10 @@ def summarise_answers(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -
     """The candidates strategy's curve per number of answers (seed means), and every
     strategy's Dice against annotator-minutes with the Dice each patch strategy has at the
     minutes the candidates' last round cost (linear between its rounds; None beyond them)."""
+    at_start_recall = {
+        spec.label: [p["precision_at_start_recall"] for p in _seed_mean_curve(rows, spec.label)]
+        for spec in config.strategies
+    }
     per_minute = {
         spec.label: [
             {"annotator_minutes": p["annotator_minutes"], "dice": p["dice"]}
@@ -111,6 +122,7 @@ def summarise_answers(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -
             "seconds_per_answer": config.seconds_per_answer,
         },
         "per_minute": per_minute,
+        "precision_at_start_recall": at_start_recall,
     }
     asked = [spec.label for spec in config.strategies if spec.asks_candidates]
     if not asked:
@@ -139,7 +151,9 @@ def summarise_answers(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -
 
 def answer_lines(answers: dict[str, Any]) -> list[str]:
     """``candidates: precision A -> B, recall C -> D after K answers`` (test volumes, cluster
-    level, seed means, start -> last round) and the Dice at equal annotator-minutes."""
+    level, seed means, start -> last round), the precision at the start's recall (start ->
+    last round, and every other strategy's last round), and the Dice at equal
+    annotator-minutes."""
     if "curve" not in answers:
         return []
     first, last = answers["curve"][0], answers["curve"][-1]
@@ -152,6 +166,19 @@ def answer_lines(answers: dict[str, Any]) -> list[str]:
         f"{shown(last['cluster_precision'])}, recall {shown(first['cluster_recall'])} -> "
         f"{shown(last['cluster_recall'])} after {round(last['answers'] or 0)} answers"
     ]
+    matched = answers.get("precision_at_start_recall", {})
+    own = matched.get(answers["label"]) or []
+    if len(own) == len(answers["curve"]):  # (benchmark rows from before the sweep have none)
+        others = "".join(
+            f"; {label} {shown(values[-1])} after its last round"
+            for label, values in matched.items()
+            if label != answers["label"] and values
+        )
+        lines.append(
+            f"{answers['label']}: at the start's recall (threshold swept on the test volumes): "
+            f"precision {shown(own[0])} -> {shown(own[-1])} after "
+            f"{round(last['answers'] or 0)} answers{others}"
+        )
     compared = {k: v for k, v in answers["patch_dice_at_equal_minutes"].items() if v is not None}
     best = max(compared, key=lambda k: compared[k]) if compared else None
     lines.append(
@@ -171,13 +198,14 @@ def format_answers(answers: dict[str, Any]) -> str:
     ]
     if "curve" in answers:
         lines.append(
-            f"{'answers':>8}{'minutes':>9}{'Dice':>8}{'precision':>11}{'recall':>8}  "
-            f"({answers['label']}, test volumes, cluster level)"
+            f"{'answers':>8}{'minutes':>9}{'Dice':>8}{'precision':>11}{'recall':>8}"
+            f"{'at start recall':>17}  ({answers['label']}, test volumes, cluster level)"
         )
         for p in answers["curve"]:
             lines.append(
                 f"{round(p['answers'] or 0):>8}{p['annotator_minutes']:>9.1f}{p['dice']:>8.3f}"
                 f"{_number(p['cluster_precision']):>11}{_number(p['cluster_recall']):>8}"
+                f"{_number(p.get('precision_at_start_recall')):>17}"
             )
     lines.append("Dice per annotator-minute (seed means, start -> last round):")
     for label, points in answers["per_minute"].items():

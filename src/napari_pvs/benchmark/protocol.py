@@ -81,7 +81,7 @@ from napari_pvs.benchmark.report import (
     summarise,
     write_csv,
 )
-from napari_pvs.benchmark.scoring import score
+from napari_pvs.benchmark.scoring import precision_at_recall, score
 from napari_pvs.models.checkpoint_checks import file_sha256
 from napari_pvs.progress import CancelToken, ProgressCallback, check_cancelled, no_progress
 
@@ -116,6 +116,9 @@ class _Runner:
         self.candidate_annotator = CandidateAnnotator(pool)
         self.rows: list[dict[str, Any]] = []
         self.score_cache: dict[str, dict[str, Any]] = {}
+        #: Per seed, the start project's cluster recall at the rule (each row's precision is
+        #: also given at this recall: ``precision_at_start_recall``).
+        self.start_recall: dict[int, float] = {}
         self.start_seconds: list[float] = []
         per_seed = 2 + len(config.strategies) * config.rounds
         self.total = per_seed * len(config.seeds)
@@ -231,6 +234,8 @@ class _Runner:
             **metrics,
             **extra,
         }
+        if seed in self.start_recall:
+            row["precision_at_start_recall"] = precision_at_recall(metrics, self.start_recall[seed])
         self.rows.append(row)
         return row
 
@@ -278,6 +283,7 @@ class _Runner:
             for vid in range(1, len(self.pool) + 1):
                 project.predict(vid)
             metrics, seconds_score = self.score_current(project)
+            self.start_recall[seed] = metrics["cluster_recall"]
             start_row = {
                 "metrics": metrics,
                 "seconds_rank": round(seconds_rank, 2),

@@ -32,7 +32,8 @@ CSV_FIELDS = (
 )  # fmt: skip
 #: The annotator's time (the cost model) and the candidates strategy's answers.
 CSV_FIELDS += ("answers", "annotator_minutes", "answer_precision")
-
+#: The cluster precision at the seed's start recall (threshold swept: benchmark.scoring).
+CSV_FIELDS += ("precision_at_start_recall",)
 
 
 def summarise(rows: Sequence[dict[str, Any]], config: BenchmarkConfig) -> dict[str, Any]:

@@ -46,7 +46,9 @@ def _add_active_learning(commands: argparse._SubParsersAction) -> None:
             "of the predicted clusters the project proposes (yes when at least half of the "
             "cluster is ground-truth PVS) and the round trains on them by the same rule; it "
             "ends with 'candidates: precision A -> B, recall C -> D after K answers' (test "
-            "volumes, cluster level, start -> last round) and its Dice against the patch "
+            "volumes, cluster level, start -> last round), the same precision at the start's "
+            "recall (the threshold swept on the test volumes: a model that only became more "
+            "conservative gains nothing there) and its Dice against the patch "
             "strategies' at equal annotator-minutes (--seconds-per-patch, "
             "--seconds-per-answer; the curves in OUT/annotator_minutes.png)."
         ),
