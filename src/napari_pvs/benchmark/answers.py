@@ -82,8 +82,7 @@ def _seed_mean_curve(rows: Sequence[dict[str, Any]], label: str) -> list[dict[st
         def mean_of_all(key: str, at=at) -> float | None:
             """None unless every seed has a value (a seed whose model never reaches the
             start's recall has none, and the others' mean would flatter it)."""
-            values = [r.get(key) for r in at]
-            return None if None in values or "" in values else mean(key)
+            return None if any(r.get(key) is None for r in at) else mean(key)
 
         curve.append(
             {
