@@ -25,7 +25,12 @@ from pathlib import Path
 import torch
 
 from napari_pvs.benchmark.cases import load_case
-from napari_pvs.benchmark.scoring import RECALL_TOLERANCE, precision_at_recall, score
+from napari_pvs.benchmark.scoring import (
+    RECALL_TOLERANCE,
+    SWEEP_THRESHOLDS,
+    precision_at_recall,
+    score,
+)
 from napari_pvs.project import Project
 
 
@@ -76,7 +81,8 @@ def main() -> None:
             f"{'none' if matched is None else f'{matched:.3f}':>17}"
         )
     print(f"(at start recall: the best precision whose recall is at least "
-          f"{start_recall - RECALL_TOLERANCE:.3f}, threshold swept 0.1-0.9)")  # fmt: skip
+          f"{start_recall - RECALL_TOLERANCE:.3f}, threshold swept "
+          f"{SWEEP_THRESHOLDS[0]:g}-{SWEEP_THRESHOLDS[-1]:g})")  # fmt: skip
 
 
 if __name__ == "__main__":
