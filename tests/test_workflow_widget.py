@@ -198,8 +198,13 @@ def test_whole_loop_through_the_widgets(workflow, qtbot, tmp_path, checkpoint, s
     assert "Segment step is predicting" in review.status_label.text()
     workflow.state.release(vid)
     before = len(notification_manager.records)
+    # the step stays busy from the ranking's result until its first patch is open (its toast
+    # and patch come in later turns): a wait on is_busy may not return in between
+    busy_when_ranked = []
+    review.queue_box.job.succeeded.connect(lambda _v: busy_when_ranked.append(review.is_busy()))
     review.queue_box.rank_button.click()
     wait(qtbot, review.is_busy)  # ranked, and the first patch shown
+    assert busy_when_ranked == [True]
     queued = project.queue(vid, status="new")
     assert review.queue_box.table.rowCount() == len(queued) >= 3
     assert f"only {len(queued)} of 20 patches" in review.status_label.text()

@@ -492,10 +492,11 @@ class ReviewStep(QWidget):
 
     def is_busy(self) -> bool:
         """Whether a ranking, an Accept, a Skip, a volume's opening, a candidates' listing or
-        answers' saving runs in the step's workers, or an opened patch is still being
-        shown."""
+        answers' saving runs in the step's workers, or a ranking's queue or an opened patch is
+        still being shown."""
         candidates = self.candidates_box
-        return (self.queue_box.job.is_running() or self.saves.is_saving()
+        return (self.queue_box.job.is_running() or self.queue_box.after_ranking.is_running()
+                or self.saves.is_saving()
                 or self.volume_job.is_running() or self._opening is not None
                 or candidates.load_job.is_running() or candidates.is_saving()
                 or self.staged_show.is_running())  # fmt: skip

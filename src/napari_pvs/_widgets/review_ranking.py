@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QPushButton
 
 from napari_pvs._widgets._common import fill_volume_combo, notify
 from napari_pvs._widgets._jobs import BackgroundJob, JobProgress
+from napari_pvs._widgets._layers import StagedLayers
 from napari_pvs._widgets.patch_table import queue_table, show_queue
 from napari_pvs._widgets.review_queue import ReviewQueue
 from napari_pvs._widgets.state import WorkflowState
@@ -56,6 +56,8 @@ class QueueBox(QGroupBox):
         self._asked_n = 0
         #: per volume: why its last ranking gave fewer patches than asked (shown under the queue)
         self._shortfalls: dict[int, str] = {}
+        #: after a ranking: its notification, then its queue and first patch, a turn each
+        self.after_ranking = StagedLayers(self)
         self._build()
         queue.connect(self.show_queue)
         state.volumes_changed.connect(self.refresh_volumes)
@@ -172,13 +174,15 @@ class QueueBox(QGroupBox):
         self._shortfalls[vid] = why or ""
         text = f"{message}. {why}" if why else message
         self._set_status(text)
-        # napari's notification in a turn of its own: the first patch is shown in this one
-        QTimer.singleShot(0, lambda: notify(None, text, "warning" if why else "info"))
         self.state.predictions_changed.emit(vid)
         self.state.queue_changed.emit(vid)
-        # the queue and its first patch in a turn of their own: the signals above refresh the
-        # tables and the prediction's layers in this one (together, over 200 ms at 256^3)
-        QTimer.singleShot(0, lambda: self._show_ranked(vid))
+        # napari's notification, then the queue and its first patch, each in a turn of its own:
+        # the signals above refresh the tables and the prediction's layers in this one
+        # (together, over 200 ms at 256^3); the step is busy until the patch is open
+        self.after_ranking.run([
+            lambda: notify(None, text, "warning" if why else "info"),
+            lambda: self._show_ranked(vid),
+        ])  # fmt: skip
 
     def _show_ranked(self, vid: int) -> None:
         """Show the new queue of volume ``vid`` and open its first patch, unless the user
