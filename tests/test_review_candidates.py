@@ -28,7 +28,7 @@ from napari_pvs._widgets.review_candidate_queue import CandidateQueue
 from napari_pvs._widgets.review_layers import PATCH_LAYER
 from napari_pvs.phantom import make_phantom
 from napari_pvs.project import UNREVIEWED, Project
-from test_workflow_widget import FREEZE_LIMIT_S, SHAPE, SPACING, Answers, Heartbeat
+from test_workflow_widget import FREEZE_LIMIT_S, SHAPE, SPACING, Answers, Heartbeat, wait
 from tiny_models import tiny_checkpoint
 
 pytestmark = pytest.mark.gui
@@ -92,10 +92,6 @@ def workflow(make_napari_viewer, project):
 def key(workflow, qtbot, name, modifier=Qt.KeyboardModifier.NoModifier) -> None:
     """A real key press on the canvas (napari hands it to the active layer's keymap)."""
     qtbot.keyClick(workflow.viewer.window._qt_viewer.canvas.native, name, modifier)
-
-
-def wait(qtbot, busy, timeout=60000) -> None:
-    qtbot.waitUntil(lambda: not busy(), timeout=timeout)
 
 
 def start_candidates(workflow, qtbot, left: int = len(CLUSTERS)):

@@ -95,6 +95,8 @@ def workflow(make_napari_viewer):
 
 
 def wait(qtbot, busy, timeout=60000) -> None:
+    """Until ``busy()`` is False: a step's ``is_busy`` must cover the work it has deferred to
+    later event-loop turns, or this returns in between (a race CI once lost)."""
     qtbot.waitUntil(lambda: not busy(), timeout=timeout)
 
 
