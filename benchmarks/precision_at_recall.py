@@ -46,10 +46,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cases = [
-        load_case(path, path, name=path.stem, regions_path=path / "labels" / "regions")
-        if (path / "labels" / "regions").exists()
-        else load_case(path, path, name=path.stem)
+        load_case(path, path, name=path.stem, regions_path=regions if regions.exists() else None)
         for path in args.test_images
+        for regions in [path / "labels" / "regions"]
     ]
     with Project.open(args.project, readonly=True) as project:
         known = [v.version for v in project.versions()]
